@@ -1,0 +1,285 @@
+"""check, setup, status and teardown: what an operator runs around the daemon."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+
+from cdcsync import checkpoint
+from cdcsync.config import Settings
+from cdcsync.dsn import describe, with_session_options
+from cdcsync.errors import CdcsyncError, ConnectionLost, PrerequisiteError
+from cdcsync.model import Lsn
+from cdcsync.source import catalog
+
+Conn = psycopg.Connection[TupleRow]
+
+
+@contextmanager
+def connect(dsn: str, side: str) -> Iterator[Conn]:
+    """An autocommit connection whose failure names the side and the fix, never the password."""
+    try:
+        conn = psycopg.connect(with_session_options(dsn, "cdcsync-admin"), autocommit=True,
+                               connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise connection_error(exc, dsn, side) from None
+    with conn:
+        yield conn
+
+
+def connection_error(exc: psycopg.OperationalError, dsn: str, side: str) -> CdcsyncError:
+    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    where = f"{side} {describe(dsn)}"
+    if "password authentication failed" in text or "no password supplied" in text:
+        fix = f"check the user and password in the {side} DSN"
+    elif "database" in text and "does not exist" in text:
+        fix = f"create the database or correct dbname in the {side} DSN"
+    elif "role" in text and "does not exist" in text:
+        fix = f"create the role or correct the user in the {side} DSN"
+    else:
+        return ConnectionLost(f"cannot connect to the {where}: {text}",
+                              fix=f"check host, port and network access for the {side} DSN")
+    return PrerequisiteError(f"cannot connect to the {where}: {text}", fix=fix)
+
+
+@dataclass
+class CheckReport:
+    lines: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def add(self, status: str, what: str, detail: str = "") -> None:
+        self.lines.append((status, what, detail))
+
+    @property
+    def ok(self) -> bool:
+        return all(status != "FAIL" for status, _, _ in self.lines)
+
+
+def _check_step(report: CheckReport, what: str, step: Callable[[], str]) -> bool:
+    try:
+        detail = step()
+    except CdcsyncError as exc:
+        report.add("FAIL", what, str(exc))
+        return False
+    except psycopg.Error as exc:
+        report.add("FAIL", what, str(exc).strip().splitlines()[0])
+        return False
+    status, _, detail = detail.partition("|") if "|" in detail else ("ok", "", detail)
+    report.add(status, what, detail)
+    return status != "FAIL"
+
+
+def check(settings: Settings) -> CheckReport:
+    """Every prerequisite, one line each; nothing is changed."""
+    report = CheckReport()
+    source_dsn = settings.source.dsn.get_secret_value()
+    target_dsn = settings.target.dsn.get_secret_value()
+    try:
+        with connect(source_dsn, "source") as src:
+            report.add("ok", "source reachable", describe(source_dsn))
+            _source_checks(report, settings, src)
+    except CdcsyncError as exc:
+        report.add("FAIL", "source reachable", str(exc))
+    try:
+        with connect(target_dsn, "target") as tgt:
+            report.add("ok", "target reachable", describe(target_dsn))
+            _target_checks(report, settings, tgt, source_dsn)
+    except CdcsyncError as exc:
+        report.add("FAIL", "target reachable", str(exc))
+    return report
+
+
+def _setting(conn: Conn, name: str) -> str:
+    row = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
+    return str(row[0]) if row else ""
+
+
+def _source_checks(report: CheckReport, settings: Settings, src: Conn) -> None:
+    def wal_level() -> str:
+        level = _setting(src, "wal_level")
+        if level != "logical":
+            return (f"FAIL|wal_level is {level}; run ALTER SYSTEM SET wal_level = logical; "
+                    "then restart the server (Supabase and Neon: enable logical replication)")
+        return "logical"
+
+    def capacity() -> str:
+        row = src.execute(
+            "SELECT current_setting('max_replication_slots')::int"
+            " - (SELECT count(*) FROM pg_replication_slots),"
+            " current_setting('max_wal_senders')::int"
+            " - (SELECT count(*) FROM pg_stat_replication),"
+            " EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %s)",
+            (settings.source.slot,),
+        ).fetchone()
+        assert row is not None
+        free_slots, free_senders, exists = int(row[0]), int(row[1]), bool(row[2])
+        if free_slots < 1 and not exists:
+            return "FAIL|no free replication slot; raise max_replication_slots and restart"
+        if free_senders < 1:
+            return "FAIL|no free WAL sender; raise max_wal_senders and restart"
+        return f"{free_slots} free slots, {free_senders} free WAL senders"
+
+    def may_replicate() -> str:
+        row = src.execute("SELECT rolreplication OR rolsuper, current_user FROM pg_roles "
+                          "WHERE rolname = current_user").fetchone()
+        if row is None or not row[0]:
+            user = row[1] if row else "this role"
+            return f"FAIL|role {user} lacks REPLICATION; run ALTER ROLE {user} WITH REPLICATION;"
+        return f"role {row[1]} has REPLICATION"
+
+    def tables() -> str:
+        chosen = catalog.selected_tables(src, settings.tables)
+        catalog.refuse_unkeyed(chosen)
+        return ", ".join(t.qualified for t in chosen)
+
+    def publication() -> str:
+        current = catalog.publication_tables(src, settings.source.publication)
+        wanted = {t.qualified for t in catalog.selected_tables(src, settings.tables)}
+        if current is None:
+            return f"todo|publication {settings.source.publication!r} will be created by setup"
+        if current != wanted:
+            return (f"todo|publication {settings.source.publication!r} differs from `tables`; "
+                    "setup will update it")
+        return f"{settings.source.publication!r} publishes {len(current)} tables"
+
+    def slot() -> str:
+        info = catalog.slot_info(src, settings.source.slot)
+        if info is None:
+            return f"todo|slot {settings.source.slot!r} will be created by setup"
+        if info.plugin != settings.source.decoder:
+            return (f"FAIL|slot {settings.source.slot!r} uses {info.plugin}, the configuration "
+                    f"says {settings.source.decoder}; change decoder or recreate the slot")
+        state = f"active (pid {info.active_pid})" if info.active_pid else "inactive"
+        return f"{settings.source.slot!r} exists, {state}, retains {info.retained_bytes} bytes"
+
+    for what, step in (("source wal_level", wal_level), ("replication capacity", capacity),
+                       ("replication privilege", may_replicate),
+                       ("selected tables have keys", tables), ("publication", publication),
+                       ("slot", slot)):
+        _check_step(report, what, step)
+
+
+def _target_checks(report: CheckReport, settings: Settings, tgt: Conn, source_dsn: str) -> None:
+    def metadata() -> str:
+        row = tgt.execute("SELECT to_regclass('cdcsync.checkpoint') IS NOT NULL").fetchone()
+        if not row or not row[0]:
+            return "todo|schema cdcsync will be created by setup"
+        return "schema cdcsync present"
+
+    def tables() -> str:
+        with connect(source_dsn, "source") as src:
+            chosen = catalog.selected_tables(src, settings.tables)
+            missing = [t for t in chosen if not _target_has(tgt, settings, src, t)]
+        if missing:
+            names = ", ".join(t.qualified for t in missing)
+            return (f"FAIL|missing or incomplete on the target: {names}; "
+                    "run `cdcsync setup --create-tables` or create them")
+        return f"{len(chosen)} tables present with their columns"
+
+    _check_step(report, "target metadata", metadata)
+    _check_step(report, "target tables", tables)
+
+
+def _target_has(tgt: Conn, settings: Settings, src: Conn, table: catalog.SourceTable) -> bool:
+    override = settings.override_for(table.qualified)
+    schema, _, name = (override.target or table.qualified).partition(".")
+    query = ("SELECT array_agg(a.attname::text) FROM pg_attribute a JOIN pg_class c ON "
+             "c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace WHERE "
+             "n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped")
+    target_row = tgt.execute(query, (schema, name)).fetchone()
+    source_row = src.execute(query, (table.schema, table.name)).fetchone()
+    target_cols = set(target_row[0] or []) if target_row else set()
+    source_cols = set(source_row[0] or []) if source_row else set()
+    needed = source_cols - set(override.exclude_columns)
+    return bool(target_cols) and needed <= target_cols
+
+
+def setup(settings: Settings, *, create_tables: bool) -> list[str]:
+    """Idempotently prepare both sides; return what was done, one line per step."""
+    done: list[str] = []
+    with connect(settings.source.dsn.get_secret_value(), "source") as src:
+        chosen = catalog.selected_tables(src, settings.tables)
+        # Refuse before touching the publication: publishing updates of a table without a key
+        # breaks UPDATE and DELETE on the source itself.
+        catalog.refuse_unkeyed(chosen)
+        outcome = catalog.sync_publication(src, settings.source.publication, chosen)
+        done.append(f"publication {settings.source.publication!r} {outcome}: "
+                    f"{', '.join(t.qualified for t in chosen)}")
+        outcome = catalog.create_slot(src, settings.source.slot, settings.source.decoder)
+        done.append(f"slot {settings.source.slot!r} {outcome}")
+        definitions = [(t, catalog.table_definition(src, t)) for t in chosen] if create_tables \
+            else []
+    with connect(settings.target.dsn.get_secret_value(), "target") as tgt:
+        checkpoint.install_metadata(tgt)
+        done.append("target schema cdcsync ready")
+        for table, source_definition in definitions:
+            target_schema, _, target_name = (
+                settings.override_for(table.qualified).target or table.qualified).partition(".")
+            definition = _retarget(source_definition, table, target_schema, target_name)
+            tgt.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                sql.Identifier(target_schema)))
+            try:
+                tgt.execute(definition)
+            except psycopg.errors.UndefinedObject as exc:
+                raise PrerequisiteError(
+                    f"cannot create {table.qualified} on the target: {exc}",
+                    fix="create the missing type (for example the enum) on the target first",
+                ) from None
+            done.append(f"target table for {table.qualified} ready")
+    return done
+
+
+def _retarget(definition: sql.Composed, table: catalog.SourceTable, schema: str,
+              name: str) -> sql.Composed:
+    parts = list(definition)
+    return sql.Composed([sql.Identifier(schema, name) if p == table.identifier else p
+                         for p in parts])
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    """Where the pipeline stands, as plain data for printing or JSON."""
+    result: dict[str, Any] = {"slot": settings.source.slot}
+    with connect(settings.target.dsn.get_secret_value(), "target") as tgt:
+        saved = checkpoint.load(tgt, settings.source.slot)
+        conflicts = tgt.execute("SELECT count(*) FROM cdcsync.conflicts").fetchone()
+    result["checkpoint_lsn"] = str(saved.lsn) if saved else None
+    result["checkpoint_commit_time"] = saved.commit_time.isoformat() if saved and \
+        saved.commit_time else None
+    result["conflicts"] = int(conflicts[0]) if conflicts else 0
+    with connect(settings.source.dsn.get_secret_value(), "source") as src:
+        info = catalog.slot_info(src, settings.source.slot)
+        current = catalog.current_wal_lsn(src)
+    result["source_wal_lsn"] = current
+    result["slot_exists"] = info is not None
+    if info is not None:
+        result["slot_active_pid"] = info.active_pid
+        result["slot_confirmed_lsn"] = info.confirmed_flush
+        result["slot_retained_wal_bytes"] = info.retained_bytes
+        result["slot_wal_status"] = info.wal_status
+    position = saved.lsn if saved else (Lsn.parse(info.confirmed_flush) if info and
+                                        info.confirmed_flush else None)
+    result["lag_bytes"] = max(0, Lsn.parse(current) - position) if position is not None else None
+    if saved and saved.commit_time:
+        lag = dt.datetime.now(dt.UTC) - saved.commit_time
+        result["lag_seconds"] = round(lag.total_seconds(), 3)
+    else:
+        result["lag_seconds"] = None
+    return result
+
+
+def teardown(settings: Settings) -> list[str]:
+    done: list[str] = []
+    with connect(settings.source.dsn.get_secret_value(), "source") as src:
+        slot = settings.source.slot
+        dropped = catalog.drop_slot(src, slot)
+        done.append(f"slot {slot!r} " + ("dropped" if dropped else "did not exist"))
+        publication = settings.source.publication
+        dropped = catalog.drop_publication(src, publication)
+        done.append(f"publication {publication!r} " + ("dropped" if dropped else "did not exist"))
+    return done

@@ -1,0 +1,156 @@
+"""How a source relation lands on the target: columns, key, conflict column, foreign-key order.
+
+Resolved once per Relation message from the target's catalog and the configuration, then cached; the
+hot path only indexes tuples.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import psycopg
+from psycopg.rows import TupleRow
+
+from cdcsync.config import Settings
+from cdcsync.errors import PrerequisiteError, SchemaMismatch
+from cdcsync.model import Relation, Row
+
+_TIME_TYPES = ("timestamp with time zone", "timestamp without time zone")
+
+_COLUMNS_SQL = """
+SELECT c.oid, a.attname, format_type(a.atttypid, a.atttypmod)
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')
+ORDER BY a.attnum
+"""
+
+_PRIMARY_KEY_SQL = """
+SELECT a.attname
+FROM pg_index i
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+WHERE i.indrelid = %s AND i.indisprimary
+ORDER BY array_position(i.indkey::int2[], a.attnum)
+"""
+
+_FOREIGN_KEYS_SQL = """
+SELECT conrelid::oid, confrelid::oid FROM pg_constraint
+WHERE contype = 'f' AND conrelid = ANY (%s) AND confrelid = ANY (%s) AND conrelid <> confrelid
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class TargetTable:
+    """A replicated table: source positions of the replicated columns and their target types."""
+
+    source_name: str
+    oid: int
+    schema: str
+    name: str
+    columns: tuple[str, ...]
+    types: tuple[str, ...]
+    positions: tuple[int, ...]
+    identity: bool
+    key: tuple[int, ...]
+    source_key: tuple[int, ...]
+    conflict: int | None
+    conflict_is_time: bool
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    def project(self, row: Row) -> Row:
+        return row if self.identity else tuple(row[i] for i in self.positions)
+
+    def key_of_source(self, row: Row) -> Row:
+        return tuple(row[i] for i in self.source_key)
+
+    def key_of(self, projected: Row) -> Row:
+        return tuple(projected[i] for i in self.key)
+
+
+def selected(patterns: Iterable[str], qualified: str) -> bool:
+    return any(fnmatch.fnmatchcase(qualified, pattern) for pattern in patterns)
+
+
+def resolve(conn: psycopg.Connection[TupleRow], settings: Settings,
+            relation: Relation) -> TargetTable:
+    """Map ``relation`` onto its target table, or say exactly what is missing on the target."""
+    override = settings.override_for(relation.qualified)
+    target_name = override.target or relation.qualified
+    schema, _, name = target_name.partition(".")
+    rows = conn.execute(_COLUMNS_SQL, (schema, name)).fetchall()
+    if not rows:
+        raise PrerequisiteError(
+            f"target table {target_name} does not exist (source {relation.qualified})",
+            fix="create it, or run `cdcsync setup --create-tables`",
+        )
+    oid = int(str(rows[0][0]))
+    target_types = {str(r[1]): str(r[2]) for r in rows}
+    excluded = set(override.exclude_columns)
+    positions = tuple(i for i, c in enumerate(relation.columns) if c.name not in excluded)
+    columns = tuple(relation.columns[i].name for i in positions)
+    missing = [c for c in columns if c not in target_types]
+    if missing:
+        raise SchemaMismatch(
+            f"target table {target_name} lacks column(s) {', '.join(missing)} "
+            f"that the source {relation.qualified} has",
+            fix=f"add them on the target (ALTER TABLE {target_name} ADD COLUMN ...) "
+            f"or list them in exclude_columns for {relation.qualified}",
+        )
+    primary_key = [str(r[0]) for r in conn.execute(_PRIMARY_KEY_SQL, (oid,)).fetchall()]
+    if not primary_key:
+        source_key = ", ".join(c.name for c in relation.columns if c.is_key) or "id"
+        raise PrerequisiteError(
+            f"target table {target_name} has no primary key",
+            fix=f"ALTER TABLE {target_name} ADD PRIMARY KEY ({source_key});",
+        )
+    absent = [k for k in primary_key if k not in columns]
+    if absent:
+        raise SchemaMismatch(
+            f"primary key column(s) {', '.join(absent)} of {target_name} are not replicated",
+            fix=f"do not exclude key columns of {relation.qualified}",
+        )
+    key = tuple(columns.index(k) for k in primary_key)
+    conflict_name = override.conflict_column or settings.apply.conflict_column
+    conflict = columns.index(conflict_name) if conflict_name in columns else None
+    types = tuple(target_types[c] for c in columns)
+    return TargetTable(
+        source_name=relation.qualified,
+        oid=oid,
+        schema=schema,
+        name=name,
+        columns=columns,
+        types=types,
+        positions=positions,
+        identity=len(positions) == len(relation.columns),
+        key=key,
+        source_key=tuple(positions[i] for i in key),
+        conflict=conflict,
+        conflict_is_time=conflict is not None and types[conflict] in _TIME_TYPES,
+    )
+
+
+def foreign_key_order(
+    conn: psycopg.Connection[TupleRow], oids: Sequence[int]
+) -> tuple[list[int], set[int]]:
+    """Parents before children; the second value holds the tables caught in a cycle."""
+    edges = conn.execute(_FOREIGN_KEYS_SQL, (list(oids), list(oids))).fetchall()
+    parents: dict[int, set[int]] = {oid: set() for oid in oids}
+    for child, parent in edges:
+        parents[int(str(child))].add(int(str(parent)))
+    order: list[int] = []
+    placed: set[int] = set()
+    remaining = set(oids)
+    while remaining:
+        ready = sorted(o for o in remaining if parents[o] <= placed)
+        if not ready:
+            return order + sorted(remaining), remaining
+        order.extend(ready)
+        placed.update(ready)
+        remaining.difference_update(ready)
+    return order, set()

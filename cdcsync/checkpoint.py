@@ -1,0 +1,57 @@
+"""The checkpoint: the end LSN of the last source commit the target holds, per slot.
+
+Guarantee: it is written in the same target transaction as the data it covers, and it never moves
+backward (the SQL takes the greater of the stored and the new position), so after any crash the
+stored position is exactly what the target holds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from importlib import resources
+
+import psycopg
+from psycopg.rows import TupleRow
+
+from cdcsync.model import Lsn
+
+_SAVE = """
+INSERT INTO cdcsync.checkpoint AS c (slot, lsn, commit_time, updated_at)
+VALUES (%s, %s::pg_lsn, %s, now())
+ON CONFLICT (slot) DO UPDATE SET
+    lsn = GREATEST(c.lsn, excluded.lsn),
+    commit_time = CASE WHEN excluded.lsn >= c.lsn THEN excluded.commit_time ELSE c.commit_time END,
+    updated_at = now()
+"""
+
+_LOAD = "SELECT lsn::text, commit_time FROM cdcsync.checkpoint WHERE slot = %s"
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    lsn: Lsn
+    commit_time: dt.datetime | None
+
+
+def metadata_sql() -> str:
+    return resources.files("cdcsync").joinpath("sql/metadata.sql").read_text(encoding="utf-8")
+
+
+def install_metadata(conn: psycopg.Connection[TupleRow]) -> None:
+    """Create or update the ``cdcsync`` schema on the target (idempotent)."""
+    conn.execute(metadata_sql().encode())
+
+
+def load(conn: psycopg.Connection[TupleRow], slot: str) -> Checkpoint | None:
+    row = conn.execute(_LOAD, (slot,)).fetchone()
+    if row is None:
+        return None
+    commit_time = row[1] if isinstance(row[1], dt.datetime) else None
+    return Checkpoint(Lsn.parse(str(row[0])), commit_time)
+
+
+def save(
+    cur: psycopg.Cursor[TupleRow], slot: str, lsn: Lsn, commit_time: dt.datetime
+) -> None:
+    cur.execute(_SAVE, (slot, str(lsn), commit_time))

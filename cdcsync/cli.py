@@ -1,0 +1,98 @@
+"""The ``cdcsync`` command: parse, load settings once, call into the package, print, exit code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import orjson
+
+from cdcsync import __version__, admin, daemon, demo
+from cdcsync.config import Settings, config_path, load_settings
+from cdcsync.dsn import redact
+from cdcsync.errors import CdcsyncError
+from cdcsync.logs import configure, event
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cdcsync", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cdcsync {__version__}")
+    parser.add_argument("--config", metavar="PATH",
+                        help="TOML configuration (default: $CDCSYNC_CONFIG)")
+    parser.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("check", help="verify every prerequisite on both sides; changes nothing")
+    setup = commands.add_parser("setup", help="create publication, slot and target metadata")
+    setup.add_argument("--create-tables", action="store_true",
+                       help="create missing target tables from the source catalog")
+    commands.add_parser("run", help="stream changes until SIGTERM or SIGINT")
+    status = commands.add_parser("status", help="checkpoint, slot and lag")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    teardown = commands.add_parser("teardown", help="drop the slot and the publication")
+    teardown.add_argument("--yes", action="store_true", help="confirm")
+    demo = commands.add_parser("demo", help="two throwaway clusters, a live workload, the sync")
+    demo.add_argument("--seconds", type=float, default=20.0, help="how long the workload runs")
+    demo.add_argument("--rate", type=int, default=2000, help="changes per second to generate")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except CdcsyncError as exc:
+        if args.debug:
+            logging.getLogger("cdcsync").exception("failed")
+        print(f"cdcsync: {redact(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(config_path(args.config))
+    configure("debug" if args.debug else settings.log.level, settings.log.format)
+    return settings
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        configure("debug" if args.debug else "warning", "text")
+        return int(demo.run_demo(seconds=args.seconds, rate=args.rate))
+    settings = _settings(args)
+    if args.command == "check":
+        report = admin.check(settings)
+        for status, what, detail in report.lines:
+            print(f"{status:4}  {what}: {redact(detail)}" if detail else f"{status:4}  {what}")
+        return 0 if report.ok else 1
+    if args.command == "setup":
+        for line in admin.setup(settings, create_tables=args.create_tables):
+            print(line)
+        return 0
+    if args.command == "run":
+        daemon.run(settings)
+        return 0
+    if args.command == "status":
+        result = admin.status(settings)
+        if args.json:
+            print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+        else:
+            for key, value in result.items():
+                print(f"{key:26} {value}")
+        return 0
+    if args.command == "teardown":
+        if not args.yes:
+            print("cdcsync: teardown drops the slot and the publication; add --yes to confirm",
+                  file=sys.stderr)
+            return 2
+        for line in admin.teardown(settings):
+            print(line)
+        event(logging.INFO, "teardown", slot=settings.source.slot)
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

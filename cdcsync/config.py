@@ -1,0 +1,183 @@
+"""Settings: a TOML file plus ``CDCSYNC_<SECTION>__<KEY>`` environment overrides, validated once.
+
+Nothing here reads the environment at import time; :func:`load_settings` is called by the CLI and
+the result is handed to whatever needs it. Tests build :class:`Settings` directly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from cdcsync.errors import ConfigError
+
+# Unquoted PostgreSQL identifiers plus glob characters; anything else is refused rather than quoted,
+# so a pattern can never smuggle SQL and always means what it looks like.
+_NAME_PART = r"[A-Za-z_][A-Za-z0-9_$]*"
+_PATTERN_PART = r"[A-Za-z0-9_$*?\[\]-]+"
+TABLE_NAME_RE = re.compile(rf"^{_NAME_PART}\.{_NAME_PART}$")
+TABLE_PATTERN_RE = re.compile(rf"^{_PATTERN_PART}\.{_PATTERN_PART}$")
+SLOT_NAME_RE = re.compile(r"^[a-z0-9_]{1,63}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSettings(_Section):
+    dsn: SecretStr
+    slot: str = "cdcsync"
+    publication: str = "cdcsync"
+    decoder: Literal["pgoutput", "wal2json"] = "pgoutput"
+    status_interval_s: float = Field(default=10.0, gt=0, le=60)
+
+    @field_validator("slot")
+    @classmethod
+    def _slot_name(cls, value: str) -> str:
+        if not SLOT_NAME_RE.match(value):
+            raise ValueError("a slot name is 1-63 lower-case letters, digits or underscores")
+        return value
+
+    @field_validator("publication")
+    @classmethod
+    def _publication_name(cls, value: str) -> str:
+        if not re.match(rf"^{_NAME_PART}$", value):
+            raise ValueError("a publication name is a plain identifier (letters, digits, _)")
+        return value
+
+
+class TargetSettings(_Section):
+    dsn: SecretStr
+    pool_size: int = Field(default=4, ge=2, le=64)
+
+
+class ApplySettings(_Section):
+    max_rows: int = Field(default=20_000, ge=1)
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_delay_ms: int = Field(default=200, ge=0)
+    truncate: Literal["apply", "ignore"] = "apply"
+    conflict_column: str = "updated_at"
+
+
+class HttpSettings(_Section):
+    listen: str = "127.0.0.1:9187"
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("expected HOST:PORT, for example 127.0.0.1:9187")
+        return value
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "text"] = "auto"
+
+
+class TableOverride(_Section):
+    """Per-table options; ``name`` is the source table ``schema.table``."""
+
+    name: str
+    target: str | None = None
+    conflict_column: str | None = None
+    exclude_columns: tuple[str, ...] = ()
+
+    @field_validator("name", "target")
+    @classmethod
+    def _qualified(cls, value: str | None) -> str | None:
+        if value is not None and not TABLE_NAME_RE.match(value):
+            raise ValueError("expected schema.table with plain identifiers, e.g. public.orders")
+        return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CDCSYNC_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    tables: tuple[str, ...] = Field(min_length=1)
+    table: tuple[TableOverride, ...] = ()
+    source: SourceSettings
+    target: TargetSettings
+    apply: ApplySettings = ApplySettings()
+    http: HttpSettings = HttpSettings()
+    log: LogSettings = LogSettings()
+
+    @field_validator("tables")
+    @classmethod
+    def _patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            if not TABLE_PATTERN_RE.match(pattern):
+                raise ValueError(
+                    f"{pattern!r} is not schema.table; use e.g. public.orders or public.*"
+                )
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values arrive as init arguments; the environment must override them.
+        return (env_settings, init_settings)
+
+    def override_for(self, qualified: str) -> TableOverride:
+        for entry in self.table:
+            if entry.name == qualified:
+                return entry
+        return TableOverride(name=qualified)
+
+
+def config_path(cli_path: str | None) -> Path | None:
+    raw = cli_path or os.environ.get("CDCSYNC_CONFIG")
+    return Path(raw) if raw else None
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Read and validate the configuration; every problem becomes one :class:`ConfigError`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"configuration file {path} does not exist",
+                fix="pass --config PATH or set CDCSYNC_CONFIG to an existing TOML file",
+            ) from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}", fix="correct the syntax") from exc
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, path)) from None
+
+
+def describe_validation_error(exc: ValidationError, path: Path | None) -> str:
+    where = f" in {path}" if path else ""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        env = "CDCSYNC_" + "__".join(str(p).upper() for p in err["loc"] if not isinstance(p, int))
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key {key!r}{where}: remove it or check its spelling")
+        elif err["type"] == "missing":
+            lines.append(f"missing key {key!r}{where}: set it in the file or as {env}")
+        else:
+            bad = "<secret>" if "dsn" in key else repr(err.get("input"))
+            lines.append(f"bad value for {key!r}{where}: {bad}: {err['msg']}")
+    return "configuration error: " + "; ".join(lines)

@@ -1,0 +1,41 @@
+"""DSNs: the session settings every cdcsync connection needs, and redaction for printing."""
+
+from __future__ import annotations
+
+import re
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+# Text values cross from the source's output functions to the target's input functions; both ends
+# must agree on the ambiguous formats, as PostgreSQL's own subscriber arranges for itself.
+SESSION_OPTIONS = "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3"
+
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*(?=@)", re.IGNORECASE)
+_KV_PASSWORD = re.compile(r"(?P<head>password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Replace every password in ``text`` (URL or key=value form) with ``***``."""
+    text = _URL_PASSWORD.sub(r"\g<head>***", text)
+    return _KV_PASSWORD.sub(r"\g<head>***", text)
+
+
+def with_session_options(dsn: str, application_name: str) -> str:
+    """Add cdcsync's session settings to a DSN without discarding the user's own options."""
+    params = conninfo_to_dict(dsn)
+    user_options = str(params.get("options") or "")
+    params["options"] = f"{SESSION_OPTIONS} {user_options}".strip()
+    params.setdefault("application_name", application_name)
+    return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
+
+
+def describe(dsn: str) -> str:
+    """A short, password-free description of where a DSN points: ``user@host:port/dbname``."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except Exception:
+        return redact(dsn)
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    port = params.get("port") or "5432"
+    user = params.get("user") or "(default user)"
+    return f"{user}@{host}:{port}/{params.get('dbname') or '(default db)'}"

@@ -1,0 +1,148 @@
+"""The change model every stage shares: positions, relations, row changes and transactions.
+
+Plain frozen data, no I/O. Values travel as the source's text representation (``bytes``), ``None``
+for SQL NULL, or :data:`UNCHANGED` for a TOASTed column the source did not resend: the target casts
+text with its own input functions, so user-defined types round-trip without type OIDs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final, Literal
+
+_LSN_RE: Final = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
+
+PG_EPOCH: Final = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+
+
+class Lsn(int):
+    """A WAL position; prints as PostgreSQL does (``16/B374D848``)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def parse(cls, text: str) -> Lsn:
+        match = _LSN_RE.match(text.strip())
+        if match is None:
+            raise ValueError(f"not an LSN: {text!r} (expected the form 16/B374D848)")
+        return cls((int(match.group(1), 16) << 32) | int(match.group(2), 16))
+
+    def __str__(self) -> str:
+        return f"{self >> 32:X}/{self & 0xFFFFFFFF:X}"
+
+    def __repr__(self) -> str:
+        return f"Lsn('{self}')"
+
+
+ZERO_LSN: Final = Lsn(0)
+
+
+class Unchanged(Enum):
+    """Marks a TOASTed column an update did not carry: the target keeps its value."""
+
+    TOKEN = "unchanged"
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+UNCHANGED: Final = Unchanged.TOKEN
+
+Value = bytes | None | Unchanged
+Row = tuple[Value, ...]
+
+
+def pg_time(micros: int) -> dt.datetime:
+    """Convert PostgreSQL's microseconds since 2000-01-01 UTC into an aware datetime."""
+    return PG_EPOCH + dt.timedelta(microseconds=micros)
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    type_oid: int
+    type_modifier: int
+    is_key: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Relation:
+    """A source table as the stream last described it (pgoutput Relation message)."""
+
+    oid: int
+    schema: str
+    name: str
+    replica_identity: str
+    columns: tuple[Column, ...]
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+
+Op = Literal["I", "U", "D"]
+
+
+@dataclass(frozen=True, slots=True)
+class RowChange:
+    """One row event. ``old`` is the replica-identity tuple when the source sent one."""
+
+    op: Op
+    relation: Relation
+    new: Row | None
+    old: Row | None
+
+
+@dataclass(frozen=True, slots=True)
+class TruncateChange:
+    relations: tuple[Relation, ...]
+    cascade: bool
+    restart_identity: bool
+
+
+Change = RowChange | TruncateChange
+
+
+@dataclass(frozen=True, slots=True)
+class TxnStart:
+    """A source transaction begins; ``final_lsn`` is its commit record's LSN."""
+
+    xid: int
+    final_lsn: Lsn
+    commit_time: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeChunk:
+    """Consecutive changes of the open transaction, bounded in size so memory stays bounded."""
+
+    changes: tuple[Change, ...]
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class TxnEnd:
+    """The transaction committed; ``end_lsn`` is the position to checkpoint and confirm."""
+
+    end_lsn: Lsn
+    commit_time: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SourceMessage:
+    """A ``pg_logical_emit_message`` record (heartbeats and resync watermarks use these)."""
+
+    lsn: Lsn
+    transactional: bool
+    prefix: str
+    content: bytes
+
+
+StreamItem = TxnStart | ChangeChunk | TxnEnd | SourceMessage

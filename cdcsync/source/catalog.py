@@ -1,0 +1,227 @@
+"""Source introspection and management: selected tables, keys, publication, slot, WAL position."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+
+from cdcsync.apply.tables import selected
+from cdcsync.errors import PrerequisiteError
+
+Conn = psycopg.Connection[TupleRow]
+
+_TABLES_SQL = """
+SELECT n.nspname, c.relname, c.relreplident,
+       EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+       EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'cdcsync')
+  AND n.nspname NOT LIKE 'pg\\_%'
+ORDER BY 1, 2
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceTable:
+    schema: str
+    name: str
+    replica_identity: str
+    has_primary_key: bool
+    has_identity_index: bool
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def identifier(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name)
+
+    def key_problem(self) -> str | None:
+        """Why updates and deletes of this table cannot be replicated, with the fix; or None."""
+        usable = (
+            (self.replica_identity == "d" and self.has_primary_key)
+            or (self.replica_identity == "i" and self.has_identity_index)
+            or (self.replica_identity == "f" and self.has_primary_key)
+        )
+        if usable:
+            return None
+        quoted = f'"{self.schema}"."{self.name}"'
+        if self.has_primary_key:  # replica identity NOTHING
+            return (f"table {self.qualified} has REPLICA IDENTITY NOTHING; run: "
+                    f"ALTER TABLE {quoted} REPLICA IDENTITY DEFAULT;")
+        return (f"table {self.qualified} has no primary key or replica identity; run: "
+                f"ALTER TABLE {quoted} ADD PRIMARY KEY (<its unique, not-null columns>);")
+
+
+def selected_tables(conn: Conn, patterns: tuple[str, ...]) -> list[SourceTable]:
+    """The source tables the patterns select; a pattern that selects nothing is an error."""
+    rows = conn.execute(_TABLES_SQL).fetchall()
+    tables = [SourceTable(str(r[0]), str(r[1]), str(r[2]), bool(r[3]), bool(r[4])) for r in rows]
+    chosen = [t for t in tables if selected(patterns, t.qualified)]
+    for pattern in patterns:
+        if not any(selected((pattern,), t.qualified) for t in chosen):
+            raise PrerequisiteError(
+                f"`tables` entry {pattern!r} matches no table on the source",
+                fix="create the table on the source or correct the entry in `tables`",
+            )
+    return chosen
+
+
+def refuse_unkeyed(tables: list[SourceTable]) -> None:
+    problems = [p for p in (t.key_problem() for t in tables) if p]
+    if problems:
+        raise PrerequisiteError(
+            "; ".join(problems),
+            fix="cdcsync needs a key to replicate updates and deletes; run the ALTER TABLE above "
+                "on the source (or remove the table from `tables`), then run setup again",
+        )
+
+
+def publication_tables(conn: Conn, publication: str) -> set[str] | None:
+    exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s",
+                          (publication,)).fetchone()
+    if exists is None:
+        return None
+    rows = conn.execute(
+        "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = %s",
+        (publication,),
+    ).fetchall()
+    return {str(r[0]) for r in rows}
+
+
+def sync_publication(conn: Conn, publication: str, tables: list[SourceTable]) -> str:
+    """Create the publication or make its table list exactly ``tables``; say what was done."""
+    current = publication_tables(conn, publication)
+    table_list = sql.SQL(", ").join(t.identifier for t in tables)
+    if current is None:
+        conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+            sql.Identifier(publication), table_list))
+        return "created"
+    if current == {t.qualified for t in tables}:
+        return "unchanged"
+    conn.execute(sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(
+        sql.Identifier(publication), table_list))
+    return "updated"
+
+
+@dataclass(frozen=True, slots=True)
+class SlotInfo:
+    plugin: str
+    database: str
+    active_pid: int | None
+    confirmed_flush: str | None
+    restart_lsn: str | None
+    wal_status: str | None
+    retained_bytes: int | None
+
+
+def slot_info(conn: Conn, slot: str) -> SlotInfo | None:
+    row = conn.execute(
+        """
+        SELECT plugin, database, active_pid, confirmed_flush_lsn::text, restart_lsn::text,
+               wal_status, (pg_current_wal_lsn() - restart_lsn)::bigint
+        FROM pg_replication_slots WHERE slot_name = %s
+        """,
+        (slot,),
+    ).fetchone()
+    if row is None:
+        return None
+    return SlotInfo(
+        plugin=str(row[0]),
+        database=str(row[1]),
+        active_pid=int(row[2]) if row[2] is not None else None,
+        confirmed_flush=row[3],
+        restart_lsn=row[4],
+        wal_status=row[5],
+        retained_bytes=int(row[6]) if row[6] is not None else None,
+    )
+
+
+def create_slot(conn: Conn, slot: str, plugin: str) -> str:
+    """Create the logical slot unless it exists; refuse one made with another plugin."""
+    info = slot_info(conn, slot)
+    if info is not None:
+        if info.plugin != plugin:
+            raise PrerequisiteError(
+                f"replication slot {slot!r} exists but uses the {info.plugin} plugin, "
+                f"not {plugin}",
+                fix=f"configure decoder = {info.plugin!r}, or run `cdcsync teardown --yes` and "
+                    "setup again (the target then needs a resync)",
+            )
+        dbname = conn.execute("SELECT current_database()").fetchone()
+        if dbname is not None and info.database != dbname[0]:
+            raise PrerequisiteError(
+                f"replication slot {slot!r} belongs to database {info.database!r}",
+                fix="configure a different [source] slot for this database",
+            )
+        return "exists"
+    conn.execute("SELECT pg_create_logical_replication_slot(%s, %s)", (slot, plugin))
+    return "created"
+
+
+def drop_slot(conn: Conn, slot: str) -> bool:
+    info = slot_info(conn, slot)
+    if info is None:
+        return False
+    if info.active_pid is not None:
+        raise PrerequisiteError(
+            f"replication slot {slot!r} is in use by process {info.active_pid}",
+            fix="stop `cdcsync run` first, then run teardown again",
+        )
+    conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+    return True
+
+
+def drop_publication(conn: Conn, publication: str) -> bool:
+    if publication_tables(conn, publication) is None:
+        return False
+    conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(publication)))
+    return True
+
+
+def current_wal_lsn(conn: Conn) -> str:
+    row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def table_definition(conn: Conn, table: SourceTable) -> sql.Composed:
+    """``CREATE TABLE`` for the target: the source's columns, types, NOT NULL and primary key."""
+    columns = conn.execute(
+        """
+        SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
+        FROM pg_attribute a
+        WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
+        ORDER BY a.attnum
+        """,
+        (table.identifier.as_string(conn),),
+    ).fetchall()
+    key = conn.execute(
+        """
+        WITH idx AS (
+            SELECT indrelid, indkey FROM pg_index
+            WHERE indrelid = %s::regclass AND (indisprimary OR indisreplident)
+            ORDER BY indisprimary DESC LIMIT 1
+        )
+        SELECT a.attname FROM idx
+        JOIN pg_attribute a ON a.attrelid = idx.indrelid AND a.attnum = ANY (idx.indkey)
+        ORDER BY array_position(idx.indkey::int2[], a.attnum)
+        """,
+        (table.identifier.as_string(conn),),
+    ).fetchall()
+    parts = [
+        # format_type() output is a type name as the catalog spells it, already quoted.
+        sql.SQL("{} {}{}").format(sql.Identifier(str(name)), sql.SQL(str(type_name)),
+                                 sql.SQL(" NOT NULL") if notnull else sql.SQL(""))
+        for name, type_name, notnull in columns
+    ]
+    key_names = [str(r[0]) for r in key]
+    parts.append(sql.SQL("PRIMARY KEY ({})").format(
+        sql.SQL(", ").join(sql.Identifier(k) for k in key_names)))
+    return sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
+        table.identifier, sql.SQL(", ").join(parts))

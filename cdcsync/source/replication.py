@@ -1,0 +1,185 @@
+"""The replication connection: start streaming a slot, read XLogData, answer keepalives, confirm.
+
+psycopg 3 has no replication API; its low-level ``pgconn`` carries the COPY BOTH protocol fine on
+a connection opened with ``replication="database"``. Only the simple query protocol works there,
+so the few statements sent are built from names the configuration validated (plain identifiers).
+
+Guarantee: the position reported to the server as flushed is only ever one given to
+:meth:`ReplicationStream.confirm` (a commit the target has made durable) or, when nothing received
+is still unapplied, the server's own WAL end from a keepalive. The source therefore keeps every byte
+of WAL the target still needs, and no more.
+"""
+
+from __future__ import annotations
+
+import select
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import pq
+from psycopg.rows import TupleRow
+
+from cdcsync.dsn import with_session_options
+from cdcsync.errors import ConnectionLost, PrerequisiteError
+from cdcsync.model import PG_EPOCH, Lsn
+
+_XLOG_HEADER = struct.Struct(">cQQq")  # 'w', data start, WAL end, send time
+_KEEPALIVE = struct.Struct(">cQqB")  # 'k', WAL end, send time, reply requested
+_STATUS = struct.Struct(">cQQQqB")  # 'r', written, flushed, applied, client time, reply requested
+_PG_EPOCH_UNIX_US = int(PG_EPOCH.timestamp()) * 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class XLogData:
+    start: Lsn
+    payload: memoryview
+
+
+def _now_pg_us() -> int:
+    return time.time_ns() // 1000 - _PG_EPOCH_UNIX_US
+
+
+class ReplicationStream:
+    """One logical slot streamed over one replication connection; not thread-safe."""
+
+    def __init__(self, dsn: str, slot: str, *, status_interval_s: float = 10.0) -> None:
+        self._dsn = with_session_options(dsn, "cdcsync")
+        self.slot = slot
+        self._status_interval_s = status_interval_s
+        self._conn: psycopg.Connection[TupleRow] | None = None
+        self._confirmed = Lsn(0)
+        self._reported = Lsn(0)
+        self._server_wal_end = Lsn(0)
+        self._last_status = 0.0
+        self.caught_up = True  # set by the owner: nothing received is waiting to be applied
+
+    @property
+    def server_wal_end(self) -> Lsn:
+        return self._server_wal_end
+
+    @property
+    def confirmed(self) -> Lsn:
+        return self._confirmed
+
+    def start(self, start_lsn: Lsn, options: dict[str, str]) -> None:
+        """Open the connection and enter COPY BOTH at ``start_lsn`` (0/0: the slot's confirmed)."""
+        try:
+            self._conn = psycopg.connect(self._dsn, replication="database", autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise ConnectionLost(f"cannot open the replication connection: {exc}") from exc
+        pgconn = self._conn.pgconn
+        opts = ", ".join(f"{name} '{value}'" for name, value in options.items())
+        command = f'START_REPLICATION SLOT "{self.slot}" LOGICAL {start_lsn} ({opts})'
+        pgconn.send_query(command.encode())
+        result = pgconn.get_result()
+        if result is None or result.status != pq.ExecStatus.COPY_BOTH:
+            message = (result.error_message if result else pgconn.error_message).decode().strip()
+            self.close()
+            raise _start_error(self.slot, message)
+        pgconn.nonblocking = 1
+        self._confirmed = max(self._confirmed, start_lsn)
+        self._last_status = time.monotonic()
+
+    def read(self, timeout_s: float) -> Iterator[XLogData]:
+        """Yield the XLogData messages available within ``timeout_s``; handles keepalives inline."""
+        pgconn = self._require()
+        waited = False
+        while True:
+            try:
+                nbytes, data = pgconn.get_copy_data(1)
+            except psycopg.Error as exc:
+                raise ConnectionLost(f"replication stream failed: {exc}") from exc
+            if nbytes == 0:
+                if waited:
+                    return
+                readable, _, _ = select.select([pgconn.socket], [], [], timeout_s)
+                waited = True
+                if not readable:
+                    return
+                try:
+                    pgconn.consume_input()
+                except psycopg.Error as exc:
+                    raise ConnectionLost(f"replication stream failed: {exc}") from exc
+                continue
+            if nbytes < 0:
+                raise self._ended()
+            view = memoryview(data)
+            kind = view[0:1].tobytes()
+            if kind == b"w":
+                _, start, wal_end, _ = _XLOG_HEADER.unpack_from(view)
+                self._server_wal_end = Lsn(max(self._server_wal_end, wal_end))
+                yield XLogData(Lsn(start), view[_XLOG_HEADER.size :])
+            elif kind == b"k":
+                _, wal_end, _, reply = _KEEPALIVE.unpack_from(view)
+                self._server_wal_end = Lsn(max(self._server_wal_end, wal_end))
+                if self.caught_up and wal_end > self._confirmed:
+                    # Nothing of ours is pending: WAL up to here holds no change we still need, so
+                    # confirming it lets an idle slot release WAL written by other databases.
+                    self._confirmed = Lsn(wal_end)
+                if reply:
+                    self.send_status()
+
+    def confirm(self, lsn: Lsn) -> None:
+        """Record that the target has durably applied everything up to ``lsn``."""
+        self._confirmed = max(self._confirmed, lsn)
+
+    def send_status_if_due(self) -> None:
+        """Report progress within a second of it, and every status interval regardless."""
+        since = time.monotonic() - self._last_status
+        if since >= self._status_interval_s or (self._confirmed > self._reported and since >= 1):
+            self.send_status()
+
+    def send_status(self) -> None:
+        pgconn = self._require()
+        lsn = self._confirmed
+        message = _STATUS.pack(b"r", lsn, lsn, lsn, _now_pg_us(), 0)
+        try:
+            pgconn.put_copy_data(message)
+            while pgconn.flush() == 1:
+                select.select([], [pgconn.socket], [], 1.0)
+        except psycopg.Error as exc:
+            raise ConnectionLost(f"cannot send a status update: {exc}") from exc
+        self._last_status = time.monotonic()
+        self._reported = lsn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            # Leaving COPY BOTH politely costs a round trip; closing ends the walsender as well.
+            self._conn.pgconn.finish()
+            self._conn = None
+
+    def _require(self) -> pq.abc.PGconn:
+        if self._conn is None:
+            raise ConnectionLost("the replication connection is not open")
+        return self._conn.pgconn
+
+    def _ended(self) -> Exception:
+        pgconn = self._require()
+        result = pgconn.get_result()
+        message = (result.error_message if result else pgconn.error_message).decode().strip()
+        return _stream_error(self.slot, message or "the server ended the replication stream")
+
+
+def _start_error(slot: str, message: str) -> Exception:
+    if "does not exist" in message and "slot" in message:
+        return PrerequisiteError(
+            f"replication slot {slot!r} does not exist on the source",
+            fix="run `cdcsync setup` to create it",
+        )
+    if "is active for PID" in message:
+        return PrerequisiteError(
+            f"replication slot {slot!r} is in use by another process: {message}",
+            fix="stop the other consumer of this slot, or configure a different [source] slot",
+        )
+    return ConnectionLost(f"START_REPLICATION failed: {message}")
+
+
+def _stream_error(slot: str, message: str) -> Exception:
+    if "publication" in message and "does not exist" in message:
+        return PrerequisiteError(
+            f"the source says: {message}", fix="run `cdcsync setup` to create the publication"
+        )
+    return ConnectionLost(f"replication stream on slot {slot!r} ended: {message}")

@@ -1,0 +1,102 @@
+"""Test helpers: settings for a database pair, the daemon on a thread, waiting for convergence."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from cdcsync import daemon
+from cdcsync.config import Settings
+from tests.conftest import DbPair
+
+
+def settings_for(pair: DbPair, tables: tuple[str, ...] = ("public.*",),
+                 **sections: Any) -> Settings:
+    """Settings pointing at the pair, with test-friendly batching; ``sections`` override keys."""
+    data: dict[str, Any] = {
+        "tables": tables,
+        "source": {"dsn": pair.source_dsn, "slot": pair.slot, "publication": pair.publication},
+        "target": {"dsn": pair.target_dsn},
+        "apply": {"max_delay_ms": 50},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            data[name] = {**data.get(name, {}), **values}
+        else:
+            data[name] = values
+    return Settings(**data)
+
+
+class DaemonThread:
+    """``cdcsync run`` on a thread of the test process, stopped like SIGTERM would."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="cdcsync-test-daemon", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            daemon.run(self.settings, self.stop)
+        except BaseException as exc:
+            self.error = exc
+
+    def start(self) -> DaemonThread:
+        self.thread.start()
+        return self
+
+    def close(self, timeout: float = 15) -> None:
+        self.stop.set()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the daemon did not stop within the budget"
+
+
+@contextmanager
+def running(settings: Settings) -> Iterator[DaemonThread]:
+    runner = DaemonThread(settings).start()
+    try:
+        yield runner
+    finally:
+        runner.close()
+    if runner.error is not None:
+        raise runner.error
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30, what: str = "condition",
+             runner: DaemonThread | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if runner is not None and runner.error is not None:
+            raise AssertionError(f"daemon failed while waiting for {what}") from runner.error
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def table_rows(dsn: str, table: str, order_by: str = "1") -> list[tuple[Any, ...]]:
+    schema, _, name = table.partition(".")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        query = sql.SQL("SELECT * FROM {} ORDER BY {}").format(
+            sql.Identifier(schema, name), sql.SQL(order_by))
+        return conn.execute(query).fetchall()
+
+
+def converged(pair: DbPair, tables: list[str]) -> Callable[[], bool]:
+    def check() -> bool:
+        return all(table_rows(pair.source_dsn, t) == table_rows(pair.target_dsn, t)
+                   for t in tables)
+    return check
+
+
+def execute(dsn: str, *statements: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement.encode())
