@@ -1,7 +1,532 @@
-"""``cdcsync demo``: two throwaway clusters, a live workload, the sync and its lag."""
+"""``cdcsync demo``: two throwaway clusters, a live workload, the sync and its lag.
+
+Nothing to configure and nothing left behind: it starts a logical source and a target cluster
+(:mod:`cdcsync.localpg`), creates ``customers`` and ``orders``, runs ``setup``, streams with the
+daemon on a thread while a workload writes small transactions, shows throughput, lag and row
+counts once a second, stages one conflict midway, then drains, verifies and tears everything down.
+"""
 
 from __future__ import annotations
 
+import random
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
 
-def run_demo(*, seconds: float, rate: int) -> int:
-    raise NotImplementedError
+from psycopg import sql
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
+
+from cdcsync import admin, daemon
+from cdcsync.admin import Conn
+from cdcsync.config import ApplySettings, Settings, SourceSettings, TargetSettings
+from cdcsync.dsn import describe
+from cdcsync.errors import CdcsyncError, ConfigError
+from cdcsync.localpg import LocalCluster, local_clusters
+from cdcsync.model import Lsn
+
+NAME = "cdcsync_demo"
+TABLES = ("public.customers", "public.orders")
+SEED_CUSTOMERS = 1_000
+SEED_ORDERS = 2_000
+# The workload never touches this customer, so the conflict staged on it stays exactly one.
+CONFLICT_CUSTOMER = 1
+TICK_S = 0.25
+TICKS_PER_REFRESH = 4
+DRAIN_TIMEOUT_S = 30.0
+STOP_BUDGET_S = 15.0
+
+SCHEMA = """
+CREATE TABLE customers (
+    id bigint PRIMARY KEY, name text, email text, tier text,
+    updated_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE orders (
+    id bigint PRIMARY KEY, customer_id bigint NOT NULL REFERENCES customers (id),
+    amount numeric(12, 2), status text, updated_at timestamptz NOT NULL DEFAULT now());
+"""
+STATUSES = ("paid", "packed", "shipped", "delivered")
+TIERS = ("bronze", "silver", "gold", "platinum")
+
+
+class _DemoSettings(Settings):
+    """Settings from the code only: a stray ``CDCSYNC_*`` variable must not aim the demo's setup
+    and teardown at a real server."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def demo_settings(source: LocalCluster, target: LocalCluster) -> Settings:
+    return _DemoSettings(
+        tables=TABLES,
+        source=SourceSettings(dsn=SecretStr(source.dsn()), slot=NAME, publication=NAME),
+        target=TargetSettings(dsn=SecretStr(target.dsn())),
+        apply=ApplySettings(max_delay_ms=50),
+    )
+
+
+def _dsns(settings: Settings) -> tuple[str, str]:
+    return settings.source.dsn.get_secret_value(), settings.target.dsn.get_secret_value()
+
+
+class Workload(threading.Thread):
+    """Small source transactions at about ``rate`` changes/s until stopped or ``seconds`` pass."""
+
+    def __init__(self, dsn: str, rate: int, seconds: float) -> None:
+        super().__init__(name="cdcsync-demo-workload", daemon=True)
+        self.dsn, self.rate, self.seconds = dsn, rate, seconds
+        self.stop = threading.Event()
+        self.changes = 0
+        self.error: BaseException | None = None
+        self._rng = random.Random(7)
+        self._next_customer = SEED_CUSTOMERS + 1
+        self._next_order = SEED_ORDERS + 1
+
+    def run(self) -> None:
+        try:
+            with admin.connect(self.dsn, "source") as conn:
+                self._loop(conn)
+        except BaseException as exc:
+            self.error = exc
+
+    def _loop(self, conn: Conn) -> None:
+        # A few changes per transaction at high rates keeps the commit rate within one
+        # connection's reach while transactions stay small.
+        per_txn = max(1, min(20, self.rate // 200))
+        started = time.monotonic()
+        attempted = 0
+        while not self.stop.is_set() and time.monotonic() - started < self.seconds:
+            with conn.transaction():
+                for _ in range(per_txn):
+                    self.changes += self._change(conn)
+            attempted += per_txn
+            # Pace on the running total: per-transaction sleeps would drift below the rate.
+            ahead = attempted / self.rate - (time.monotonic() - started)
+            if ahead > 0:
+                self.stop.wait(ahead)
+
+    def _change(self, conn: Conn) -> int:
+        """One row change; returns how many rows it touched (0 when it hit a deleted order)."""
+        roll, rng = self._rng.random(), self._rng
+        order = rng.randrange(1, self._next_order)
+        if roll < 0.35:
+            self._next_order += 1
+            customer = rng.randrange(1, self._next_customer)
+            amount = round(rng.uniform(5, 500), 2)
+            cur = conn.execute("INSERT INTO orders (id, customer_id, amount, status) "
+                               "VALUES (%s, %s, %s, 'new')",
+                               (self._next_order - 1, customer, amount))
+        elif roll < 0.65:
+            cur = conn.execute("UPDATE orders SET status = %s, amount = amount + 1, "
+                               "updated_at = now() WHERE id = %s", (rng.choice(STATUSES), order))
+        elif roll < 0.75:
+            self._next_customer += 1
+            new = self._next_customer - 1
+            cur = conn.execute("INSERT INTO customers (id, name, email, tier) "
+                               "VALUES (%s, %s, %s, 'bronze')",
+                               (new, f"customer {new}", f"customer{new}@example.com"))
+        elif roll < 0.90:
+            customer = rng.randrange(CONFLICT_CUSTOMER + 1, self._next_customer)
+            cur = conn.execute("UPDATE customers SET tier = %s, updated_at = now() "
+                               "WHERE id = %s", (rng.choice(TIERS), customer))
+        else:
+            cur = conn.execute("DELETE FROM orders WHERE id = %s", (order,))
+        return max(cur.rowcount, 0)
+
+
+class DaemonThread(threading.Thread):
+    """``daemon.run`` on a thread; its failure is kept for the main thread to raise."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(name="cdcsync-demo-daemon", daemon=True)
+        self.settings = settings
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            daemon.run(self.settings, self.stop)
+        except BaseException as exc:
+            self.error = exc
+
+    def close(self) -> None:
+        self.stop.set()
+        self.join(STOP_BUDGET_S)
+
+
+def _raise_if_dead(runner: DaemonThread, workload: Workload | None) -> None:
+    """Background failures end the demo loudly instead of freezing the view."""
+    if runner.error is not None:
+        if isinstance(runner.error, CdcsyncError):
+            raise runner.error
+        raise CdcsyncError(f"the daemon failed: {runner.error!r}") from runner.error
+    if not runner.is_alive():
+        raise CdcsyncError("the daemon stopped although nobody asked it to")
+    if workload is not None and workload.error is not None:
+        raise CdcsyncError(f"the demo workload failed: {workload.error}") from workload.error
+
+
+@dataclass
+class Lag:
+    bytes: int | None
+    seconds: float | None
+
+
+@dataclass
+class RunStats:
+    """What the live view measured, for the final report."""
+
+    lag_s: list[float] = field(default_factory=list)
+    lag_bytes_max: int = 0
+    workload_s: float = 0.0
+    conflict_staged_at: float | None = None
+    interrupted: bool = False
+
+    def record(self, lag: Lag) -> None:
+        if lag.seconds is not None:
+            self.lag_s.append(lag.seconds)
+        self.lag_bytes_max = max(self.lag_bytes_max, lag.bytes or 0)
+
+
+def measure_lag(src: Conn, tgt: Conn) -> Lag:
+    """Bytes: source WAL position minus the checkpoint. Seconds: age of the checkpoint's commit."""
+    row = tgt.execute("SELECT lsn::text, extract(epoch FROM clock_timestamp() - commit_time) "
+                      "FROM cdcsync.checkpoint WHERE slot = %s", (NAME,)).fetchone()
+    if row is None:
+        return Lag(None, None)
+    current = src.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert current is not None
+    behind = max(0, Lsn.parse(str(current[0])) - Lsn.parse(str(row[0])))
+    return Lag(behind, float(row[1]) if row[1] is not None else None)
+
+
+def _counts(conn: Conn) -> list[int]:
+    row = conn.execute("SELECT (SELECT count(*) FROM customers), "
+                       "(SELECT count(*) FROM orders)").fetchone()
+    assert row is not None
+    return [int(v) for v in row]
+
+
+def _applied_rows(tgt: Conn) -> int:
+    # Row counts miss updates; the table statistics count every insert, update and delete the
+    # applier made (flushed by the server about once a second, good enough for a rate).
+    row = tgt.execute("SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0) "
+                      "FROM pg_stat_user_tables WHERE schemaname = 'public'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _conflicts(tgt: Conn) -> int:
+    row = tgt.execute("SELECT count(*) FROM cdcsync.conflicts").fetchone()
+    return int(row[0]) if row else 0
+
+
+def stage_conflict(src: Conn, tgt: Conn) -> bool:
+    """Edit a customer on the target one hour ahead, then older on the source; False (try again)
+    while the seed rows have not reached the target yet."""
+    cur = tgt.execute("UPDATE customers SET tier = 'edited on target', "
+                      "updated_at = now() + interval '1 hour' WHERE id = %s", (CONFLICT_CUSTOMER,))
+    if cur.rowcount != 1:
+        return False
+    src.execute("UPDATE customers SET tier = 'edited on source', updated_at = now() "
+                "WHERE id = %s", (CONFLICT_CUSTOMER,))
+    return True
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    if n < 1024:
+        return f"{n} B"
+    return f"{n / 1024:.1f} kB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.1f} MB"
+
+
+@dataclass
+class Frame:
+    """One refresh of the live view."""
+
+    elapsed: float
+    seconds: float
+    written_per_s: float
+    applied_per_s: float
+    lag: Lag
+    conflicts: int
+    source_counts: list[int]
+    target_counts: list[int]
+
+    def lines(self) -> list[str]:
+        lag_s = "-" if self.lag.seconds is None else f"{self.lag.seconds:.3f} s"
+        rows = zip(TABLES, self.source_counts, self.target_counts, strict=True)
+        return [
+            f"cdcsync demo  {self.elapsed:5.1f} s of {self.seconds:g} s",
+            f"  source writes   {self.written_per_s:8.0f} changes/s",
+            f"  target applies  {self.applied_per_s:8.0f} rows/s",
+            f"  lag             {_size(self.lag.bytes):>8}   {lag_s}",
+            f"  conflicts       {self.conflicts:8d}",
+            f"  {'table':<18}{'source':>9}{'target':>9}",
+            *(f"  {table:<18}{s:>9}{t:>9}" for table, s, t in rows),
+        ]
+
+    def plain(self) -> str:
+        lag_s = "-" if self.lag.seconds is None else f"{self.lag.seconds:.3f}s"
+        counts = " ".join(f"{table.partition('.')[2]}={s}/{t}" for table, s, t in
+                          zip(TABLES, self.source_counts, self.target_counts, strict=True))
+        return (f"t={self.elapsed:.1f}s written={self.written_per_s:.0f}/s "
+                f"applied={self.applied_per_s:.0f}/s lag={_size(self.lag.bytes)}/{lag_s} "
+                f"conflicts={self.conflicts} {counts} (source/target)")
+
+
+class Screen:
+    """Redraws in place on a terminal; elsewhere (pipes, CI logs) one plain line per refresh."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.drawn = 0
+        self.notes: list[str] = []
+
+    def show(self, frame: Frame) -> None:
+        if not self.tty:
+            print(frame.plain(), file=self.out, flush=True)
+            return
+        lines = frame.lines() + [f"  {note}" for note in self.notes]
+        # Move up over the previous frame and overwrite it, clearing what a longer line left.
+        up = f"\x1b[{self.drawn}A\r" if self.drawn else ""
+        self.out.write(up + "".join(f"{line}\x1b[K\n" for line in lines))
+        self.out.flush()
+        self.drawn = len(lines)
+
+    def note(self, text: str) -> None:
+        """A message that stays under the view on a terminal; printed once elsewhere."""
+        if self.tty:
+            self.notes.append(text)
+        else:
+            print(text, file=self.out, flush=True)
+
+
+class Meter:
+    """Rates from two monotonically growing counters between refreshes."""
+
+    def __init__(self, written: int, applied: int) -> None:
+        self.at, self.written, self.applied = time.monotonic(), written, applied
+
+    def rates(self, written: int, applied: int) -> tuple[float, float]:
+        now = time.monotonic()
+        span = max(now - self.at, 1e-6)
+        result = ((written - self.written) / span, (applied - self.applied) / span)
+        self.at, self.written, self.applied = now, written, applied
+        return result
+
+
+def watch(settings: Settings, runner: DaemonThread, workload: Workload, screen: Screen,
+          stats: RunStats) -> None:
+    """The live view until the workload ends or Ctrl-C; lag is sampled every tick."""
+    source_dsn, target_dsn = _dsns(settings)
+    try:
+        with admin.connect(source_dsn, "source") as src, \
+                admin.connect(target_dsn, "target") as tgt:
+            _watch_loop(src, tgt, runner=runner, workload=workload, screen=screen, stats=stats)
+    except KeyboardInterrupt:
+        stats.interrupted = True
+        screen.note("interrupted: stopping the workload")
+
+
+def _watch_loop(src: Conn, tgt: Conn, *, runner: DaemonThread, workload: Workload,
+                screen: Screen, stats: RunStats) -> None:
+    started = time.monotonic()
+    meter = Meter(workload.changes, _applied_rows(tgt))
+    tick = 0
+    while workload.is_alive():
+        workload.join(TICK_S)
+        _raise_if_dead(runner, workload)
+        elapsed = time.monotonic() - started
+        stats.workload_s = elapsed
+        lag = measure_lag(src, tgt)
+        stats.record(lag)
+        if (stats.conflict_staged_at is None and elapsed >= workload.seconds / 2
+                and stage_conflict(src, tgt)):
+            stats.conflict_staged_at = elapsed
+            screen.note(f"{elapsed:.1f} s: customer {CONFLICT_CUSTOMER} edited on the target "
+                        "(updated_at +1 hour), then on the source (older): expect 1 conflict")
+        tick += 1
+        if tick % TICKS_PER_REFRESH == 0 or not workload.is_alive():
+            written, applied = meter.rates(workload.changes, _applied_rows(tgt))
+            screen.show(Frame(elapsed, workload.seconds, written, applied, lag, _conflicts(tgt),
+                              _counts(src), _counts(tgt)))
+
+
+@dataclass(frozen=True)
+class TableCheck:
+    """Count and order-independent row hash of one table on each side, conflicted keys left out."""
+
+    table: str
+    source: tuple[int, int]
+    target: tuple[int, int]
+    excluded: tuple[int, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.source == self.target
+
+
+def _digest(conn: Conn, table: str, excluded: tuple[int, ...]) -> tuple[int, int]:
+    schema, _, name = table.partition(".")
+    query = sql.SQL("SELECT count(*), coalesce(sum(hashtext(t::text)::bigint), 0) FROM {} t "
+                    "WHERE NOT (t.id = ANY (%s))").format(sql.Identifier(schema, name))
+    row = conn.execute(query, (list(excluded),)).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def compare(src: Conn, tgt: Conn) -> list[TableCheck]:
+    """Both sides per table, leaving out keys in cdcsync.conflicts: there the target legitimately
+    kept a newer row than the source's."""
+    rows = tgt.execute("SELECT table_name, array_agg(DISTINCT (key->>'id')::bigint) "
+                       "FROM cdcsync.conflicts GROUP BY table_name").fetchall()
+    conflicted = {str(name): tuple(sorted(int(k) for k in keys)) for name, keys in rows}
+    return [TableCheck(table, _digest(src, table, conflicted.get(table, ())),
+                       _digest(tgt, table, conflicted.get(table, ())),
+                       conflicted.get(table, ())) for table in TABLES]
+
+
+@dataclass(frozen=True)
+class Drained:
+    """The last comparison, how long the drain waited, the conflicted customer's target tier."""
+
+    checks: list[TableCheck]
+    waited: float
+    tier: str | None
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+def drain(settings: Settings, runner: DaemonThread) -> Drained:
+    """Wait (at most DRAIN_TIMEOUT_S) until both sides compare equal."""
+    source_dsn, target_dsn = _dsns(settings)
+    with admin.connect(source_dsn, "source") as src, admin.connect(target_dsn, "target") as tgt:
+        # Row text feeds the hash: both sides must print timestamptz the same way.
+        for conn in (src, tgt):
+            conn.execute("SET TimeZone TO 'UTC'")
+        started = time.monotonic()
+        while True:
+            _raise_if_dead(runner, None)
+            checks = compare(src, tgt)
+            waited = time.monotonic() - started
+            if all(c.ok for c in checks) or waited >= DRAIN_TIMEOUT_S:
+                break
+            time.sleep(0.2)
+        row = tgt.execute("SELECT tier FROM customers WHERE id = %s",
+                          (CONFLICT_CUSTOMER,)).fetchone()
+    return Drained(checks, waited, str(row[0]) if row else None)
+
+
+def _conflict_verdict(stats: RunStats, tier: str | None) -> tuple[bool, str]:
+    if stats.conflict_staged_at is None:
+        return True, "conflict rule: not demonstrated (stopped before the midpoint)"
+    if tier != "edited on target":
+        return False, (f"conflict rule: FAILED, customer {CONFLICT_CUSTOMER} on the target is "
+                       f"{tier!r}; the target's newer row should have survived")
+    return True, (f"conflict rule: customer {CONFLICT_CUSTOMER} was edited on the target with "
+                  "updated_at one hour ahead; the source's later but older-stamped update lost, "
+                  "was logged in cdcsync.conflicts, and the target's newer row survived")
+
+
+def report(drained: Drained, stats: RunStats, workload: Workload, out: TextIO) -> bool:
+    """Print the verdict; True when every table is in sync and the conflict rule held."""
+    print("verify: row count and order-independent hash of every row, computed on each server",
+          file=out)
+    for c in drained.checks:
+        state = "in sync" if c.ok else (f"DIFFERENT: source {c.source[0]} rows, target "
+                                        f"{c.target[0]} rows" + (", hashes differ"
+                                                                 if c.source[0] == c.target[0]
+                                                                 else ""))
+        left_out = (f" (left out: id {', '.join(map(str, c.excluded))}, kept newer on the target,"
+                    " see conflict rule)") if c.excluded else ""
+        print(f"  {c.table:<18}{c.source[0]:>8} rows  {state}{left_out}", file=out)
+    conflict_ok, verdict = _conflict_verdict(stats, drained.tier)
+    print(verdict, file=out)
+    if stats.lag_s:
+        p50, worst = statistics.median(stats.lag_s), max(stats.lag_s)
+        print(f"lag: p50 {p50:.3f} s, max {worst:.3f} s over {len(stats.lag_s)} samples; "
+              f"at most {_size(stats.lag_bytes_max)} behind", file=out)
+    rate = workload.changes / stats.workload_s if stats.workload_s else 0.0
+    print(f"changes: {workload.changes} written by the workload in {stats.workload_s:.1f} s "
+          f"({rate:.0f}/s), after {SEED_CUSTOMERS + SEED_ORDERS} seed rows", file=out)
+    ok = conflict_ok and drained.ok
+    if ok:
+        print(f"result: in sync (the target caught up {drained.waited:.1f} s after the workload "
+              "stopped)", file=out)
+    else:
+        print(f"result: NOT in sync after waiting {drained.waited:.1f} s", file=out)
+    return ok
+
+
+def prepare(settings: Settings, out: TextIO) -> None:
+    """Sample tables, setup, then the seed rows: inserted after the slot exists, the stream
+    carries them to the target, so no initial snapshot is needed."""
+    source_dsn, _ = _dsns(settings)
+    with admin.connect(source_dsn, "source") as src:
+        src.execute(SCHEMA)
+    for line in admin.setup(settings, create_tables=True):
+        print(f"setup: {line}", file=out)
+    with admin.connect(source_dsn, "source") as src, src.transaction():
+        src.execute("INSERT INTO customers (id, name, email, tier) "
+                    "SELECT g, 'customer ' || g, 'customer' || g || '@example.com', "
+                    "(ARRAY['bronze', 'silver', 'gold'])[1 + g %% 3] "
+                    "FROM generate_series(1, %s) g", (SEED_CUSTOMERS,))
+        src.execute("INSERT INTO orders (id, customer_id, amount, status) "
+                    "SELECT g, 1 + g %% %s, round((random() * 500)::numeric, 2), 'new' "
+                    "FROM generate_series(1, %s) g", (SEED_CUSTOMERS, SEED_ORDERS))
+    print(f"seed: {SEED_CUSTOMERS} customers and {SEED_ORDERS} orders on the source", file=out)
+
+
+def stream_and_verify(settings: Settings, seconds: float, rate: int, out: TextIO) -> bool:
+    """Daemon and workload on threads, the live view, then drain and verify."""
+    runner = DaemonThread(settings)
+    workload = Workload(_dsns(settings)[0], rate, seconds)
+    stats = RunStats()
+    runner.start()
+    try:
+        workload.start()
+        watch(settings, runner, workload, Screen(out), stats)
+        workload.stop.set()
+        workload.join(STOP_BUDGET_S)
+        _raise_if_dead(runner, workload)
+        print("workload stopped; waiting for the target to catch up", file=out, flush=True)
+        drained = drain(settings, runner)
+    finally:
+        workload.stop.set()
+        runner.close()
+    if runner.is_alive():
+        print(f"warning: the daemon did not stop within {STOP_BUDGET_S:g} s", file=out)
+    return report(drained, stats, workload, out)
+
+
+def run_demo(*, seconds: float, rate: int, out: TextIO | None = None) -> int:
+    """The whole demo; 0 when the target verified equal to the source, else 1."""
+    if seconds <= 0 or rate <= 0:
+        raise ConfigError(f"--seconds and --rate must be positive (got {seconds:g} and {rate})")
+    out = out or sys.stdout
+    print("cdcsync demo: starting two throwaway PostgreSQL clusters", file=out, flush=True)
+    with local_clusters() as (source, target):
+        print(f"clusters in {source.root.parent}: source {describe(source.dsn())} "
+              f"(wal_level=logical), target {describe(target.dsn())}", file=out)
+        settings = demo_settings(source, target)
+        prepare(settings, out)
+        ok = stream_and_verify(settings, seconds, rate, out)
+        for line in admin.teardown(settings):
+            print(f"teardown: {line}", file=out)
+    print("clusters stopped and removed", file=out)
+    return 0 if ok else 1

@@ -149,7 +149,10 @@ class Pipeline:
                                        status_interval_s=self.settings.source.status_interval_s)
             stream.start(start, pgoutput_options(self.settings.source.publication))
             items: queue.Queue[StreamItem] = queue.Queue(maxsize=QUEUE_ITEMS)
-            reader = Reader(stream, TransactionAssembler(start), items)
+            assembler = TransactionAssembler(
+                start, chunk_rows=min(5000, self.settings.apply.max_rows),
+                chunk_bytes=min(8 << 20, self.settings.apply.max_bytes))
+            reader = Reader(stream, assembler, items)
             reader.start()
             applier = Applier(conn, self.settings)
             self.progress.state = "streaming"

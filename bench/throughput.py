@@ -1,0 +1,507 @@
+"""Backlog drain throughput: native PostgreSQL logical replication against cdcsync.
+
+For each scenario a backlog of changes is written on the source while both consumers are stopped,
+then each consumer drains it alone (one after the other, never concurrently) on the same two
+servers:
+
+* native: ``CREATE SUBSCRIPTION ... WITH (enabled = false, create_slot = true, copy_data = false)``
+  in the target database ``native`` before the backlog, ``ALTER SUBSCRIPTION ... ENABLE`` after it;
+* cdcsync: ``cdcsync setup`` (slot and publication) before the backlog, ``cdcsync run`` as a
+  subprocess after it, into the target database ``cdcsync``.
+
+Drained means the consumer has applied the backlog's last transaction: its commit end LSN is past
+``pg_current_wal_insert_lsn()`` taken inside that transaction just before COMMIT, and every applied
+position (the native subscription's replication origin, cdcsync's checkpoint) is the end LSN of a
+commit. Times are wall clock from starting the consumer; "drain" excludes the startup, counting
+from the moment the consumer holds its slot on the source. After each drain both targets are
+compared with the source on ``count(*)``, sums of ``id``, ``a`` and ``hashtext(b)`` and
+``max(updated_at)``.
+
+Scenarios (``--rows`` N, ``--txn-rows`` changes per source transaction):
+
+* insert: N new rows;
+* update: N rows loaded on all three databases before the slots exist, then each updated once;
+* mix: N/2 rows preloaded; then N changes, per transaction half inserts, a third updates (a quarter
+  of them hitting rows inserted by the previous transaction) and a sixth deletes;
+* bigtxn: one transaction inserting ``--bigtxn-rows`` rows; cdcsync's peak RSS matters here.
+
+Run: ``python -m bench.throughput --rows 50000 --repeat 3 [--json] [--py-spy DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from bench.common import (
+    BenchError,
+    Daemon,
+    Servers,
+    connect,
+    database_exists,
+    drop_database,
+    drop_slot,
+    execute,
+    free_port,
+    median,
+    recreate_database,
+    servers,
+    wait_until,
+)
+from cdcsync import admin
+from cdcsync.config import Settings
+
+SCENARIOS = ("insert", "update", "mix", "bigtxn")
+SOURCE_DB = "bench"
+NATIVE_DB = "native"
+CDCSYNC_DB = "cdcsync"
+PUBLICATION = "p"
+SUBSCRIPTION = "native_sub"  # its slot on the source has the same name
+CDCSYNC_SLOT = "cdcsync_bench"
+CDCSYNC_PUBLICATION = "cdcsync_bench"
+TABLE_DDL = "CREATE TABLE bench (id bigint PRIMARY KEY, a int, b text, updated_at timestamptz)"
+FINGERPRINT = ("SELECT count(*), coalesce(sum(id), 0), coalesce(sum(a), 0), "
+               "coalesce(sum(hashtext(b)::bigint), 0), max(updated_at) FROM bench")
+
+Statement = tuple[str, tuple[Any, ...]]
+
+
+@dataclass
+class Drain:
+    """One consumer draining one backlog."""
+
+    seconds: float  # from starting the consumer to drained
+    drain_seconds: float  # from the consumer holding its slot to drained
+    peak_rss_mb: float | None = None
+    verified: bool = False
+
+
+@dataclass
+class RunResult:
+    scenario: str
+    repetition: int
+    changes: int
+    transactions: int
+    backlog_wal_mb: float
+    generate_seconds: float
+    order: str
+    native: Drain
+    cdcsync: Drain
+
+    @property
+    def ratio(self) -> float:
+        """cdcsync rows/s divided by native rows/s: 1.0 is parity, 0.5 half as fast."""
+        return self.native.seconds / self.cdcsync.seconds
+
+
+@dataclass
+class Workload:
+    preload: int  # rows with ids 1..preload present everywhere before the slots exist
+    changes: int
+    transactions: list[list[Statement]] = field(default_factory=list)
+
+
+def _insert(lo: int, hi: int) -> Statement:
+    return ("INSERT INTO bench SELECT g, (g %% 1000)::int, md5(g::text), clock_timestamp() "
+            "FROM generate_series(%s::bigint, %s::bigint) g", (lo, hi))
+
+
+def _update(lo: int, hi: int) -> Statement:
+    return ("UPDATE bench SET a = a + 1, b = md5(b), updated_at = clock_timestamp() "
+            "WHERE id BETWEEN %s AND %s", (lo, hi))
+
+
+def _delete(lo: int, hi: int) -> Statement:
+    return ("DELETE FROM bench WHERE id BETWEEN %s AND %s", (lo, hi))
+
+
+def workload(scenario: str, rows: int, txn_rows: int, bigtxn_rows: int) -> Workload:
+    if scenario == "insert":
+        txns = [[_insert(lo, min(lo + txn_rows - 1, rows))] for lo in range(1, rows + 1, txn_rows)]
+        return Workload(0, rows, txns)
+    if scenario == "update":
+        txns = [[_update(lo, min(lo + txn_rows - 1, rows))] for lo in range(1, rows + 1, txn_rows)]
+        return Workload(rows, rows, txns)
+    if scenario == "bigtxn":
+        return Workload(0, bigtxn_rows, [[_insert(1, bigtxn_rows)]])
+    if scenario == "mix":
+        return _mix(rows, txn_rows)
+    raise ValueError(scenario)
+
+
+def _mix(rows: int, txn_rows: int) -> Workload:
+    count = max(1, rows // txn_rows)
+    inserts, deletes = txn_rows // 2, txn_rows // 6
+    updates = txn_rows - inserts - deletes
+    fresh_updates = updates // 4  # rows the previous transaction inserted
+    old_updates = updates - fresh_updates
+    # Preloaded ids: updated ones in [1, count*old_updates], deleted ones right above them.
+    preload = count * (old_updates + deletes)
+    txns: list[list[Statement]] = []
+    for k in range(count):
+        new_lo = preload + k * inserts + 1
+        upd_lo = k * old_updates + 1
+        del_lo = count * old_updates + k * deletes + 1
+        txn = [_insert(new_lo, new_lo + inserts - 1), _update(upd_lo, upd_lo + old_updates - 1)]
+        if k > 0:
+            prev_lo = new_lo - inserts
+            txn.append(_update(prev_lo, prev_lo + fresh_updates - 1))
+        txn.append(_delete(del_lo, del_lo + deletes - 1))
+        txns.append(txn)
+    changes = count * txn_rows - fresh_updates  # the first transaction has no fresh updates
+    return Workload(preload, changes, txns)
+
+
+# --- preparing the databases ----------------------------------------------------------------------
+
+def reset(srv: Servers) -> None:
+    """Remove what an earlier run left: the subscription, both slots, the three databases."""
+    if database_exists(srv.target_admin, NATIVE_DB):
+        with connect(srv.target(NATIVE_DB)) as conn:
+            row = conn.execute("SELECT 1 FROM pg_subscription WHERE subname = %s",
+                               (SUBSCRIPTION,)).fetchone()
+            if row is not None:
+                ident = sql.Identifier(SUBSCRIPTION)
+                # Detach the remote slot so the drop works even if the source is gone.
+                conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
+                conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(ident))
+                conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(ident))
+    for slot in (SUBSCRIPTION, CDCSYNC_SLOT):
+        drop_slot(srv.source_admin, slot)
+    drop_database(srv.target_admin, NATIVE_DB)
+    drop_database(srv.target_admin, CDCSYNC_DB)
+    drop_database(srv.source_admin, SOURCE_DB)
+
+
+def copy_table(source_dsn: str, target_dsn: str) -> None:
+    with connect(source_dsn) as src, connect(target_dsn, autocommit=False) as tgt:
+        with src.cursor().copy("COPY bench TO STDOUT (FORMAT binary)") as out, \
+                tgt.cursor().copy("COPY bench FROM STDIN (FORMAT binary)") as into:
+            for data in out:
+                into.write(data)
+        tgt.commit()
+
+
+def cdcsync_config(srv: Servers, log_level: str) -> dict[str, Any]:
+    return {
+        "tables": ["public.bench"],
+        "source": {"dsn": srv.source(SOURCE_DB), "slot": CDCSYNC_SLOT,
+                   "publication": CDCSYNC_PUBLICATION},
+        "target": {"dsn": srv.target(CDCSYNC_DB)},
+        "http": {"listen": f"127.0.0.1:{free_port()}"},
+        "log": {"level": log_level, "format": "json"},
+    }
+
+
+def prepare(srv: Servers, load: Workload, config: dict[str, Any]) -> None:
+    """Fresh databases, the table everywhere, the preload everywhere, then both slots."""
+    reset(srv)
+    recreate_database(srv.source_admin, SOURCE_DB)
+    recreate_database(srv.target_admin, NATIVE_DB)
+    recreate_database(srv.target_admin, CDCSYNC_DB)
+    source = srv.source(SOURCE_DB)
+    targets = (srv.target(NATIVE_DB), srv.target(CDCSYNC_DB))
+    for dsn in (source, *targets):
+        execute(dsn, TABLE_DDL)
+    if load.preload:
+        execute(source, "INSERT INTO bench SELECT g, (g % 1000)::int, md5(g::text), "
+                        f"now() - interval '1 day' FROM generate_series(1, {load.preload}) g")
+        for dsn in targets:
+            copy_table(source, dsn)
+    for dsn in (source, *targets):
+        execute(dsn, "VACUUM ANALYZE bench")
+    execute(source, sql.SQL("CREATE PUBLICATION {} FOR TABLE bench").format(
+        sql.Identifier(PUBLICATION)))
+    execute(targets[0], sql.SQL(
+        "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} "
+        "WITH (create_slot = true, copy_data = false, enabled = false)").format(
+        sql.Identifier(SUBSCRIPTION), sql.Literal(source), sql.Identifier(PUBLICATION)))
+    admin.setup(Settings(**config), create_tables=False)
+
+
+def generate(source_dsn: str, load: Workload) -> tuple[str, str, float]:
+    """Write the backlog; return (start LSN, marker LSN inside the last transaction, seconds)."""
+    started = time.monotonic()
+    with connect(source_dsn, autocommit=False) as conn:
+        start = _insert_lsn(conn)
+        conn.commit()
+        marker = ""
+        for i, txn in enumerate(load.transactions):
+            for query, params in txn:
+                conn.execute(query.encode(), params)
+            if i == len(load.transactions) - 1:
+                marker = _insert_lsn(conn)
+            conn.commit()
+    return start, marker, time.monotonic() - started
+
+
+def _insert_lsn(conn: psycopg.Connection[Any]) -> str:
+    row = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def wal_mb(source_dsn: str, start: str, end: str) -> float:
+    with connect(source_dsn) as conn:
+        row = conn.execute("SELECT %s::pg_lsn - %s::pg_lsn", (end, start)).fetchone()
+    return float(row[0]) / 2**20 if row else 0.0
+
+
+# --- the two consumers ----------------------------------------------------------------------------
+
+class Poller:
+    """Cheap position checks on persistent connections, every 50 ms."""
+
+    def __init__(self, srv: Servers, marker: str, timeout: float) -> None:
+        self.source = connect(srv.source_admin)
+        self.marker = marker
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.source.close()
+
+    def slot_active(self, slot: str) -> bool:
+        row = self.source.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
+                                  (slot,)).fetchone()
+        return bool(row and row[0])
+
+    def wait(self, slot: str, applied: Callable[[], bool], what: str,
+             alive: Callable[[], None]) -> tuple[float, float]:
+        """Return (time the slot became active, time ``applied()`` first held)."""
+        held: list[float] = []
+
+        def connected() -> bool:
+            alive()
+            if not held and self.slot_active(slot):
+                held.append(time.monotonic())
+            return bool(held)
+
+        def done() -> bool:
+            connected()
+            return applied()
+
+        wait_until(connected, timeout=self.timeout, what=f"{what} to take slot {slot!r}")
+        finished = wait_until(done, timeout=self.timeout,
+                              what=f"{what} to apply the backlog up to LSN {self.marker}")
+        return held[0], finished
+
+
+def drain_native(srv: Servers, poller: Poller) -> Drain:
+    native = srv.target(NATIVE_DB)
+    ident = sql.Identifier(SUBSCRIPTION)
+    with connect(native) as conn:
+        def applied() -> bool:
+            row = conn.execute(
+                "SELECT s.remote_lsn > %s::pg_lsn FROM pg_replication_origin_status s "
+                "JOIN pg_subscription sub ON s.external_id = 'pg_' || sub.oid "
+                "WHERE sub.subname = %s", (poller.marker, SUBSCRIPTION)).fetchone()
+            return bool(row and row[0])
+
+        def alive() -> None:
+            row = conn.execute("SELECT apply_error_count FROM pg_stat_subscription_stats "
+                               "WHERE subname = %s", (SUBSCRIPTION,)).fetchone()
+            if row and row[0]:
+                raise BenchError(f"the native apply worker failed {row[0]} times; "
+                                 "see the target server log")
+
+        started = time.monotonic()
+        conn.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(ident))
+        try:
+            held, finished = poller.wait(SUBSCRIPTION, applied, "the native subscription", alive)
+        finally:
+            conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
+    return Drain(finished - started, finished - held)
+
+
+def drain_cdcsync(srv: Servers, poller: Poller, config: dict[str, Any], workdir: Path,
+                  py_spy: Path | None) -> Drain:
+    with connect(srv.target(CDCSYNC_DB)) as conn:
+        def applied() -> bool:
+            row = conn.execute("SELECT lsn > %s::pg_lsn FROM cdcsync.checkpoint WHERE slot = %s",
+                               (poller.marker, CDCSYNC_SLOT)).fetchone()
+            return bool(row and row[0])
+
+        daemon = Daemon(config, workdir, py_spy_output=py_spy)
+        started = time.monotonic()
+        with daemon:
+            held, finished = poller.wait(CDCSYNC_SLOT, applied, "cdcsync run",
+                                         daemon.ensure_alive)
+            code = daemon.stop()
+        if code != 0:
+            raise BenchError(f"cdcsync run exited with {code} after SIGTERM:\n{daemon.log_tail()}")
+    return Drain(finished - started, finished - held, peak_rss_mb=daemon.peak_rss_mb)
+
+
+def fingerprint(dsn: str) -> tuple[Any, ...]:
+    with connect(dsn) as conn:
+        row = conn.execute(FINGERPRINT).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+def run_once(srv: Servers, scenario: str, repetition: int, args: argparse.Namespace,
+             workdir: Path) -> RunResult:
+    load = workload(scenario, args.rows, args.txn_rows, args.bigtxn_rows)
+    config = cdcsync_config(srv, args.log_level)
+    log(f"[{scenario} #{repetition + 1}] preparing (preload {load.preload:,} rows)")
+    prepare(srv, load, config)
+    source = srv.source(SOURCE_DB)
+    log(f"[{scenario} #{repetition + 1}] writing the backlog: {load.changes:,} changes in "
+        f"{len(load.transactions):,} transactions")
+    start, marker, gen_s = generate(source, load)
+    expected = fingerprint(source)
+    for dsn in (source, srv.target(NATIVE_DB), srv.target(CDCSYNC_DB)):
+        execute(dsn, "CHECKPOINT")
+    native_first = repetition % 2 == 0
+    poller = Poller(srv, marker, args.timeout)
+    py_spy = Path(args.py_spy) / f"{scenario}-{repetition + 1}.txt" if args.py_spy else None
+    drains: dict[str, Drain] = {}
+    try:
+        for consumer in (("native", "cdcsync") if native_first else ("cdcsync", "native")):
+            log(f"[{scenario} #{repetition + 1}] draining with {consumer}")
+            if consumer == "native":
+                drains[consumer] = drain_native(srv, poller)
+            else:
+                drains[consumer] = drain_cdcsync(srv, poller, config, workdir, py_spy)
+    finally:
+        poller.close()
+    for consumer, db in (("native", NATIVE_DB), ("cdcsync", CDCSYNC_DB)):
+        got = fingerprint(srv.target(db))
+        drains[consumer].verified = got == expected
+        if got != expected:
+            log(f"[{scenario} #{repetition + 1}] MISMATCH on {consumer}: source {expected}, "
+                f"target {got}")
+    result = RunResult(scenario, repetition + 1, load.changes, len(load.transactions),
+                       round(wal_mb(source, start, marker), 1), round(gen_s, 2),
+                       "native first" if native_first else "cdcsync first",
+                       drains["native"], drains["cdcsync"])
+    log(f"[{scenario} #{repetition + 1}] native {result.native.seconds:.2f}s, "
+        f"cdcsync {result.cdcsync.seconds:.2f}s (peak RSS {result.cdcsync.peak_rss_mb:.0f} MB)")
+    return result
+
+
+# --- reporting ------------------------------------------------------------------------------------
+
+def summarise(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for scenario in dict.fromkeys(r.scenario for r in results):
+        runs = [r for r in results if r.scenario == scenario]
+        changes = runs[0].changes
+        native_s = median([r.native.seconds for r in runs])
+        cdc_s = median([r.cdcsync.seconds for r in runs])
+        rows.append({
+            "scenario": scenario,
+            "rows": changes,
+            "repeats": len(runs),
+            "native_s": round(native_s, 3),
+            "native_drain_s": round(median([r.native.drain_seconds for r in runs]), 3),
+            "native_rows_per_s": round(changes / native_s),
+            "cdcsync_s": round(cdc_s, 3),
+            "cdcsync_drain_s": round(median([r.cdcsync.drain_seconds for r in runs]), 3),
+            "cdcsync_rows_per_s": round(changes / cdc_s),
+            "ratio": round(median([r.ratio for r in runs]), 3),
+            "cdcsync_peak_rss_mb": round(max(r.cdcsync.peak_rss_mb or 0.0 for r in runs), 1),
+            "verified": all(r.native.verified and r.cdcsync.verified for r in runs),
+        })
+    return rows
+
+
+COLUMNS = (
+    ("scenario", "scenario", "{}"),
+    ("rows", "rows", "{:,}"),
+    ("native_s", "native s", "{:.2f}"),
+    ("native_drain_s", "(drain)", "{:.2f}"),
+    ("native_rows_per_s", "native rows/s", "{:,}"),
+    ("cdcsync_s", "cdcsync s", "{:.2f}"),
+    ("cdcsync_drain_s", "(drain)", "{:.2f}"),
+    ("cdcsync_rows_per_s", "cdcsync rows/s", "{:,}"),
+    ("ratio", "ratio", "{:.2f}"),
+    ("cdcsync_peak_rss_mb", "peak RSS MB", "{:.0f}"),
+    ("verified", "verified", "{}"),
+)
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    cells = [[title for _, title, _ in COLUMNS]]
+    cells += [[fmt.format(row[key]) for key, _, fmt in COLUMNS] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
+                       enumerate(zip(r, widths, strict=True))) for r in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    notes = ("s: wall time from starting the consumer to drained; (drain): from the consumer "
+             "holding its slot; rows/s from the wall time; ratio: cdcsync rows/s / native rows/s "
+             "(median of the per-run ratios); peak RSS: the cdcsync process (max over runs)")
+    return "\n".join(lines) + "\n" + notes
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="all")
+    parser.add_argument("--rows", type=int, default=500_000, help="changes per backlog")
+    parser.add_argument("--txn-rows", type=int, default=1_000, help="changes per transaction")
+    parser.add_argument("--bigtxn-rows", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per scenario; medians shown")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per wait")
+    parser.add_argument("--source-dsn", help="use this server as the source (needs wal_level "
+                        "logical); databases bench is dropped and recreated")
+    parser.add_argument("--target-dsn", help="use this server as the target; databases native and "
+                        "cdcsync are dropped and recreated")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--py-spy", metavar="DIR", help="profile the daemon with py-spy (raw "
+                        "folded stacks, one file per run, written to DIR)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    args = parser.parse_args(argv)
+    if args.rows < 1 or args.txn_rows < 6 or args.bigtxn_rows < 1 or args.repeat < 1:
+        parser.error("--rows, --bigtxn-rows and --repeat must be positive, --txn-rows >= 6")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    scenarios = SCENARIOS if args.scenario == "all" else (args.scenario,)
+    if args.py_spy:
+        Path(args.py_spy).mkdir(parents=True, exist_ok=True)
+    results: list[RunResult] = []
+    try:
+        with servers(args.source_dsn, args.target_dsn) as srv, \
+                tempfile.TemporaryDirectory(prefix="cdcsync-bench-") as tmp:
+            try:
+                for scenario in scenarios:
+                    for repetition in range(args.repeat):
+                        results.append(run_once(srv, scenario, repetition, args, Path(tmp)))
+            finally:
+                reset(srv)
+    except (BenchError, psycopg.Error) as exc:
+        log(f"bench failed: {exc}")
+        if results:
+            log(table(summarise(results)))
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    summary = summarise(results)
+    if args.json:
+        print(json.dumps({"summary": summary, "runs": [
+            {**asdict(r), "ratio": round(r.ratio, 3)} for r in results]}, indent=2))
+    else:
+        print(table(summary))
+    return 0 if all(row["verified"] for row in summary) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
