@@ -172,12 +172,27 @@ def describe_validation_error(exc: ValidationError, path: Path | None) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"]) or "(top level)"
-        env = "CDCSYNC_" + "__".join(str(p).upper() for p in err["loc"] if not isinstance(p, int))
         if err["type"] == "extra_forbidden":
             lines.append(f"unknown key {key!r}{where}: remove it or check its spelling")
         elif err["type"] == "missing":
-            lines.append(f"missing key {key!r}{where}: set it in the file or as {env}")
+            lines.append(f"missing key {_required_leaf(key)!r}{where}: set it in the file or "
+                         f"as {_env_name(_required_leaf(key))}")
         else:
             bad = "<secret>" if "dsn" in key else repr(err.get("input"))
             lines.append(f"bad value for {key!r}{where}: {bad}: {err['msg']}")
     return "configuration error: " + "; ".join(lines)
+
+
+def _env_name(key: str) -> str:
+    return "CDCSYNC_" + "__".join(part.upper() for part in key.split(".") if not part.isdigit())
+
+
+def _required_leaf(key: str) -> str:
+    """For a missing section, its first required key (``target`` becomes ``target.dsn``)."""
+    field = Settings.model_fields.get(key)
+    section = field.annotation if field is not None else None
+    if isinstance(section, type) and issubclass(section, BaseModel):
+        for name, inner in section.model_fields.items():
+            if inner.is_required():
+                return f"{key}.{name}"
+    return key

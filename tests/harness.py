@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -100,3 +104,33 @@ def execute(dsn: str, *statements: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         for statement in statements:
             conn.execute(statement.encode())
+
+
+def write_config(path: Path, pair: DbPair, tables: tuple[str, ...] = ("public.*",),
+                 extra: str = "") -> Path:
+    """A TOML configuration for the CLI, as a user would write it."""
+    path.write_text(
+        f"tables = {list(tables)!r}\n"
+        f"[source]\ndsn = {pair.source_dsn!r}\nslot = {pair.slot!r}\n"
+        f"publication = {pair.publication!r}\n"
+        f"[target]\ndsn = {pair.target_dsn!r}\n"
+        f"[apply]\nmax_delay_ms = 50\n"
+        f"[log]\nformat = \"json\"\n{extra}",
+        encoding="utf-8",
+    )
+    return path
+
+
+CLI = str(Path(sys.executable).parent / "cdcsync")
+
+
+def cli(*args: str, config: Path | None = None, timeout: float = 60,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    command = [CLI, *(["--config", str(config)] if config else []), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, check=False)
+
+
+def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as sink:
+        return subprocess.Popen([CLI, "--config", str(config), "run"], stdout=sink, stderr=sink)

@@ -1,0 +1,83 @@
+"""Configuration: errors name the key, the bad value and the fix; the environment overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cdcsync.config import load_settings
+from cdcsync.dsn import redact, with_session_options
+from cdcsync.errors import ConfigError
+
+GOOD = """
+tables = ["public.*"]
+[source]
+dsn = "postgresql://u:s3cret@db:5432/app"
+[target]
+dsn = "host=t password=s3cret dbname=app"
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_names(tmp_path: Path) -> None:
+    """A minimal file gets the documented defaults."""
+    settings = load_settings(_write(tmp_path, GOOD))
+    assert (settings.source.slot, settings.source.publication) == ("cdcsync", "cdcsync")
+    assert settings.source.decoder == "pgoutput"
+    assert settings.http.listen == "127.0.0.1:9187"
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    """An unknown key is refused with its dotted name."""
+    with pytest.raises(ConfigError, match=r"unknown key 'apply.max_rowz'"):
+        load_settings(_write(tmp_path, GOOD + "[apply]\nmax_rowz = 5\n"))
+
+
+def test_bad_value_names_key_value_and_form(tmp_path: Path) -> None:
+    """A bad value names the key, the value and the expected form."""
+    with pytest.raises(ConfigError, match=r"'http.listen'.*'nowhere'.*HOST:PORT"):
+        load_settings(_write(tmp_path, GOOD + "[http]\nlisten = 'nowhere'\n"))
+
+
+def test_bad_table_pattern(tmp_path: Path) -> None:
+    """A table pattern that could smuggle SQL is refused."""
+    text = GOOD.replace('"public.*"', '"public.x; drop table y"')
+    with pytest.raises(ConfigError, match=r"not schema\.table"):
+        load_settings(_write(tmp_path, text))
+
+
+def test_missing_dsn_says_which_variable(tmp_path: Path) -> None:
+    """A missing key names the environment variable that can provide it."""
+    with pytest.raises(ConfigError, match="CDCSYNC_TARGET__DSN"):
+        load_settings(_write(tmp_path, 'tables = ["a.b"]\n[source]\ndsn = "x"\n'))
+
+
+def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CDCSYNC_<SECTION>__<KEY> overrides the file."""
+    monkeypatch.setenv("CDCSYNC_SOURCE__SLOT", "other_slot")
+    monkeypatch.setenv("CDCSYNC_APPLY__MAX_ROWS", "77")
+    settings = load_settings(_write(tmp_path, GOOD))
+    assert settings.source.slot == "other_slot"
+    assert settings.apply.max_rows == 77
+
+
+def test_secrets_not_echoed(tmp_path: Path) -> None:
+    """A bad DSN-section value never echoes the secret."""
+    text = GOOD.replace("[target]", "[target]\npool_size = 'x'")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(_write(tmp_path, text))
+    assert "s3cret" not in str(caught.value)
+
+
+def test_redact_both_forms() -> None:
+    """Passwords disappear from URL and key=value DSNs and from text that quotes them."""
+    assert redact("postgresql://u:s3cret@db/app") == "postgresql://u:***@db/app"
+    assert redact("host=x password=s3cret user=u") == "host=x password=*** user=u"
+    assert "s3cret" not in redact("failed: password='s3 cret' more")
+    assert "s3cret" not in with_session_options("postgresql://u@h/d", "x")
