@@ -60,7 +60,7 @@ class TargetSettings(_Section):
 class ApplySettings(_Section):
     max_rows: int = Field(default=20_000, ge=1)
     max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
-    max_delay_ms: int = Field(default=200, ge=0)
+    max_delay_ms: int = Field(default=100, ge=0)
     truncate: Literal["apply", "ignore"] = "apply"
     conflict_column: str = "updated_at"
 

@@ -81,3 +81,19 @@ def test_redact_both_forms() -> None:
     assert redact("host=x password=s3cret user=u") == "host=x password=*** user=u"
     assert "s3cret" not in redact("failed: password='s3 cret' more")
     assert "s3cret" not in with_session_options("postgresql://u@h/d", "x")
+
+
+def test_example_config_loads_and_names_every_key() -> None:
+    """config/cdcsync.example.toml is valid and documents every key the settings accept."""
+    from cdcsync.config import Settings
+
+    path = Path(__file__).parents[2] / "config" / "cdcsync.example.toml"
+    load_settings(path)
+    text = path.read_text()
+    for section, field in Settings.model_fields.items():
+        annotation = field.annotation
+        inner = getattr(annotation, "model_fields", None)
+        if inner is None:
+            continue
+        for key in inner:
+            assert f"\n{key} " in text or f"\n{key}=" in text, f"{section}.{key} undocumented"
