@@ -40,6 +40,7 @@ class Servers:
 
     source_admin: str
     target_admin: str
+    local: bool = False  # throwaway clusters: settings may be changed freely
 
     def source(self, dbname: str) -> str:
         return make_conninfo(self.source_admin, dbname=dbname)
@@ -58,7 +59,7 @@ def servers(source_dsn: str | None = None, target_dsn: str | None = None) -> Ite
         return
     print("starting two throwaway PostgreSQL clusters ...", file=sys.stderr, flush=True)
     with localpg.local_clusters() as (source, target):
-        yield Servers(source.dsn(), target.dsn())
+        yield Servers(source.dsn(), target.dsn(), local=True)
 
 
 def connect(dsn: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
@@ -225,7 +226,7 @@ class Daemon:
             raise BenchError("py-spy not found; pip install py-spy into the venv")
         self._spy = subprocess.Popen(
             [exe, "record", "--pid", str(self.proc.pid), "--format", "raw", "--threads",
-             "--rate", "200", "-o", str(output)],
+             "--rate", "200", "--nonblocking", "-o", str(output)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=(self.workdir / "py-spy.log").open("ab"))
 

@@ -480,6 +480,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with servers(args.source_dsn, args.target_dsn) as srv, \
                 tempfile.TemporaryDirectory(prefix="cdcsync-bench-") as tmp:
+            if srv.local:
+                # The launcher starts an enabled subscription's worker at most once per
+                # wal_retrieve_retry_interval (5 s): startup latency, not drain speed.
+                execute(srv.target_admin,
+                        "ALTER SYSTEM SET wal_retrieve_retry_interval = '100ms'",
+                        "SELECT pg_reload_conf()")
             try:
                 for scenario in scenarios:
                     for repetition in range(args.repeat):

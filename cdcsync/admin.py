@@ -213,11 +213,15 @@ def setup(settings: Settings, *, create_tables: bool) -> list[str]:
                     f"{', '.join(t.qualified for t in chosen)}")
         outcome = catalog.create_slot(src, settings.source.slot, settings.source.decoder)
         done.append(f"slot {settings.source.slot!r} {outcome}")
+        slot = catalog.slot_info(src, settings.source.slot)
+        assert slot is not None and slot.confirmed_flush is not None
+        slot_start = Lsn.parse(slot.confirmed_flush)
         definitions = [(t, catalog.table_definition(src, t)) for t in chosen] if create_tables \
             else []
     with connect(settings.target.dsn.get_secret_value(), "target") as tgt:
         checkpoint.install_metadata(tgt)
         done.append("target schema cdcsync ready")
+        done.extend(_initial_checkpoint(tgt, settings.source.slot, slot_start, outcome))
         for table, source_definition in definitions:
             target_schema, _, target_name = (
                 settings.override_for(table.qualified).target or table.qualified).partition(".")
@@ -233,6 +237,22 @@ def setup(settings: Settings, *, create_tables: bool) -> list[str]:
                 ) from None
             done.append(f"target table for {table.qualified} ready")
     return done
+
+
+def _initial_checkpoint(tgt: Conn, slot: str, slot_start: Lsn, outcome: str) -> list[str]:
+    """Start the checkpoint where a new slot starts, so the daemon can tell a target that lost
+    applied changes (its checkpoint behind the slot) from one that never had any."""
+    saved = checkpoint.load(tgt, slot)
+    if saved is not None and outcome == "exists":
+        return [f"checkpoint for slot {slot!r} at {saved.lsn}"]
+    with tgt.transaction(), tgt.cursor() as cur:
+        cur.execute("DELETE FROM cdcsync.checkpoint WHERE slot = %s", (slot,))
+        checkpoint.save(cur, slot, slot_start, None)
+    lines = [f"checkpoint for slot {slot!r} starts at {slot_start}"]
+    if saved is not None or outcome == "exists":
+        lines.append(f"warning: the target holds no changes of slot {slot!r} before "
+                     f"{slot_start}; re-copy the tables from the source if they differ")
+    return lines
 
 
 def _retarget(definition: sql.Composed, table: catalog.SourceTable, schema: str,

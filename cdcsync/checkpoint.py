@@ -21,7 +21,8 @@ INSERT INTO cdcsync.checkpoint AS c (slot, lsn, commit_time, updated_at)
 VALUES (%s, %s::pg_lsn, %s, now())
 ON CONFLICT (slot) DO UPDATE SET
     lsn = GREATEST(c.lsn, excluded.lsn),
-    commit_time = CASE WHEN excluded.lsn >= c.lsn THEN excluded.commit_time ELSE c.commit_time END,
+    commit_time = CASE WHEN excluded.lsn >= c.lsn
+                       THEN coalesce(excluded.commit_time, c.commit_time) ELSE c.commit_time END,
     updated_at = now()
 """
 
@@ -52,6 +53,7 @@ def load(conn: psycopg.Connection[TupleRow], slot: str) -> Checkpoint | None:
 
 
 def save(
-    cur: psycopg.Cursor[TupleRow], slot: str, lsn: Lsn, commit_time: dt.datetime
+    cur: psycopg.Cursor[TupleRow], slot: str, lsn: Lsn, commit_time: dt.datetime | None
 ) -> None:
+    """Record ``lsn``; ``commit_time`` None keeps the stored one (a position with no commit)."""
     cur.execute(_SAVE, (slot, str(lsn), commit_time))

@@ -13,6 +13,7 @@ import statistics
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -36,6 +37,7 @@ SEED_ORDERS = 2_000
 CONFLICT_CUSTOMER = 1
 TICK_S = 0.25
 TICKS_PER_REFRESH = 4
+RATE_WINDOW = 3  # refreshes
 DRAIN_TIMEOUT_S = 30.0
 STOP_BUDGET_S = 15.0
 
@@ -315,17 +317,21 @@ class Screen:
 
 
 class Meter:
-    """Rates from two monotonically growing counters between refreshes."""
+    """Rates of two growing counters over the last few refreshes.
+
+    The applied count comes from table statistics, which a busy backend flushes about once a
+    second: a one-second window alternates between 0 and double, a three-second one reads true.
+    """
 
     def __init__(self, written: int, applied: int) -> None:
-        self.at, self.written, self.applied = time.monotonic(), written, applied
+        self.window: deque[tuple[float, int, int]] = deque(maxlen=RATE_WINDOW + 1)
+        self.window.append((time.monotonic(), written, applied))
 
     def rates(self, written: int, applied: int) -> tuple[float, float]:
-        now = time.monotonic()
-        span = max(now - self.at, 1e-6)
-        result = ((written - self.written) / span, (applied - self.applied) / span)
-        self.at, self.written, self.applied = now, written, applied
-        return result
+        self.window.append((time.monotonic(), written, applied))
+        (t0, w0, a0), (t1, w1, a1) = self.window[0], self.window[-1]
+        span = max(t1 - t0, 1e-6)
+        return (w1 - w0) / span, (a1 - a0) / span
 
 
 def watch(settings: Settings, runner: DaemonThread, workload: Workload, screen: Screen,
@@ -338,7 +344,7 @@ def watch(settings: Settings, runner: DaemonThread, workload: Workload, screen: 
             _watch_loop(src, tgt, runner=runner, workload=workload, screen=screen, stats=stats)
     except KeyboardInterrupt:
         stats.interrupted = True
-        screen.note("interrupted: stopping the workload")
+        print("\ninterrupted: stopping the workload", file=screen.out, flush=True)
 
 
 def _watch_loop(src: Conn, tgt: Conn, *, runner: DaemonThread, workload: Workload,
@@ -357,7 +363,7 @@ def _watch_loop(src: Conn, tgt: Conn, *, runner: DaemonThread, workload: Workloa
                 and stage_conflict(src, tgt)):
             stats.conflict_staged_at = elapsed
             screen.note(f"{elapsed:.1f} s: customer {CONFLICT_CUSTOMER} edited on the target "
-                        "(updated_at +1 hour), then on the source (older): expect 1 conflict")
+                        "(+1 hour), then older on the source")
         tick += 1
         if tick % TICKS_PER_REFRESH == 0 or not workload.is_alive():
             written, applied = meter.rates(workload.changes, _applied_rows(tgt))
@@ -443,18 +449,26 @@ def _conflict_verdict(stats: RunStats, tier: str | None) -> tuple[bool, str]:
                   "was logged in cdcsync.conflicts, and the target's newer row survived")
 
 
+def _table_line(check: TableCheck) -> str:
+    count = check.source[0]
+    if check.ok:
+        state = "in sync"
+    else:
+        state = f"DIFFERENT: source {count} rows, target {check.target[0]} rows"
+        if count == check.target[0]:
+            state += ", same count but the row hashes differ"
+    if check.excluded:
+        ids = ", ".join(map(str, check.excluded))
+        state += f" (left out: id {ids}, where the target kept its newer row; see conflict rule)"
+    return f"  {check.table:<18}{count:>8} rows  {state}"
+
+
 def report(drained: Drained, stats: RunStats, workload: Workload, out: TextIO) -> bool:
     """Print the verdict; True when every table is in sync and the conflict rule held."""
     print("verify: row count and order-independent hash of every row, computed on each server",
           file=out)
-    for c in drained.checks:
-        state = "in sync" if c.ok else (f"DIFFERENT: source {c.source[0]} rows, target "
-                                        f"{c.target[0]} rows" + (", hashes differ"
-                                                                 if c.source[0] == c.target[0]
-                                                                 else ""))
-        left_out = (f" (left out: id {', '.join(map(str, c.excluded))}, kept newer on the target,"
-                    " see conflict rule)") if c.excluded else ""
-        print(f"  {c.table:<18}{c.source[0]:>8} rows  {state}{left_out}", file=out)
+    for check in drained.checks:
+        print(_table_line(check), file=out)
     conflict_ok, verdict = _conflict_verdict(stats, drained.tier)
     print(verdict, file=out)
     if stats.lag_s:
@@ -463,7 +477,8 @@ def report(drained: Drained, stats: RunStats, workload: Workload, out: TextIO) -
               f"at most {_size(stats.lag_bytes_max)} behind", file=out)
     rate = workload.changes / stats.workload_s if stats.workload_s else 0.0
     print(f"changes: {workload.changes} written by the workload in {stats.workload_s:.1f} s "
-          f"({rate:.0f}/s), after {SEED_CUSTOMERS + SEED_ORDERS} seed rows", file=out)
+          f"({rate:.0f}/s), after {SEED_CUSTOMERS + SEED_ORDERS} seed rows"
+          + ("; stopped early by Ctrl-C" if stats.interrupted else ""), file=out)
     ok = conflict_ok and drained.ok
     if ok:
         print(f"result: in sync (the target caught up {drained.waited:.1f} s after the workload "

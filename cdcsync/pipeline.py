@@ -17,20 +17,32 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import psycopg
 from psycopg_pool import ConnectionPool
 
 from cdcsync import checkpoint
 from cdcsync.apply.applier import Applier
 from cdcsync.config import Settings
 from cdcsync.dsn import with_session_options
-from cdcsync.errors import CdcsyncError, ProtocolError, is_transient
+from cdcsync.errors import CdcsyncError, PrerequisiteError, ProtocolError, is_transient
 from cdcsync.logs import event
 from cdcsync.model import ZERO_LSN, ChangeChunk, Lsn, SourceMessage, StreamItem, TxnEnd, TxnStart
-from cdcsync.source import pgoutput
+from cdcsync.source import catalog, pgoutput
 from cdcsync.source.replication import ReplicationStream
 from cdcsync.source.transactions import TransactionAssembler
 
 QUEUE_ITEMS = 64
+_IDLE_ADVANCE_EVERY_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class IdleAdvance:
+    """Nothing of ours is pending up to ``lsn``: checkpoint it so the slot can release the WAL."""
+
+    lsn: Lsn
+
+
+Item = StreamItem | IdleAdvance
 
 
 def pgoutput_options(publication: str) -> dict[str, str]:
@@ -65,7 +77,7 @@ class Reader(threading.Thread):
     """Reads the slot into ``items``; reports ``applied`` back to the server as flushed."""
 
     def __init__(self, stream: ReplicationStream, assembler: TransactionAssembler,
-                 items: queue.Queue[StreamItem]) -> None:
+                 items: queue.Queue[Item]) -> None:
         super().__init__(name="cdcsync-reader", daemon=True)
         self.stream = stream
         self.assembler = assembler
@@ -73,6 +85,7 @@ class Reader(threading.Thread):
         self.applied = assembler.skip_before
         self.halt = threading.Event()
         self.error: BaseException | None = None
+        self._last_idle_advance = 0.0
 
     def run(self) -> None:
         try:
@@ -85,19 +98,27 @@ class Reader(threading.Thread):
                                             fix="report it with the server version") from exc
                     for item in self.assembler.feed(message, len(xlog.payload)):
                         self._put(item)
-                    self._update_caught_up()
                     if self.halt.is_set():
                         return
-                self._update_caught_up()
+                self._advance_when_idle()
                 self._feedback()
         except BaseException as exc:
             self.error = exc
 
-    def _update_caught_up(self) -> None:
-        self.stream.caught_up = (not self.assembler.in_transaction
-                                 and self.applied >= self.assembler.last_end_lsn)
+    def _advance_when_idle(self) -> None:
+        # WAL written to tables we do not publish (or other databases) carries nothing for us,
+        # but an idle slot retains it until confirmed. Once everything received is applied, the
+        # keepalive's send position is checkpointed like a commit and then confirmed.
+        now = time.monotonic()
+        if (self.stream.sent_end > self.applied
+                and not self.assembler.in_transaction
+                and self.applied >= self.assembler.last_end_lsn
+                and self.items.empty()
+                and now - self._last_idle_advance >= _IDLE_ADVANCE_EVERY_S):
+            self._last_idle_advance = now
+            self._put(IdleAdvance(self.stream.sent_end))
 
-    def _put(self, item: StreamItem) -> None:
+    def _put(self, item: Item) -> None:
         while not self.halt.is_set():
             try:
                 self.items.put(item, timeout=1.0)
@@ -143,12 +164,12 @@ class Pipeline:
         with self.pool.connection() as conn:
             saved = checkpoint.load(conn, slot)
             conn.commit()
-            start = saved.lsn if saved else Lsn(0)
+            start = self._resume_position(saved)
             self.progress.checkpoint = start
             stream = ReplicationStream(self.settings.source.dsn.get_secret_value(), slot,
                                        status_interval_s=self.settings.source.status_interval_s)
             stream.start(start, pgoutput_options(self.settings.source.publication))
-            items: queue.Queue[StreamItem] = queue.Queue(maxsize=QUEUE_ITEMS)
+            items: queue.Queue[Item] = queue.Queue(maxsize=QUEUE_ITEMS)
             assembler = TransactionAssembler(
                 start, chunk_rows=min(5000, self.settings.apply.max_rows),
                 chunk_bytes=min(8 << 20, self.settings.apply.max_bytes))
@@ -174,8 +195,32 @@ class Pipeline:
                 stream.close()
                 event(logging.INFO, "stream_closed", slot=slot, lsn=str(self.progress.checkpoint))
 
-    def _apply_loop(self, reader: Reader, applier: Applier,
-                    items: queue.Queue[StreamItem]) -> None:
+    def _resume_position(self, saved: checkpoint.Checkpoint | None) -> Lsn:
+        """The checkpoint, once it is known to cover everything the slot has released."""
+        slot = self.settings.source.slot
+        if saved is None:
+            raise PrerequisiteError(f"the target holds no checkpoint for slot {slot!r}",
+                                    fix="run `cdcsync setup`")
+        dsn = with_session_options(self.settings.source.dsn.get_secret_value(), "cdcsync")
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as src:
+            info = catalog.slot_info(src, slot)
+        if info is None:
+            raise PrerequisiteError(f"replication slot {slot!r} does not exist on the source",
+                                    fix="run `cdcsync setup` (the target then needs a re-copy)")
+        confirmed = Lsn.parse(info.confirmed_flush) if info.confirmed_flush else ZERO_LSN
+        if confirmed > saved.lsn:
+            # The slot only ever confirms what the checkpoint held, so the target has lost
+            # applied changes: restored from a backup, or it crashed without synchronous commit.
+            raise PrerequisiteError(
+                f"the target's checkpoint {saved.lsn} is behind slot {slot!r}, which the source "
+                f"has already released up to {confirmed}: changes in between are missing on "
+                "the target",
+                fix="re-copy the tables from the source (teardown, setup, then copy), "
+                    "then run again",
+            )
+        return saved.lsn
+
+    def _apply_loop(self, reader: Reader, applier: Applier, items: queue.Queue[Item]) -> None:
         max_delay = self.settings.apply.max_delay_ms / 1000
         while not self.stop.is_set():
             wait = 0.2
@@ -202,12 +247,17 @@ class Pipeline:
                            and time.monotonic() - applier.opened_at >= max_delay)
                 if applier.batch_full() or overdue or items.empty():
                     self._commit(applier, reader)
+            elif isinstance(item, IdleAdvance):
+                if not applier.has_uncommitted and not applier.in_source_transaction:
+                    self._committed(reader, applier.advance(item.lsn))
             elif isinstance(item, SourceMessage):
                 event(logging.DEBUG, "source_message", slot=self.settings.source.slot,
                       prefix=item.prefix, lsn=str(item.lsn))
 
     def _commit(self, applier: Applier, reader: Reader) -> None:
-        lsn = applier.commit()
+        self._committed(reader, applier.commit())
+
+    def _committed(self, reader: Reader, lsn: Lsn) -> None:
         reader.applied = lsn
         self.progress.checkpoint = lsn
         self.progress.commits += 1

@@ -112,6 +112,15 @@ class Applier:
         self._reset()
         return end.end_lsn
 
+    def advance(self, lsn: Lsn) -> Lsn:
+        """Checkpoint a position that holds no change of ours (nothing may be pending)."""
+        if self.has_uncommitted or self._meta is not None:
+            raise ApplyError("idle advance requested with changes pending")
+        with self.conn.cursor() as cur:
+            checkpoint.save(cur, self.slot, lsn, None)
+        self.conn.commit()
+        return lsn
+
     def rollback(self) -> None:
         """Drop the open target transaction; its source transactions will be streamed again."""
         if not self.conn.closed:

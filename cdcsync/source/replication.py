@@ -5,9 +5,8 @@ a connection opened with ``replication="database"``. Only the simple query proto
 so the few statements sent are built from names the configuration validated (plain identifiers).
 
 Guarantee: the position reported to the server as flushed is only ever one given to
-:meth:`ReplicationStream.confirm` (a commit the target has made durable) or, when nothing received
-is still unapplied, the server's own WAL end from a keepalive. The source therefore keeps every byte
-of WAL the target still needs, and no more.
+:meth:`ReplicationStream.confirm`, that is, one the target's checkpoint already holds. The source
+therefore keeps every byte of WAL the target still needs.
 """
 
 from __future__ import annotations
@@ -52,13 +51,13 @@ class ReplicationStream:
         self._conn: psycopg.Connection[TupleRow] | None = None
         self._confirmed = Lsn(0)
         self._reported = Lsn(0)
-        self._server_wal_end = Lsn(0)
+        self._sent_end = Lsn(0)
         self._last_status = 0.0
-        self.caught_up = True  # set by the owner: nothing received is waiting to be applied
 
     @property
-    def server_wal_end(self) -> Lsn:
-        return self._server_wal_end
+    def sent_end(self) -> Lsn:
+        """The server's send position from its last keepalive: every commit before it was sent."""
+        return self._sent_end
 
     @property
     def confirmed(self) -> Lsn:
@@ -109,16 +108,10 @@ class ReplicationStream:
             view = memoryview(data)
             kind = view[0:1].tobytes()
             if kind == b"w":
-                _, start, wal_end, _ = _XLOG_HEADER.unpack_from(view)
-                self._server_wal_end = Lsn(max(self._server_wal_end, wal_end))
-                yield XLogData(Lsn(start), view[_XLOG_HEADER.size :])
+                yield XLogData(Lsn(_XLOG_HEADER.unpack_from(view)[1]), view[_XLOG_HEADER.size :])
             elif kind == b"k":
-                _, wal_end, _, reply = _KEEPALIVE.unpack_from(view)
-                self._server_wal_end = Lsn(max(self._server_wal_end, wal_end))
-                if self.caught_up and wal_end > self._confirmed:
-                    # Nothing of ours is pending: WAL up to here holds no change we still need, so
-                    # confirming it lets an idle slot release WAL written by other databases.
-                    self._confirmed = Lsn(wal_end)
+                _, sent_end, _, reply = _KEEPALIVE.unpack_from(view)
+                self._sent_end = Lsn(max(self._sent_end, sent_end))
                 if reply:
                     self.send_status()
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cdcsync.config import load_settings
+from cdcsync.config import Settings, load_settings
 from cdcsync.dsn import redact, with_session_options
 from cdcsync.errors import ConfigError
 
@@ -85,8 +85,6 @@ def test_redact_both_forms() -> None:
 
 def test_example_config_loads_and_names_every_key() -> None:
     """config/cdcsync.example.toml is valid and documents every key the settings accept."""
-    from cdcsync.config import Settings
-
     path = Path(__file__).parents[2] / "config" / "cdcsync.example.toml"
     load_settings(path)
     text = path.read_text()
