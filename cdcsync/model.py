@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Final, Literal
+from typing import Final
 
 _LSN_RE: Final = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
 
@@ -87,27 +87,35 @@ class Relation:
         return tuple(c.name for c in self.columns)
 
 
-Op = Literal["I", "U", "D"]
+@dataclass(frozen=True, slots=True)
+class TargetTable:
+    """Where a source relation lands: the replicated columns (names as on the source and the
+    target), their target types, their positions in the source row, the key and conflict column."""
+
+    source_name: str
+    oid: int
+    schema: str
+    name: str
+    columns: tuple[str, ...]
+    types: tuple[str, ...]
+    positions: tuple[int, ...]
+    key: tuple[int, ...]
+    source_key: tuple[int, ...]
+    conflict: int | None
+    conflict_is_time: bool
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
 
 
 @dataclass(frozen=True, slots=True)
-class RowChange:
-    """One row event. ``old`` is the replica-identity tuple when the source sent one."""
+class Truncate:
+    """A source TRUNCATE of one or more tables, in the transaction's order of changes."""
 
-    op: Op
-    relation: Relation
-    new: Row | None
-    old: Row | None
-
-
-@dataclass(frozen=True, slots=True)
-class TruncateChange:
-    relations: tuple[Relation, ...]
+    tables: tuple[TargetTable, ...]
     cascade: bool
     restart_identity: bool
-
-
-Change = RowChange | TruncateChange
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,11 +127,26 @@ class TxnStart:
     commit_time: dt.datetime
 
 
+@dataclass(slots=True)
+class TableRows:
+    """Staged rows of one relation (see :mod:`cdcsync.source.tuples`), in source order; the
+    counts and the union of unchanged-TOAST masks let the applier skip work it does not need."""
+
+    relation: Relation
+    target: TargetTable
+    rows: list[bytes] = field(default_factory=list)
+    inserts: int = 0
+    updates: int = 0
+    deletes: int = 0
+    unchanged_mask: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class ChangeChunk:
     """Consecutive changes of the open transaction, bounded in size so memory stays bounded."""
 
-    changes: tuple[Change, ...]
+    tables: tuple[TableRows, ...]
+    rows: int
     size_bytes: int
 
 
@@ -145,4 +168,4 @@ class SourceMessage:
     content: bytes
 
 
-StreamItem = TxnStart | ChangeChunk | TxnEnd | SourceMessage
+StreamItem = TxnStart | ChangeChunk | Truncate | TxnEnd | SourceMessage

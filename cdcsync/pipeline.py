@@ -21,15 +21,27 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from cdcsync import checkpoint
+from cdcsync.apply import tables
 from cdcsync.apply.applier import Applier
 from cdcsync.config import Settings
 from cdcsync.dsn import with_session_options
 from cdcsync.errors import CdcsyncError, PrerequisiteError, ProtocolError, is_transient
 from cdcsync.logs import event
-from cdcsync.model import ZERO_LSN, ChangeChunk, Lsn, SourceMessage, StreamItem, TxnEnd, TxnStart
-from cdcsync.source import catalog, pgoutput
+from cdcsync.model import (
+    ZERO_LSN,
+    ChangeChunk,
+    Lsn,
+    Relation,
+    SourceMessage,
+    StreamItem,
+    TargetTable,
+    Truncate,
+    TxnEnd,
+    TxnStart,
+)
+from cdcsync.source import catalog
 from cdcsync.source.replication import ReplicationStream
-from cdcsync.source.transactions import TransactionAssembler
+from cdcsync.source.transactions import Resolver, TransactionAssembler
 
 QUEUE_ITEMS = 64
 _IDLE_ADVANCE_EVERY_S = 1.0
@@ -90,13 +102,13 @@ class Reader(threading.Thread):
     def run(self) -> None:
         try:
             while not self.halt.is_set():
-                for xlog in self.stream.read(0.2):
+                for payload in self.stream.read(0.2):
                     try:
-                        message = pgoutput.decode(xlog.payload)
+                        items = self.assembler.feed(payload)
                     except ProtocolError as exc:
-                        raise ProtocolError(f"at LSN {xlog.start}: {exc.message}",
+                        raise ProtocolError(f"at LSN {self.stream.last_start}: {exc.message}",
                                             fix="report it with the server version") from exc
-                    for item in self.assembler.feed(message, len(xlog.payload)):
+                    for item in items:
                         self._put(item)
                     if self.halt.is_set():
                         return
@@ -171,7 +183,7 @@ class Pipeline:
             stream.start(start, pgoutput_options(self.settings.source.publication))
             items: queue.Queue[Item] = queue.Queue(maxsize=QUEUE_ITEMS)
             assembler = TransactionAssembler(
-                start, chunk_rows=min(5000, self.settings.apply.max_rows),
+                start, self._resolver(), chunk_rows=min(5000, self.settings.apply.max_rows),
                 chunk_bytes=min(8 << 20, self.settings.apply.max_bytes))
             reader = Reader(stream, assembler, items)
             reader.start()
@@ -194,6 +206,23 @@ class Pipeline:
                     stream.send_status()
                 stream.close()
                 event(logging.INFO, "stream_closed", slot=slot, lsn=str(self.progress.checkpoint))
+
+    def _resolver(self) -> Resolver:
+        """Relation -> target table, on a pool connection of its own (called by the reader)."""
+        warned: set[str] = set()
+
+        def resolve(relation: Relation) -> TargetTable | None:
+            if not tables.selected(self.settings.tables, relation.qualified):
+                if relation.qualified not in warned:
+                    warned.add(relation.qualified)
+                    event(logging.WARNING, "table_not_selected", slot=self.settings.source.slot,
+                          table=relation.qualified,
+                          hint="it is in the publication but not in `tables`; ignored")
+                return None
+            with self.pool.connection() as conn:
+                return tables.resolve(conn, self.settings, relation)
+
+        return resolve
 
     def _resume_position(self, saved: checkpoint.Checkpoint | None) -> Lsn:
         """The checkpoint, once it is known to cover everything the slot has released."""
@@ -237,7 +266,7 @@ class Pipeline:
                     self._commit(applier, reader)
                 continue
             if isinstance(item, TxnStart):
-                applier.start(item)
+                applier.start()
             elif isinstance(item, ChangeChunk):
                 applier.add(item)
             elif isinstance(item, TxnEnd):
@@ -250,6 +279,8 @@ class Pipeline:
             elif isinstance(item, IdleAdvance):
                 if not applier.has_uncommitted and not applier.in_source_transaction:
                     self._committed(reader, applier.advance(item.lsn))
+            elif isinstance(item, Truncate):
+                applier.truncate(item)
             elif isinstance(item, SourceMessage):
                 event(logging.DEBUG, "source_message", slot=self.settings.source.slot,
                       prefix=item.prefix, lsn=str(item.lsn))

@@ -3,7 +3,7 @@
 Guarantee: a target transaction holds whole source transactions followed by the checkpoint of the
 last one, so the target never shows part of a source transaction and the checkpoint always names
 exactly what the target holds. A source transaction larger than the batch limits is merged in
-several chunks inside the same target transaction: memory stays bounded, visibility stays atomic.
+several flushes inside the same target transaction: memory stays bounded, visibility stays atomic.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import errors as pgerrors
@@ -22,12 +23,11 @@ from psycopg.rows import TupleRow
 from cdcsync import checkpoint
 from cdcsync.apply import sql as q
 from cdcsync.apply import tables
-from cdcsync.apply.batching import Collector, TableBatch, TxnMeta, group_by_mask
-from cdcsync.apply.tables import TargetTable
 from cdcsync.config import Settings
 from cdcsync.errors import ApplyError
 from cdcsync.logs import event
-from cdcsync.model import ChangeChunk, Lsn, Relation, TruncateChange, TxnEnd, TxnStart
+from cdcsync.model import ChangeChunk, Lsn, Relation, TableRows, TargetTable, Truncate, TxnEnd
+from cdcsync.source.tuples import COPY_HEADER, COPY_TRAILER
 
 Conn = psycopg.Connection[TupleRow]
 Cur = psycopg.Cursor[TupleRow]
@@ -38,6 +38,18 @@ _ORDER_SENSITIVE = (pgerrors.UniqueViolation, pgerrors.ForeignKeyViolation,
                     pgerrors.ExclusionViolation)
 
 
+@dataclass(slots=True)
+class _Pending:
+    """Everything staged for one target table since the last flush."""
+
+    table: TargetTable
+    relation: Relation
+    stage: str
+    rows: list[bytes] = field(default_factory=list)
+    only_inserts: bool = True
+    unchanged_mask: int = 0
+
+
 class Applier:
     """Applies the stream items of whole source transactions to the target through ``conn``."""
 
@@ -45,65 +57,80 @@ class Applier:
         self.conn = conn
         self.settings = settings
         self.slot = settings.source.slot
-        self._tables: dict[Relation, TargetTable | None] = {}
         self._orders: dict[frozenset[int], tuple[list[int], set[int]]] = {}
         self._stages: set[str] = set()
         self._dirty: set[str] = set()
-        self._collector = Collector()
+        self._pending: dict[int, _Pending] = {}
+        self._pending_rows = 0
         self._pending_bytes = 0
-        self._meta: TxnMeta | None = None
+        self._in_txn = False
         self._last_end: TxnEnd | None = None
         self.opened_at: float | None = None
-        self.transactions_in_batch = 0
         self.applied: Counter[tuple[str, str]] = Counter()
         self.conflicts: Counter[str] = Counter()
 
     @property
     def in_source_transaction(self) -> bool:
-        return self._meta is not None
+        return self._in_txn
 
     @property
     def has_uncommitted(self) -> bool:
         return self._last_end is not None
 
-    @property
-    def pending_rows(self) -> int:
-        return len(self._collector)
-
-    def start(self, item: TxnStart) -> None:
+    def start(self) -> None:
         if self.opened_at is None:
             self.opened_at = time.monotonic()
-        self._meta = TxnMeta(item.commit_time.isoformat().encode(), str(item.final_lsn).encode())
+        self._in_txn = True
 
     def add(self, chunk: ChangeChunk) -> None:
-        meta = self._meta
-        if meta is None:
+        if not self._in_txn:
             raise ApplyError("changes arrived outside a source transaction")
-        for change in chunk.changes:
-            if isinstance(change, TruncateChange):
-                self._truncate(change)
-                continue
-            table = self._table(change.relation)
-            if table is not None:
-                self._collector.add(table, change, meta)
+        for rows in chunk.tables:
+            self._stage_rows(rows)
+        self._pending_rows += chunk.rows
         self._pending_bytes += chunk.size_bytes
-        limits = self.settings.apply
-        if len(self._collector) >= limits.max_rows or self._pending_bytes >= limits.max_bytes:
+        if self.batch_full():
             self._flush()
 
+    def _stage_rows(self, rows: TableRows) -> None:
+        table = rows.target
+        pending = self._pending.get(table.oid)
+        if pending is not None and pending.relation != rows.relation:
+            self._flush()  # the column list changed: rows of each version go to its own stage
+            pending = None
+        if pending is None:
+            stage = q.stage_name(table, rows.relation)
+            pending = self._pending[table.oid] = _Pending(table, rows.relation, stage)
+        pending.rows.extend(rows.rows)
+        pending.only_inserts = pending.only_inserts and not (rows.updates or rows.deletes)
+        pending.unchanged_mask |= rows.unchanged_mask
+        name = table.source_name
+        self.applied[(name, "insert")] += rows.inserts
+        self.applied[(name, "update")] += rows.updates
+        self.applied[(name, "delete")] += rows.deletes
+
     def end(self, item: TxnEnd) -> None:
-        self._meta = None
+        self._in_txn = False
         self._last_end = item
-        self.transactions_in_batch += 1
 
     def batch_full(self) -> bool:
         limits = self.settings.apply
-        return len(self._collector) >= limits.max_rows or self._pending_bytes >= limits.max_bytes
+        return self._pending_rows >= limits.max_rows or self._pending_bytes >= limits.max_bytes
+
+    def truncate(self, item: Truncate) -> None:
+        self._flush()
+        if self.settings.apply.truncate == "ignore":
+            return
+        with self.conn.cursor() as cur:
+            cur.execute(q.truncate(list(item.tables)))
+        for table in item.tables:
+            self.applied[(table.source_name, "truncate")] += 1
+            event(logging.INFO, "truncated", slot=self.slot, table=table.source_name)
 
     def commit(self) -> Lsn:
         """Merge what is pending, write the checkpoint, commit; return the checkpointed LSN."""
         end = self._last_end
-        if end is None or self._meta is not None:
+        if end is None or self._in_txn:
             raise ApplyError("commit requested in the middle of a source transaction")
         self._flush()
         with self.conn.cursor() as cur:
@@ -114,7 +141,7 @@ class Applier:
 
     def advance(self, lsn: Lsn) -> Lsn:
         """Checkpoint a position that holds no change of ours (nothing may be pending)."""
-        if self.has_uncommitted or self._meta is not None:
+        if self.has_uncommitted or self._in_txn:
             raise ApplyError("idle advance requested with changes pending")
         with self.conn.cursor() as cur:
             checkpoint.save(cur, self.slot, lsn, None)
@@ -127,67 +154,45 @@ class Applier:
             # A lost connection has taken the transaction with it.
             with contextlib.suppress(psycopg.OperationalError):
                 self.conn.rollback()
-        self._collector = Collector()
+        self._pending = {}
         self._stages.clear()
         self._reset()
 
     def _reset(self) -> None:
         self._dirty.clear()
+        self._pending_rows = 0
         self._pending_bytes = 0
-        self._meta = None
+        self._in_txn = False
         self._last_end = None
         self.opened_at = None
-        self.transactions_in_batch = 0
-
-    def _table(self, relation: Relation) -> TargetTable | None:
-        if relation in self._tables:
-            return self._tables[relation]
-        table: TargetTable | None = None
-        if tables.selected(self.settings.tables, relation.qualified):
-            table = tables.resolve(self.conn, self.settings, relation)
-        else:
-            event(logging.WARNING, "table_not_selected", slot=self.slot, table=relation.qualified,
-                  hint="it is in the publication but not in `tables`; its changes are ignored")
-        self._tables[relation] = table
-        return table
-
-    def _truncate(self, change: TruncateChange) -> None:
-        self._flush()
-        targets = [t for t in (self._table(r) for r in change.relations) if t is not None]
-        if not targets or self.settings.apply.truncate == "ignore":
-            return
-        with self.conn.cursor() as cur:
-            cur.execute(q.truncate(targets))
-        for table in targets:
-            self.applied[(table.source_name, "truncate")] += 1
-            event(logging.INFO, "truncated", slot=self.slot, table=table.source_name)
 
     def _flush(self) -> None:
-        collector = self._collector
-        if not len(collector):
+        if not self._pending:
             return
-        self._collector = Collector()
-        self._pending_bytes = 0
+        pending, self._pending = self._pending, {}
+        self._pending_rows = self._pending_bytes = 0
+        order, cyclic = self._order(pending.keys())
+        batches = [pending[oid] for oid in order]
         with self.conn.cursor() as cur:
-            order, cyclic = self._order(collector.tables.keys())
-            if cyclic & collector.tables.keys():
-                self._replay(cur, collector)
+            for batch in batches:
+                self._copy(cur, batch)
+            if cyclic & pending.keys():
+                self._replay(cur, batches)
                 return
             cur.execute("SAVEPOINT cdcsync_flush")
             try:
-                self._merge(cur, [collector.tables[oid] for oid in order])
-            except _ORDER_SENSITIVE as exc:
-                cur.execute("ROLLBACK TO SAVEPOINT cdcsync_flush")
-                # The rollback also undid any staging table created since the savepoint.
-                self._dirty.update(self._stages)
-                self._stages.clear()
-                event(logging.INFO, "batch_replayed_in_source_order", slot=self.slot,
-                      rows=len(collector), reason=str(exc).splitlines()[0])
-                self._replay(cur, collector)
+                self._merge(cur, batches)
             except pgerrors.Error as exc:
                 if isinstance(exc, psycopg.OperationalError):
                     raise
-                raise self._apply_error(exc, collector) from exc
+                # The staged rows are back as they were copied. Applied one by one in source
+                # order, an order-sensitive batch succeeds, and any other failure is pinned to
+                # the exact change, which the error then names.
+                cur.execute("ROLLBACK TO SAVEPOINT cdcsync_flush")
+                event(logging.INFO if isinstance(exc, _ORDER_SENSITIVE) else logging.WARNING,
+                      "batch_replayed_in_source_order", slot=self.slot,
+                      rows=sum(len(b.rows) for b in batches), reason=str(exc).splitlines()[0])
+                self._replay(cur, batches)
             else:
                 cur.execute("RELEASE SAVEPOINT cdcsync_flush")
 
@@ -197,85 +202,104 @@ class Applier:
             self._orders[key] = tables.foreign_key_order(self.conn, sorted(key))
         return self._orders[key]
 
-    def _merge(self, cur: Cur, batches: Sequence[TableBatch]) -> None:
+    def _copy(self, cur: Cur, batch: _Pending) -> None:
+        if batch.stage not in self._stages:
+            cur.execute(q.create_stage(batch.stage, batch.relation))
+            self._stages.add(batch.stage)
+        if batch.stage in self._dirty:
+            cur.execute(q.truncate_stage(batch.stage))
+        self._dirty.add(batch.stage)
+        with cur.copy(q.copy_into(batch.stage)) as copy:
+            copy.write(b"".join((COPY_HEADER, *batch.rows, COPY_TRAILER)))
+
+    def _merge(self, cur: Cur, batches: list[_Pending]) -> None:
+        for batch in batches:
+            self._collapse(cur, batch)
         # Parents' rows must exist before children reference them, and children must be gone
         # before their parents are deleted.
         for batch in batches:
-            if batch.upserts:
-                self._upserts(cur, batch)
+            self._upsert(cur, batch)
         for batch in reversed(batches):
-            if batch.deletes:
-                self._deletes(cur, batch)
+            self._delete(cur, batch)
 
-    def _upserts(self, cur: Cur, batch: TableBatch) -> None:
+    def _collapse(self, cur: Cur, batch: _Pending) -> None:
+        relation = batch.relation
+        for i, column in enumerate(relation.column_names):
+            if batch.unchanged_mask >> i & 1 and column in batch.table.columns:
+                cur.execute(q.fill_unchanged(batch.stage, batch.table, relation, column))
+        if not batch.only_inserts:
+            cur.execute(q.keep_last_versions(batch.stage, batch.table))
+
+    def _upsert(self, cur: Cur, batch: _Pending, where: sql.Composable = q.NO_FILTER,
+                params: tuple[int, ...] = ()) -> None:
         table = batch.table
-        stage = self._stage(cur, q.stage_name(table, "u"), q.create_upsert_stage(table))
-        for mask, group in group_by_mask(batch.upserts).items():
-            self._fill(cur, stage, ((*u.row, u.meta.lsn) for u in group), len(table.columns) + 1)
-            if mask:
-                cur.execute(q.partial_update(table, [i for i, m in enumerate(mask) if not m]))
-            else:
-                cur.execute(q.upsert(table))
-            self._count_conflicts(cur, table, "upsert", len(group))
-        self.applied[(table.source_name, "upsert")] += len(batch.upserts)
-
-    def _deletes(self, cur: Cur, batch: TableBatch) -> None:
-        table = batch.table
-        stage = self._stage(cur, q.stage_name(table, "d"), q.create_delete_stage(table))
-        rows = ((*d.key, d.meta.commit_time, d.meta.lsn) for d in batch.deletes.values())
-        self._fill(cur, stage, rows, len(table.key) + 2)
-        cur.execute(q.delete(table))
-        if table.conflict_is_time:
-            self._count_conflicts(cur, table, "delete", len(batch.deletes))
-        self.applied[(table.source_name, "delete")] += len(batch.deletes)
-
-    def _count_conflicts(self, cur: Cur, table: TargetTable, operation: str, staged: int) -> None:
-        if table.conflict is None or cur.rowcount >= staged:
+        if table.conflict is None:
+            cur.execute(q.upsert(batch.stage, table, where), params)
+            if batch.unchanged_mask:
+                cur.execute(q.partial_update(batch.stage, table, batch.relation, where), params)
             return
-        cur.execute(q.record_conflicts(table, operation))
+        full, partial, _ = self._candidates(cur, batch, where, params)
+        applied = 0
+        if full:
+            cur.execute(q.upsert(batch.stage, table, where), params)
+            applied += cur.rowcount
+        if partial:
+            cur.execute(q.partial_update(batch.stage, table, batch.relation, where), params)
+            applied += cur.rowcount
+        if applied < full + partial:
+            self._record_conflicts(cur, batch, "upsert", where, params)
+
+    def _delete(self, cur: Cur, batch: _Pending, where: sql.Composable = q.NO_FILTER,
+                params: tuple[int, ...] = ()) -> None:
+        table = batch.table
+        if batch.only_inserts:
+            return
+        cur.execute(q.delete(batch.stage, table, where), params)
+        if table.conflict_is_time and cur.rowcount < self._candidates(cur, batch, where,
+                                                                      params)[2]:
+            self._record_conflicts(cur, batch, "delete", where, params)
+
+    def _candidates(self, cur: Cur, batch: _Pending, where: sql.Composable,
+                    params: tuple[int, ...]) -> tuple[int, int, int]:
+        row = cur.execute(q.count_candidates(batch.stage, where), params).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1]), int(row[2])
+
+    def _record_conflicts(self, cur: Cur, batch: _Pending, operation: str,
+                          where: sql.Composable, params: tuple[int, ...]) -> None:
+        cur.execute(q.record_conflicts(batch.stage, batch.table, operation, where), params)
         if cur.rowcount > 0:
-            self.conflicts[table.source_name] += cur.rowcount
-            event(logging.INFO, "conflicts_recorded", slot=self.slot, table=table.source_name,
+            name = batch.table.source_name
+            self.conflicts[name] += cur.rowcount
+            event(logging.INFO, "conflicts_recorded", slot=self.slot, table=name,
                   operation=operation, rows=cur.rowcount)
 
-    def _stage(self, cur: Cur, name: str, create: sql.Composed) -> str:
-        if name not in self._stages:
-            cur.execute(create)
-            self._stages.add(name)
-        return name
-
-    def _fill(self, cur: Cur, stage: str, rows: Iterable[Sequence[object]], width: int) -> None:
-        if stage in self._dirty:
-            cur.execute(q.truncate_stage(stage))
-        self._dirty.add(stage)
-        with cur.copy(q.copy_into(stage)) as copy:
-            copy.write(q.encode_copy(rows, width))
-
-    def _replay(self, cur: Cur, collector: Collector) -> None:
-        """Apply each change on its own, in source order, with the same merge statements."""
-        for step in collector.steps:
-            single = Collector()
-            if step.row is None:
-                single.remove(step.table, step.key, step.meta)
-            else:
-                single.put(step.table, step.key, step.row, step.meta)
+    def _replay(self, cur: Cur, batches: list[_Pending]) -> None:
+        """Apply every staged row on its own, in source order, with the same statements."""
+        steps: list[tuple[int, bool, str, str, _Pending]] = []
+        for batch in batches:
+            staged = cur.execute(q.staged_order(batch.stage, batch.table)).fetchall()
+            steps.extend((int(seq), bool(is_delete), str(lsn), str(key), batch)
+                         for seq, is_delete, lsn, key in staged)
+        steps.sort(key=lambda step: step[0])
+        where = q.only_seq()
+        for seq, is_delete, lsn, key, batch in steps:
             try:
-                self._merge(cur, list(single.tables.values()))
+                if is_delete:
+                    self._delete(cur, batch, where, (seq,))
+                else:
+                    self._upsert(cur, batch, where, (seq,))
             except pgerrors.Error as exc:
                 if isinstance(exc, psycopg.OperationalError):
                     raise
-                raise self._apply_error(exc, single) from exc
+                raise self._apply_error(exc, batch.table, key, lsn) from exc
 
-    def _apply_error(self, exc: pgerrors.Error, collector: Collector) -> ApplyError:
-        first = collector.steps[0] if collector.steps else None
-        where = ""
-        if first is not None:
-            key = ", ".join(v.decode() if isinstance(v, bytes) else "NULL" for v in first.key)
-            where = (f" on {first.table.source_name} (key {key}, source LSN "
-                     f"{first.meta.lsn.decode()}{' and later' if len(collector) > 1 else ''})")
+    def _apply_error(self, exc: pgerrors.Error, table: TargetTable, key: str,
+                     lsn: str) -> ApplyError:
         detail = str(exc).strip().replace("\n", " ")
         return ApplyError(
-            f"the target rejected a change{where}: {detail}",
+            f"the target rejected a change to {table.source_name} (key {key}) committed at "
+            f"source LSN {lsn}: {detail}",
             fix="correct the target table or the row, then run `cdcsync run` again; "
                 "it resumes from the last checkpoint",
         )

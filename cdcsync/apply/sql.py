@@ -1,63 +1,56 @@
-"""SQL for the target: staging tables, COPY, merge, delete, conflict capture. Pure builders.
+"""SQL for the target: staging tables, and the statements that merge them. Pure builders.
 
-Staging tables hold every value as ``text`` (the source's output representation) and the merge
-casts to the target column types, so the target's own input functions do the parsing and
-user-defined types need no OID mapping. Type names come from the target's ``format_type()``, which
-returns them already quoted, so they are spliced as SQL; every name from elsewhere is an Identifier.
+A staging table holds the rows of one source relation exactly as the stream carried them: every
+value as ``text`` (the source's output representation) after the metadata columns of
+:mod:`cdcsync.source.tuples`. The merge casts to the target column types, so the target's own
+input functions do the parsing and user-defined types need no OID mapping. Type names come from
+the target's ``format_type()``, which returns them already quoted, so they are spliced as SQL;
+every other name is an Identifier.
+
+Per flush, for each table: fill TOASTed values an update did not resend from an earlier version in
+the same batch, drop every version of a key but the last, then upsert full rows, update partial
+ones, delete deleted ones. Each merge statement takes an optional extra condition on the staged
+rows, which the source-order replay uses to apply one staged row at a time.
 """
 
 from __future__ import annotations
 
-import struct
 import zlib
-from collections.abc import Iterable, Sequence
 
 from psycopg import sql
 
-from cdcsync.apply.tables import TargetTable
+from cdcsync.model import Relation, TargetTable
+from cdcsync.source.tuples import META_COLUMNS
 
-LSN_COLUMN = "_cdcsync_lsn"
-COMMIT_TIME_COLUMN = "_cdcsync_commit_time"
-
-_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
-_COPY_TRAILER = struct.pack(">h", -1)
-_NULL = struct.pack(">i", -1)
-_INT32 = struct.Struct(">i").pack
-_INT16 = struct.Struct(">h").pack
+SEQ, OP, LSN, COMMIT_TIME, UNCHANGED = (sql.Identifier(c) for c in META_COLUMNS)
+NO_FILTER = sql.SQL("")
 
 
-def _ident(*parts: str) -> sql.Identifier:
-    return sql.Identifier(*parts)
+def _ident(name: str) -> sql.Identifier:
+    return sql.Identifier(name)
 
 
 def _target(table: TargetTable) -> sql.Identifier:
     return sql.Identifier(table.schema, table.name)
 
 
-def _cast(alias: str, column: str, type_name: str) -> sql.Composed:
-    return sql.SQL("{}.{}::{}").format(_ident(alias), _ident(column), sql.SQL(type_name))
+def _typed(alias: str, table: TargetTable, i: int) -> sql.Composed:
+    return sql.SQL("{}.{}::{}").format(_ident(alias), _ident(table.columns[i]),
+                                        sql.SQL(table.types[i]))
 
 
-def stage_name(table: TargetTable, kind: str) -> str:
-    """A temp table name unique to the table's oid and replicated column list."""
-    digest = zlib.crc32("\0".join(table.columns).encode()) & 0xFFFFFFFF
-    return f"cdcsync_{kind}_{table.oid}_{digest:08x}"
+def stage_name(table: TargetTable, relation: Relation) -> str:
+    """A temp table name unique to the target table and the relation's column list."""
+    digest = zlib.crc32("\0".join(relation.column_names).encode()) & 0xFFFFFFFF
+    return f"cdcsync_stage_{table.oid}_{digest:08x}"
 
 
-def create_upsert_stage(table: TargetTable) -> sql.Composed:
-    columns = [*table.columns, LSN_COLUMN]
+def create_stage(name: str, relation: Relation) -> sql.Composed:
+    columns = [sql.SQL("{} bigint").format(SEQ)]
+    columns += [sql.SQL("{} text").format(_ident(c)) for c in META_COLUMNS[1:]]
+    columns += [sql.SQL("{} text").format(_ident(c)) for c in relation.column_names]
     return sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
-        _ident(stage_name(table, "u")),
-        sql.SQL(", ").join(sql.SQL("{} text").format(_ident(c)) for c in columns),
-    )
-
-
-def create_delete_stage(table: TargetTable) -> sql.Composed:
-    columns = [*(table.columns[i] for i in table.key), COMMIT_TIME_COLUMN, LSN_COLUMN]
-    return sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
-        _ident(stage_name(table, "d")),
-        sql.SQL(", ").join(sql.SQL("{} text").format(_ident(c)) for c in columns),
-    )
+        _ident(name), sql.SQL(", ").join(columns))
 
 
 def truncate_stage(name: str) -> sql.Composed:
@@ -68,61 +61,75 @@ def copy_into(name: str) -> sql.Composed:
     return sql.SQL("COPY {} FROM STDIN (FORMAT binary)").format(_ident(name))
 
 
-def encode_copy(rows: Iterable[Sequence[bytes | object | None]], width: int) -> bytes:
-    """Binary COPY of text-typed columns: each field is its length and its bytes, no escaping.
-
-    Anything that is not ``bytes`` (``None`` or ``UNCHANGED``) is sent as NULL.
-    """
-    parts = [_COPY_HEADER]
-    append = parts.append
-    field_count = _INT16(width)
-    for row in rows:
-        append(field_count)
-        for value in row:
-            if isinstance(value, bytes):
-                append(_INT32(len(value)))
-                append(value)
-            else:
-                append(_NULL)
-    append(_COPY_TRAILER)
-    return b"".join(parts)
+def _key_match(table: TargetTable, left: str, right: str, *, typed: bool = True) -> sql.Composed:
+    if typed:
+        pairs = (sql.SQL("{}.{} = {}").format(_ident(left), _ident(table.columns[i]),
+                                               _typed(right, table, i)) for i in table.key)
+    else:
+        pairs = (sql.SQL("{0}.{1} = {2}.{1}").format(_ident(left), _ident(table.columns[i]),
+                                                      _ident(right)) for i in table.key)
+    return sql.SQL(" AND ").join(pairs)
 
 
-def _key_match(table: TargetTable, target_alias: str, stage_alias: str) -> sql.Composed:
-    return sql.SQL(" AND ").join(
-        sql.SQL("{}.{} = {}").format(
-            _ident(target_alias),
-            _ident(table.columns[i]),
-            _cast(stage_alias, table.columns[i], table.types[i]),
-        )
-        for i in table.key
-    )
-
-
-def _newer_or_equal(table: TargetTable, incoming: sql.Composable) -> sql.Composed:
+def _rule(table: TargetTable, incoming: sql.Composable) -> sql.Composed:
     """The conflict rule: the incoming change wins when its value is >= the target's (ties too)."""
     assert table.conflict is not None
     current = sql.SQL("t.{}").format(_ident(table.columns[table.conflict]))
     return sql.SQL("({current} IS NULL OR {current} <= {incoming})").format(
-        current=current, incoming=incoming
-    )
+        current=current, incoming=incoming)
 
 
-def upsert(table: TargetTable) -> sql.Composed:
-    """Insert every staged row, or update the existing one when the conflict rule allows."""
-    stage = _ident(stage_name(table, "u"))
-    selects = sql.SQL(", ").join(
-        _cast("s", c, t) for c, t in zip(table.columns, table.types, strict=True)
-    )
-    keys = sql.SQL(", ").join(_ident(table.columns[i]) for i in table.key)
+def _unchanged(relation: Relation, column: str) -> sql.Composed:
+    position = relation.column_names.index(column) + 1
+    return sql.SQL("substr(s.{}, {}, 1) = '1'").format(UNCHANGED, sql.Literal(position))
+
+
+def fill_unchanged(name: str, table: TargetTable, relation: Relation,
+                   column: str) -> sql.Composed:
+    """Give rows that left ``column`` unchanged its value from the latest earlier version in the
+    batch that carried it; rows with no such version keep the mark (the target has the value)."""
+    stage = _ident(name)
+    position = relation.column_names.index(column) + 1
+    earlier = sql.SQL(
+        "SELECT p.{col} FROM {stage} p WHERE {match} AND p.{seq} < s.{seq} AND p.{op} <> 'D' "
+        "AND coalesce(substr(p.{u}, {pos}, 1), '0') = '0' ORDER BY p.{seq} DESC LIMIT 1"
+    ).format(col=_ident(column), stage=stage, match=_key_match(table, "p", "s", typed=False),
+             seq=SEQ, op=OP, u=UNCHANGED, pos=sql.Literal(position))
+    return sql.SQL(
+        "UPDATE {stage} s SET {col} = ({earlier}), "
+        "{u} = nullif(overlay(s.{u} PLACING '0' FROM {pos} FOR 1), repeat('0', length(s.{u}))) "
+        "WHERE {is_unchanged} AND EXISTS ({earlier})"
+    ).format(stage=stage, col=_ident(column), earlier=earlier, u=UNCHANGED,
+             pos=sql.Literal(position), is_unchanged=_unchanged(relation, column))
+
+
+def keep_last_versions(name: str, table: TargetTable) -> sql.Composed:
+    """Delete every staged version of a key but the last one."""
+    return sql.SQL("DELETE FROM {stage} s USING {stage} later WHERE {match} "
+                   "AND s.{seq} < later.{seq}").format(
+        stage=_ident(name), match=_key_match(table, "s", "later", typed=False), seq=SEQ)
+
+
+def count_candidates(name: str, where: sql.Composable = NO_FILTER) -> sql.Composed:
+    """How many staged rows the upsert, the partial update and the delete will try to apply."""
+    return sql.SQL("SELECT count(*) FILTER (WHERE {op} <> 'D' AND {u} IS NULL), "
+                   "count(*) FILTER (WHERE {op} <> 'D' AND {u} IS NOT NULL), "
+                   "count(*) FILTER (WHERE {op} = 'D') FROM {stage} s WHERE true{where}").format(
+        op=OP, u=UNCHANGED, stage=_ident(name), where=where)
+
+
+def upsert(name: str, table: TargetTable, where: sql.Composable = NO_FILTER) -> sql.Composed:
+    """Insert the full staged rows, or update the existing row when the conflict rule allows."""
     non_key = [c for i, c in enumerate(table.columns) if i not in table.key]
-    statement = sql.SQL("INSERT INTO {target} AS t ({columns}) SELECT {selects} FROM {stage} s "
-                        "ON CONFLICT ({keys}) ").format(
+    statement = sql.SQL(
+        "INSERT INTO {target} AS t ({columns}) SELECT {values} FROM {stage} s "
+        "WHERE s.{op} <> 'D' AND s.{u} IS NULL{where} ON CONFLICT ({keys}) "
+    ).format(
         target=_target(table),
         columns=sql.SQL(", ").join(_ident(c) for c in table.columns),
-        selects=selects,
-        stage=stage,
-        keys=keys,
+        values=sql.SQL(", ").join(_typed("s", table, i) for i in range(len(table.columns))),
+        stage=_ident(name), op=OP, u=UNCHANGED, where=where,
+        keys=sql.SQL(", ").join(_ident(table.columns[i]) for i in table.key),
     )
     if not non_key:
         return statement + sql.SQL("DO NOTHING")
@@ -130,51 +137,41 @@ def upsert(table: TargetTable) -> sql.Composed:
     statement += sql.SQL("DO UPDATE SET {}").format(sets)
     if table.conflict is not None:
         incoming = sql.SQL("EXCLUDED.{}").format(_ident(table.columns[table.conflict]))
-        statement += sql.SQL(" WHERE {}").format(_newer_or_equal(table, incoming))
+        statement += sql.SQL(" WHERE {}").format(_rule(table, incoming))
     return statement
 
 
-def partial_update(table: TargetTable, present: Sequence[int]) -> sql.Composed:
-    """Update only the columns the source sent; a row absent from the target stays absent."""
+def partial_update(name: str, table: TargetTable, relation: Relation,
+                   where: sql.Composable = NO_FILTER) -> sql.Composed:
+    """Update rows that left TOASTed columns unchanged, keeping the target's value for those."""
     sets = sql.SQL(", ").join(
-        sql.SQL("{} = {}").format(_ident(table.columns[i]),
-                                  _cast("s", table.columns[i], table.types[i]))
-        for i in present
-        if i not in table.key
-    )
-    statement = sql.SQL("UPDATE {target} AS t SET {sets} FROM {stage} s WHERE {match}").format(
-        target=_target(table), sets=sets, stage=_ident(stage_name(table, "u")),
-        match=_key_match(table, "t", "s"),
-    )
+        sql.SQL("{col} = CASE WHEN {unchanged} THEN t.{col} ELSE {value} END").format(
+            col=_ident(c), unchanged=_unchanged(relation, c), value=_typed("s", table, i))
+        for i, c in enumerate(table.columns) if i not in table.key)
+    statement = sql.SQL(
+        "UPDATE {target} AS t SET {sets} FROM {stage} s "
+        "WHERE s.{op} <> 'D' AND s.{u} IS NOT NULL AND {match}{where}"
+    ).format(target=_target(table), sets=sets, stage=_ident(name), op=OP, u=UNCHANGED,
+             match=_key_match(table, "t", "s"), where=where)
     if table.conflict is not None:
-        c = table.conflict
-        incoming = _cast("s", table.columns[c], table.types[c])
-        statement += sql.SQL(" AND {}").format(_newer_or_equal(table, incoming))
+        statement += sql.SQL(" AND {}").format(_rule(table, _typed("s", table, table.conflict)))
     return statement
 
 
-def delete(table: TargetTable) -> sql.Composed:
+def delete(name: str, table: TargetTable, where: sql.Composable = NO_FILTER) -> sql.Composed:
     """Delete staged keys; with a time conflict column, only rows not newer than the commit."""
-    statement = sql.SQL("DELETE FROM {target} AS t USING {stage} s WHERE {match}").format(
-        target=_target(table), stage=_ident(stage_name(table, "d")),
-        match=_key_match(table, "t", "s"),
-    )
-    if table.conflict is not None and table.conflict_is_time:
-        incoming = sql.SQL("s.{}::timestamptz").format(_ident(COMMIT_TIME_COLUMN))
-        statement += sql.SQL(" AND {}").format(_newer_or_equal(table, incoming))
+    statement = sql.SQL("DELETE FROM {target} AS t USING {stage} s "
+                        "WHERE s.{op} = 'D' AND {match}{where}").format(
+        target=_target(table), stage=_ident(name), op=OP, match=_key_match(table, "t", "s"),
+        where=where)
+    if table.conflict_is_time:
+        statement += sql.SQL(" AND {}").format(
+            _rule(table, sql.SQL("s.{}::timestamptz").format(COMMIT_TIME)))
     return statement
 
 
-def _key_json(table: TargetTable) -> sql.Composed:
-    return sql.SQL("jsonb_build_object({})").format(
-        sql.SQL(", ").join(
-            sql.SQL("{}, t.{}").format(sql.Literal(table.columns[i]), _ident(table.columns[i]))
-            for i in table.key
-        )
-    )
-
-
-def record_conflicts(table: TargetTable, operation: str) -> sql.Composed:
+def record_conflicts(name: str, table: TargetTable, operation: str,
+                     where: sql.Composable = NO_FILTER) -> sql.Composed:
     """Log the staged changes that lost to a newer target row into ``cdcsync.conflicts``.
 
     Runs after the merge: a row that still holds a strictly newer value than the incoming one is
@@ -183,32 +180,38 @@ def record_conflicts(table: TargetTable, operation: str) -> sql.Composed:
     assert table.conflict is not None
     column = _ident(table.columns[table.conflict])
     if operation == "delete":
-        stage_kind, incoming = "d", sql.SQL("s.{}::timestamptz").format(_ident(COMMIT_TIME_COLUMN))
-        incoming_text = sql.SQL("s.{}").format(_ident(COMMIT_TIME_COLUMN))
+        selected = sql.SQL("s.{} = 'D'").format(OP)
+        incoming = sql.SQL("s.{}::timestamptz").format(COMMIT_TIME)
+        incoming_text = sql.SQL("s.{}").format(COMMIT_TIME)
     else:
-        c = table.conflict
-        stage_kind = "u"
-        incoming = _cast("s", table.columns[c], table.types[c])
+        selected = sql.SQL("s.{} <> 'D'").format(OP)
+        incoming = _typed("s", table, table.conflict)
         incoming_text = sql.SQL("s.{}").format(column)
+    key = sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(
+        sql.SQL("{}, t.{}").format(sql.Literal(table.columns[i]), _ident(table.columns[i]))
+        for i in table.key))
     return sql.SQL(
         "INSERT INTO cdcsync.conflicts "
         "(table_name, key, operation, source_value, target_value, source_lsn) "
         "SELECT {name}, {key}, {operation}, {incoming_text}, t.{column}::text, s.{lsn}::pg_lsn "
-        "FROM {stage} s JOIN {target} t ON {match} WHERE t.{column} > {incoming}"
-    ).format(
-        name=sql.Literal(table.source_name),
-        key=_key_json(table),
-        operation=sql.Literal(operation),
-        incoming_text=incoming_text,
-        column=column,
-        lsn=_ident(LSN_COLUMN),
-        stage=_ident(stage_name(table, stage_kind)),
-        target=_target(table),
-        match=_key_match(table, "t", "s"),
-        incoming=incoming,
-    )
+        "FROM {stage} s JOIN {target} t ON {match} "
+        "WHERE {selected} AND t.{column} > {incoming}{where}"
+    ).format(name=sql.Literal(table.source_name), key=key, operation=sql.Literal(operation),
+             incoming_text=incoming_text, column=column, lsn=LSN, stage=_ident(name),
+             target=_target(table), match=_key_match(table, "t", "s"), selected=selected,
+             incoming=incoming, where=where)
 
 
-def truncate(tables: Sequence[TargetTable]) -> sql.Composed:
+def staged_order(name: str, table: TargetTable) -> sql.Composed:
+    """Each staged row's sequence number, whether it is a delete, its LSN and key as text."""
+    key = sql.SQL(", ").join(sql.SQL("{}").format(_ident(table.columns[i])) for i in table.key)
+    return sql.SQL("SELECT {seq}, {op} = 'D', {lsn}, concat_ws(', ', {key}) FROM {stage}").format(
+        seq=SEQ, op=OP, lsn=LSN, key=key, stage=_ident(name))
+
+
+def only_seq() -> sql.Composed:
+    return sql.SQL(" AND s.{} = %s").format(SEQ)
+
+
+def truncate(tables: list[TargetTable]) -> sql.Composed:
     return sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(_target(t) for t in tables))
-

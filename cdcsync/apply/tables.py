@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import psycopg
 from psycopg.rows import TupleRow
 
 from cdcsync.config import Settings
 from cdcsync.errors import PrerequisiteError, SchemaMismatch
-from cdcsync.model import Relation, Row
+from cdcsync.model import Relation, TargetTable
 
 _TIME_TYPES = ("timestamp with time zone", "timestamp without time zone")
 
@@ -40,37 +39,6 @@ _FOREIGN_KEYS_SQL = """
 SELECT conrelid::oid, confrelid::oid FROM pg_constraint
 WHERE contype = 'f' AND conrelid = ANY (%s) AND confrelid = ANY (%s) AND conrelid <> confrelid
 """
-
-
-@dataclass(frozen=True, slots=True)
-class TargetTable:
-    """A replicated table: source positions of the replicated columns and their target types."""
-
-    source_name: str
-    oid: int
-    schema: str
-    name: str
-    columns: tuple[str, ...]
-    types: tuple[str, ...]
-    positions: tuple[int, ...]
-    identity: bool
-    key: tuple[int, ...]
-    source_key: tuple[int, ...]
-    conflict: int | None
-    conflict_is_time: bool
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.schema}.{self.name}"
-
-    def project(self, row: Row) -> Row:
-        return row if self.identity else tuple(row[i] for i in self.positions)
-
-    def key_of_source(self, row: Row) -> Row:
-        return tuple(row[i] for i in self.source_key)
-
-    def key_of(self, projected: Row) -> Row:
-        return tuple(projected[i] for i in self.key)
 
 
 def selected(patterns: Iterable[str], qualified: str) -> bool:
@@ -127,7 +95,6 @@ def resolve(conn: psycopg.Connection[TupleRow], settings: Settings,
         columns=columns,
         types=types,
         positions=positions,
-        identity=len(positions) == len(relation.columns),
         key=key,
         source_key=tuple(positions[i] for i in key),
         conflict=conflict,

@@ -15,7 +15,6 @@ import select
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import psycopg
 from psycopg import pq
@@ -23,18 +22,13 @@ from psycopg.rows import TupleRow
 
 from cdcsync.dsn import with_session_options
 from cdcsync.errors import ConnectionLost, PrerequisiteError
-from cdcsync.model import PG_EPOCH, Lsn
+from cdcsync.model import PG_EPOCH, ZERO_LSN, Lsn
 
 _XLOG_HEADER = struct.Struct(">cQQq")  # 'w', data start, WAL end, send time
 _KEEPALIVE = struct.Struct(">cQqB")  # 'k', WAL end, send time, reply requested
 _STATUS = struct.Struct(">cQQQqB")  # 'r', written, flushed, applied, client time, reply requested
+_W, _K = ord("w"), ord("k")
 _PG_EPOCH_UNIX_US = int(PG_EPOCH.timestamp()) * 1_000_000
-
-
-@dataclass(frozen=True, slots=True)
-class XLogData:
-    start: Lsn
-    payload: memoryview
 
 
 def _now_pg_us() -> int:
@@ -52,6 +46,7 @@ class ReplicationStream:
         self._confirmed = Lsn(0)
         self._reported = Lsn(0)
         self._sent_end = Lsn(0)
+        self._last = b""
         self._last_status = 0.0
 
     @property
@@ -82,8 +77,14 @@ class ReplicationStream:
         self._confirmed = max(self._confirmed, start_lsn)
         self._last_status = time.monotonic()
 
-    def read(self, timeout_s: float) -> Iterator[XLogData]:
-        """Yield the XLogData messages available within ``timeout_s``; handles keepalives inline."""
+    @property
+    def last_start(self) -> Lsn:
+        """The WAL position of the last XLogData message read (for error messages)."""
+        return Lsn(_XLOG_HEADER.unpack_from(self._last)[1]) if self._last else ZERO_LSN
+
+    def read(self, timeout_s: float) -> Iterator[bytes]:
+        """Yield the payloads of the XLogData messages available within ``timeout_s``;
+        keepalives are handled inline."""
         pgconn = self._require()
         waited = False
         while True:
@@ -105,12 +106,13 @@ class ReplicationStream:
                 continue
             if nbytes < 0:
                 raise self._ended()
-            view = memoryview(data)
-            kind = view[0:1].tobytes()
-            if kind == b"w":
-                yield XLogData(Lsn(_XLOG_HEADER.unpack_from(view)[1]), view[_XLOG_HEADER.size :])
-            elif kind == b"k":
-                _, sent_end, _, reply = _KEEPALIVE.unpack_from(view)
+            message = bytes(data)
+            kind = message[0]
+            if kind == _W:
+                self._last = message
+                yield message[_XLOG_HEADER.size :]
+            elif kind == _K:
+                _, sent_end, _, reply = _KEEPALIVE.unpack_from(message)
                 self._sent_end = Lsn(max(self._sent_end, sent_end))
                 if reply:
                     self.send_status()

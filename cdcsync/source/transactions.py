@@ -1,40 +1,58 @@
-"""Decoded pgoutput messages -> stream items: whole transactions, delivered in bounded chunks.
+"""pgoutput messages -> stream items: whole transactions, delivered in bounded chunks.
 
-Pure: no I/O. Transactions whose commit is already covered by the checkpoint are dropped here, so a
-restart from an older position (the slot re-delivers what it was never told was flushed) applies
-nothing twice.
+Pure: no I/O. Row changes take the fast path of :mod:`cdcsync.source.tuples` (no per-row objects);
+every other message goes through the full decoder. Transactions whose commit the checkpoint
+already covers are dropped here, so a restart from an older position applies nothing twice.
 """
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Callable
+
 from cdcsync.errors import ProtocolError
 from cdcsync.model import (
-    Change,
     ChangeChunk,
     Lsn,
     Relation,
-    RowChange,
     SourceMessage,
     StreamItem,
-    TruncateChange,
+    TableRows,
+    TargetTable,
+    Truncate,
     TxnEnd,
     TxnStart,
 )
 from cdcsync.source import pgoutput
+from cdcsync.source.tuples import RowWriter, key_values
+
+Resolver = Callable[[Relation], TargetTable | None]
+
+_OID = struct.Struct(">I")
+_I, _U, _D = ord("I"), ord("U"), ord("D")
+_K, _O, _N = ord("K"), ord("O"), ord("N")
 
 
 class TransactionAssembler:
-    """Turns the message sequence Begin, changes..., Commit into TxnStart, ChangeChunk*, TxnEnd."""
+    """Turns Begin, changes..., Commit into TxnStart, ChangeChunk*/Truncate*, TxnEnd.
 
-    def __init__(self, skip_before: Lsn, *, chunk_rows: int = 5000, chunk_bytes: int = 8 << 20):
+    ``resolve`` maps a relation onto its target table, or None for a relation that is published
+    but not selected (its changes are dropped); it is called once per Relation message.
+    """
+
+    def __init__(self, skip_before: Lsn, resolve: Resolver, *, chunk_rows: int = 5000,
+                 chunk_bytes: int = 8 << 20) -> None:
         self.skip_before = skip_before
+        self._resolve = resolve
         self._chunk_rows = chunk_rows
         self._chunk_bytes = chunk_bytes
-        self._relations: dict[int, Relation] = {}
-        self._changes: list[Change] = []
+        self._relations: dict[int, tuple[Relation, TargetTable | None]] = {}
+        self._pending: dict[int, TableRows] = {}
+        self._rows = 0
         self._bytes = 0
         self._in_txn = False
         self._skipping = False
+        self._writer = RowWriter()
         self.skipped_transactions = 0
         self.last_end_lsn = skip_before
 
@@ -42,28 +60,82 @@ class TransactionAssembler:
     def in_transaction(self) -> bool:
         return self._in_txn
 
-    def feed(self, message: pgoutput.Message, size: int) -> list[StreamItem]:
-        """Consume one decoded message; return the items it completes (often none)."""
-        if isinstance(message, Relation):
-            self._relations[message.oid] = message
+    def feed(self, payload: bytes) -> list[StreamItem]:
+        """Consume one pgoutput message; return the items it completes (often none)."""
+        kind = payload[0] if payload else -1
+        if kind in (_I, _U, _D):
+            if not self._in_txn:
+                raise ProtocolError(f"{chr(kind)} message outside a transaction")
+            if self._skipping:
+                return []
+            try:
+                self._row_change(kind, payload)
+            except (IndexError, struct.error, KeyError) as exc:
+                raise ProtocolError(f"malformed {chr(kind)} message: {exc!r}") from None
+            if self._rows >= self._chunk_rows or self._bytes >= self._chunk_bytes:
+                return [self._take_chunk()]
             return []
+        message = pgoutput.decode(payload)
+        if isinstance(message, Relation):
+            return self._relation(message)
         if isinstance(message, pgoutput.Begin):
             return self._begin(message)
         if isinstance(message, pgoutput.Commit):
             return self._commit(message)
+        if isinstance(message, pgoutput.Truncate):
+            return self._truncate(message)
         if isinstance(message, pgoutput.LogicalMessage):
             return self._message(message)
-        if isinstance(message, pgoutput.Origin | pgoutput.TypeMsg):
-            return []
-        if not self._in_txn:
-            raise ProtocolError(f"{type(message).__name__} message outside a transaction")
-        if self._skipping:
-            return []
-        self._changes.append(self._change(message))
-        self._bytes += size
-        if len(self._changes) >= self._chunk_rows or self._bytes >= self._chunk_bytes:
-            return [self._take_chunk()]
-        return []
+        return []  # Origin and Type carry nothing cdcsync needs
+
+    def _row_change(self, kind: int, payload: bytes) -> None:
+        oid = _OID.unpack_from(payload, 1)[0]
+        relation, table = self._relations[oid]
+        if table is None:
+            return
+        rows = self._pending.get(oid)
+        if rows is None:
+            rows = self._pending[oid] = TableRows(relation, table)
+        write = self._writer.row
+        off = 5
+        if kind == _I:
+            row, off, mask = write(b"I", relation, payload, off + 1)
+            rows.inserts += 1
+        elif kind == _D:
+            row, off, mask = write(b"D", relation, payload, off + 1)
+            rows.deletes += 1
+        else:
+            marker = payload[off]
+            if marker in (_K, _O):
+                old_off = off + 1
+                new_off = _skip_tuple(payload, old_off) + 1
+                if marker == _K or (key_values(relation, payload, old_off, table.source_key)
+                                    != key_values(relation, payload, new_off, table.source_key)):
+                    # The key changed: the old key goes, as a delete before the new row.
+                    old_row, _, _ = write(b"D", relation, payload, old_off)
+                    rows.rows.append(old_row)
+                    rows.deletes += 1
+                    self._rows += 1
+                off = new_off
+            elif marker == _N:
+                off += 1
+            else:
+                raise ProtocolError(f"unexpected tuple marker {chr(marker)!r} in an Update")
+            row, off, mask = write(b"U", relation, payload, off)
+            rows.updates += 1
+        rows.rows.append(row)
+        rows.unchanged_mask |= mask
+        self._rows += 1
+        self._bytes += len(row)
+
+    def _relation(self, relation: Relation) -> list[StreamItem]:
+        known = self._relations.get(relation.oid)
+        items: list[StreamItem] = []
+        if known is not None and known[0] != relation and relation.oid in self._pending:
+            # Rows staged under the old column list must be applied before rows of the new one.
+            items.append(self._take_chunk())
+        self._relations[relation.oid] = (relation, self._resolve(relation))
+        return items
 
     def _begin(self, message: pgoutput.Begin) -> list[StreamItem]:
         if self._in_txn:
@@ -74,6 +146,8 @@ class TransactionAssembler:
         if self._skipping:
             self.skipped_transactions += 1
             return []
+        self._writer.begin(str(message.final_lsn).encode(),
+                           message.commit_time.isoformat().encode())
         return [TxnStart(message.xid, message.final_lsn, message.commit_time)]
 
     def _commit(self, message: pgoutput.Commit) -> list[StreamItem]:
@@ -83,44 +157,49 @@ class TransactionAssembler:
         if self._skipping:
             self._skipping = False
             return []
-        items: list[StreamItem] = []
-        if self._changes:
-            items.append(self._take_chunk())
+        items: list[StreamItem] = [self._take_chunk()] if self._pending else []
         items.append(TxnEnd(message.end_lsn, message.commit_time))
         self.last_end_lsn = message.end_lsn
+        return items
+
+    def _truncate(self, message: pgoutput.Truncate) -> list[StreamItem]:
+        if not self._in_txn:
+            raise ProtocolError("Truncate outside a transaction")
+        if self._skipping:
+            return []
+        try:
+            known = [self._relations[oid][1] for oid in message.relation_oids]
+        except KeyError:
+            raise ProtocolError("Truncate of a relation before its Relation message") from None
+        items: list[StreamItem] = [self._take_chunk()] if self._pending else []
+        tables = tuple(t for t in known if t is not None)
+        if tables:
+            items.append(Truncate(tables, message.cascade, message.restart_identity))
         return items
 
     def _message(self, message: pgoutput.LogicalMessage) -> list[StreamItem]:
         if message.transactional and self._skipping:
             return []
-        items: list[StreamItem] = []
-        if self._changes:
-            items.append(self._take_chunk())
+        items: list[StreamItem] = [self._take_chunk()] if self._pending else []
         items.append(
-            SourceMessage(message.lsn, message.transactional, message.prefix, message.content)
-        )
+            SourceMessage(message.lsn, message.transactional, message.prefix, message.content))
         return items
 
-    def _change(self, message: pgoutput.Message) -> Change:
-        if isinstance(message, pgoutput.Insert):
-            return RowChange("I", self._relation(message.relation_oid), message.new, None)
-        if isinstance(message, pgoutput.Update):
-            return RowChange("U", self._relation(message.relation_oid), message.new, message.old)
-        if isinstance(message, pgoutput.Delete):
-            return RowChange("D", self._relation(message.relation_oid), None, message.old)
-        if isinstance(message, pgoutput.Truncate):
-            relations = tuple(self._relation(oid) for oid in message.relation_oids)
-            return TruncateChange(relations, message.cascade, message.restart_identity)
-        raise ProtocolError(f"unexpected {type(message).__name__} message inside a transaction")
-
-    def _relation(self, oid: int) -> Relation:
-        try:
-            return self._relations[oid]
-        except KeyError:
-            raise ProtocolError(f"change for relation {oid} before its Relation message") from None
-
     def _take_chunk(self) -> ChangeChunk:
-        chunk = ChangeChunk(tuple(self._changes), self._bytes)
-        self._changes = []
+        chunk = ChangeChunk(tuple(self._pending.values()), self._rows, self._bytes)
+        self._pending = {}
+        self._rows = 0
         self._bytes = 0
         return chunk
+
+
+def _skip_tuple(buf: bytes, off: int) -> int:
+    """The offset just past the tuple starting at ``buf[off]``."""
+    (count,) = struct.unpack_from(">h", buf, off)
+    off += 2
+    for _ in range(count):
+        if buf[off] in (ord("t"), ord("b")):
+            off += 5 + _OID.unpack_from(buf, off + 1)[0]
+        else:
+            off += 1
+    return off

@@ -1,80 +1,159 @@
-"""TransactionAssembler: whole transactions in bounded chunks, skipping what is checkpointed."""
+"""TransactionAssembler on captured pgoutput bytes: staged COPY rows equal the decoded values."""
 
 from __future__ import annotations
 
-import datetime as dt
+import contextlib
+import json
+import struct
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cdcsync.errors import ProtocolError
 from cdcsync.model import (
+    UNCHANGED,
     ChangeChunk,
-    Column,
     Lsn,
     Relation,
-    RowChange,
-    SourceMessage,
+    TableRows,
+    TargetTable,
+    Truncate,
     TxnEnd,
     TxnStart,
+    Value,
 )
 from cdcsync.source import pgoutput
 from cdcsync.source.transactions import TransactionAssembler
+from cdcsync.source.tuples import META_COLUMNS
 
-T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-REL = Relation(16384, "public", "t", "d", (Column("id", 23, -1, True), Column("v", 25, -1, False)))
-
-
-def _txn(final: int, rows: int) -> list[pgoutput.Message]:
-    inserts: list[pgoutput.Message] = [
-        pgoutput.Insert(REL.oid, (str(i).encode(), b"x")) for i in range(rows)
-    ]
-    return [pgoutput.Begin(Lsn(final), T0, 700), *inserts,
-            pgoutput.Commit(0, Lsn(final), Lsn(final + 8), T0)]
+RAW = [bytes.fromhex(m["hex"]) for m in json.loads(
+    (Path(__file__).parent / "data" / "pgoutput_capture.json").read_text())]
 
 
-def _feed(assembler: TransactionAssembler, messages: list[pgoutput.Message]) -> list[object]:
+def target_for(relation: Relation) -> TargetTable:
+    key = tuple(i for i, c in enumerate(relation.columns) if c.is_key)[:1] or (0,)
+    return TargetTable(relation.qualified, relation.oid, relation.schema, relation.name,
+                       relation.column_names, ("text",) * len(relation.columns),
+                       tuple(range(len(relation.columns))), key, key, None, False)
+
+
+def parse_copy_row(row: bytes) -> tuple[bytes | None, ...]:
+    """A staged binary COPY row back into its fields (None for NULL)."""
+    (count,) = struct.unpack_from(">h", row)
+    off, fields = 2, []
+    for _ in range(count):
+        (size,) = struct.unpack_from(">i", row, off)
+        off += 4
+        fields.append(None if size < 0 else row[off:off + size])
+        off += max(size, 0)
+    assert off == len(row)
+    return tuple(fields)
+
+
+def staged(items: list[object]) -> list[tuple[TableRows, tuple[bytes | None, ...]]]:
+    return [(t, parse_copy_row(r)) for i in items if isinstance(i, ChangeChunk)
+            for t in i.tables for r in t.rows]
+
+
+def feed_all(assembler: TransactionAssembler, payloads: list[bytes]) -> list[object]:
     out: list[object] = []
-    for message in [REL, *messages]:
-        out.extend(assembler.feed(message, 10))
+    for payload in payloads:
+        out.extend(assembler.feed(payload))
     return out
 
 
-def test_whole_transaction_in_order() -> None:
-    """Begin, changes, Commit become TxnStart, one chunk with every change, TxnEnd at end LSN."""
-    items = _feed(TransactionAssembler(Lsn(0)), _txn(100, 3))
-    assert isinstance(items[0], TxnStart) and items[0].final_lsn == 100
-    assert isinstance(items[1], ChangeChunk) and len(items[1].changes) == 3
-    change = items[1].changes[0]
-    assert isinstance(change, RowChange) and change.op == "I" and change.relation == REL
-    assert items[2] == TxnEnd(Lsn(108), T0)
+def expected(values: tuple[Value, ...]) -> tuple[bytes | None, ...]:
+    return tuple(None if v is UNCHANGED else v for v in values)  # type: ignore[misc]
 
 
-def test_large_transaction_is_chunked() -> None:
-    """A transaction wider than the chunk limit arrives as several bounded chunks."""
-    items = _feed(TransactionAssembler(Lsn(0), chunk_rows=4), _txn(100, 10))
-    sizes = [len(i.changes) for i in items if isinstance(i, ChangeChunk)]
-    assert sizes == [4, 4, 2]
+def test_staged_rows_carry_exactly_the_decoded_values() -> None:
+    """Every staged row holds the values the full decoder reads from the same message."""
+    rows = staged(feed_all(TransactionAssembler(Lsn(0), target_for), RAW))
+    decoded = [pgoutput.decode(b) for b in RAW]
+    changes = [m for m in decoded if isinstance(m, pgoutput.Insert | pgoutput.Update
+                                                  | pgoutput.Delete)]
+    flat: list[tuple[bytes, tuple[Value, ...]]] = []
+    for m in changes:
+        if isinstance(m, pgoutput.Insert):
+            flat.append((b"I", m.new))
+        elif isinstance(m, pgoutput.Delete):
+            flat.append((b"D", m.old))
+        else:
+            if m.old_kind == "K":
+                assert m.old is not None
+                flat.append((b"D", m.old))
+            flat.append((b"U", m.new))
+    meta = len(META_COLUMNS)
+    assert [(f[1], f[meta:]) for _, f in rows] == [(op, expected(v)) for op, v in flat]
+    seqs = [int.from_bytes(f[0] or b"", "big") for _, f in rows]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+def test_untouched_toast_column_is_marked_unchanged() -> None:
+    """The update that did not touch the TOASTed column stages a mask naming that column."""
+    rows = staged(feed_all(TransactionAssembler(Lsn(0), target_for), RAW))
+    masks = [(t.relation.name, f[4]) for t, f in rows if f[4] is not None]
+    assert masks == [("items", b"00100000000")]
+    assert any(t.unchanged_mask == 0b100 for t, _ in rows)
+
+
+def test_items_sequence_and_commit_positions() -> None:
+    """Begin, chunks, truncate and Commit become items in source order with commit LSNs."""
+    items = feed_all(TransactionAssembler(Lsn(0), target_for), RAW)
+    kinds = [type(i).__name__ for i in items]
+    assert kinds.count("TxnStart") == kinds.count("TxnEnd") == 10
+    assert "Truncate" in kinds
+    ends = [i.end_lsn for i in items if isinstance(i, TxnEnd)]
+    assert ends == sorted(ends)
+    truncate = next(i for i in items if isinstance(i, Truncate))
+    assert {t.name for t in truncate.tables} == {"items", "events"}
 
 
 def test_transactions_before_checkpoint_are_skipped() -> None:
-    """A re-delivered transaction whose commit precedes the checkpoint yields nothing."""
-    assembler = TransactionAssembler(Lsn(208))
-    assert _feed(assembler, _txn(100, 2) + _txn(200, 2)) == []
-    assert assembler.skipped_transactions == 2
-    items = _feed(assembler, _txn(208, 1))
-    assert [type(i) for i in items] == [TxnStart, ChangeChunk, TxnEnd]
+    """Transactions whose commit precedes the checkpoint produce nothing."""
+    everything = feed_all(TransactionAssembler(Lsn(0), target_for), RAW)
+    ends = [i.end_lsn for i in everything if isinstance(i, TxnEnd)]
+    assembler = TransactionAssembler(ends[4], target_for)
+    items = feed_all(assembler, RAW)
+    assert [i.end_lsn for i in items if isinstance(i, TxnEnd)] == ends[5:]
+    assert assembler.skipped_transactions == 5
 
 
-def test_non_transactional_message_passes_through() -> None:
-    """A logical message outside a transaction becomes a SourceMessage."""
-    message = pgoutput.LogicalMessage(False, Lsn(5), "cdcsync", b"hb")
-    assert TransactionAssembler(Lsn(0)).feed(message, 10) == [
-        SourceMessage(Lsn(5), False, "cdcsync", b"hb")]
+def test_unselected_relations_are_dropped() -> None:
+    """A relation the resolver does not select stages no rows."""
+    def only_items(relation: Relation) -> TargetTable | None:
+        return target_for(relation) if relation.name == "items" else None
+
+    rows = staged(feed_all(TransactionAssembler(Lsn(0), only_items), RAW))
+    assert {t.relation.name for t, _ in rows} == {"items"}
 
 
-def test_change_before_relation_is_a_protocol_error() -> None:
-    """A change naming an unknown relation is refused, not guessed."""
-    assembler = TransactionAssembler(Lsn(0))
-    assembler.feed(pgoutput.Begin(Lsn(1), T0, 1), 1)
-    with pytest.raises(ProtocolError, match="before its Relation"):
-        assembler.feed(pgoutput.Insert(999, (b"1",)), 1)
+def test_large_transactions_are_chunked() -> None:
+    """A transaction wider than the chunk limit arrives as several chunks between its ends."""
+    items = feed_all(TransactionAssembler(Lsn(0), target_for, chunk_rows=1), RAW[:6])
+    assert [type(i) for i in items] == [TxnStart, ChangeChunk, ChangeChunk, TxnEnd]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_damaged_row_messages_raise_protocol_error_only(data: st.DataObject) -> None:
+    """Truncated or altered I/U/D messages raise ProtocolError and nothing else."""
+    assembler = TransactionAssembler(Lsn(0), target_for)
+    feed_all(assembler, RAW[:3])
+    victim = bytearray(RAW[data.draw(st.sampled_from([3, 4]))])
+    cut = data.draw(st.integers(1, len(victim)))
+    del victim[cut:]
+    if victim and data.draw(st.booleans()):
+        victim[data.draw(st.integers(0, len(victim) - 1))] = data.draw(st.integers(0, 255))
+    with contextlib.suppress(ProtocolError):
+        assembler.feed(bytes(victim))
+
+
+def test_row_change_outside_transaction_is_refused() -> None:
+    """A row change before any Begin is a protocol error."""
+    assembler = TransactionAssembler(Lsn(0), target_for)
+    assembler.feed(RAW[2])
+    with pytest.raises(ProtocolError, match="outside a transaction"):
+        assembler.feed(RAW[3])
