@@ -86,21 +86,35 @@ def _unchanged(relation: Relation, column: str) -> sql.Composed:
 
 def fill_unchanged(name: str, table: TargetTable, relation: Relation,
                    column: str) -> sql.Composed:
-    """Give rows that left ``column`` unchanged its value from the latest earlier version in the
-    batch that carried it; rows with no such version keep the mark (the target has the value)."""
+    """Give rows that left ``column`` unchanged its value: from the latest earlier version of the
+    key in the batch that carried it or, for an update that moved the key, from the moved row
+    (its earlier version in the batch, else the target). Rows with neither keep the mark: the
+    target row they update has the value."""
     stage = _ident(name)
-    position = relation.column_names.index(column) + 1
-    earlier = sql.SQL(
-        "SELECT p.{col} FROM {stage} p WHERE {match} AND p.{seq} < s.{seq} AND p.{op} <> 'D' "
-        "AND coalesce(substr(p.{u}, {pos}, 1), '0') = '0' ORDER BY p.{seq} DESC LIMIT 1"
-    ).format(col=_ident(column), stage=stage, match=_key_match(table, "p", "s", typed=False),
-             seq=SEQ, op=OP, u=UNCHANGED, pos=sql.Literal(position))
+    position = sql.Literal(relation.column_names.index(column) + 1)
+    col = _ident(column)
+
+    def earlier(alias: str) -> sql.Composed:
+        return sql.SQL(
+            "SELECT ARRAY[p.{col}] FROM {stage} p WHERE {match} AND p.{seq} < {alias}.{seq} "
+            "AND p.{op} IN ('I', 'U') AND coalesce(substr(p.{u}, {pos}, 1), '0') = '0' "
+            "ORDER BY p.{seq} DESC LIMIT 1"
+        ).format(col=col, stage=stage, match=_key_match(table, "p", alias, typed=False),
+                 seq=SEQ, alias=_ident(alias), op=OP, u=UNCHANGED, pos=position)
+
+    moved_from = sql.SQL(
+        "SELECT coalesce(({earlier_m}), (SELECT ARRAY[t.{col}::text] FROM {target} t "
+        "WHERE {match})) FROM {stage} m WHERE m.{seq} = x.{seq} - 1 AND m.{op} = 'M'"
+    ).format(earlier_m=earlier("m"), col=col, target=_target(table),
+             match=_key_match(table, "t", "m"), stage=stage, seq=SEQ, op=OP)
     return sql.SQL(
-        "UPDATE {stage} s SET {col} = ({earlier}), "
+        "UPDATE {stage} s SET {col} = f.v[1], "
         "{u} = nullif(overlay(s.{u} PLACING '0' FROM {pos} FOR 1), repeat('0', length(s.{u}))) "
-        "WHERE {is_unchanged} AND EXISTS ({earlier})"
-    ).format(stage=stage, col=_ident(column), earlier=earlier, u=UNCHANGED,
-             pos=sql.Literal(position), is_unchanged=_unchanged(relation, column))
+        "FROM (SELECT x.{seq}, coalesce(({earlier_x}), ({moved_from})) AS v "
+        "FROM {stage} x WHERE substr(x.{u}, {pos}, 1) = '1') f "
+        "WHERE s.{seq} = f.{seq} AND f.v IS NOT NULL"
+    ).format(stage=stage, col=col, u=UNCHANGED, pos=position, seq=SEQ,
+             earlier_x=earlier("x"), moved_from=moved_from)
 
 
 def keep_last_versions(name: str, table: TargetTable) -> sql.Composed:
@@ -112,9 +126,10 @@ def keep_last_versions(name: str, table: TargetTable) -> sql.Composed:
 
 def count_candidates(name: str, where: sql.Composable = NO_FILTER) -> sql.Composed:
     """How many staged rows the upsert, the partial update and the delete will try to apply."""
-    return sql.SQL("SELECT count(*) FILTER (WHERE {op} <> 'D' AND {u} IS NULL), "
-                   "count(*) FILTER (WHERE {op} <> 'D' AND {u} IS NOT NULL), "
-                   "count(*) FILTER (WHERE {op} = 'D') FROM {stage} s WHERE true{where}").format(
+    return sql.SQL("SELECT count(*) FILTER (WHERE {op} IN ('I', 'U') AND {u} IS NULL), "
+                   "count(*) FILTER (WHERE {op} IN ('I', 'U') AND {u} IS NOT NULL), "
+                   "count(*) FILTER (WHERE {op} IN ('D', 'M')) FROM {stage} s WHERE true{where}"
+                   ).format(
         op=OP, u=UNCHANGED, stage=_ident(name), where=where)
 
 
@@ -123,7 +138,7 @@ def upsert(name: str, table: TargetTable, where: sql.Composable = NO_FILTER) -> 
     non_key = [c for i, c in enumerate(table.columns) if i not in table.key]
     statement = sql.SQL(
         "INSERT INTO {target} AS t ({columns}) SELECT {values} FROM {stage} s "
-        "WHERE s.{op} <> 'D' AND s.{u} IS NULL{where} ON CONFLICT ({keys}) "
+        "WHERE s.{op} IN ('I', 'U') AND s.{u} IS NULL{where} ON CONFLICT ({keys}) "
     ).format(
         target=_target(table),
         columns=sql.SQL(", ").join(_ident(c) for c in table.columns),
@@ -150,7 +165,7 @@ def partial_update(name: str, table: TargetTable, relation: Relation,
         for i, c in enumerate(table.columns) if i not in table.key)
     statement = sql.SQL(
         "UPDATE {target} AS t SET {sets} FROM {stage} s "
-        "WHERE s.{op} <> 'D' AND s.{u} IS NOT NULL AND {match}{where}"
+        "WHERE s.{op} IN ('I', 'U') AND s.{u} IS NOT NULL AND {match}{where}"
     ).format(target=_target(table), sets=sets, stage=_ident(name), op=OP, u=UNCHANGED,
              match=_key_match(table, "t", "s"), where=where)
     if table.conflict is not None:
@@ -161,7 +176,7 @@ def partial_update(name: str, table: TargetTable, relation: Relation,
 def delete(name: str, table: TargetTable, where: sql.Composable = NO_FILTER) -> sql.Composed:
     """Delete staged keys; with a time conflict column, only rows not newer than the commit."""
     statement = sql.SQL("DELETE FROM {target} AS t USING {stage} s "
-                        "WHERE s.{op} = 'D' AND {match}{where}").format(
+                        "WHERE s.{op} IN ('D', 'M') AND {match}{where}").format(
         target=_target(table), stage=_ident(name), op=OP, match=_key_match(table, "t", "s"),
         where=where)
     if table.conflict_is_time:
@@ -180,11 +195,11 @@ def record_conflicts(name: str, table: TargetTable, operation: str,
     assert table.conflict is not None
     column = _ident(table.columns[table.conflict])
     if operation == "delete":
-        selected = sql.SQL("s.{} = 'D'").format(OP)
+        selected = sql.SQL("s.{} IN ('D', 'M')").format(OP)
         incoming = sql.SQL("s.{}::timestamptz").format(COMMIT_TIME)
         incoming_text = sql.SQL("s.{}").format(COMMIT_TIME)
     else:
-        selected = sql.SQL("s.{} <> 'D'").format(OP)
+        selected = sql.SQL("s.{} IN ('I', 'U')").format(OP)
         incoming = _typed("s", table, table.conflict)
         incoming_text = sql.SQL("s.{}").format(column)
     key = sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(
@@ -205,7 +220,8 @@ def record_conflicts(name: str, table: TargetTable, operation: str,
 def staged_order(name: str, table: TargetTable) -> sql.Composed:
     """Each staged row's sequence number, whether it is a delete, its LSN and key as text."""
     key = sql.SQL(", ").join(sql.SQL("{}").format(_ident(table.columns[i])) for i in table.key)
-    return sql.SQL("SELECT {seq}, {op} = 'D', {lsn}, concat_ws(', ', {key}) FROM {stage}").format(
+    return sql.SQL("SELECT {seq}, {op} IN ('D', 'M'), {lsn}, concat_ws(', ', {key}) "
+                   "FROM {stage}").format(
         seq=SEQ, op=OP, lsn=LSN, key=key, stage=_ident(name))
 
 

@@ -111,8 +111,9 @@ class TransactionAssembler:
                 new_off = _skip_tuple(payload, old_off) + 1
                 if marker == _K or (key_values(relation, payload, old_off, table.source_key)
                                     != key_values(relation, payload, new_off, table.source_key)):
-                    # The key changed: the old key goes, as a delete before the new row.
-                    old_row, _, _ = write(b"D", relation, payload, old_off)
+                    # The key changed: the old key goes, as a delete right before the new row
+                    # (which may take unchanged TOASTed values from it).
+                    old_row, _, _ = write(b"M", relation, payload, old_off)
                     rows.rows.append(old_row)
                     rows.deletes += 1
                     self._rows += 1

@@ -5,7 +5,9 @@ field of a ``text`` column is that same length and text. Converting a row is the
 byte per column, and no value is ever parsed in Python: the target's input functions do it.
 
 Every staged row starts with the columns of :data:`META_COLUMNS` (sequence number, operation,
-commit LSN, commit time, unchanged-TOAST mask), followed by the relation's columns in order.
+commit LSN, commit time, unchanged-TOAST mask), followed by the relation's columns in order. The
+operation is I, U or D, or M for the old key of an update that changed the key: a delete whose
+row still holds the values the update left unchanged.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ _I16: Final = struct.Struct(">h")
 _I32: Final = struct.Struct(">i")
 _U32: Final = struct.Struct(">I")
 _SEQ: Final = struct.Struct(">iq")
-_OP_FIELD: Final = {op: _I32.pack(1) + op for op in (b"I", b"U", b"D")}
+_OP_FIELD: Final = {op: _I32.pack(1) + op for op in (b"I", b"U", b"D", b"M")}
 _T, _N, _U = ord("t"), ord("n"), ord("u")
 
 

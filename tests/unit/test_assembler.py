@@ -83,7 +83,7 @@ def test_staged_rows_carry_exactly_the_decoded_values() -> None:
         else:
             if m.old_kind == "K":
                 assert m.old is not None
-                flat.append((b"D", m.old))
+                flat.append((b"M", m.old))
             flat.append((b"U", m.new))
     meta = len(META_COLUMNS)
     assert [(f[1], f[meta:]) for _, f in rows] == [(op, expected(v)) for op, v in flat]

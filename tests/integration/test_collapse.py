@@ -1,0 +1,77 @@
+"""Several versions of a key inside one batch: the target ends with the source's final state."""
+
+from __future__ import annotations
+
+import pytest
+
+from cdcsync import admin
+from tests.conftest import DbPair
+from tests.harness import converged, execute, running, settings_for, wait_for
+
+SCHEMA = """
+CREATE TABLE docs (id int PRIMARY KEY, status text, body text, updated_at timestamptz);
+ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;
+CREATE TABLE full_ident (id int PRIMARY KEY, v text, body text);
+ALTER TABLE full_ident REPLICA IDENTITY FULL;
+ALTER TABLE full_ident ALTER COLUMN body SET STORAGE EXTERNAL;
+"""
+BIG = "repeat(md5(random()::text), 100)"
+
+
+@pytest.fixture(scope="module")
+def pair(dbpair: DbPair) -> DbPair:
+    execute(dbpair.source_dsn, SCHEMA)
+    admin.setup(settings_for(dbpair), create_tables=True)
+    return dbpair
+
+
+def _sync(pair: DbPair, *statements: str) -> None:
+    with running(settings_for(pair)) as runner:
+        execute(pair.source_dsn, *statements)
+        wait_for(converged(pair, ["public.docs", "public.full_ident"]), runner=runner,
+                 what="convergence")
+
+
+def test_versions_of_one_key_in_one_transaction(pair: DbPair) -> None:
+    """Insert, updates, delete and re-insert of keys in one transaction end as on the source."""
+    _sync(pair, f"""
+        INSERT INTO docs VALUES (3, 'old', {BIG}, now());
+        BEGIN;
+        INSERT INTO docs VALUES (1, 'a', {BIG}, now());
+        UPDATE docs SET status = 'b' WHERE id = 1;
+        UPDATE docs SET status = 'c' WHERE id = 1;
+        INSERT INTO docs VALUES (2, 'gone', 'x', now());
+        DELETE FROM docs WHERE id = 2;
+        DELETE FROM docs WHERE id = 3;
+        INSERT INTO docs VALUES (3, 'again', 'y', now());
+        COMMIT;""")
+
+
+def test_unchanged_toast_filled_from_an_earlier_version_in_the_batch(pair: DbPair) -> None:
+    """A TOASTed value inserted and then left unchanged by updates in the same batch arrives."""
+    _sync(pair, f"""
+        BEGIN;
+        INSERT INTO docs VALUES (10, 'new', {BIG}, now());
+        UPDATE docs SET status = 'edited' WHERE id = 10;
+        UPDATE docs SET status = 'edited twice', body = {BIG} WHERE id = 10;
+        UPDATE docs SET status = 'final' WHERE id = 10;
+        COMMIT;""")
+
+
+def test_primary_key_changes_within_a_batch(pair: DbPair) -> None:
+    """Keys moved (one with an untouched TOASTed value) and an old key reused."""
+    _sync(pair, "INSERT INTO docs VALUES (20, 'x', 'small', now())",
+          f"INSERT INTO docs VALUES (30, 'toasted', {BIG}, now())",
+          """BEGIN;
+             UPDATE docs SET id = 21 WHERE id = 20;
+             INSERT INTO docs VALUES (20, 'reused', 'small', now());
+             COMMIT;""",
+          "UPDATE docs SET id = 31 WHERE id = 30")
+
+
+def test_replica_identity_full_updates_and_deletes(pair: DbPair) -> None:
+    """A REPLICA IDENTITY FULL table: updates, a key change and deletes arrive."""
+    _sync(pair, f"INSERT INTO full_ident SELECT g, 'v', {BIG} FROM generate_series(1, 5) g",
+          "UPDATE full_ident SET v = 'w' WHERE id <= 2",
+          "UPDATE full_ident SET id = 50 WHERE id = 3",
+          "DELETE FROM full_ident WHERE id = 4")
