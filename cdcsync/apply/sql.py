@@ -46,8 +46,9 @@ def stage_name(table: TargetTable, relation: Relation) -> str:
 
 
 def create_stage(name: str, relation: Relation) -> sql.Composed:
-    columns = [sql.SQL("{} bigint").format(SEQ)]
-    columns += [sql.SQL("{} text").format(_ident(c)) for c in META_COLUMNS[1:]]
+    types = ("bigint", "text", "pg_lsn", "timestamptz", "text")
+    columns = [sql.SQL("{} {}").format(_ident(c), sql.SQL(t))
+               for c, t in zip(META_COLUMNS, types, strict=True)]
     columns += [sql.SQL("{} text").format(_ident(c)) for c in relation.column_names]
     return sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
         _ident(name), sql.SQL(", ").join(columns))
@@ -97,7 +98,7 @@ def fill_unchanged(name: str, table: TargetTable, relation: Relation,
     def earlier(alias: str) -> sql.Composed:
         return sql.SQL(
             "SELECT ARRAY[p.{col}] FROM {stage} p WHERE {match} AND p.{seq} < {alias}.{seq} "
-            "AND p.{op} IN ('I', 'U') AND coalesce(substr(p.{u}, {pos}, 1), '0') = '0' "
+            "AND p.{op} IN ('I', 'U') AND substr(p.{u}, {pos}, 1) = '0' "
             "ORDER BY p.{seq} DESC LIMIT 1"
         ).format(col=col, stage=stage, match=_key_match(table, "p", alias, typed=False),
                  seq=SEQ, alias=_ident(alias), op=OP, u=UNCHANGED, pos=position)
@@ -109,7 +110,7 @@ def fill_unchanged(name: str, table: TargetTable, relation: Relation,
              match=_key_match(table, "t", "m"), stage=stage, seq=SEQ, op=OP)
     return sql.SQL(
         "UPDATE {stage} s SET {col} = f.v[1], "
-        "{u} = nullif(overlay(s.{u} PLACING '0' FROM {pos} FOR 1), repeat('0', length(s.{u}))) "
+        "{u} = overlay(s.{u} PLACING '0' FROM {pos} FOR 1) "
         "FROM (SELECT x.{seq}, coalesce(({earlier_x}), ({moved_from})) AS v "
         "FROM {stage} x WHERE substr(x.{u}, {pos}, 1) = '1') f "
         "WHERE s.{seq} = f.{seq} AND f.v IS NOT NULL"
@@ -126,8 +127,8 @@ def keep_last_versions(name: str, table: TargetTable) -> sql.Composed:
 
 def count_candidates(name: str, where: sql.Composable = NO_FILTER) -> sql.Composed:
     """How many staged rows the upsert, the partial update and the delete will try to apply."""
-    return sql.SQL("SELECT count(*) FILTER (WHERE {op} IN ('I', 'U') AND {u} IS NULL), "
-                   "count(*) FILTER (WHERE {op} IN ('I', 'U') AND {u} IS NOT NULL), "
+    return sql.SQL("SELECT count(*) FILTER (WHERE {op} IN ('I', 'U') AND strpos({u}, '1') = 0), "
+                   "count(*) FILTER (WHERE {op} IN ('I', 'U') AND strpos({u}, '1') > 0), "
                    "count(*) FILTER (WHERE {op} IN ('D', 'M')) FROM {stage} s WHERE true{where}"
                    ).format(
         op=OP, u=UNCHANGED, stage=_ident(name), where=where)
@@ -138,7 +139,7 @@ def upsert(name: str, table: TargetTable, where: sql.Composable = NO_FILTER) -> 
     non_key = [c for i, c in enumerate(table.columns) if i not in table.key]
     statement = sql.SQL(
         "INSERT INTO {target} AS t ({columns}) SELECT {values} FROM {stage} s "
-        "WHERE s.{op} IN ('I', 'U') AND s.{u} IS NULL{where} ON CONFLICT ({keys}) "
+        "WHERE s.{op} IN ('I', 'U') AND strpos(s.{u}, '1') = 0{where} ON CONFLICT ({keys}) "
     ).format(
         target=_target(table),
         columns=sql.SQL(", ").join(_ident(c) for c in table.columns),
@@ -165,7 +166,7 @@ def partial_update(name: str, table: TargetTable, relation: Relation,
         for i, c in enumerate(table.columns) if i not in table.key)
     statement = sql.SQL(
         "UPDATE {target} AS t SET {sets} FROM {stage} s "
-        "WHERE s.{op} IN ('I', 'U') AND s.{u} IS NOT NULL AND {match}{where}"
+        "WHERE s.{op} IN ('I', 'U') AND strpos(s.{u}, '1') > 0 AND {match}{where}"
     ).format(target=_target(table), sets=sets, stage=_ident(name), op=OP, u=UNCHANGED,
              match=_key_match(table, "t", "s"), where=where)
     if table.conflict is not None:
@@ -181,7 +182,7 @@ def delete(name: str, table: TargetTable, where: sql.Composable = NO_FILTER) -> 
         where=where)
     if table.conflict_is_time:
         statement += sql.SQL(" AND {}").format(
-            _rule(table, sql.SQL("s.{}::timestamptz").format(COMMIT_TIME)))
+            _rule(table, sql.SQL("s.{}").format(COMMIT_TIME)))
     return statement
 
 
@@ -196,8 +197,8 @@ def record_conflicts(name: str, table: TargetTable, operation: str,
     column = _ident(table.columns[table.conflict])
     if operation == "delete":
         selected = sql.SQL("s.{} IN ('D', 'M')").format(OP)
-        incoming = sql.SQL("s.{}::timestamptz").format(COMMIT_TIME)
-        incoming_text = sql.SQL("s.{}").format(COMMIT_TIME)
+        incoming = sql.SQL("s.{}").format(COMMIT_TIME)
+        incoming_text = sql.SQL("s.{}::text").format(COMMIT_TIME)
     else:
         selected = sql.SQL("s.{} IN ('I', 'U')").format(OP)
         incoming = _typed("s", table, table.conflict)
@@ -208,7 +209,7 @@ def record_conflicts(name: str, table: TargetTable, operation: str,
     return sql.SQL(
         "INSERT INTO cdcsync.conflicts "
         "(table_name, key, operation, source_value, target_value, source_lsn) "
-        "SELECT {name}, {key}, {operation}, {incoming_text}, t.{column}::text, s.{lsn}::pg_lsn "
+        "SELECT {name}, {key}, {operation}, {incoming_text}, t.{column}::text, s.{lsn} "
         "FROM {stage} s JOIN {target} t ON {match} "
         "WHERE {selected} AND t.{column} > {incoming}{where}"
     ).format(name=sql.Literal(table.source_name), key=key, operation=sql.Literal(operation),
@@ -220,7 +221,7 @@ def record_conflicts(name: str, table: TargetTable, operation: str,
 def staged_order(name: str, table: TargetTable) -> sql.Composed:
     """Each staged row's sequence number, whether it is a delete, its LSN and key as text."""
     key = sql.SQL(", ").join(sql.SQL("{}").format(_ident(table.columns[i])) for i in table.key)
-    return sql.SQL("SELECT {seq}, {op} IN ('D', 'M'), {lsn}, concat_ws(', ', {key}) "
+    return sql.SQL("SELECT {seq}, {op} IN ('D', 'M'), {lsn}::text, concat_ws(', ', {key}) "
                    "FROM {stage}").format(
         seq=SEQ, op=OP, lsn=LSN, key=key, stage=_ident(name))
 

@@ -7,11 +7,13 @@ already covers are dropped here, so a restart from an older position applies not
 
 from __future__ import annotations
 
+import datetime as dt
 import struct
 from collections.abc import Callable
 
 from cdcsync.errors import ProtocolError
 from cdcsync.model import (
+    PG_EPOCH,
     ChangeChunk,
     Lsn,
     Relation,
@@ -29,6 +31,7 @@ from cdcsync.source.tuples import RowWriter, key_values
 Resolver = Callable[[Relation], TargetTable | None]
 
 _OID = struct.Struct(">I")
+_MICROSECOND = dt.timedelta(microseconds=1)
 _I, _U, _D = ord("I"), ord("U"), ord("D")
 _K, _O, _N = ord("K"), ord("O"), ord("N")
 
@@ -147,8 +150,7 @@ class TransactionAssembler:
         if self._skipping:
             self.skipped_transactions += 1
             return []
-        self._writer.begin(str(message.final_lsn).encode(),
-                           message.commit_time.isoformat().encode())
+        self._writer.begin(message.final_lsn, (message.commit_time - PG_EPOCH) // _MICROSECOND)
         return [TxnStart(message.xid, message.final_lsn, message.commit_time)]
 
     def _commit(self, message: pgoutput.Commit) -> list[StreamItem]:

@@ -4,8 +4,10 @@ A pgoutput text column is a kind byte followed by a 4-byte length and the text; 
 field of a ``text`` column is that same length and text. Converting a row is therefore dropping one
 byte per column, and no value is ever parsed in Python: the target's input functions do it.
 
-Every staged row starts with the columns of :data:`META_COLUMNS` (sequence number, operation,
-commit LSN, commit time, unchanged-TOAST mask), followed by the relation's columns in order. The
+Every staged row starts with the columns of :data:`META_COLUMNS`, followed by the relation's
+columns in order: a sequence number (bigint), the operation (text), the commit LSN (pg_lsn) and
+commit time (timestamptz) in their binary forms, and a mask with one character per column, '1'
+where the source left a TOASTed value unchanged (text). The
 operation is I, U or D, or M for the old key of an update that changed the key: a delete whose
 row still holds the values the update left unchanged.
 """
@@ -28,6 +30,8 @@ _I16: Final = struct.Struct(">h")
 _I32: Final = struct.Struct(">i")
 _U32: Final = struct.Struct(">I")
 _SEQ: Final = struct.Struct(">iq")
+_LSN_FIELD: Final = struct.Struct(">iQ")
+_TIME_FIELD: Final = struct.Struct(">iq")
 _OP_FIELD: Final = {op: _I32.pack(1) + op for op in (b"I", b"U", b"D", b"M")}
 _T, _N, _U = ord("t"), ord("n"), ord("u")
 
@@ -37,18 +41,21 @@ def text_field(value: bytes) -> bytes:
 
 
 class RowWriter:
-    """Writes the staged rows of one transaction; holds its LSN and commit-time fields."""
+    """Writes staged rows; holds the current transaction's LSN and commit-time fields."""
 
-    __slots__ = ("_ct", "_lsn", "seq")
+    __slots__ = ("_ct", "_lsn", "_zero_masks", "seq")
 
     def __init__(self, seq: int = 0) -> None:
         self.seq = seq
-        self._lsn = NULL
-        self._ct = NULL
+        self._lsn = _LSN_FIELD.pack(8, 0)
+        self._ct = _LSN_FIELD.pack(8, 0)
+        self._zero_masks: dict[int, bytes] = {}
 
-    def begin(self, lsn: bytes, commit_time: bytes) -> None:
-        self._lsn = text_field(lsn)
-        self._ct = text_field(commit_time)
+    def begin(self, lsn: int, commit_time_us: int) -> None:
+        """Start a transaction committed at ``lsn`` (its commit record), ``commit_time_us``
+        microseconds after 2000-01-01 UTC: the binary forms of pg_lsn and timestamptz."""
+        self._lsn = _LSN_FIELD.pack(8, lsn)
+        self._ct = _TIME_FIELD.pack(8, commit_time_us)
 
     def row(self, op: bytes, relation: Relation, buf: bytes, off: int) -> tuple[bytes, int, int]:
         """Convert the tuple at ``buf[off]``: return the COPY row, the offset after the tuple,
@@ -60,7 +67,7 @@ class RowWriter:
                                 f"its Relation message {width}")
         self.seq += 1
         parts = [_I16.pack(width + 5), _SEQ.pack(8, self.seq), _OP_FIELD[op], self._lsn,
-                 self._ct, NULL]
+                 self._ct, b""]
         append = parts.append
         off += 2
         mask = 0
@@ -82,10 +89,17 @@ class RowWriter:
                                     f"{relation.qualified} (cdcsync streams text values)")
         if off > len(buf):
             raise ProtocolError(f"truncated tuple of {relation.qualified}")
-        if mask:
-            parts[5] = text_field("".join("1" if mask >> i & 1 else "0"
-                                          for i in range(width)).encode())
+        parts[5] = self._mask_field(mask, width)
         return b"".join(parts), off, mask
+
+    def _mask_field(self, mask: int, width: int) -> bytes:
+        if mask:
+            return text_field("".join("1" if mask >> i & 1 else "0" for i in range(width))
+                              .encode())
+        field = self._zero_masks.get(width)
+        if field is None:
+            field = self._zero_masks[width] = text_field(b"0" * width)
+        return field
 
 
 def key_values(relation: Relation, buf: bytes, off: int, key: tuple[int, ...]) -> tuple[bytes, ...]:
