@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from cdcsync.errors import ProtocolError
 from cdcsync.model import (
@@ -26,13 +27,13 @@ from cdcsync.model import (
     TxnStart,
 )
 from cdcsync.source import pgoutput
-from cdcsync.source.tuples import RowWriter, key_values
+from cdcsync.source.tuples import PendingRow, key_values, stage_rows
 
 Resolver = Callable[[Relation], TargetTable | None]
 
 _OID = struct.Struct(">I")
 _MICROSECOND = dt.timedelta(microseconds=1)
-_I, _U, _D = ord("I"), ord("U"), ord("D")
+_I, _U, _D, _M = ord("I"), ord("U"), ord("D"), ord("M")
 _K, _O, _N = ord("K"), ord("O"), ord("N")
 
 
@@ -50,12 +51,13 @@ class TransactionAssembler:
         self._chunk_rows = chunk_rows
         self._chunk_bytes = chunk_bytes
         self._relations: dict[int, tuple[Relation, TargetTable | None]] = {}
-        self._pending: dict[int, TableRows] = {}
+        self._pending: dict[int, _Building] = {}
         self._rows = 0
         self._bytes = 0
         self._in_txn = False
         self._skipping = False
-        self._writer = RowWriter()
+        self._seq = 0
+        self._txn = (0, 0)
         self.skipped_transactions = 0
         self.last_end_lsn = skip_before
 
@@ -73,7 +75,7 @@ class TransactionAssembler:
                 return []
             try:
                 self._row_change(kind, payload)
-            except (IndexError, struct.error, KeyError) as exc:
+            except (IndexError, struct.error, KeyError, ValueError) as exc:
                 raise ProtocolError(f"malformed {chr(kind)} message: {exc!r}") from None
             if self._rows >= self._chunk_rows or self._bytes >= self._chunk_bytes:
                 return [self._take_chunk()]
@@ -93,44 +95,41 @@ class TransactionAssembler:
 
     def _row_change(self, kind: int, payload: bytes) -> None:
         oid = _OID.unpack_from(payload, 1)[0]
-        relation, table = self._relations[oid]
-        if table is None:
-            return
-        rows = self._pending.get(oid)
-        if rows is None:
-            rows = self._pending[oid] = TableRows(relation, table)
-        write = self._writer.row
-        off = 5
+        building = self._pending.get(oid)
+        if building is None:
+            relation, table = self._relations[oid]
+            if table is None:
+                return
+            building = self._pending[oid] = _Building(relation, table)
+        seq = self._seq = self._seq + 1
+        lsn, commit_time = self._txn
         if kind == _I:
-            row, off, mask = write(b"I", relation, payload, off + 1)
-            rows.inserts += 1
+            building.rows.append((payload, 6, _I, seq, lsn, commit_time))
+            building.inserts += 1
         elif kind == _D:
-            row, off, mask = write(b"D", relation, payload, off + 1)
-            rows.deletes += 1
+            building.rows.append((payload, 6, _D, seq, lsn, commit_time))
+            building.deletes += 1
         else:
-            marker = payload[off]
+            marker = payload[5]
+            off = 6
             if marker in (_K, _O):
-                old_off = off + 1
-                new_off = _skip_tuple(payload, old_off) + 1
-                if marker == _K or (key_values(relation, payload, old_off, table.source_key)
-                                    != key_values(relation, payload, new_off, table.source_key)):
-                    # The key changed: the old key goes, as a delete right before the new row
-                    # (which may take unchanged TOASTed values from it).
-                    old_row, _, _ = write(b"M", relation, payload, old_off)
-                    rows.rows.append(old_row)
-                    rows.deletes += 1
+                off = _skip_tuple(payload, 6) + 1
+                table = building.table
+                if marker == _K or (key_values(building.relation, payload, 6, table.source_key)
+                                    != key_values(building.relation, payload, off,
+                                                  table.source_key)):
+                    # The key changed: the old key goes, as a move (a delete) right before the
+                    # new row, which may take unchanged TOASTed values from it.
+                    building.rows.append((payload, 6, _M, seq, lsn, commit_time))
+                    building.deletes += 1
+                    seq = self._seq = seq + 1
                     self._rows += 1
-                off = new_off
-            elif marker == _N:
-                off += 1
-            else:
+            elif marker != _N:
                 raise ProtocolError(f"unexpected tuple marker {chr(marker)!r} in an Update")
-            row, off, mask = write(b"U", relation, payload, off)
-            rows.updates += 1
-        rows.rows.append(row)
-        rows.unchanged_mask |= mask
+            building.rows.append((payload, off, _U, seq, lsn, commit_time))
+            building.updates += 1
         self._rows += 1
-        self._bytes += len(row)
+        self._bytes += len(payload)
 
     def _relation(self, relation: Relation) -> list[StreamItem]:
         known = self._relations.get(relation.oid)
@@ -150,7 +149,7 @@ class TransactionAssembler:
         if self._skipping:
             self.skipped_transactions += 1
             return []
-        self._writer.begin(message.final_lsn, (message.commit_time - PG_EPOCH) // _MICROSECOND)
+        self._txn = (message.final_lsn, (message.commit_time - PG_EPOCH) // _MICROSECOND)
         return [TxnStart(message.xid, message.final_lsn, message.commit_time)]
 
     def _commit(self, message: pgoutput.Commit) -> list[StreamItem]:
@@ -189,11 +188,29 @@ class TransactionAssembler:
         return items
 
     def _take_chunk(self) -> ChangeChunk:
-        chunk = ChangeChunk(tuple(self._pending.values()), self._rows, self._bytes)
+        tables = tuple(b.staged() for b in self._pending.values())
+        chunk = ChangeChunk(tables, self._rows, self._bytes)
         self._pending = {}
         self._rows = 0
         self._bytes = 0
         return chunk
+
+
+@dataclass(slots=True)
+class _Building:
+    """Row changes of one relation in the chunk being built, not yet converted."""
+
+    relation: Relation
+    table: TargetTable
+    rows: list[PendingRow] = field(default_factory=list)
+    inserts: int = 0
+    updates: int = 0
+    deletes: int = 0
+
+    def staged(self) -> TableRows:
+        blob, unchanged = stage_rows(self.relation, self.rows)
+        return TableRows(self.relation, self.table, [blob], self.inserts, self.updates,
+                         self.deletes, unchanged)
 
 
 def _skip_tuple(buf: bytes, off: int) -> int:

@@ -15,6 +15,7 @@ row still holds the values the update left unchanged.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import Final
 
 from cdcsync.errors import ProtocolError
@@ -32,7 +33,7 @@ _U32: Final = struct.Struct(">I")
 _SEQ: Final = struct.Struct(">iq")
 _LSN_FIELD: Final = struct.Struct(">iQ")
 _TIME_FIELD: Final = struct.Struct(">iq")
-_OP_FIELD: Final = {op: _I32.pack(1) + op for op in (b"I", b"U", b"D", b"M")}
+_OP_FIELD: Final = {op: _I32.pack(1) + bytes([op]) for op in b"IUDM"}
 _T, _N, _U = ord("t"), ord("n"), ord("u")
 
 
@@ -40,42 +41,35 @@ def text_field(value: bytes) -> bytes:
     return _I32.pack(len(value)) + value
 
 
-class RowWriter:
-    """Writes staged rows; holds the current transaction's LSN and commit-time fields."""
+PendingRow = tuple[bytes, int, int, int, int, int]
+"""One row change as the reader keeps it until its chunk is staged: the message payload, the
+offset of the tuple in it, the operation (``ord`` of I, U, D or M), the sequence number, and the
+transaction's commit LSN and commit time (microseconds since 2000-01-01 UTC)."""
 
-    __slots__ = ("_ct", "_lsn", "_zero_masks", "seq")
 
-    def __init__(self, seq: int = 0) -> None:
-        self.seq = seq
-        self._lsn = _LSN_FIELD.pack(8, 0)
-        self._ct = _LSN_FIELD.pack(8, 0)
-        self._zero_masks: dict[int, bytes] = {}
-
-    def begin(self, lsn: int, commit_time_us: int) -> None:
-        """Start a transaction committed at ``lsn`` (its commit record), ``commit_time_us``
-        microseconds after 2000-01-01 UTC: the binary forms of pg_lsn and timestamptz."""
-        self._lsn = _LSN_FIELD.pack(8, lsn)
-        self._ct = _TIME_FIELD.pack(8, commit_time_us)
-
-    def row(self, op: bytes, relation: Relation, buf: bytes, off: int) -> tuple[bytes, int, int]:
-        """Convert the tuple at ``buf[off]``: return the COPY row, the offset after the tuple,
-        and the mask of columns the source left unchanged (TOAST)."""
-        width = len(relation.columns)
-        (count,) = _I16.unpack_from(buf, off)
+def stage_rows(relation: Relation, rows: Sequence[PendingRow]) -> tuple[bytes, int]:
+    """Convert ``rows`` into concatenated binary COPY rows for the relation's staging table;
+    also return the union of their unchanged-TOAST masks (bit i: column i)."""
+    width = len(relation.columns)
+    head = _I16.pack(width + 5)
+    zero_mask = text_field(b"0" * width)
+    out: list[bytes] = []
+    union = 0
+    for payload, start, op, seq, lsn, commit_time in rows:
+        (count,) = _I16.unpack_from(payload, start)
         if count != width:
             raise ProtocolError(f"tuple of {relation.qualified} has {count} columns, "
                                 f"its Relation message {width}")
-        self.seq += 1
-        parts = [_I16.pack(width + 5), _SEQ.pack(8, self.seq), _OP_FIELD[op], self._lsn,
-                 self._ct, b""]
+        parts = [head, _SEQ.pack(8, seq), _OP_FIELD[op], _LSN_FIELD.pack(8, lsn),
+                 _TIME_FIELD.pack(8, commit_time), zero_mask]
         append = parts.append
-        off += 2
+        off = start + 2
         mask = 0
         for i in range(width):
-            kind = buf[off]
+            kind = payload[off]
             if kind == _T:
-                end = off + 5 + _U32.unpack_from(buf, off + 1)[0]
-                append(buf[off + 1 : end])
+                end = off + 5 + _U32.unpack_from(payload, off + 1)[0]
+                append(payload[off + 1 : end])
                 off = end
             elif kind == _N:
                 append(NULL)
@@ -87,19 +81,14 @@ class RowWriter:
             else:
                 raise ProtocolError(f"unexpected column kind {chr(kind)!r} in a tuple of "
                                     f"{relation.qualified} (cdcsync streams text values)")
-        if off > len(buf):
+        if off > len(payload):
             raise ProtocolError(f"truncated tuple of {relation.qualified}")
-        parts[5] = self._mask_field(mask, width)
-        return b"".join(parts), off, mask
-
-    def _mask_field(self, mask: int, width: int) -> bytes:
         if mask:
-            return text_field("".join("1" if mask >> i & 1 else "0" for i in range(width))
-                              .encode())
-        field = self._zero_masks.get(width)
-        if field is None:
-            field = self._zero_masks[width] = text_field(b"0" * width)
-        return field
+            parts[5] = text_field("".join("1" if mask >> i & 1 else "0" for i in range(width))
+                                  .encode())
+            union |= mask
+        out.append(b"".join(parts))
+    return b"".join(out), union
 
 
 def key_values(relation: Relation, buf: bytes, off: int, key: tuple[int, ...]) -> tuple[bytes, ...]:

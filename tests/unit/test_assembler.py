@@ -39,22 +39,25 @@ def target_for(relation: Relation) -> TargetTable:
                        tuple(range(len(relation.columns))), key, key, None, False)
 
 
-def parse_copy_row(row: bytes) -> tuple[bytes | None, ...]:
-    """A staged binary COPY row back into its fields (None for NULL)."""
-    (count,) = struct.unpack_from(">h", row)
-    off, fields = 2, []
-    for _ in range(count):
-        (size,) = struct.unpack_from(">i", row, off)
-        off += 4
-        fields.append(None if size < 0 else row[off:off + size])
-        off += max(size, 0)
-    assert off == len(row)
-    return tuple(fields)
+def parse_copy_rows(blob: bytes) -> list[tuple[bytes | None, ...]]:
+    """Staged binary COPY rows back into their fields (None for NULL)."""
+    rows, off = [], 0
+    while off < len(blob):
+        (count,) = struct.unpack_from(">h", blob, off)
+        off += 2
+        fields: list[bytes | None] = []
+        for _ in range(count):
+            (size,) = struct.unpack_from(">i", blob, off)
+            off += 4
+            fields.append(None if size < 0 else blob[off:off + size])
+            off += max(size, 0)
+        rows.append(tuple(fields))
+    return rows
 
 
 def staged(items: list[object]) -> list[tuple[TableRows, tuple[bytes | None, ...]]]:
-    return [(t, parse_copy_row(r)) for i in items if isinstance(i, ChangeChunk)
-            for t in i.tables for r in t.rows]
+    return [(t, row) for i in items if isinstance(i, ChangeChunk)
+            for t in i.tables for blob in t.rows for row in parse_copy_rows(blob)]
 
 
 def feed_all(assembler: TransactionAssembler, payloads: list[bytes]) -> list[object]:
