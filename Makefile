@@ -50,7 +50,7 @@ check: venv
 	$(VENV)/bin/mypy cdcsync
 
 bench: venv pg
-	$(VENV)/bin/python bench/throughput.py
+	$(VENV)/bin/python -m bench.throughput --scenario all
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
