@@ -50,6 +50,13 @@ transaction's commit LSN and commit time (microseconds since 2000-01-01 UTC)."""
 def stage_rows(relation: Relation, rows: Sequence[PendingRow]) -> tuple[bytes, int]:
     """Convert ``rows`` into concatenated binary COPY rows for the relation's staging table;
     also return the union of their unchanged-TOAST masks (bit i: column i)."""
+    try:
+        return _stage_rows(relation, rows)
+    except (IndexError, struct.error) as exc:
+        raise ProtocolError(f"truncated tuple of {relation.qualified} ({exc})") from None
+
+
+def _stage_rows(relation: Relation, rows: Sequence[PendingRow]) -> tuple[bytes, int]:
     width = len(relation.columns)
     head = _I16.pack(width + 5)
     zero_mask = text_field(b"0" * width)

@@ -154,6 +154,7 @@ def test_damaged_row_messages_raise_protocol_error_only(data: st.DataObject) -> 
         victim[data.draw(st.integers(0, len(victim) - 1))] = data.draw(st.integers(0, 255))
     with contextlib.suppress(ProtocolError):
         assembler.feed(bytes(victim))
+        assembler.feed(RAW[5])  # the Commit stages the chunk: conversion errors surface here
 
 
 def test_row_change_outside_transaction_is_refused() -> None:
