@@ -47,6 +47,7 @@ class _Pending:
     stage: str
     rows: list[bytes] = field(default_factory=list)
     only_inserts: bool = True
+    inserts: int = 0
     unchanged_mask: int = 0
 
 
@@ -103,6 +104,7 @@ class Applier:
             pending = self._pending[table.oid] = _Pending(table, rows.relation, stage)
         pending.rows.extend(rows.rows)
         pending.only_inserts = pending.only_inserts and not (rows.updates or rows.deletes)
+        pending.inserts += rows.inserts
         pending.unchanged_mask |= rows.unchanged_mask
         name = table.source_name
         self.applied[(name, "insert")] += rows.inserts
@@ -238,7 +240,10 @@ class Applier:
             if batch.unchanged_mask:
                 cur.execute(q.partial_update(batch.stage, table, batch.relation, where), params)
             return
-        full, partial, _ = self._candidates(cur, batch, where, params)
+        if batch.only_inserts and not params:
+            full, partial = batch.inserts, 0  # no duplicate keys and no TOAST marks to count
+        else:
+            full, partial, _ = self._candidates(cur, batch, where, params)
         applied = 0
         if full:
             cur.execute(q.upsert(batch.stage, table, where), params)

@@ -64,6 +64,24 @@ def test_newer_target_row_survives_and_conflict_is_logged(pair: DbPair) -> None:
                       ("public.customers", {"id": 2}, "delete", True, True)]
 
 
+def test_insert_losing_to_a_newer_target_row_is_logged(pair: DbPair) -> None:
+    """An insert-only batch meeting a newer row already on the target logs the conflict."""
+    execute(pair.target_dsn, "INSERT INTO customers VALUES (7, 'target', 't@x', "
+                             "now() + interval '1 day')")
+    with running(settings_for(pair)) as runner:
+        execute(pair.source_dsn, "INSERT INTO customers VALUES (7, 'source', 's@x', now()), "
+                                 "(8, 'other', 'o@x', now())")
+        wait_for(lambda: any(r[0] == 8 for r in table_rows(pair.target_dsn,
+                                                             "public.customers")),
+                 runner=runner, what="customer 8")
+    names = {r[0]: r[1] for r in table_rows(pair.target_dsn, "public.customers")}
+    assert (names[7], names[8]) == ("target", "other")
+    with psycopg.connect(pair.target_dsn) as conn:
+        rows = conn.execute("SELECT operation FROM cdcsync.conflicts "
+                            "WHERE key = jsonb_build_object('id', 7)").fetchall()
+    assert rows == [("upsert",)]
+
+
 def test_foreign_keys_apply_parents_first_and_children_deleted_first(pair: DbPair) -> None:
     """Parent and child rows inserted and deleted in the same transactions never violate the FK."""
     with running(settings_for(pair)) as runner:
