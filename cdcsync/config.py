@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cdcsync.errors import ConfigError
 
@@ -98,13 +98,11 @@ class TableOverride(_Section):
         return value
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="CDCSYNC_",
-        env_nested_delimiter="__",
-        extra="forbid",
-        frozen=True,
-    )
+class Settings(BaseModel):
+    """The whole configuration. Built from data only: :func:`load_settings` adds the file and
+    the environment, so tests and the demo cannot be redirected by a stray variable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     tables: tuple[str, ...] = Field(min_length=1)
     table: tuple[TableOverride, ...] = ()
@@ -124,23 +122,36 @@ class Settings(BaseSettings):
                 )
         return value
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The file's values arrive as init arguments; the environment must override them.
-        return (env_settings, init_settings)
-
     def override_for(self, qualified: str) -> TableOverride:
         for entry in self.table:
             if entry.name == qualified:
                 return entry
         return TableOverride(name=qualified)
+
+
+class _Environment(BaseSettings):
+    """The ``CDCSYNC_<SECTION>__<KEY>`` overrides, as raw data for :class:`Settings`."""
+
+    model_config = SettingsConfigDict(env_prefix="CDCSYNC_", env_nested_delimiter="__",
+                                      extra="ignore")
+
+    tables: list[str] | None = None
+    table: list[dict[str, Any]] | None = None
+    source: dict[str, Any] = {}
+    target: dict[str, Any] = {}
+    apply: dict[str, Any] = {}
+    http: dict[str, Any] = {}
+    log: dict[str, Any] = {}
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def config_path(cli_path: str | None) -> Path | None:
@@ -162,7 +173,8 @@ def load_settings(path: Path | None) -> Settings:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}", fix="correct the syntax") from exc
     try:
-        return Settings(**data)
+        overrides = _Environment().model_dump(exclude_defaults=True)
+        return Settings(**_merge(data, overrides))
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, path)) from None
 

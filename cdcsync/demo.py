@@ -19,7 +19,6 @@ from typing import TextIO
 
 from psycopg import sql
 from pydantic import SecretStr
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from cdcsync import admin, daemon
 from cdcsync.admin import Conn
@@ -53,24 +52,8 @@ STATUSES = ("paid", "packed", "shipped", "delivered")
 TIERS = ("bronze", "silver", "gold", "platinum")
 
 
-class _DemoSettings(Settings):
-    """Settings from the code only: a stray ``CDCSYNC_*`` variable must not aim the demo's setup
-    and teardown at a real server."""
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
-
-
 def demo_settings(source: LocalCluster, target: LocalCluster) -> Settings:
-    return _DemoSettings(
+    return Settings(
         tables=TABLES,
         source=SourceSettings(dsn=SecretStr(source.dsn()), slot=NAME, publication=NAME),
         target=TargetSettings(dsn=SecretStr(target.dsn())),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -134,3 +135,23 @@ def cli(*args: str, config: Path | None = None, timeout: float = 60,
 def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as sink:
         return subprocess.Popen([CLI, "--config", str(config), "run"], stdout=sink, stderr=sink)
+
+
+Transaction = Callable[[psycopg.Connection[tuple[Any, ...]], random.Random], None]
+
+
+def writer(dsn: str, stop: threading.Event, seed: int, transaction: Transaction,
+           pause_s: float = 0.0) -> threading.Thread:
+    """A thread running ``transaction`` on the source until ``stop``; a deadlock between two
+    writers is rolled back (the source stays consistent) and the loop goes on."""
+    def loop() -> None:
+        rng = random.Random(seed)
+        with psycopg.connect(dsn) as conn:
+            while not stop.is_set():
+                try:
+                    transaction(conn, rng)
+                except psycopg.errors.DeadlockDetected:
+                    conn.rollback()
+                time.sleep(pause_s)
+
+    return threading.Thread(target=loop, name=f"writer-{seed}", daemon=True)

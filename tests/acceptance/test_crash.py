@@ -13,7 +13,15 @@ import pytest
 
 from cdcsync.model import Lsn
 from tests.conftest import DbPair
-from tests.harness import cli, converged, execute, start_daemon, wait_for, write_config
+from tests.harness import (
+    cli,
+    converged,
+    execute,
+    start_daemon,
+    wait_for,
+    write_config,
+    writer,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -22,17 +30,6 @@ CREATE TABLE items (id int PRIMARY KEY, val int NOT NULL, note text,
                     updated_at timestamptz NOT NULL DEFAULT clock_timestamp());
 CREATE TABLE events (id bigint PRIMARY KEY, item int, payload jsonb);
 """
-
-
-def _workload(dsn: str, stop: threading.Event, seed: int) -> None:
-    rng = random.Random(seed)
-    with psycopg.connect(dsn) as conn:
-        while not stop.is_set():
-            try:
-                _transaction(conn, rng)
-            except psycopg.errors.DeadlockDetected:
-                conn.rollback()  # the writers crossed; the source stays consistent either way
-            time.sleep(0.002)
 
 
 def _transaction(conn: psycopg.Connection[tuple[object, ...]], rng: random.Random) -> None:
@@ -78,8 +75,8 @@ def test_kill_minus_nine_under_load_converges(dbpair: DbPair, tmp_path: Path) ->
     assert setup.returncode == 0, setup.stderr
     log = tmp_path / "daemon.log"
     stop = threading.Event()
-    writers = [threading.Thread(target=_workload, args=(dbpair.source_dsn, stop, s))
-               for s in range(2)]
+    writers = [writer(dbpair.source_dsn, stop, seed, _transaction, pause_s=0.002)
+               for seed in range(2)]
     watch = CheckpointWatch(dbpair.target_dsn)
     for thread in (*writers, watch):
         thread.start()

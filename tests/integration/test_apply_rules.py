@@ -11,7 +11,15 @@ import pytest
 
 from cdcsync import admin
 from tests.conftest import DbPair
-from tests.harness import converged, execute, running, settings_for, table_rows, wait_for
+from tests.harness import (
+    converged,
+    execute,
+    running,
+    settings_for,
+    table_rows,
+    wait_for,
+    writer,
+)
 
 SOURCE = """
 CREATE TABLE customers (id int PRIMARY KEY, name text, email text UNIQUE,
@@ -119,16 +127,6 @@ def test_unique_value_swapped_within_a_batch(pair: DbPair) -> None:
     assert (emails()[10], emails()[11]) == ("q@x", "p@x")
 
 
-def _transfers(dsn: str, stop: threading.Event, seed: int) -> None:
-    rng = random.Random(seed)
-    with psycopg.connect(dsn) as conn:
-        while not stop.is_set():
-            try:
-                _transfer(conn, rng)
-            except psycopg.errors.DeadlockDetected:
-                conn.rollback()  # two writers crossed; the source stays consistent either way
-
-
 def _transfer(conn: psycopg.Connection[tuple[object, ...]], rng: random.Random) -> None:
     if rng.random() < 0.1:
         # A wide transaction: far more rows than the batch limit, so it is merged in several
@@ -152,8 +150,7 @@ def test_reader_never_sees_half_a_transaction(pair: DbPair) -> None:
     stop = threading.Event()
     with running(settings) as runner:
         wait_for(converged(pair, ["public.accounts"]), runner=runner)
-        writers = [threading.Thread(target=_transfers, args=(pair.source_dsn, stop, s))
-                   for s in range(2)]
+        writers = [writer(pair.source_dsn, stop, seed, _transfer) for seed in range(2)]
         for w in writers:
             w.start()
         sums = []

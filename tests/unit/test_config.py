@@ -95,3 +95,18 @@ def test_example_config_loads_and_names_every_key() -> None:
             continue
         for key in inner:
             assert f"\n{key} " in text or f"\n{key}=" in text, f"{section}.{key} undocumented"
+
+
+def test_misspelt_environment_key_is_named(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CDCSYNC_SECTION__KEY variable naming no key is refused like a bad file key."""
+    monkeypatch.setenv("CDCSYNC_SOURCE__SLOTT", "x")
+    with pytest.raises(ConfigError, match=r"unknown key 'source.slott'"):
+        load_settings(_write(tmp_path, GOOD))
+
+
+def test_settings_built_in_code_ignore_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only load_settings reads the environment: settings built in code stay as given."""
+    monkeypatch.setenv("CDCSYNC_SOURCE__DSN", "host=elsewhere")
+    settings = Settings(tables=("a.b",), source={"dsn": "host=here"}, target={"dsn": "x"})
+    assert settings.source.dsn.get_secret_value() == "host=here"
