@@ -27,6 +27,9 @@ CREATE TABLE customers (id int PRIMARY KEY, name text, email text UNIQUE,
 CREATE TABLE z_parent (id int PRIMARY KEY, label text);
 CREATE TABLE a_child (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES z_parent (id));
 CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);
+CREATE TABLE husband (id int PRIMARY KEY, wife_id int);
+CREATE TABLE wife (id int PRIMARY KEY, husband_id int REFERENCES husband (id));
+ALTER TABLE husband ADD FOREIGN KEY (wife_id) REFERENCES wife (id);
 """
 # The target adds the constraints a real copy has: the FK and the unique email.
 TARGET = """
@@ -35,6 +38,9 @@ CREATE TABLE customers (id int PRIMARY KEY, name text, email text UNIQUE,
 CREATE TABLE z_parent (id int PRIMARY KEY, label text);
 CREATE TABLE a_child (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES z_parent (id));
 CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);
+CREATE TABLE husband (id int PRIMARY KEY, wife_id int);
+CREATE TABLE wife (id int PRIMARY KEY, husband_id int REFERENCES husband (id));
+ALTER TABLE husband ADD FOREIGN KEY (wife_id) REFERENCES wife (id);
 """
 ACCOUNTS = 500
 TOTAL = ACCOUNTS * 1000
@@ -106,6 +112,27 @@ def test_foreign_keys_apply_parents_first_and_children_deleted_first(pair: DbPai
         wait_for(converged(pair, ["public.z_parent", "public.a_child"]), runner=runner,
                  what="parent and child convergence")
     assert len(table_rows(pair.target_dsn, "public.a_child")) == 30
+
+
+def test_foreign_key_cycle_applies_in_source_order(pair: DbPair) -> None:
+    """Tables whose foreign keys form a cycle are applied change by change in source order."""
+    with running(settings_for(pair)) as runner:
+        execute(pair.source_dsn, """
+            BEGIN;
+            INSERT INTO husband VALUES (1, NULL);
+            INSERT INTO wife VALUES (1, 1);
+            UPDATE husband SET wife_id = 1 WHERE id = 1;
+            INSERT INTO husband VALUES (2, NULL);
+            COMMIT;""", """
+            BEGIN;
+            UPDATE husband SET wife_id = NULL WHERE id = 1;
+            DELETE FROM wife WHERE id = 1;
+            DELETE FROM husband WHERE id = 1;
+            INSERT INTO wife VALUES (2, 2);
+            COMMIT;""")
+        wait_for(converged(pair, ["public.husband", "public.wife"]), runner=runner,
+                 what="cycle convergence")
+    assert table_rows(pair.target_dsn, "public.wife") == [(2, 2)]
 
 
 def test_unique_value_swapped_within_a_batch(pair: DbPair) -> None:

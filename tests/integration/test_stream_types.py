@@ -66,3 +66,15 @@ def test_truncate_empties_target(pair: DbPair) -> None:
         wait_for(lambda: table_rows(pair.target_dsn, "public.other") == [], runner=runner,
                  what="truncate")
     assert table_rows(pair.target_dsn, "public.kitchen") == []
+
+
+def test_truncate_can_be_ignored(pair: DbPair) -> None:
+    """With [apply] truncate = "ignore", a source TRUNCATE leaves the target rows alone."""
+    settings = settings_for(pair, apply={"truncate": "ignore"})
+    with running(settings) as runner:
+        execute(pair.source_dsn, "INSERT INTO other VALUES ('kept', 1)")
+        wait_for(converged(pair, ["public.other"]), runner=runner)
+        execute(pair.source_dsn, "TRUNCATE other", "INSERT INTO other VALUES ('after', 2)")
+        wait_for(lambda: len(table_rows(pair.target_dsn, "public.other")) == 2, runner=runner,
+                 what="the row after the truncate")
+    assert [r[0] for r in table_rows(pair.target_dsn, "public.other")] == ["after", "kept"]
