@@ -282,6 +282,7 @@ def status(settings: Settings) -> dict[str, Any]:
         result["slot_confirmed_lsn"] = info.confirmed_flush
         result["slot_retained_wal_bytes"] = info.retained_bytes
         result["slot_wal_status"] = info.wal_status
+        result["slot_safe_wal_size_bytes"] = info.safe_wal_size
     position = saved.lsn if saved else (Lsn.parse(info.confirmed_flush) if info and
                                         info.confirmed_flush else None)
     result["lag_bytes"] = max(0, Lsn.parse(current) - position) if position is not None else None

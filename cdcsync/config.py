@@ -36,6 +36,7 @@ class SourceSettings(_Section):
     publication: str = "cdcsync"
     decoder: Literal["pgoutput", "wal2json"] = "pgoutput"
     status_interval_s: float = Field(default=10.0, gt=0, le=60)
+    heartbeat_interval_s: float = Field(default=10.0, ge=0)
 
     @field_validator("slot")
     @classmethod
@@ -67,6 +68,7 @@ class ApplySettings(_Section):
 
 class HttpSettings(_Section):
     listen: str = "127.0.0.1:9187"
+    ready_lag_s: float = Field(default=30.0, gt=0)
 
     @field_validator("listen")
     @classmethod
@@ -75,6 +77,16 @@ class HttpSettings(_Section):
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError("expected HOST:PORT, for example 127.0.0.1:9187")
         return value
+
+
+class AlertSettings(_Section):
+    sentry_dsn: SecretStr | None = None
+    lag_seconds: float = Field(default=60.0, gt=0)
+    retained_wal_bytes: int = Field(default=10 * 2**30, gt=0)
+    retained_wal_fraction: float = Field(default=0.8, gt=0, le=1)
+    apply_errors: int = Field(default=3, ge=1)
+    grace_s: float = Field(default=60.0, ge=0)
+    check_interval_s: float = Field(default=10.0, gt=0)
 
 
 class LogSettings(_Section):
@@ -110,6 +122,7 @@ class Settings(BaseModel):
     target: TargetSettings
     apply: ApplySettings = ApplySettings()
     http: HttpSettings = HttpSettings()
+    alerts: AlertSettings = AlertSettings()
     log: LogSettings = LogSettings()
 
     @field_validator("tables")
@@ -141,6 +154,7 @@ class _Environment(BaseSettings):
     target: dict[str, Any] = {}
     apply: dict[str, Any] = {}
     http: dict[str, Any] = {}
+    alerts: dict[str, Any] = {}
     log: dict[str, Any] = {}
 
 

@@ -1,4 +1,4 @@
-"""``cdcsync run``: the pipeline under signal handling, with a bounded graceful shutdown."""
+"""``cdcsync run``: the pipeline with its HTTP endpoints, periodic jobs, alerting and signals."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ import signal
 import threading
 from types import FrameType
 
-from cdcsync import checkpoint
+from cdcsync import __version__, alerts, checkpoint
 from cdcsync.admin import connect
+from cdcsync.alerts import Alerter, Thresholds
 from cdcsync.config import Settings
 from cdcsync.errors import PrerequisiteError
+from cdcsync.health import Health, HttpServer
+from cdcsync.jobs import Jobs
 from cdcsync.logs import event
+from cdcsync.metrics import Metrics
 from cdcsync.pipeline import Pipeline, open_target_pool
 from cdcsync.source import catalog
 
@@ -31,22 +35,51 @@ def preflight(settings: Settings) -> None:
         checkpoint.install_metadata(tgt)
 
 
+def _alerter(settings: Settings) -> Alerter:
+    conf = settings.alerts
+    dsn = conf.sentry_dsn.get_secret_value() if conf.sentry_dsn else None
+    sentry = alerts.init_sentry(dsn, slot=settings.source.slot, release=__version__)
+    thresholds = Thresholds(lag_seconds=conf.lag_seconds,
+                            retained_wal_bytes=conf.retained_wal_bytes,
+                            retained_wal_fraction=conf.retained_wal_fraction,
+                            apply_errors=conf.apply_errors, grace_s=conf.grace_s)
+    return Alerter(thresholds, slot=settings.source.slot, sentry=sentry)
+
+
 def run(settings: Settings, stop: threading.Event | None = None) -> None:
     """Stream until SIGTERM/SIGINT (or ``stop``); return normally after a clean shutdown."""
     stop = stop or threading.Event()
-    preflight(settings)
+    slot = settings.source.slot
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        event(logging.INFO, "stopping", slot=settings.source.slot,
-              signal=signal.Signals(signum).name)
+        event(logging.INFO, "stopping", slot=slot, signal=signal.Signals(signum).name)
         stop.set()
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-    pool = open_target_pool(settings)
+    metrics = Metrics(slot)
+    health = Health(ready_lag_s=settings.http.ready_lag_s)
+    server = HttpServer(settings.http.listen, metrics, health)
+    server.start()
     try:
-        Pipeline(settings, pool, stop).run()
+        preflight(settings)
+        _stream(settings, stop, metrics, health)
     finally:
+        server.close()
+    event(logging.INFO, "stopped", slot=slot)
+
+
+def _stream(settings: Settings, stop: threading.Event, metrics: Metrics, health: Health) -> None:
+    alerter = _alerter(settings)
+    pool = open_target_pool(settings)
+    pipeline = Pipeline(settings, pool, stop, metrics, health)
+    jobs = Jobs(settings, pipeline.progress, metrics, health, alerter)
+    jobs.start()
+    try:
+        pipeline.run()
+    finally:
+        health.set_state("stopping")
+        jobs.close()
         pool.close(timeout=2)
-    event(logging.INFO, "stopped", slot=settings.source.slot)
+        alerts.flush()

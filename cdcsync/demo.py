@@ -22,7 +22,13 @@ from pydantic import SecretStr
 
 from cdcsync import admin, daemon
 from cdcsync.admin import Conn
-from cdcsync.config import ApplySettings, Settings, SourceSettings, TargetSettings
+from cdcsync.config import (
+    ApplySettings,
+    HttpSettings,
+    Settings,
+    SourceSettings,
+    TargetSettings,
+)
 from cdcsync.dsn import describe
 from cdcsync.errors import CdcsyncError, ConfigError
 from cdcsync.localpg import LocalCluster, local_clusters
@@ -58,6 +64,8 @@ def demo_settings(source: LocalCluster, target: LocalCluster) -> Settings:
         source=SourceSettings(dsn=SecretStr(source.dsn()), slot=NAME, publication=NAME),
         target=TargetSettings(dsn=SecretStr(target.dsn())),
         apply=ApplySettings(max_delay_ms=50),
+        # Any free port: the demo must not collide with a cdcsync already running here.
+        http=HttpSettings(listen="127.0.0.1:0"),
     )
 
 

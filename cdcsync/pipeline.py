@@ -10,12 +10,13 @@ checkpoint with jittered exponential backoff.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import queue
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -26,7 +27,9 @@ from cdcsync.apply.applier import Applier
 from cdcsync.config import Settings
 from cdcsync.dsn import with_session_options
 from cdcsync.errors import CdcsyncError, PrerequisiteError, ProtocolError, is_transient
+from cdcsync.health import Health
 from cdcsync.logs import event
+from cdcsync.metrics import Metrics
 from cdcsync.model import (
     ZERO_LSN,
     ChangeChunk,
@@ -76,13 +79,12 @@ def open_target_pool(settings: Settings) -> ConnectionPool:
 
 @dataclass
 class Progress:
-    """What the pipeline has done; read by status reporting and metrics."""
+    """Where the pipeline stands; read by the periodic jobs."""
 
     checkpoint: Lsn = ZERO_LSN
-    transactions: int = 0
+    commit_time: dt.datetime | None = None
     commits: int = 0
-    last_commit_monotonic: float = field(default_factory=time.monotonic)
-    state: str = "starting"
+    consecutive_failures: int = 0
 
 
 class Reader(threading.Thread):
@@ -146,10 +148,13 @@ class Reader(threading.Thread):
 class Pipeline:
     """Streams the configured slot into the target until ``stop`` is set."""
 
-    def __init__(self, settings: Settings, pool: ConnectionPool, stop: threading.Event) -> None:
+    def __init__(self, settings: Settings, pool: ConnectionPool, stop: threading.Event,
+                 metrics: Metrics, health: Health) -> None:
         self.settings = settings
         self.pool = pool
         self.stop = stop
+        self.metrics = metrics
+        self.health = health
         self.progress = Progress()
 
     def run(self) -> None:
@@ -161,12 +166,16 @@ class Pipeline:
                 self._stream_once()
                 return
             except Exception as exc:
+                self.metrics.set_up(False)
+                self.metrics.error(type(exc).__name__)
+                self.progress.consecutive_failures += 1
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 if not is_transient(exc):
-                    self.progress.state = "halted"
+                    self.health.set_state("halted", reason)
                     raise
                 attempt = 0 if self.progress.commits > commits_before else attempt + 1
                 delay = min(30.0, 0.5 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0)
-                self.progress.state = "reconnecting"
+                self.health.set_state("reconnecting", reason)
                 event(logging.WARNING, "reconnecting", slot=self.settings.source.slot,
                       attempt=attempt, delay_s=round(delay, 2), error=str(exc).splitlines()[0])
                 self.stop.wait(delay)
@@ -188,7 +197,8 @@ class Pipeline:
             reader = Reader(stream, assembler, items)
             reader.start()
             applier = Applier(conn, self.settings)
-            self.progress.state = "streaming"
+            self.health.set_state("streaming")
+            self.metrics.set_up(True)
             event(logging.INFO, "streaming", slot=slot, lsn=str(start))
             clean = False
             try:
@@ -252,6 +262,7 @@ class Pipeline:
     def _apply_loop(self, reader: Reader, applier: Applier, items: queue.Queue[Item]) -> None:
         max_delay = self.settings.apply.max_delay_ms / 1000
         while not self.stop.is_set():
+            self.health.beat()
             wait = 0.2
             if applier.opened_at is not None:
                 wait = max(0.0, min(wait, applier.opened_at + max_delay - time.monotonic()))
@@ -271,14 +282,13 @@ class Pipeline:
                 applier.add(item)
             elif isinstance(item, TxnEnd):
                 applier.end(item)
-                self.progress.transactions += 1
                 overdue = (applier.opened_at is not None
                            and time.monotonic() - applier.opened_at >= max_delay)
                 if applier.batch_full() or overdue or items.empty():
                     self._commit(applier, reader)
             elif isinstance(item, IdleAdvance):
                 if not applier.has_uncommitted and not applier.in_source_transaction:
-                    self._committed(reader, applier.advance(item.lsn))
+                    self._checkpointed(reader, applier.advance(item.lsn))
             elif isinstance(item, Truncate):
                 applier.truncate(item)
             elif isinstance(item, SourceMessage):
@@ -286,11 +296,24 @@ class Pipeline:
                       prefix=item.prefix, lsn=str(item.lsn))
 
     def _commit(self, applier: Applier, reader: Reader) -> None:
-        self._committed(reader, applier.commit())
+        done = applier.commit()
+        self._checkpointed(reader, done.lsn)
+        self.progress.commit_time = done.commit_time
+        self.progress.consecutive_failures = 0
+        metrics = self.metrics
+        metrics.transactions(done.transactions)
+        metrics.batch(done.seconds, done.rows)
+        for (table, op), count in done.applied.items():
+            metrics.applied(table, op, count)
+        for table, count in done.conflicts.items():
+            metrics.conflicts(table, count)
+        lag = max(0.0, (dt.datetime.now(dt.UTC) - done.commit_time).total_seconds())
+        metrics.lag(lag)
+        self.health.set_lag(lag)
 
-    def _committed(self, reader: Reader, lsn: Lsn) -> None:
+    def _checkpointed(self, reader: Reader, lsn: Lsn) -> None:
         reader.applied = lsn
         self.progress.checkpoint = lsn
         self.progress.commits += 1
-        self.progress.last_commit_monotonic = time.monotonic()
+        self.metrics.checkpoint(lsn)
 

@@ -29,6 +29,7 @@ def settings_for(pair: DbPair, tables: tuple[str, ...] = ("public.*",),
         "source": {"dsn": pair.source_dsn, "slot": pair.slot, "publication": pair.publication},
         "target": {"dsn": pair.target_dsn},
         "apply": {"max_delay_ms": 50},
+        "http": {"listen": "127.0.0.1:0"},
     }
     for name, values in sections.items():
         if isinstance(values, dict):
@@ -115,7 +116,7 @@ def write_config(path: Path, pair: DbPair, tables: tuple[str, ...] = ("public.*"
         f"[source]\ndsn = {pair.source_dsn!r}\nslot = {pair.slot!r}\n"
         f"publication = {pair.publication!r}\n"
         f"[target]\ndsn = {pair.target_dsn!r}\n"
-        f"[apply]\nmax_delay_ms = 50\n"
+        f"[apply]\nmax_delay_ms = 50\n[http]\nlisten = \"127.0.0.1:0\"\n"
         f"[log]\nformat = \"json\"\n{extra}",
         encoding="utf-8",
     )

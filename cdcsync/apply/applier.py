@@ -9,6 +9,7 @@ several flushes inside the same target transaction: memory stays bounded, visibi
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import time
 from collections import Counter
@@ -36,6 +37,19 @@ Cur = psycopg.Cursor[TupleRow]
 # a unique value moving between rows within the batch, or foreign keys between tables in a cycle.
 _ORDER_SENSITIVE = (pgerrors.UniqueViolation, pgerrors.ForeignKeyViolation,
                     pgerrors.ExclusionViolation)
+
+
+@dataclass(slots=True)
+class Committed:
+    """What one target commit applied; counts cover only what that commit made durable."""
+
+    lsn: Lsn
+    commit_time: dt.datetime
+    transactions: int
+    rows: int
+    seconds: float
+    applied: Counter[tuple[str, str]]
+    conflicts: Counter[str]
 
 
 @dataclass(slots=True)
@@ -67,8 +81,11 @@ class Applier:
         self._in_txn = False
         self._last_end: TxnEnd | None = None
         self.opened_at: float | None = None
-        self.applied: Counter[tuple[str, str]] = Counter()
-        self.conflicts: Counter[str] = Counter()
+        self._transactions = 0
+        self._rows = 0
+        self._busy_s = 0.0
+        self._applied: Counter[tuple[str, str]] = Counter()
+        self._conflicts: Counter[str] = Counter()
 
     @property
     def in_source_transaction(self) -> bool:
@@ -89,6 +106,7 @@ class Applier:
         for rows in chunk.tables:
             self._stage_rows(rows)
         self._pending_rows += chunk.rows
+        self._rows += chunk.rows
         self._pending_bytes += chunk.size_bytes
         if self.batch_full():
             self._flush()
@@ -107,13 +125,14 @@ class Applier:
         pending.inserts += rows.inserts
         pending.unchanged_mask |= rows.unchanged_mask
         name = table.source_name
-        self.applied[(name, "insert")] += rows.inserts
-        self.applied[(name, "update")] += rows.updates
-        self.applied[(name, "delete")] += rows.deletes
+        self._applied[(name, "insert")] += rows.inserts
+        self._applied[(name, "update")] += rows.updates
+        self._applied[(name, "delete")] += rows.deletes
 
     def end(self, item: TxnEnd) -> None:
         self._in_txn = False
         self._last_end = item
+        self._transactions += 1
 
     def batch_full(self) -> bool:
         limits = self.settings.apply
@@ -126,20 +145,24 @@ class Applier:
         with self.conn.cursor() as cur:
             cur.execute(q.truncate(list(item.tables)))
         for table in item.tables:
-            self.applied[(table.source_name, "truncate")] += 1
+            self._applied[(table.source_name, "truncate")] += 1
             event(logging.INFO, "truncated", slot=self.slot, table=table.source_name)
 
-    def commit(self) -> Lsn:
-        """Merge what is pending, write the checkpoint, commit; return the checkpointed LSN."""
+    def commit(self) -> Committed:
+        """Merge what is pending, write the checkpoint, commit; say what was applied."""
         end = self._last_end
         if end is None or self._in_txn:
             raise ApplyError("commit requested in the middle of a source transaction")
         self._flush()
+        started = time.perf_counter()
         with self.conn.cursor() as cur:
             checkpoint.save(cur, self.slot, end.end_lsn, end.commit_time)
         self.conn.commit()
+        done = Committed(end.end_lsn, end.commit_time, self._transactions, self._rows,
+                         self._busy_s + time.perf_counter() - started, self._applied,
+                         self._conflicts)
         self._reset()
-        return end.end_lsn
+        return done
 
     def advance(self, lsn: Lsn) -> Lsn:
         """Checkpoint a position that holds no change of ours (nothing may be pending)."""
@@ -161,6 +184,10 @@ class Applier:
         self._reset()
 
     def _reset(self) -> None:
+        self._transactions = self._rows = 0
+        self._busy_s = 0.0
+        self._applied = Counter()
+        self._conflicts = Counter()
         self._dirty.clear()
         self._pending_rows = 0
         self._pending_bytes = 0
@@ -171,6 +198,13 @@ class Applier:
     def _flush(self) -> None:
         if not self._pending:
             return
+        started = time.perf_counter()
+        try:
+            self._flush_pending()
+        finally:
+            self._busy_s += time.perf_counter() - started
+
+    def _flush_pending(self) -> None:
         pending, self._pending = self._pending, {}
         self._pending_rows = self._pending_bytes = 0
         order, cyclic = self._order(pending.keys())
@@ -275,7 +309,7 @@ class Applier:
         cur.execute(q.record_conflicts(batch.stage, batch.table, operation, where), params)
         if cur.rowcount > 0:
             name = batch.table.source_name
-            self.conflicts[name] += cur.rowcount
+            self._conflicts[name] += cur.rowcount
             event(logging.INFO, "conflicts_recorded", slot=self.slot, table=name,
                   operation=operation, rows=cur.rowcount)
 

@@ -118,13 +118,14 @@ class SlotInfo:
     restart_lsn: str | None
     wal_status: str | None
     retained_bytes: int | None
+    safe_wal_size: int | None
 
 
 def slot_info(conn: Conn, slot: str) -> SlotInfo | None:
     row = conn.execute(
         """
         SELECT plugin, database, active_pid, confirmed_flush_lsn::text, restart_lsn::text,
-               wal_status, (pg_current_wal_lsn() - restart_lsn)::bigint
+               wal_status, (pg_current_wal_lsn() - restart_lsn)::bigint, safe_wal_size
         FROM pg_replication_slots WHERE slot_name = %s
         """,
         (slot,),
@@ -139,6 +140,7 @@ def slot_info(conn: Conn, slot: str) -> SlotInfo | None:
         restart_lsn=row[4],
         wal_status=row[5],
         retained_bytes=int(row[6]) if row[6] is not None else None,
+        safe_wal_size=int(row[7]) if row[7] is not None else None,
     )
 
 

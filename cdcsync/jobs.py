@@ -1,0 +1,91 @@
+"""Periodic work beside the stream: the heartbeat, slot statistics, lag and alert thresholds.
+
+Jobs run on apscheduler's threads. A failing job is logged, counted in ``cdcsync_errors_total``
+and simply runs again at its next interval; it never stops the stream, and the stream's own
+failure is raised by the pipeline, not hidden here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+import psycopg
+from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from cdcsync.alerts import Alerter
+from cdcsync.config import Settings
+from cdcsync.dsn import with_session_options
+from cdcsync.health import Health
+from cdcsync.logs import event
+from cdcsync.metrics import Metrics
+from cdcsync.model import Lsn
+from cdcsync.pipeline import Progress
+from cdcsync.source import catalog
+
+HEARTBEAT_PREFIX = "cdcsync.heartbeat"
+
+
+class Jobs:
+    """The heartbeat and the observation job, started and stopped with the daemon."""
+
+    def __init__(self, settings: Settings, progress: Progress, metrics: Metrics, health: Health,
+                 alerter: Alerter) -> None:
+        self.settings = settings
+        self.progress = progress
+        self.metrics = metrics
+        self.health = health
+        self.alerter = alerter
+        self._dsn = with_session_options(settings.source.dsn.get_secret_value(), "cdcsync-jobs")
+        self._scheduler = BackgroundScheduler(daemon=True)
+        self._scheduler.add_listener(self._failed, EVENT_JOB_ERROR)
+
+    def start(self) -> None:
+        interval = self.settings.source.heartbeat_interval_s
+        if interval > 0:
+            self._scheduler.add_job(self.heartbeat, "interval", seconds=interval,
+                                    id="heartbeat", max_instances=1, coalesce=True)
+        self._scheduler.add_job(self.observe, "interval",
+                                seconds=self.settings.alerts.check_interval_s,
+                                id="observe", max_instances=1, coalesce=True)
+        self._scheduler.start()
+
+    def close(self) -> None:
+        self._scheduler.shutdown(wait=False)
+
+    def heartbeat(self) -> None:
+        """A transactional message in the source WAL: the stream applies it like any commit, so
+        an idle slot moves forward and the lag in seconds stays measurable without traffic."""
+        with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10) as conn:
+            conn.execute("SELECT pg_logical_emit_message(true, %s, now()::text)",
+                         (HEARTBEAT_PREFIX,))
+
+    def observe(self) -> None:
+        """Lag, slot statistics and every alert threshold, from one look at the source."""
+        commit_time = self.progress.commit_time
+        lag = None
+        if commit_time is not None:
+            lag = max(0.0, (dt.datetime.now(dt.UTC) - commit_time).total_seconds())
+            self.metrics.lag(lag)
+            self.health.set_lag(lag)
+        self.alerter.check_lag(lag)
+        self.alerter.check_apply_errors(self.progress.consecutive_failures)
+        with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10) as conn:
+            info = catalog.slot_info(conn, self.settings.source.slot)
+            current = Lsn.parse(catalog.current_wal_lsn(conn))
+        pending = max(0, current - self.progress.checkpoint) if self.progress.checkpoint else None
+        retained = info.retained_bytes if info else None
+        safe = info.safe_wal_size if info else None
+        status = info.wal_status if info else "lost"
+        self.metrics.slot(pending, retained, status, safe)
+        self.alerter.check_retained_wal(retained, safe)
+        self.alerter.check_slot_lost(status)
+
+    def _failed(self, job_event: JobExecutionEvent) -> None:
+        self.metrics.error("job")
+        detail: Any = job_event.exception
+        event(logging.WARNING, "job_failed", slot=self.settings.source.slot,
+              job=job_event.job_id, error=str(detail).splitlines()[0] if detail else "unknown")
+
