@@ -16,3 +16,5 @@ GRANT SELECT ON ALL TABLES IN SCHEMA :"schema" TO cdcsync_replicator;
 -- Let the role create publications in this database (owning them; it still cannot publish
 -- tables it does not own):
 GRANT CREATE ON DATABASE :"DBNAME" TO cdcsync_replicator;
+-- The heartbeat (every [source] heartbeat_interval_s) writes a logical message into the WAL.
+GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO cdcsync_replicator;
