@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from psycopg.rows import TupleRow
 
@@ -268,6 +272,9 @@ def status(settings: Settings) -> dict[str, Any]:
     with connect(settings.target.dsn.get_secret_value(), "target") as tgt:
         saved = checkpoint.load(tgt, settings.source.slot)
         conflicts = tgt.execute("SELECT count(*) FROM cdcsync.conflicts").fetchone()
+        by_table = tgt.execute("SELECT table_name, count(*) FROM cdcsync.conflicts "
+                               "GROUP BY 1 ORDER BY 1").fetchall()
+    result["conflicts_by_table"] = {str(t): int(n) for t, n in by_table}
     result["checkpoint_lsn"] = str(saved.lsn) if saved else None
     result["checkpoint_commit_time"] = saved.commit_time.isoformat() if saved and \
         saved.commit_time else None
@@ -291,7 +298,33 @@ def status(settings: Settings) -> dict[str, Any]:
         result["lag_seconds"] = round(lag.total_seconds(), 3)
     else:
         result["lag_seconds"] = None
+    result.update(daemon_view(settings.http.listen))
     return result
+
+
+def daemon_view(listen: str) -> dict[str, Any]:
+    """What a running daemon reports on its HTTP port: state, readiness, applied counts."""
+    host, _, port = listen.rpartition(":")
+    if port == "0":
+        return {"daemon": "unknown (listen port 0)"}
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    try:
+        with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
+            ready = orjson.loads(response.read())
+    except urllib.error.HTTPError as err:
+        ready = orjson.loads(err.read())
+    except (OSError, ValueError):
+        return {"daemon": f"not reachable at {base}"}
+    with urllib.request.urlopen(f"{base}/metrics", timeout=2) as response:
+        text = response.read().decode()
+    applied: dict[str, dict[str, int]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "cdcsync_applied_changes_total":
+                table = applied.setdefault(sample.labels["table"], {})
+                table[sample.labels["op"]] = int(sample.value)
+    return {"daemon": ready.get("state"), "ready": ready.get("ready"),
+            "ready_reason": ready.get("reason"), "applied_since_start": applied}
 
 
 def teardown(settings: Settings) -> list[str]:

@@ -74,6 +74,10 @@ def test_metrics_move_with_the_workload(pair: DbPair) -> None:
 
         wait_for(drained, runner=runner, timeout=20, what="metrics after the drain")
         samples = _samples(port)
+        report = admin.status(_settings(pair, port))
+    assert report["daemon"] == "streaming" and report["ready"] is True
+    assert report["applied_since_start"]["public.t"]["insert"] >= 500
+    assert report["slot_wal_status"] == "reserved"
     assert _value(samples, "cdcsync_applied_changes_total", table="public.t", op="insert") >= 500
     assert _value(samples, "cdcsync_applied_transactions_total") >= 3
     assert _value(samples, "cdcsync_checkpoint_lsn") > 0
