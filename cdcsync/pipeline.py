@@ -26,7 +26,13 @@ from cdcsync.apply import tables
 from cdcsync.apply.applier import Applier
 from cdcsync.config import Settings
 from cdcsync.dsn import with_session_options
-from cdcsync.errors import CdcsyncError, PrerequisiteError, ProtocolError, is_transient
+from cdcsync.errors import (
+    CdcsyncError,
+    ConnectionLost,
+    PrerequisiteError,
+    ProtocolError,
+    is_transient,
+)
 from cdcsync.health import Health
 from cdcsync.logs import event
 from cdcsync.metrics import Metrics
@@ -175,7 +181,10 @@ class Pipeline:
                     raise
                 attempt = 0 if self.progress.commits > commits_before else attempt + 1
                 delay = min(30.0, 0.5 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0)
-                self.health.set_state("reconnecting", reason)
+                # ConnectionLost comes from the source side; every other transient error from
+                # the target's connections.
+                side = "source" if isinstance(exc, ConnectionLost) else "target"
+                self.health.set_state("reconnecting", f"{side} down: {reason}")
                 event(logging.WARNING, "reconnecting", slot=self.settings.source.slot,
                       attempt=attempt, delay_s=round(delay, 2), error=str(exc).splitlines()[0])
                 self.stop.wait(delay)
@@ -241,8 +250,11 @@ class Pipeline:
             raise PrerequisiteError(f"the target holds no checkpoint for slot {slot!r}",
                                     fix="run `cdcsync setup`")
         dsn = with_session_options(self.settings.source.dsn.get_secret_value(), "cdcsync")
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as src:
-            info = catalog.slot_info(src, slot)
+        try:
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as src:
+                info = catalog.slot_info(src, slot)
+        except psycopg.OperationalError as exc:
+            raise ConnectionLost(f"cannot reach the source: {exc}") from exc
         if info is None:
             raise PrerequisiteError(f"replication slot {slot!r} does not exist on the source",
                                     fix="run `cdcsync setup` (the target then needs a re-copy)")

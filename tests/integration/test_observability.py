@@ -99,6 +99,8 @@ def test_readyz_follows_the_target(pair: DbPair) -> None:
             wait_for(lambda: _get(port, "/readyz")[0] == 503, runner=runner, what="not ready")
             _, body = _get(port, "/readyz")
             assert json.loads(body)["ready"] is False
+            wait_for(lambda: json.loads(_get(port, "/readyz")[1]).get("reason", "")
+                     .startswith("target down"), runner=runner, what="the reason")
         finally:
             pair.target_cluster.start()
         wait_for(lambda: _get(port, "/readyz")[0] == 200, runner=runner, timeout=60,
