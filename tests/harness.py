@@ -156,3 +156,13 @@ def writer(dsn: str, stop: threading.Event, seed: int, transaction: Transaction,
                 time.sleep(pause_s)
 
     return threading.Thread(target=loop, name=f"writer-{seed}", daemon=True)
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now

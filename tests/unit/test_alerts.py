@@ -14,20 +14,13 @@ import pytest
 import sentry_sdk
 
 from cdcsync.alerts import Alerter, Thresholds, flush, init_sentry
+from tests.harness import FakeClock
 from tests.sentry_standin import FakeSentry, reset_sentry
 
 SLOT = "test_slot"
 GRACE = 30.0
 
 
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -15,14 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cdcsync.errors import PrerequisiteError
 from cdcsync.health import Health, HttpServer
 from cdcsync.metrics import Metrics
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.harness import FakeClock
 
 
 @pytest.fixture
