@@ -13,7 +13,6 @@ import statistics
 import sys
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -29,6 +28,7 @@ from cdcsync.config import (
     SourceSettings,
     TargetSettings,
 )
+from cdcsync.demo_view import Frame, Lag, Meter, Screen, size
 from cdcsync.dsn import describe
 from cdcsync.errors import CdcsyncError, ConfigError
 from cdcsync.localpg import LocalCluster, local_clusters
@@ -42,7 +42,6 @@ SEED_ORDERS = 2_000
 CONFLICT_CUSTOMER = 1
 TICK_S = 0.25
 TICKS_PER_REFRESH = 4
-RATE_WINDOW = 3  # refreshes
 DRAIN_TIMEOUT_S = 30.0
 STOP_BUDGET_S = 15.0
 
@@ -171,12 +170,6 @@ def _raise_if_dead(runner: DaemonThread, workload: Workload | None) -> None:
 
 
 @dataclass
-class Lag:
-    bytes: int | None
-    seconds: float | None
-
-
-@dataclass
 class RunStats:
     """What the live view measured, for the final report."""
 
@@ -236,95 +229,6 @@ def stage_conflict(src: Conn, tgt: Conn) -> bool:
     return True
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    if n < 1024:
-        return f"{n} B"
-    return f"{n / 1024:.1f} kB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.1f} MB"
-
-
-@dataclass
-class Frame:
-    """One refresh of the live view."""
-
-    elapsed: float
-    seconds: float
-    written_per_s: float
-    applied_per_s: float
-    lag: Lag
-    conflicts: int
-    source_counts: list[int]
-    target_counts: list[int]
-
-    def lines(self) -> list[str]:
-        lag_s = "-" if self.lag.seconds is None else f"{self.lag.seconds:.3f} s"
-        rows = zip(TABLES, self.source_counts, self.target_counts, strict=True)
-        return [
-            f"cdcsync demo  {self.elapsed:5.1f} s of {self.seconds:g} s",
-            f"  source writes   {self.written_per_s:8.0f} changes/s",
-            f"  target applies  {self.applied_per_s:8.0f} rows/s",
-            f"  lag             {_size(self.lag.bytes):>8}   {lag_s}",
-            f"  conflicts       {self.conflicts:8d}",
-            f"  {'table':<18}{'source':>9}{'target':>9}",
-            *(f"  {table:<18}{s:>9}{t:>9}" for table, s, t in rows),
-        ]
-
-    def plain(self) -> str:
-        lag_s = "-" if self.lag.seconds is None else f"{self.lag.seconds:.3f}s"
-        counts = " ".join(f"{table.partition('.')[2]}={s}/{t}" for table, s, t in
-                          zip(TABLES, self.source_counts, self.target_counts, strict=True))
-        return (f"t={self.elapsed:.1f}s written={self.written_per_s:.0f}/s "
-                f"applied={self.applied_per_s:.0f}/s lag={_size(self.lag.bytes)}/{lag_s} "
-                f"conflicts={self.conflicts} {counts} (source/target)")
-
-
-class Screen:
-    """Redraws in place on a terminal; elsewhere (pipes, CI logs) one plain line per refresh."""
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.tty = out.isatty()
-        self.drawn = 0
-        self.notes: list[str] = []
-
-    def show(self, frame: Frame) -> None:
-        if not self.tty:
-            print(frame.plain(), file=self.out, flush=True)
-            return
-        lines = frame.lines() + [f"  {note}" for note in self.notes]
-        # Move up over the previous frame and overwrite it, clearing what a longer line left.
-        up = f"\x1b[{self.drawn}A\r" if self.drawn else ""
-        self.out.write(up + "".join(f"{line}\x1b[K\n" for line in lines))
-        self.out.flush()
-        self.drawn = len(lines)
-
-    def note(self, text: str) -> None:
-        """A message that stays under the view on a terminal; printed once elsewhere."""
-        if self.tty:
-            self.notes.append(text)
-        else:
-            print(text, file=self.out, flush=True)
-
-
-class Meter:
-    """Rates of two growing counters over the last few refreshes.
-
-    The applied count comes from table statistics, which a busy backend flushes about once a
-    second: a one-second window alternates between 0 and double, a three-second one reads true.
-    """
-
-    def __init__(self, written: int, applied: int) -> None:
-        self.window: deque[tuple[float, int, int]] = deque(maxlen=RATE_WINDOW + 1)
-        self.window.append((time.monotonic(), written, applied))
-
-    def rates(self, written: int, applied: int) -> tuple[float, float]:
-        self.window.append((time.monotonic(), written, applied))
-        (t0, w0, a0), (t1, w1, a1) = self.window[0], self.window[-1]
-        span = max(t1 - t0, 1e-6)
-        return (w1 - w0) / span, (a1 - a0) / span
-
-
 def watch(settings: Settings, runner: DaemonThread, workload: Workload, screen: Screen,
           stats: RunStats) -> None:
     """The live view until the workload ends or Ctrl-C; lag is sampled every tick."""
@@ -358,8 +262,8 @@ def _watch_loop(src: Conn, tgt: Conn, *, runner: DaemonThread, workload: Workloa
         tick += 1
         if tick % TICKS_PER_REFRESH == 0 or not workload.is_alive():
             written, applied = meter.rates(workload.changes, _applied_rows(tgt))
-            screen.show(Frame(elapsed, workload.seconds, written, applied, lag, _conflicts(tgt),
-                              _counts(src), _counts(tgt)))
+            screen.show(Frame(TABLES, elapsed, workload.seconds, written, applied, lag,
+                              _conflicts(tgt), _counts(src), _counts(tgt)))
 
 
 @dataclass(frozen=True)
@@ -465,7 +369,7 @@ def report(drained: Drained, stats: RunStats, workload: Workload, out: TextIO) -
     if stats.lag_s:
         p50, worst = statistics.median(stats.lag_s), max(stats.lag_s)
         print(f"lag: p50 {p50:.3f} s, max {worst:.3f} s over {len(stats.lag_s)} samples; "
-              f"at most {_size(stats.lag_bytes_max)} behind", file=out)
+              f"at most {size(stats.lag_bytes_max)} behind", file=out)
     rate = workload.changes / stats.workload_s if stats.workload_s else 0.0
     print(f"changes: {workload.changes} written by the workload in {stats.workload_s:.1f} s "
           f"({rate:.0f}/s), after {SEED_CUSTOMERS + SEED_ORDERS} seed rows"
