@@ -178,9 +178,6 @@ class LocalCluster:
     def restart(self) -> None:
         self._pg_ctl("restart", "-m", "fast", "-l", str(self.log_file))
 
-    def create_database(self, name: str) -> None:
-        self._admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-
     def drop_database(self, name: str) -> None:
         # FORCE because tests leave sessions behind; slots in the database still block the drop.
         query = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
