@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import psycopg
-from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from cdcsync.errors import PrerequisiteError
@@ -178,11 +176,6 @@ class LocalCluster:
     def restart(self) -> None:
         self._pg_ctl("restart", "-m", "fast", "-l", str(self.log_file))
 
-    def drop_database(self, name: str) -> None:
-        # FORCE because tests leave sessions behind; slots in the database still block the drop.
-        query = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        self._admin(query)
-
     def destroy(self) -> None:
         """Stop without a checkpoint and delete everything; safe to call twice."""
         if self.is_running():
@@ -207,10 +200,6 @@ class LocalCluster:
             self.socket_dir / f".s.PGSQL.{self.port}.lock",
         ):
             lock.unlink(missing_ok=True)
-
-    def _admin(self, query: sql.Composed) -> None:
-        with psycopg.connect(self.dsn(), autocommit=True) as conn:
-            conn.execute(query)
 
     def _pg_ctl(self, action: str, *args: str) -> None:
         cmd = [str(self.bin_dir / "pg_ctl"), action, "-D", str(self.data_dir), "-w", "-t", "60"]
