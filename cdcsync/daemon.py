@@ -83,3 +83,26 @@ def _stream(settings: Settings, stop: threading.Event, metrics: Metrics, health:
         jobs.close()
         pool.close(timeout=2)
         alerts.flush()
+
+
+class DaemonThread(threading.Thread):
+    """:func:`run` on a thread of this process (the demo, tests), stopped as SIGTERM would stop
+    it; its failure is kept for the caller to raise."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(name="cdcsync-daemon", daemon=True)
+        self.settings = settings
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            run(self.settings, self.stop)
+        except BaseException as exc:
+            self.error = exc
+
+    def close(self, timeout: float = 15.0) -> bool:
+        """Ask it to stop; return whether it did within ``timeout``."""
+        self.stop.set()
+        self.join(timeout)
+        return not self.is_alive()

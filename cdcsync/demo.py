@@ -19,7 +19,7 @@ from typing import TextIO
 from psycopg import sql
 from pydantic import SecretStr
 
-from cdcsync import admin, daemon
+from cdcsync import admin
 from cdcsync.admin import Conn
 from cdcsync.config import (
     ApplySettings,
@@ -28,6 +28,7 @@ from cdcsync.config import (
     SourceSettings,
     TargetSettings,
 )
+from cdcsync.daemon import DaemonThread
 from cdcsync.demo_view import Frame, Lag, Meter, Screen, size
 from cdcsync.dsn import describe
 from cdcsync.errors import CdcsyncError, ConfigError
@@ -135,26 +136,6 @@ class Workload(threading.Thread):
         else:
             cur = conn.execute("DELETE FROM orders WHERE id = %s", (order,))
         return max(cur.rowcount, 0)
-
-
-class DaemonThread(threading.Thread):
-    """``daemon.run`` on a thread; its failure is kept for the main thread to raise."""
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(name="cdcsync-demo-daemon", daemon=True)
-        self.settings = settings
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            daemon.run(self.settings, self.stop)
-        except BaseException as exc:
-            self.error = exc
-
-    def close(self) -> None:
-        self.stop.set()
-        self.join(STOP_BUDGET_S)
 
 
 def _raise_if_dead(runner: DaemonThread, workload: Workload | None) -> None:
@@ -418,8 +399,8 @@ def stream_and_verify(settings: Settings, seconds: float, rate: int, out: TextIO
         drained = drain(settings, runner)
     finally:
         workload.stop.set()
-        runner.close()
-    if runner.is_alive():
+        stopped = runner.close(STOP_BUDGET_S)
+    if not stopped:
         print(f"warning: the daemon did not stop within {STOP_BUDGET_S:g} s", file=out)
     return report(drained, stats, workload, out)
 

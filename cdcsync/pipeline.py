@@ -224,7 +224,9 @@ class Pipeline:
                     stream.confirm(reader.applied)
                     stream.send_status()
                 stream.close()
-                event(logging.INFO, "stream_closed", slot=slot, lsn=str(self.progress.checkpoint))
+                # Transactions re-sent below the checkpoint: nonzero after a crash, never applied.
+                event(logging.INFO, "stream_closed", slot=slot, lsn=str(self.progress.checkpoint),
+                      skipped_transactions=assembler.skipped_transactions)
 
     def _resolver(self) -> Resolver:
         """Relation -> target table, on a pool connection of its own (called by the reader)."""

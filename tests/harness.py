@@ -16,8 +16,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdcsync import daemon
 from cdcsync.config import Settings
+from cdcsync.daemon import DaemonThread
 from tests.conftest import DbPair
 
 
@@ -39,38 +39,14 @@ def settings_for(pair: DbPair, tables: tuple[str, ...] = ("public.*",),
     return Settings(**data)
 
 
-class DaemonThread:
-    """``cdcsync run`` on a thread of the test process, stopped like SIGTERM would."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="cdcsync-test-daemon", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            daemon.run(self.settings, self.stop)
-        except BaseException as exc:
-            self.error = exc
-
-    def start(self) -> DaemonThread:
-        self.thread.start()
-        return self
-
-    def close(self, timeout: float = 15) -> None:
-        self.stop.set()
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the daemon did not stop within the budget"
-
-
 @contextmanager
 def running(settings: Settings) -> Iterator[DaemonThread]:
-    runner = DaemonThread(settings).start()
+    runner = DaemonThread(settings)
+    runner.start()
     try:
         yield runner
     finally:
-        runner.close()
+        assert runner.close(), "the daemon did not stop within the budget"
     if runner.error is not None:
         raise runner.error
 
