@@ -17,6 +17,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from cdcsync import checkpoint
+from cdcsync.backfill import state
 from cdcsync.config import Settings
 from cdcsync.dsn import describe, with_session_options
 from cdcsync.errors import CdcsyncError, ConnectionLost, PrerequisiteError
@@ -225,6 +226,9 @@ def setup(settings: Settings, *, create_tables: bool) -> list[str]:
     with connect(settings.target.dsn.get_secret_value(), "target") as tgt:
         checkpoint.install_metadata(tgt)
         done.append("target schema cdcsync ready")
+        initial = settings.snapshot.mode == "initial"
+        state.register(tgt, settings.source.slot, [t.qualified for t in chosen],
+                       "pending" if initial else "ready")
         done.extend(_initial_checkpoint(tgt, settings.source.slot, slot_start, outcome))
         for table, source_definition in definitions:
             target_schema, _, target_name = (
@@ -274,6 +278,7 @@ def status(settings: Settings) -> dict[str, Any]:
         conflicts = tgt.execute("SELECT count(*) FROM cdcsync.conflicts").fetchone()
         by_table = tgt.execute("SELECT table_name, count(*) FROM cdcsync.conflicts "
                                "GROUP BY 1 ORDER BY 1").fetchall()
+        copies = _copies(tgt, settings.source.slot)
     result["conflicts_by_table"] = {str(t): int(n) for t, n in by_table}
     result["checkpoint_lsn"] = str(saved.lsn) if saved else None
     result["checkpoint_commit_time"] = saved.commit_time.isoformat() if saved and \
@@ -298,8 +303,21 @@ def status(settings: Settings) -> dict[str, Any]:
         result["lag_seconds"] = round(lag.total_seconds(), 3)
     else:
         result["lag_seconds"] = None
+    result.update(copies)
     result.update(daemon_view(settings.http.listen))
     return result
+
+
+def _copies(tgt: Conn, slot: str) -> dict[str, Any]:
+    """Each table's copy state, and the resyncs still open, for `status`."""
+    tables = {name: {"state": s.state, "rows_copied": s.rows_copied,
+                     "rows_estimate": s.rows_estimate,
+                     **({"reason": s.reason, "fix": s.fix} if s.state == "error" else {})}
+              for name, s in state.load(tgt, slot).items()}
+    resyncs = [{"id": r.id, "table": r.table, "purpose": r.purpose, "state": r.state,
+                "where": r.where, "rows_copied": r.rows_copied, "rows_estimate": r.rows_estimate}
+               for r in state.open_requests(tgt, slot)]
+    return {"tables": tables, "open_resyncs": resyncs}
 
 
 def daemon_view(listen: str) -> dict[str, Any]:

@@ -6,10 +6,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 
 from cdcsync import __version__, admin, daemon, demo
+from cdcsync.backfill import operator
 from cdcsync.config import Settings, config_path, load_settings
 from cdcsync.dsn import redact
 from cdcsync.errors import CdcsyncError
@@ -28,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     setup.add_argument("--create-tables", action="store_true",
                        help="create missing target tables from the source catalog")
     commands.add_parser("run", help="stream changes until SIGTERM or SIGINT")
+    resync = commands.add_parser("resync", help="re-copy a table while streaming goes on")
+    resync.add_argument("table", metavar="TABLE", help="the source table, schema.table")
+    resync.add_argument("--where", metavar="SQL",
+                        help="copy only the rows matching this condition (source columns)")
+    resync.add_argument("--dry-run", action="store_true",
+                        help="only say how many rows would be copied")
     status = commands.add_parser("status", help="checkpoint, slot and lag")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     teardown = commands.add_parser("teardown", help="drop the slot and the publication")
@@ -74,13 +82,20 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         daemon.run(settings)
         return 0
+    if args.command == "resync":
+        outcome = operator.resync_table(settings, args.table, args.where, dry_run=args.dry_run)
+        if outcome.dry_run:
+            print(f"would copy {outcome.rows} rows of {outcome.table}")
+        else:
+            print(f"resynced {outcome.table}: {outcome.rows} rows copied by "
+                  f"{outcome.performed_by}")
+        return 0
     if args.command == "status":
         result = admin.status(settings)
         if args.json:
             print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
         else:
-            for key, value in result.items():
-                print(f"{key:26} {value}")
+            _print_status(result)
         return 0
     if args.command == "teardown":
         if not args.yes:
@@ -92,6 +107,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         event(logging.INFO, "teardown", slot=settings.source.slot)
         return 0
     raise AssertionError(args.command)
+
+
+def _print_status(result: dict[str, Any]) -> None:
+    for key, value in result.items():
+        if key == "tables":
+            for name, table in value.items():
+                problem = (f": {table['reason']} (fix: {table['fix']})"
+                           if table["state"] == "error" else "")
+                print(f"{'table ' + name:26} {table['state']}, "
+                      f"{table['rows_copied']:,} rows copied{problem}")
+        elif key == "open_resyncs":
+            for r in value:
+                print(f"{'resync ' + str(r['id']):26} {r['table']} {r['state']}, "
+                      f"{r['rows_copied']:,} of ~{r['rows_estimate'] or 0:,} rows")
+        else:
+            print(f"{key:26} {value}")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,12 @@ class ApplySettings(_Section):
     conflict_column: str = "updated_at"
 
 
+class SnapshotSettings(_Section):
+    mode: Literal["initial", "never"] = "initial"
+    workers: int = Field(default=2, ge=1, le=32)
+    chunk_rows: int = Field(default=50_000, ge=1)
+
+
 class HttpSettings(_Section):
     listen: str = "127.0.0.1:9187"
     ready_lag_s: float = Field(default=30.0, gt=0)
@@ -121,6 +127,7 @@ class Settings(BaseModel):
     source: SourceSettings
     target: TargetSettings
     apply: ApplySettings = ApplySettings()
+    snapshot: SnapshotSettings = SnapshotSettings()
     http: HttpSettings = HttpSettings()
     alerts: AlertSettings = AlertSettings()
     log: LogSettings = LogSettings()
@@ -153,6 +160,7 @@ class _Environment(BaseSettings):
     source: dict[str, Any] = {}
     target: dict[str, Any] = {}
     apply: dict[str, Any] = {}
+    snapshot: dict[str, Any] = {}
     http: dict[str, Any] = {}
     alerts: dict[str, Any] = {}
     log: dict[str, Any] = {}

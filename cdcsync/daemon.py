@@ -10,29 +10,37 @@ from types import FrameType
 from cdcsync import __version__, alerts, checkpoint
 from cdcsync.admin import connect
 from cdcsync.alerts import Alerter, Thresholds
+from cdcsync.backfill import snapshot, state
+from cdcsync.backfill.resync import Resyncer
 from cdcsync.config import Settings
 from cdcsync.errors import PrerequisiteError
 from cdcsync.health import Health, HttpServer
 from cdcsync.jobs import Jobs
 from cdcsync.logs import event
 from cdcsync.metrics import Metrics
-from cdcsync.pipeline import Pipeline, open_target_pool
+from cdcsync.pipeline import Pipeline, Progress, open_target_pool
 from cdcsync.source import catalog
 
 
 def preflight(settings: Settings) -> None:
     """Fail fast, with the fix, on what no retry would cure."""
     with connect(settings.source.dsn.get_secret_value(), "source") as src:
-        if catalog.slot_info(src, settings.source.slot) is None:
-            raise PrerequisiteError(
-                f"replication slot {settings.source.slot!r} does not exist on the source",
-                fix="run `cdcsync setup` first",
-            )
+        slot_missing = catalog.slot_info(src, settings.source.slot) is None
+        names = [t.qualified for t in catalog.selected_tables(src, settings.tables)]
     with connect(settings.target.dsn.get_secret_value(), "target") as tgt:
         row = tgt.execute("SELECT to_regclass('cdcsync.checkpoint') IS NOT NULL").fetchone()
         if not row or not row[0]:
             raise PrerequisiteError("the target has no cdcsync schema", fix="run `cdcsync setup`")
         checkpoint.install_metadata(tgt)
+        # The initial snapshot re-creates the slot; a crash in between leaves none, which the
+        # next snapshot attempt cures by itself.
+        fresh = (settings.snapshot.mode == "initial"
+                 and snapshot.needed(state.load(tgt, settings.source.slot), names))
+    if slot_missing and not fresh:
+        raise PrerequisiteError(
+            f"replication slot {settings.source.slot!r} does not exist on the source",
+            fix="run `cdcsync setup` first",
+        )
 
 
 def _alerter(settings: Settings) -> Alerter:
@@ -73,14 +81,26 @@ def run(settings: Settings, stop: threading.Event | None = None) -> None:
 def _stream(settings: Settings, stop: threading.Event, metrics: Metrics, health: Health) -> None:
     alerter = _alerter(settings)
     pool = open_target_pool(settings)
-    pipeline = Pipeline(settings, pool, stop, metrics, health)
+    progress = Progress()
+    resyncer = Resyncer(settings, pool, lambda: progress.checkpoint, stop)
+    pipeline = Pipeline(settings, pool, stop, metrics, health, progress=progress,
+                        on_message=resyncer.on_message)
     jobs = Jobs(settings, pipeline.progress, metrics, health, alerter)
     jobs.start()
     try:
+        try:
+            snapshot.prepare(settings, pool, stop, snapshot.Hooks(
+                started=lambda: health.set_state("snapshotting"), alive=health.beat))
+        except snapshot.Stopped:
+            return
+        if stop.is_set():
+            return
+        resyncer.start()
         pipeline.run()
     finally:
         health.set_state("stopping")
         jobs.close()
+        resyncer.join(timeout=5)
         pool.close(timeout=2)
         alerts.flush()
 

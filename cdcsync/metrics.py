@@ -21,7 +21,7 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-OPS: Final = frozenset({"insert", "update", "delete", "truncate"})
+OPS: Final = frozenset({"insert", "update", "delete", "truncate", "copy"})
 WAL_STATUSES: Final = ("reserved", "extended", "unreserved", "lost")
 
 # One batch is one target transaction: from a single-row commit on an idle source (about 1 ms)

@@ -168,4 +168,15 @@ class SourceMessage:
     content: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class CopiedRows:
+    """Rows read from a source table by a snapshot or resync, in the staging format of
+    :mod:`cdcsync.source.tuples` (concatenated binary COPY rows, inserts)."""
+
+    relation: Relation
+    target: TargetTable
+    data: bytes
+    rows: int
+
+
 StreamItem = TxnStart | ChangeChunk | Truncate | TxnEnd | SourceMessage

@@ -16,6 +16,7 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -64,6 +65,8 @@ class IdleAdvance:
 
 
 Item = StreamItem | IdleAdvance
+MessageHandler = Callable[[SourceMessage, Applier], None]
+"""Called in stream order for each logical message (resync watermarks), with the applier."""
 
 
 def pgoutput_options(publication: str) -> dict[str, str]:
@@ -155,13 +158,15 @@ class Pipeline:
     """Streams the configured slot into the target until ``stop`` is set."""
 
     def __init__(self, settings: Settings, pool: ConnectionPool, stop: threading.Event,
-                 metrics: Metrics, health: Health) -> None:
+                 metrics: Metrics, health: Health, *, progress: Progress | None = None,
+                 on_message: MessageHandler | None = None) -> None:
         self.settings = settings
         self.pool = pool
         self.stop = stop
         self.metrics = metrics
         self.health = health
-        self.progress = Progress()
+        self.progress = progress or Progress()
+        self.on_message = on_message
 
     def run(self) -> None:
         """Stream until stopped; retry transient failures, raise everything else."""
@@ -308,6 +313,8 @@ class Pipeline:
             elif isinstance(item, SourceMessage):
                 event(logging.DEBUG, "source_message", slot=self.settings.source.slot,
                       prefix=item.prefix, lsn=str(item.lsn))
+                if self.on_message is not None:
+                    self.on_message(item, applier)
 
     def _commit(self, applier: Applier, reader: Reader) -> None:
         done = applier.commit()

@@ -23,11 +23,21 @@ from psycopg.rows import TupleRow
 
 from cdcsync import checkpoint
 from cdcsync.apply import sql as q
-from cdcsync.apply import tables
+from cdcsync.apply import tables, window
 from cdcsync.config import Settings
 from cdcsync.errors import ApplyError
+from cdcsync.keyrange import KeyOrder, Span
 from cdcsync.logs import event
-from cdcsync.model import ChangeChunk, Lsn, Relation, TableRows, TargetTable, Truncate, TxnEnd
+from cdcsync.model import (
+    ChangeChunk,
+    CopiedRows,
+    Lsn,
+    Relation,
+    TableRows,
+    TargetTable,
+    Truncate,
+    TxnEnd,
+)
 from cdcsync.source.tuples import COPY_HEADER, COPY_TRAILER
 
 Conn = psycopg.Connection[TupleRow]
@@ -76,6 +86,9 @@ class Applier:
         self._stages: set[str] = set()
         self._dirty: set[str] = set()
         self._pending: dict[int, _Pending] = {}
+        # Target table oid -> the temp table recording the keys the stream changes while a
+        # resync chunk of that table is read (between its low and high watermarks).
+        self._windows: dict[int, str] = {}
         self._pending_rows = 0
         self._pending_bytes = 0
         self._in_txn = False
@@ -138,8 +151,53 @@ class Applier:
         limits = self.settings.apply
         return self._pending_rows >= limits.max_rows or self._pending_bytes >= limits.max_bytes
 
+    def open_window(self, table: TargetTable) -> None:
+        """A resync chunk's low watermark: from here on, record every key the stream changes."""
+        self._flush()
+        name = window.window_name(table)
+        with self.conn.cursor() as cur:
+            cur.execute(window.create_window(name, table))
+            cur.execute(window.clear_window(name))
+        self._windows[table.oid] = name
+
+    def apply_copied(self, copied: CopiedRows, order: KeyOrder, span: Span, *, windowed: bool,
+                     delete_missing: bool) -> int | None:
+        """Merge rows copied from the source with the conflict rule; with ``delete_missing``,
+        delete target rows of ``span`` the copy lacks. Windowed (a resync chunk at its high
+        watermark), keys the stream changed since the low watermark are left to the stream;
+        None means that window was lost (a restart, a TRUNCATE): read the chunk again."""
+        table = copied.target
+        # Changes still pending belong to the window: record their keys before closing it.
+        self._flush()
+        name: str | None = None
+        if windowed:
+            name = self._windows.pop(table.oid, None)
+            if name is None:
+                return None
+        started = time.perf_counter()
+        batch = _Pending(table, copied.relation, window.chunk_stage_name(table, copied.relation),
+                         [copied.data], inserts=copied.rows)
+        with self.conn.cursor() as cur:
+            self._copy(cur, batch)
+            if name is not None:
+                cur.execute(window.drop_changed(batch.stage, name, table))
+                batch.inserts -= cur.rowcount
+            self._merge_batches(cur, [batch])
+            deleted = 0
+            if delete_missing:
+                cur.execute(window.delete_missing(batch.stage, name, table, order, span))
+                deleted = cur.rowcount
+        self._busy_s += time.perf_counter() - started
+        self._applied[(table.source_name, "copy")] += batch.inserts
+        if deleted:
+            self._applied[(table.source_name, "delete")] += deleted
+        return batch.inserts
+
     def truncate(self, item: Truncate) -> None:
         self._flush()
+        for table in item.tables:
+            # Keys recorded before a TRUNCATE no longer say what the stream holds.
+            self._windows.pop(table.oid, None)
         if self.settings.apply.truncate == "ignore":
             return
         with self.conn.cursor() as cur:
@@ -181,6 +239,7 @@ class Applier:
                 self.conn.rollback()
         self._pending = {}
         self._stages.clear()
+        self._windows.clear()
         self._reset()
 
     def _reset(self) -> None:
@@ -212,25 +271,32 @@ class Applier:
         with self.conn.cursor() as cur:
             for batch in batches:
                 self._copy(cur, batch)
+                name = self._windows.get(batch.table.oid)
+                if name is not None:
+                    cur.execute(window.record_keys(name, batch.stage, batch.table))
             if cyclic & pending.keys():
                 self._replay(cur, batches)
                 return
-            cur.execute("SAVEPOINT cdcsync_flush")
-            try:
-                self._merge(cur, batches)
-            except pgerrors.Error as exc:
-                if isinstance(exc, psycopg.OperationalError):
-                    raise
-                # The staged rows are back as they were copied. Applied one by one in source
-                # order, an order-sensitive batch succeeds, and any other failure is pinned to
-                # the exact change, which the error then names.
-                cur.execute("ROLLBACK TO SAVEPOINT cdcsync_flush")
-                event(logging.INFO if isinstance(exc, _ORDER_SENSITIVE) else logging.WARNING,
-                      "batch_replayed_in_source_order", slot=self.slot,
-                      rows=sum(len(b.rows) for b in batches), reason=str(exc).splitlines()[0])
-                self._replay(cur, batches)
-            else:
-                cur.execute("RELEASE SAVEPOINT cdcsync_flush")
+            self._merge_batches(cur, batches)
+
+    def _merge_batches(self, cur: Cur, batches: list[_Pending]) -> None:
+        """Merge staged batches in one go; if the target refuses, replay them in source order."""
+        cur.execute("SAVEPOINT cdcsync_flush")
+        try:
+            self._merge(cur, batches)
+        except pgerrors.Error as exc:
+            if isinstance(exc, psycopg.OperationalError):
+                raise
+            # The staged rows are back as they were copied. Applied one by one in source
+            # order, an order-sensitive batch succeeds, and any other failure is pinned to
+            # the exact change, which the error then names.
+            cur.execute("ROLLBACK TO SAVEPOINT cdcsync_flush")
+            event(logging.INFO if isinstance(exc, _ORDER_SENSITIVE) else logging.WARNING,
+                  "batch_replayed_in_source_order", slot=self.slot,
+                  rows=sum(len(b.rows) for b in batches), reason=str(exc).splitlines()[0])
+            self._replay(cur, batches)
+        else:
+            cur.execute("RELEASE SAVEPOINT cdcsync_flush")
 
     def _order(self, oids: Iterable[int]) -> tuple[list[int], set[int]]:
         key = frozenset(oids)

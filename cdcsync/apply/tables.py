@@ -102,14 +102,20 @@ def resolve(conn: psycopg.Connection[TupleRow], settings: Settings,
     )
 
 
-def foreign_key_order(
-    conn: psycopg.Connection[TupleRow], oids: Sequence[int]
-) -> tuple[list[int], set[int]]:
-    """Parents before children; the second value holds the tables caught in a cycle."""
+def parents_of(conn: psycopg.Connection[TupleRow], oids: Sequence[int]) -> dict[int, set[int]]:
+    """For each table, the tables among ``oids`` its foreign keys reference."""
     edges = conn.execute(_FOREIGN_KEYS_SQL, (list(oids), list(oids))).fetchall()
     parents: dict[int, set[int]] = {oid: set() for oid in oids}
     for child, parent in edges:
         parents[int(str(child))].add(int(str(parent)))
+    return parents
+
+
+def foreign_key_order(
+    conn: psycopg.Connection[TupleRow], oids: Sequence[int]
+) -> tuple[list[int], set[int]]:
+    """Parents before children; the second value holds the tables caught in a cycle."""
+    parents = parents_of(conn, oids)
     order: list[int] = []
     placed: set[int] = set()
     remaining = set(oids)

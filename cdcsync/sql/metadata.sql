@@ -31,3 +31,38 @@ SELECT slot,
        now() - commit_time AS staleness,
        updated_at   AS applied_at
 FROM cdcsync.checkpoint;
+
+-- Per table and slot: whether its rows have been copied from the source (initial snapshot or a
+-- resync of the whole table). A table is streamed in every state; `ready` means it is complete.
+CREATE TABLE IF NOT EXISTS cdcsync.table_state (
+    slot          text        NOT NULL,
+    table_name    text        NOT NULL,
+    state         text        NOT NULL CHECK (state IN ('pending', 'copying', 'ready', 'error')),
+    rows_copied   bigint      NOT NULL DEFAULT 0,
+    rows_estimate bigint,
+    reason        text,
+    fix           text,
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (slot, table_name)
+);
+
+-- Re-copies asked for by `cdcsync resync` (or by the daemon for tables not yet copied), performed
+-- by the process that streams the slot, chunk by chunk between watermarks.
+CREATE TABLE IF NOT EXISTS cdcsync.resync_requests (
+    id            bigserial   PRIMARY KEY,
+    slot          text        NOT NULL,
+    table_name    text        NOT NULL,
+    where_sql     text,
+    purpose       text        NOT NULL DEFAULT 'resync' CHECK (purpose IN ('resync', 'snapshot')),
+    state         text        NOT NULL DEFAULT 'queued'
+                              CHECK (state IN ('queued', 'running', 'done', 'failed')),
+    rows_estimate bigint,
+    rows_copied   bigint      NOT NULL DEFAULT 0,
+    chunks        integer     NOT NULL DEFAULT 0,
+    error         text,
+    requested_at  timestamptz NOT NULL DEFAULT now(),
+    started_at    timestamptz,
+    finished_at   timestamptz
+);
+CREATE INDEX IF NOT EXISTS resync_requests_open ON cdcsync.resync_requests (slot, id)
+    WHERE state IN ('queued', 'running');

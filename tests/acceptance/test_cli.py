@@ -67,6 +67,9 @@ def test_setup_check_status_teardown(pair: DbPair, tmp_path: Path) -> None:
     assert status.returncode == 0, status.stderr
     report = orjson.loads(status.stdout)
     assert report["slot_exists"] is True and report["slot"] == pair.slot
+    assert report["tables"]["public.orders"]["state"] == "pending"
+    text = cli("status", config=config)
+    assert "table public.orders" in text.stdout and "pending, 0 rows copied" in text.stdout
     assert cli("teardown", config=config).returncode == 2
     down = cli("teardown", "--yes", config=config)
     assert down.returncode == 0

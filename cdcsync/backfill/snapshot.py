@@ -1,0 +1,284 @@
+"""The initial snapshot: every selected table copied exactly as of the slot's starting point.
+
+Only the connection that creates a slot can export the snapshot matching the slot's consistent
+point, so the first run re-creates the slot (nothing has been applied from it yet) with
+``SNAPSHOT 'export'`` and keeps that connection idle while workers copy under
+``SET TRANSACTION SNAPSHOT``. The stream then starts at the consistent point: every change after
+it is streamed, every change before it is in the copy, none is in both.
+
+Each table is copied in one target transaction that also marks it ready, so a table is wholly
+copied or not at all. A table still empty on the target is filled by a plain COPY; one holding
+rows goes through the staging tables and the merge, like the stream. Tables are copied in
+parallel, parents before the children whose foreign keys reference them. After a crash the
+exported snapshot is gone: tables not ready are then copied online by resync.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import pq, sql
+from psycopg.rows import TupleRow
+from psycopg_pool import ConnectionPool
+
+from cdcsync import checkpoint
+from cdcsync.apply import tables
+from cdcsync.apply.applier import Applier
+from cdcsync.backfill import source_rows, state
+from cdcsync.backfill.progress import ProgressLine
+from cdcsync.config import Settings
+from cdcsync.dsn import with_session_options
+from cdcsync.errors import CdcsyncError, ConnectionLost, PrerequisiteError
+from cdcsync.keyrange import Span
+from cdcsync.logs import event
+from cdcsync.model import CopiedRows, Lsn, Relation, TargetTable
+from cdcsync.source import catalog
+
+Conn = psycopg.Connection[TupleRow]
+_REPORT_EVERY_ROWS = 10_000
+
+
+class Stopped(CdcsyncError):
+    """The snapshot was asked to stop; the tables not ready are copied on the next start."""
+
+
+def selected(settings: Settings) -> list[str]:
+    dsn = with_session_options(settings.source.dsn.get_secret_value(), "cdcsync")
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as src:
+        return [t.qualified for t in catalog.selected_tables(src, settings.tables)]
+
+
+def needed(states: dict[str, state.TableState], names: list[str]) -> bool:
+    """The initial snapshot runs only while no table has started copying: otherwise the slot
+    has streamed already and re-creating it would lose changes."""
+    return bool(names) and all(n in states and states[n].state == "pending" for n in names)
+
+
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """How the snapshot tells the daemon it started, and that it is alive while it copies."""
+
+    started: Callable[[], None]
+    alive: Callable[[], None]
+
+
+def take(settings: Settings, pool_conn: Conn, names: list[str], stop: threading.Event,
+         hooks: Hooks) -> int:
+    """Re-create the slot with an exported snapshot, copy ``names``, move the checkpoint to the
+    slot's consistent point; return the rows copied."""
+    slot = settings.source.slot
+    source_dsn = with_session_options(settings.source.dsn.get_secret_value(), "cdcsync-snapshot")
+    with psycopg.connect(source_dsn, autocommit=True, connect_timeout=10) as src:
+        catalog.drop_slot(src, slot)
+    try:
+        exporter = psycopg.connect(source_dsn, replication="database", autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise ConnectionLost(f"cannot open a replication connection: {exc}") from exc
+    with exporter:
+        start, snapshot = _export_slot(exporter, slot, settings.source.decoder)
+        # Committed before any table is: a crash from here on resumes at the new slot.
+        with pool_conn.cursor() as cur:
+            checkpoint.save(cur, slot, start, None)
+        pool_conn.commit()
+        event(logging.INFO, "snapshot_started", slot=slot, lsn=str(start), tables=len(names),
+              workers=settings.snapshot.workers)
+        hooks.started()
+        return _copy_all(settings, names, snapshot, start, stop=stop, alive=hooks.alive)
+
+
+def _export_slot(conn: Conn, slot: str, plugin: str) -> tuple[Lsn, str]:
+    # Names validated by the configuration; the replication protocol takes no parameters.
+    command = f"CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL {plugin} (SNAPSHOT 'export')"
+    result = conn.pgconn.exec_(command.encode())
+    if result.status != pq.ExecStatus.TUPLES_OK:
+        raise PrerequisiteError(
+            f"cannot create slot {slot!r} with an exported snapshot: "
+            f"{result.error_message.decode().strip()}",
+            fix="check that the role has REPLICATION and a replication slot is free")
+    point, name = result.get_value(0, 1), result.get_value(0, 2)
+    assert point is not None and name is not None
+    return Lsn.parse(point.decode()), name.decode()
+
+
+def _copy_all(settings: Settings, names: list[str], snapshot: str, start: Lsn, *,
+              stop: threading.Event, alive: Callable[[], None]) -> int:
+    slot = settings.source.slot
+    target_dsn = with_session_options(settings.target.dsn.get_secret_value(), "cdcsync-snapshot")
+    with psycopg.connect(target_dsn, autocommit=True) as tgt:
+        resolved = {}
+        with _source(settings, snapshot) as src:
+            for name in names:
+                relation = source_rows.relation_of(src, name)
+                resolved[name] = (relation, tables.resolve(tgt, settings, relation),
+                                  source_rows.estimate(src, relation))
+        parents = tables.parents_of(tgt, [t.oid for _, t, _ in resolved.values()])
+    by_oid = {t.oid: n for n, (_, t, _) in resolved.items()}
+    line = ProgressLine("snapshot", sum(e for _, _, e in resolved.values()), slot=slot)
+    abort = threading.Event()
+    copier = _Copier(settings, snapshot, start, line, abort)
+    done: set[str] = set()
+    running: dict[Future[int], str] = {}
+    total = 0
+    with ThreadPoolExecutor(settings.snapshot.workers, thread_name_prefix="cdcsync-copy") as pool:
+        try:
+            remaining = list(names)
+            while remaining or running:
+                # A child waits for its parents, unless nothing else can run (a cycle).
+                ready = [n for n in remaining
+                         if all(by_oid[p] in done or by_oid[p] == n
+                                for p in parents[resolved[n][1].oid])]
+                if not ready and not running:
+                    ready = remaining[:1]
+                for name in ready[:max(0, settings.snapshot.workers - len(running))]:
+                    remaining.remove(name)
+                    relation, table, estimate = resolved[name]
+                    running[pool.submit(copier.copy_table, relation, table, estimate)] = name
+                finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                alive()
+                if stop.is_set():
+                    abort.set()
+                for future in finished:
+                    name = running.pop(future)
+                    total += future.result()
+                    done.add(name)
+        except BaseException:
+            abort.set()
+            raise
+    line.close()
+    event(logging.INFO, "snapshot_done", slot=slot, lsn=str(start), rows=total)
+    return total
+
+
+def _source(settings: Settings, snapshot: str) -> Conn:
+    dsn = with_session_options(settings.source.dsn.get_secret_value(), "cdcsync-snapshot")
+    conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+    # A long COPY must not hit a statement_timeout the provider sets (Supabase does).
+    conn.execute("SET statement_timeout = 0")
+    conn.autocommit = False
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = True
+    conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+    return conn
+
+
+@dataclass(frozen=True, slots=True)
+class _Copier:
+    """What every table's copy shares: the exported snapshot, its LSN, the progress line."""
+
+    settings: Settings
+    snapshot: str
+    start: Lsn
+    line: ProgressLine
+    stop: threading.Event
+
+    def copy_table(self, relation: Relation, table: TargetTable, estimate: int) -> int:
+        slot = self.settings.source.slot
+        name = relation.qualified
+        target_dsn = with_session_options(self.settings.target.dsn.get_secret_value(),
+                                          "cdcsync-snapshot")
+        with _source(self.settings, self.snapshot) as src, psycopg.connect(target_dsn) as tgt:
+            tgt.execute("SET statement_timeout = 0")
+            state.set_state(tgt, slot, name, "copying", rows_copied=0, rows_estimate=estimate)
+            tgt.commit()
+            try:
+                rows = self._fill(src, tgt, relation, table)
+            except Exception as exc:
+                tgt.rollback()
+                if not isinstance(exc, Stopped):
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                    state.set_state(tgt, slot, name, "error", reason=reason,
+                                    fix="correct the cause; the next `cdcsync run` copies the "
+                                        "table again, online")
+                    tgt.commit()
+                raise
+            state.set_state(tgt, slot, name, "ready", rows_copied=rows)
+            tgt.commit()
+        event(logging.INFO, "table_copied", slot=slot, table=name, rows=rows)
+        return rows
+
+    def _fill(self, src: Conn, tgt: Conn, relation: Relation, table: TargetTable) -> int:
+        target = sql.Identifier(table.schema, table.name)
+        empty = tgt.execute(sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {})").format(
+            target)).fetchone()
+        if empty and empty[0]:
+            return self._fill_empty(src, tgt, relation, table)
+        # Rows already there: the merge applies the conflict rule to each, and deletes what the
+        # source does not hold.
+        order = source_rows.key_order(src, tgt, relation, table)
+        applier = Applier(tgt, self.settings)
+        after = None
+        copied = 0
+        while True:
+            self._check_stop()
+            upto = source_rows.chunk_end(src, relation, order, after, None,
+                                         rows=self.settings.snapshot.chunk_rows)
+            span = Span(after, upto)
+            data, count = source_rows.read_staged(src, source_rows.staged_copy(
+                relation, table, order, self.start, span, condition=None))
+            applier.apply_copied(CopiedRows(relation, table, data, count), order, span,
+                                 windowed=False, delete_missing=True)
+            copied += count
+            self.line.add(count)
+            if upto is None:
+                return copied
+            after = upto
+
+    def _fill_empty(self, src: Conn, tgt: Conn, relation: Relation, table: TargetTable) -> int:
+        moved = 0
+
+        def on_row() -> None:
+            nonlocal moved
+            moved += 1
+            if moved % _REPORT_EVERY_ROWS == 0:
+                self._check_stop()
+                self.line.add(_REPORT_EVERY_ROWS)
+
+        rows = source_rows.pipe(src, tgt, source_rows.plain_copy_out(relation, table),
+                                source_rows.plain_copy_in(table), on_row)
+        self.line.add(moved % _REPORT_EVERY_ROWS)
+        return rows
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Stopped("stopped during the snapshot; the next start copies the tables "
+                          "not ready online")
+
+
+def prepare(settings: Settings, pool: ConnectionPool, stop: threading.Event,
+            hooks: Hooks) -> None:
+    """Before streaming: take the initial snapshot if nothing was copied yet, and queue an
+    online copy for every other table not ready (a crash mid-snapshot, a table added later)."""
+    slot = settings.source.slot
+    names = selected(settings)
+    initial = settings.snapshot.mode == "initial"
+    with pool.connection() as conn:
+        state.register(conn, slot, names, "pending" if initial else "ready")
+        conn.commit()
+        states = state.load(conn, slot)
+        if not initial:
+            return
+        if needed(states, names):
+            take(settings, conn, names, stop, hooks)
+            states = state.load(conn, slot)
+        behind = [n for n in names if states[n].state != "ready"]
+        if not behind:
+            return
+        for name in _parents_first(settings, conn, behind):
+            request = state.enqueue(conn, slot, name, None, "snapshot")
+            event(logging.INFO, "copy_queued", slot=slot, table=name, request=request,
+                  reason=f"table state {states[name].state}")
+        conn.commit()
+
+
+def _parents_first(settings: Settings, tgt: Conn, names: list[str]) -> list[str]:
+    dsn = with_session_options(settings.source.dsn.get_secret_value(), "cdcsync")
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as src:
+        oids = {tables.resolve(tgt, settings, source_rows.relation_of(src, n)).oid: n
+                for n in names}
+    order, _ = tables.foreign_key_order(tgt, list(oids))
+    return [oids[oid] for oid in order]

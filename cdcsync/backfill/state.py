@@ -1,0 +1,133 @@
+"""The target's record of copies: each table's state, and the queue of resync requests."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Literal
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+
+Conn = psycopg.Connection[TupleRow]
+TableStateName = Literal["pending", "copying", "ready", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class TableState:
+    table: str
+    state: str
+    rows_copied: int
+    rows_estimate: int | None
+    reason: str | None
+    fix: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: int
+    table: str
+    where: str | None
+    purpose: str
+    state: str
+    rows_estimate: int | None
+    rows_copied: int
+    chunks: int
+    error: str | None
+    finished_at: dt.datetime | None
+
+
+def register(conn: Conn, slot: str, tables: list[str], state: TableStateName) -> None:
+    """Give tables without a state the given one; tables already known keep theirs."""
+    for table in tables:
+        conn.execute("INSERT INTO cdcsync.table_state (slot, table_name, state) VALUES "
+                     "(%s, %s, %s) ON CONFLICT DO NOTHING", (slot, table, state))
+
+
+def load(conn: Conn, slot: str) -> dict[str, TableState]:
+    rows = conn.execute("SELECT table_name, state, rows_copied, rows_estimate, reason, fix "
+                        "FROM cdcsync.table_state WHERE slot = %s ORDER BY 1", (slot,)).fetchall()
+    return {str(r[0]): TableState(str(r[0]), str(r[1]), int(r[2]),
+                                  int(r[3]) if r[3] is not None else None,
+                                  r[4], r[5]) for r in rows}
+
+
+def set_state(conn: Conn, slot: str, table: str, state: TableStateName, *,
+              rows_copied: int | None = None, rows_estimate: int | None = None,
+              reason: str | None = None, fix: str | None = None) -> None:
+    conn.execute(
+        "INSERT INTO cdcsync.table_state AS s (slot, table_name, state, rows_copied, "
+        "rows_estimate, reason, fix) VALUES (%s, %s, %s, coalesce(%s, 0), %s, %s, %s) "
+        "ON CONFLICT (slot, table_name) DO UPDATE SET state = excluded.state, "
+        "rows_copied = coalesce(%s, s.rows_copied), "
+        "rows_estimate = coalesce(excluded.rows_estimate, s.rows_estimate), "
+        "reason = excluded.reason, fix = excluded.fix, updated_at = now()",
+        (slot, table, state, rows_copied, rows_estimate, reason, fix, rows_copied))
+
+
+_REQUEST_COLUMNS = sql.SQL("id, table_name, where_sql, purpose, state, rows_estimate, "
+                           "rows_copied, chunks, error, finished_at")
+
+
+def _request(row: tuple[object, ...]) -> Request:
+    return Request(int(str(row[0])), str(row[1]), row[2] if row[2] is None else str(row[2]),
+                   str(row[3]), str(row[4]), int(str(row[5])) if row[5] is not None else None,
+                   int(str(row[6])), int(str(row[7])), None if row[8] is None else str(row[8]),
+                   row[9] if isinstance(row[9], dt.datetime) else None)
+
+
+def enqueue(conn: Conn, slot: str, table: str, where: str | None, purpose: str) -> int:
+    """Queue a resync; a table already queued or running for the same purpose is not queued
+    twice (its open request's id is returned)."""
+    row = conn.execute(
+        "SELECT id FROM cdcsync.resync_requests WHERE slot = %s AND table_name = %s "
+        "AND purpose = %s AND where_sql IS NOT DISTINCT FROM %s "
+        "AND state IN ('queued', 'running') ORDER BY id LIMIT 1",
+        (slot, table, purpose, where)).fetchone()
+    if row is not None:
+        return int(row[0])
+    row = conn.execute("INSERT INTO cdcsync.resync_requests (slot, table_name, where_sql, purpose)"
+                       " VALUES (%s, %s, %s, %s) RETURNING id",
+                       (slot, table, where, purpose)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def claim_next(conn: Conn, slot: str) -> Request | None:
+    """The oldest open request of the slot, marked running. A request left running by a process
+    that died is claimed again: only the process streaming the slot performs requests."""
+    row = conn.execute(sql.SQL(
+        "UPDATE cdcsync.resync_requests SET state = 'running', started_at = now(), "
+        "rows_copied = 0, chunks = 0 WHERE id = (SELECT id FROM cdcsync.resync_requests "
+        "WHERE slot = %s AND state IN ('queued', 'running') ORDER BY id LIMIT 1) "
+        "RETURNING {}").format(_REQUEST_COLUMNS), (slot,)).fetchone()
+    return _request(row) if row is not None else None
+
+
+def get(conn: Conn, request_id: int) -> Request | None:
+    row = conn.execute(sql.SQL("SELECT {} FROM cdcsync.resync_requests WHERE id = %s").format(
+        _REQUEST_COLUMNS), (request_id,)).fetchone()
+    return _request(row) if row is not None else None
+
+
+def estimated(conn: Conn, request_id: int, estimate: int) -> None:
+    conn.execute("UPDATE cdcsync.resync_requests SET rows_estimate = %s WHERE id = %s",
+                 (estimate, request_id))
+
+
+def chunk_done(conn: Conn, request_id: int, rows: int) -> None:
+    conn.execute("UPDATE cdcsync.resync_requests SET rows_copied = rows_copied + %s, "
+                 "chunks = chunks + 1 WHERE id = %s", (rows, request_id))
+
+
+def finish(conn: Conn, request_id: int, error: str | None) -> None:
+    conn.execute("UPDATE cdcsync.resync_requests SET state = %s, error = %s, finished_at = now() "
+                 "WHERE id = %s", ("failed" if error else "done", error, request_id))
+
+
+def open_requests(conn: Conn, slot: str) -> list[Request]:
+    rows = conn.execute(sql.SQL("SELECT {} FROM cdcsync.resync_requests WHERE slot = %s "
+                                "AND state IN ('queued', 'running') ORDER BY id").format(
+        _REQUEST_COLUMNS), (slot,)).fetchall()
+    return [_request(r) for r in rows]
