@@ -227,6 +227,8 @@ def setup(settings: Settings, *, create_tables: bool) -> list[str]:
         checkpoint.install_metadata(tgt)
         done.append("target schema cdcsync ready")
         initial = settings.snapshot.mode == "initial"
+        if outcome == "created" and initial:
+            state.restart(tgt, settings.source.slot)
         state.register(tgt, settings.source.slot, [t.qualified for t in chosen],
                        "pending" if initial else "ready")
         done.extend(_initial_checkpoint(tgt, settings.source.slot, slot_start, outcome))
@@ -259,7 +261,8 @@ def _initial_checkpoint(tgt: Conn, slot: str, slot_start: Lsn, outcome: str) -> 
     lines = [f"checkpoint for slot {slot!r} starts at {slot_start}"]
     if saved is not None or outcome == "exists":
         lines.append(f"warning: the target holds no changes of slot {slot!r} before "
-                     f"{slot_start}; re-copy the tables from the source if they differ")
+                     f"{slot_start}; with [snapshot] mode = \"initial\" the next `cdcsync run` "
+                     "copies every table again")
     return lines
 
 

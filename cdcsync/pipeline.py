@@ -263,8 +263,9 @@ class Pipeline:
         except psycopg.OperationalError as exc:
             raise ConnectionLost(f"cannot reach the source: {exc}") from exc
         if info is None:
-            raise PrerequisiteError(f"replication slot {slot!r} does not exist on the source",
-                                    fix="run `cdcsync setup` (the target then needs a re-copy)")
+            raise PrerequisiteError(
+                f"replication slot {slot!r} does not exist on the source",
+                fix="run `cdcsync setup`; the next run then re-copies every table")
         confirmed = Lsn.parse(info.confirmed_flush) if info.confirmed_flush else ZERO_LSN
         if confirmed > saved.lsn:
             # The slot only ever confirms what the checkpoint held, so the target has lost
@@ -273,8 +274,8 @@ class Pipeline:
                 f"the target's checkpoint {saved.lsn} is behind slot {slot!r}, which the source "
                 f"has already released up to {confirmed}: changes in between are missing on "
                 "the target",
-                fix="re-copy the tables from the source (teardown, setup, then copy), "
-                    "then run again",
+                fix="re-copy the tables from the source: `cdcsync teardown --yes`, "
+                    "`cdcsync setup`, then `cdcsync run` copies every table again",
             )
         return saved.lsn
 

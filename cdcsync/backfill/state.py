@@ -45,6 +45,16 @@ def register(conn: Conn, slot: str, tables: list[str], state: TableStateName) ->
                      "(%s, %s, %s) ON CONFLICT DO NOTHING", (slot, table, state))
 
 
+def restart(conn: Conn, slot: str) -> None:
+    """A new slot: the target holds none of its changes, so every table is to be copied again
+    and resyncs queued for the old slot are void."""
+    conn.execute("UPDATE cdcsync.table_state SET state = 'pending', rows_copied = 0, "
+                 "reason = NULL, fix = NULL, updated_at = now() WHERE slot = %s", (slot,))
+    conn.execute("UPDATE cdcsync.resync_requests SET state = 'failed', finished_at = now(), "
+                 "error = 'the slot was re-created' WHERE slot = %s "
+                 "AND state IN ('queued', 'running')", (slot,))
+
+
 def load(conn: Conn, slot: str) -> dict[str, TableState]:
     rows = conn.execute("SELECT table_name, state, rows_copied, rows_estimate, reason, fix "
                         "FROM cdcsync.table_state WHERE slot = %s ORDER BY 1", (slot,)).fetchall()
