@@ -200,6 +200,8 @@ def cdcsync_config(srv: Servers, log_level: str) -> dict[str, Any]:
         "target": {"dsn": srv.target(CDCSYNC_DB)},
         "http": {"listen": f"127.0.0.1:{free_port()}"},
         "log": {"level": log_level, "format": "json"},
+        # Both consumers start from the same slot position over the same preloaded rows.
+        "snapshot": {"mode": "never"},
     }
 
 
