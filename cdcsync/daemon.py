@@ -16,6 +16,7 @@ from cdcsync.health import Health, HttpServer
 from cdcsync.jobs import Jobs
 from cdcsync.logs import event
 from cdcsync.metrics import Metrics
+from cdcsync.notify import Notifier, SystemdReporter
 from cdcsync.pipeline import Pipeline, open_target_pool
 from cdcsync.source import catalog
 
@@ -46,8 +47,13 @@ def _alerter(settings: Settings) -> Alerter:
     return Alerter(thresholds, slot=settings.source.slot, sentry=sentry)
 
 
-def run(settings: Settings, stop: threading.Event | None = None) -> None:
-    """Stream until SIGTERM/SIGINT (or ``stop``); return normally after a clean shutdown."""
+def run(settings: Settings, stop: threading.Event | None = None,
+        notifier: Notifier | None = None) -> None:
+    """Stream until SIGTERM/SIGINT (or ``stop``); return normally after a clean shutdown.
+
+    ``notifier`` (systemd's NOTIFY_SOCKET, given by the CLI) hears readiness, watchdog pings,
+    status with the lag, and the start of the shutdown.
+    """
     stop = stop or threading.Event()
     slot = settings.source.slot
 
@@ -60,6 +66,8 @@ def run(settings: Settings, stop: threading.Event | None = None) -> None:
         signal.signal(signal.SIGINT, on_signal)
     metrics = Metrics(slot)
     health = Health(ready_lag_s=settings.http.ready_lag_s)
+    if notifier is not None and notifier.enabled:
+        health.watch(SystemdReporter(notifier, lambda: health.lag_seconds))
     server = HttpServer(settings.http.listen, metrics, health)
     server.start()
     try:
