@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from cdcsync import checkpoint
+from cdcsync import checkpoint, leader
 from cdcsync.config import Settings
 from cdcsync.dsn import describe, with_session_options
 from cdcsync.errors import CdcsyncError, ConnectionLost, PrerequisiteError
@@ -274,6 +274,9 @@ def status(settings: Settings) -> dict[str, Any]:
         conflicts = tgt.execute("SELECT count(*) FROM cdcsync.conflicts").fetchone()
         by_table = tgt.execute("SELECT table_name, count(*) FROM cdcsync.conflicts "
                                "GROUP BY 1 ORDER BY 1").fetchall()
+        holder = leader.lock_holder(tgt, settings.source.slot)
+    # The active process: the session holding the slot's lock ("cdcsync PID@HOST").
+    result["active_process"] = holder.describe() if holder else None
     result["conflicts_by_table"] = {str(t): int(n) for t, n in by_table}
     result["checkpoint_lsn"] = str(saved.lsn) if saved else None
     result["checkpoint_commit_time"] = saved.commit_time.isoformat() if saved and \
@@ -323,7 +326,7 @@ def daemon_view(listen: str) -> dict[str, Any]:
             if sample.name == "cdcsync_applied_changes_total":
                 table = applied.setdefault(sample.labels["table"], {})
                 table[sample.labels["op"]] = int(sample.value)
-    return {"daemon": ready.get("state"), "ready": ready.get("ready"),
+    return {"daemon": ready.get("state"), "role": ready.get("role"), "ready": ready.get("ready"),
             "ready_reason": ready.get("reason"), "applied_since_start": applied}
 
 

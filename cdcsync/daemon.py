@@ -14,10 +14,11 @@ from cdcsync.config import Settings
 from cdcsync.errors import PrerequisiteError
 from cdcsync.health import Health, HttpServer
 from cdcsync.jobs import Jobs
+from cdcsync.leader import METADATA_LOCK_KEY, SlotLock
 from cdcsync.logs import event
 from cdcsync.metrics import Metrics
 from cdcsync.notify import Notifier, SystemdReporter
-from cdcsync.pipeline import Pipeline, open_target_pool
+from cdcsync.pipeline import Pipeline, Progress, open_target_pool
 from cdcsync.source import catalog
 
 
@@ -33,7 +34,10 @@ def preflight(settings: Settings) -> None:
         row = tgt.execute("SELECT to_regclass('cdcsync.checkpoint') IS NOT NULL").fetchone()
         if not row or not row[0]:
             raise PrerequisiteError("the target has no cdcsync schema", fix="run `cdcsync setup`")
-        checkpoint.install_metadata(tgt)
+        # An active process and its standby start together: one installs, the other waits.
+        with tgt.transaction():
+            tgt.execute("SELECT pg_advisory_xact_lock(%s)", (METADATA_LOCK_KEY,))
+            checkpoint.install_metadata(tgt)
 
 
 def _alerter(settings: Settings) -> Alerter:
@@ -72,25 +76,47 @@ def run(settings: Settings, stop: threading.Event | None = None,
     server.start()
     try:
         preflight(settings)
-        _stream(settings, stop, metrics, health)
+        _contend(settings, stop, metrics, health)
     finally:
         server.close()
     event(logging.INFO, "stopped", slot=slot)
 
 
-def _stream(settings: Settings, stop: threading.Event, metrics: Metrics, health: Health) -> None:
-    alerter = _alerter(settings)
-    pool = open_target_pool(settings)
-    pipeline = Pipeline(settings, pool, stop, metrics, health)
-    jobs = Jobs(settings, pipeline.progress, metrics, health, alerter)
+def _contend(settings: Settings, stop: threading.Event, metrics: Metrics,
+             health: Health) -> None:
+    """Alternate between standby and active terms until ``stop``.
+
+    The jobs and the alerter live as long as the process, so an alert raised while the target
+    was down (and the lock with it) gets its recovery once this process streams again.
+    """
+    progress = Progress()
+    jobs = Jobs(settings, progress, metrics, health, _alerter(settings))
     jobs.start()
+    lock = SlotLock(settings.target.dsn.get_secret_value(), settings.source.slot, health, stop)
     try:
-        pipeline.run()
+        # A term as the active process ends on stop or when the lock is lost; then this
+        # process waits as a standby again.
+        while (term := lock.acquire()) is not None:
+            try:
+                _stream(settings, term, progress, metrics, health)
+            finally:
+                if stop.is_set():
+                    health.set_state("stopping")
+                lock.release()
     finally:
-        health.set_state("stopping")
         jobs.close()
-        pool.close(timeout=2)
+        lock.release()
         alerts.flush()
+
+
+def _stream(settings: Settings, term: threading.Event, progress: Progress, metrics: Metrics,
+            health: Health) -> None:
+    """One term as the active process: stream until ``term`` is set."""
+    pool = open_target_pool(settings)
+    try:
+        Pipeline(settings, pool, term, metrics, health, progress=progress).run()
+    finally:
+        pool.close(timeout=2)
 
 
 class DaemonThread(threading.Thread):

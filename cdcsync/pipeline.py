@@ -155,13 +155,14 @@ class Pipeline:
     """Streams the configured slot into the target until ``stop`` is set."""
 
     def __init__(self, settings: Settings, pool: ConnectionPool, stop: threading.Event,
-                 metrics: Metrics, health: Health) -> None:
+                 metrics: Metrics, health: Health, *,
+                 progress: Progress | None = None) -> None:
         self.settings = settings
         self.pool = pool
         self.stop = stop
         self.metrics = metrics
         self.health = health
-        self.progress = Progress()
+        self.progress = progress or Progress()
 
     def run(self) -> None:
         """Stream until stopped; retry transient failures, raise everything else."""
@@ -260,6 +261,12 @@ class Pipeline:
         if info is None:
             raise PrerequisiteError(f"replication slot {slot!r} does not exist on the source",
                                     fix="run `cdcsync setup` (the target then needs a re-copy)")
+        if info.active_pid is not None:
+            # After a takeover the previous holder's walsender may linger a moment: retry.
+            raise ConnectionLost(
+                f"replication slot {slot!r} is still in use by PID {info.active_pid}",
+                fix="wait for the previous cdcsync's stream to close, or stop the other "
+                    "consumer of this slot")
         confirmed = Lsn.parse(info.confirmed_flush) if info.confirmed_flush else ZERO_LSN
         if confirmed > saved.lsn:
             # The slot only ever confirms what the checkpoint held, so the target has lost
