@@ -70,6 +70,7 @@ def run(settings: Settings, stop: threading.Event | None = None,
         signal.signal(signal.SIGINT, on_signal)
     metrics = Metrics(slot)
     health = Health(ready_lag_s=settings.http.ready_lag_s)
+    health.watch(_StandbyGauge(metrics))
     if notifier is not None and notifier.enabled:
         health.watch(SystemdReporter(notifier, lambda: health.lag_seconds))
     server = HttpServer(settings.http.listen, metrics, health)
@@ -117,6 +118,19 @@ def _stream(settings: Settings, term: threading.Event, progress: Progress, metri
         Pipeline(settings, pool, term, metrics, health, progress=progress).run()
     finally:
         pool.close(timeout=2)
+
+
+class _StandbyGauge:
+    """Keeps ``cdcsync_standby`` equal to "the health state is standby"."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def state_changed(self, state: str, reason: str | None) -> None:
+        self._metrics.set_standby(state == "standby")
+
+    def beat(self) -> None:
+        """Beats say nothing about the role."""
 
 
 class DaemonThread(threading.Thread):

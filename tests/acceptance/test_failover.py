@@ -99,6 +99,8 @@ def test_standby_takes_over(dbpair: DbPair, tmp_path: Path) -> None:
         assert status["role"] == "standby" and status["daemon"] == "standby"
         assert status["active_process"].startswith(f"cdcsync {first.pid}@")
         assert f"cdcsync {first.pid}@" in _readyz(second.port)["reason"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{second.port}/metrics") as response:
+            assert f'cdcsync_standby{{slot="{dbpair.slot}"}} 1.0' in response.read().decode()
 
         # The active's lock session is killed: it stops streaming, the standby takes over.
         with psycopg.connect(dbpair.target_dsn, autocommit=True) as conn:

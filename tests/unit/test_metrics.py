@@ -24,6 +24,7 @@ CONTRACT = {
     "cdcsync_checkpoint_lsn": "gauge",
     "cdcsync_errors": "counter",
     "cdcsync_up": "gauge",
+    "cdcsync_standby": "gauge",
 }
 
 
