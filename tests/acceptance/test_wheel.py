@@ -3,6 +3,7 @@ package metadata."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -28,7 +29,15 @@ def _run(*command: str | Path, cwd: Path) -> str:
 def test_wheel_installs_and_runs(tmp_path: Path) -> None:
     """The wheel carries the SQL files; installed alone into a fresh venv (dependencies seen
     through a .pth, so no download), `cdcsync --version`, `check --help` and the SQL work."""
-    _run(sys.executable, "-m", "build", "--wheel", "--outdir", tmp_path / "dist", ROOT, cwd=ROOT)
+    # A clean copy: an in-tree build/ left by an earlier build could slip stale files in.
+    source = tmp_path / "src"
+    shutil.copytree(ROOT / "cdcsync", source / "cdcsync",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    # --no-isolation: the dev extras carry the build backend, so no download is needed.
+    _run(sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir",
+         tmp_path / "dist", source, cwd=source)
     (wheel,) = (tmp_path / "dist").glob("cdcsync-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"cdcsync/sql/metadata.sql", "cdcsync/py.typed", "cdcsync/cli.py"} <= names
