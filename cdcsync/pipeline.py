@@ -188,7 +188,14 @@ class Pipeline:
                 self.health.set_state("reconnecting", f"{side} down: {reason}")
                 event(logging.WARNING, "reconnecting", slot=self.settings.source.slot,
                       attempt=attempt, delay_s=round(delay, 2), error=str(exc).splitlines()[0])
-                self.stop.wait(delay)
+                self._pause(delay)
+
+    def _pause(self, seconds: float) -> None:
+        """Wait out a backoff, beating: a loop that waits on purpose is alive (liveness probe,
+        systemd watchdog); readiness already says it is reconnecting."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and not self.stop.wait(min(left, 0.5)):
+            self.health.beat()
 
     def _stream_once(self) -> None:
         slot = self.settings.source.slot
