@@ -133,8 +133,15 @@ class Metrics:
         self._up.set(1.0 if up else 0.0)
 
     def set_standby(self, standby: bool) -> None:
-        """1 while another process holds the slot's lock and this one waits to take over."""
+        """1 while another process holds the slot's lock and this one waits to take over.
+
+        Entering standby also makes the lag unknown (NaN): a lag that kept aging here would
+        raise lag alerts about a slot that the active process keeps up to date.
+        """
         self._standby.set(1.0 if standby else 0.0)
+        if standby:
+            with self._lock:
+                self._lag_at = None
 
     def lag(self, seconds: float) -> None:
         """Report the lag as measured now; until the next report it keeps growing with the clock.
