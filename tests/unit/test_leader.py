@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+from psycopg.conninfo import conninfo_to_dict
+
 from cdcsync.health import Health
-from cdcsync.leader import METADATA_LOCK_KEY, _key_halves, application_name, lock_key
+from cdcsync.leader import (
+    METADATA_LOCK_KEY,
+    _key_halves,
+    application_name,
+    lock_dsn,
+    lock_key,
+)
 
 
 def test_lock_key_is_stable_and_fits_bigint() -> None:
@@ -34,3 +42,13 @@ def test_readyz_of_a_standby() -> None:
     assert (code, body["role"], body["reason"]) == (
         503, "standby", "standby: lock held by cdcsync 42@db-1")
     assert health.healthz()[0] == 200
+
+
+def test_lock_connection_detects_a_vanished_peer() -> None:
+    """The lock connection asks both ends for TCP keepalives (the server releases the lock of a
+    lost host in about 15 s) and keeps the user's own options."""
+    params = conninfo_to_dict(lock_dsn("host=db dbname=app options='-c search_path=x'"))
+    assert params["options"].startswith("-c search_path=x ")
+    assert "-c tcp_keepalives_idle=5" in params["options"]
+    assert (params["keepalives"], params["tcp_user_timeout"]) == ("1", "10000")
+    assert params["application_name"] == application_name()
