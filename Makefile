@@ -48,6 +48,7 @@ demo: venv pg
 check: venv
 	$(VENV)/bin/ruff check cdcsync tests bench
 	$(VENV)/bin/mypy cdcsync
+	$(VENV)/bin/hadolint Dockerfile
 
 bench: venv pg
 	$(VENV)/bin/python -m bench.throughput --scenario all

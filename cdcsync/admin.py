@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from cdcsync import checkpoint
+from cdcsync import checkpoint, leader
 from cdcsync.backfill import state
 from cdcsync.config import Settings
 from cdcsync.dsn import describe, with_session_options
@@ -282,6 +282,9 @@ def status(settings: Settings) -> dict[str, Any]:
         by_table = tgt.execute("SELECT table_name, count(*) FROM cdcsync.conflicts "
                                "GROUP BY 1 ORDER BY 1").fetchall()
         copies = _copies(tgt, settings.source.slot)
+        holder = leader.lock_holder(tgt, settings.source.slot)
+    # The active process: the session holding the slot's lock ("cdcsync PID@HOST").
+    result["active_process"] = holder.describe() if holder else None
     result["conflicts_by_table"] = {str(t): int(n) for t, n in by_table}
     result["checkpoint_lsn"] = str(saved.lsn) if saved else None
     result["checkpoint_commit_time"] = saved.commit_time.isoformat() if saved and \
@@ -344,7 +347,7 @@ def daemon_view(listen: str) -> dict[str, Any]:
             if sample.name == "cdcsync_applied_changes_total":
                 table = applied.setdefault(sample.labels["table"], {})
                 table[sample.labels["op"]] = int(sample.value)
-    return {"daemon": ready.get("state"), "ready": ready.get("ready"),
+    return {"daemon": ready.get("state"), "role": ready.get("role"), "ready": ready.get("ready"),
             "ready_reason": ready.get("reason"), "applied_since_start": applied}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +17,7 @@ from cdcsync.config import Settings, config_path, load_settings
 from cdcsync.dsn import redact
 from cdcsync.errors import CdcsyncError
 from cdcsync.logs import configure, event
+from cdcsync.notify import Notifier
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,7 +82,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(line)
         return 0
     if args.command == "run":
-        daemon.run(settings)
+        daemon.run(settings, notifier=Notifier.from_environ(os.environ))
         return 0
     if args.command == "resync":
         outcome = operator.resync_table(settings, args.table, args.where, dry_run=args.dry_run)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import threading
+import time
 from types import FrameType
+
+from psycopg_pool import ConnectionPool
 
 from cdcsync import __version__, alerts, checkpoint
 from cdcsync.admin import connect
@@ -13,11 +17,13 @@ from cdcsync.alerts import Alerter, Thresholds
 from cdcsync.backfill import snapshot, state
 from cdcsync.backfill.resync import Resyncer
 from cdcsync.config import Settings
-from cdcsync.errors import PrerequisiteError
+from cdcsync.errors import PrerequisiteError, is_transient
 from cdcsync.health import Health, HttpServer
 from cdcsync.jobs import Jobs
+from cdcsync.leader import METADATA_LOCK_KEY, SlotLock
 from cdcsync.logs import event
 from cdcsync.metrics import Metrics
+from cdcsync.notify import Notifier, SystemdReporter
 from cdcsync.pipeline import Pipeline, Progress, open_target_pool
 from cdcsync.source import catalog
 
@@ -31,7 +37,10 @@ def preflight(settings: Settings) -> None:
         row = tgt.execute("SELECT to_regclass('cdcsync.checkpoint') IS NOT NULL").fetchone()
         if not row or not row[0]:
             raise PrerequisiteError("the target has no cdcsync schema", fix="run `cdcsync setup`")
-        checkpoint.install_metadata(tgt)
+        # An active process and its standby start together: one installs, the other waits.
+        with tgt.transaction():
+            tgt.execute("SELECT pg_advisory_xact_lock(%s)", (METADATA_LOCK_KEY,))
+            checkpoint.install_metadata(tgt)
         # The initial snapshot re-creates the slot; a crash in between leaves none, which the
         # next snapshot attempt cures by itself.
         fresh = (settings.snapshot.mode == "initial"
@@ -54,8 +63,13 @@ def _alerter(settings: Settings) -> Alerter:
     return Alerter(thresholds, slot=settings.source.slot, sentry=sentry)
 
 
-def run(settings: Settings, stop: threading.Event | None = None) -> None:
-    """Stream until SIGTERM/SIGINT (or ``stop``); return normally after a clean shutdown."""
+def run(settings: Settings, stop: threading.Event | None = None,
+        notifier: Notifier | None = None) -> None:
+    """Stream until SIGTERM/SIGINT (or ``stop``); return normally after a clean shutdown.
+
+    ``notifier`` (systemd's NOTIFY_SOCKET, given by the CLI) hears readiness, watchdog pings,
+    status with the lag, and the start of the shutdown.
+    """
     stop = stop or threading.Event()
     slot = settings.source.slot
 
@@ -68,41 +82,100 @@ def run(settings: Settings, stop: threading.Event | None = None) -> None:
         signal.signal(signal.SIGINT, on_signal)
     metrics = Metrics(slot)
     health = Health(ready_lag_s=settings.http.ready_lag_s)
+    health.watch(_StandbyGauge(metrics))
+    if notifier is not None and notifier.enabled:
+        health.watch(SystemdReporter(notifier, lambda: health.lag_seconds))
     server = HttpServer(settings.http.listen, metrics, health)
     server.start()
     try:
         preflight(settings)
-        _stream(settings, stop, metrics, health)
+        _contend(settings, stop, metrics, health)
     finally:
         server.close()
     event(logging.INFO, "stopped", slot=slot)
 
 
-def _stream(settings: Settings, stop: threading.Event, metrics: Metrics, health: Health) -> None:
-    alerter = _alerter(settings)
-    pool = open_target_pool(settings)
+def _contend(settings: Settings, stop: threading.Event, metrics: Metrics,
+             health: Health) -> None:
+    """Alternate between standby and active terms until ``stop``.
+
+    The jobs and the alerter live as long as the process, so an alert raised while the target
+    was down (and the lock with it) gets its recovery once this process streams again.
+    """
     progress = Progress()
-    resyncer = Resyncer(settings, pool, lambda: progress.checkpoint, stop)
-    pipeline = Pipeline(settings, pool, stop, metrics, health, progress=progress,
-                        on_message=resyncer.on_message)
-    jobs = Jobs(settings, pipeline.progress, metrics, health, alerter)
+    jobs = Jobs(settings, progress, metrics, health, _alerter(settings))
     jobs.start()
+    lock = SlotLock(settings.target.dsn.get_secret_value(), settings.source.slot, health, stop)
     try:
-        try:
-            snapshot.prepare(settings, pool, stop, snapshot.Hooks(
-                started=lambda: health.set_state("snapshotting"), alive=health.beat))
-        except snapshot.Stopped:
-            return
-        if stop.is_set():
+        # A term as the active process ends on stop or when the lock is lost; then this
+        # process waits as a standby again.
+        while (term := lock.acquire()) is not None:
+            try:
+                _stream(settings, term, progress, metrics, health)
+            finally:
+                if stop.is_set():
+                    health.set_state("stopping")
+                lock.release()
+    finally:
+        jobs.close()
+        lock.release()
+        alerts.flush()
+
+
+def _stream(settings: Settings, term: threading.Event, progress: Progress, metrics: Metrics,
+            health: Health) -> None:
+    """One term as the active process: copy what needs copying, stream until ``term`` is set."""
+    pool = open_target_pool(settings)
+    resyncer = Resyncer(settings, pool, lambda: progress.checkpoint, term)
+    try:
+        if not _prepare_copies(settings, pool, term, health):
             return
         resyncer.start()
-        pipeline.run()
+        Pipeline(settings, pool, term, metrics, health, progress=progress,
+                 on_message=resyncer.on_message).run()
     finally:
-        health.set_state("stopping")
-        jobs.close()
         resyncer.join(timeout=5)
         pool.close(timeout=2)
-        alerts.flush()
+
+
+def _prepare_copies(settings: Settings, pool: ConnectionPool, term: threading.Event,
+                    health: Health) -> bool:
+    """The initial snapshot or the queueing of online copies, retried like the stream when a
+    connection is lost; False when ``term`` ended first."""
+    attempt = 0
+    while not term.is_set():
+        try:
+            snapshot.prepare(settings, pool, term, snapshot.Hooks(
+                started=lambda: health.set_state("snapshotting"), alive=health.beat))
+            return not term.is_set()
+        except snapshot.Stopped:
+            return False
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            attempt += 1
+            delay = min(30.0, 0.5 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            health.set_state("reconnecting", f"during the snapshot: {reason}")
+            event(logging.WARNING, "reconnecting", slot=settings.source.slot, attempt=attempt,
+                  delay_s=round(delay, 2), error=reason)
+            deadline = time.monotonic() + delay
+            while (left := deadline - time.monotonic()) > 0 and not term.wait(min(left, 0.5)):
+                health.beat()
+    return False
+
+
+class _StandbyGauge:
+    """Keeps ``cdcsync_standby`` equal to "the health state is standby"."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def state_changed(self, state: str, reason: str | None) -> None:
+        self._metrics.set_standby(state == "standby")
+
+    def beat(self) -> None:
+        """Beats say nothing about the role."""
 
 
 class DaemonThread(threading.Thread):

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import orjson
 
@@ -33,6 +33,7 @@ class State(StrEnum):
     STARTING = "starting"
     SNAPSHOTTING = "snapshotting"
     STREAMING = "streaming"
+    STANDBY = "standby"
     RECONNECTING = "reconnecting"
     HALTED = "halted"
     STOPPING = "stopping"
@@ -42,10 +43,19 @@ class State(StrEnum):
 _NOT_READY = {
     State.STARTING: "starting",
     State.SNAPSHOTTING: "snapshot in progress",
+    State.STANDBY: "standby",
     State.RECONNECTING: "reconnecting",
     State.HALTED: "halted",
     State.STOPPING: "stopping",
 }
+
+
+class HealthObserver(Protocol):
+    """Told of every state change and main-loop beat (systemd notify); must not block or raise."""
+
+    def state_changed(self, state: str, reason: str | None) -> None: ...
+
+    def beat(self) -> None: ...
 
 
 class Health:
@@ -69,12 +79,29 @@ class Health:
         self._reason: str | None = None
         self._lag: tuple[float, float] | None = None  # (seconds, clock() when reported)
         self._last_beat = clock()
+        self._role: str | None = None
+        self._observers: list[HealthObserver] = []
+
+    def watch(self, observer: HealthObserver) -> None:
+        """Call ``observer`` on every later state change and beat."""
+        self._observers.append(observer)
+
+    def set_role(self, role: str | None) -> None:
+        """"active" (holds the slot's lock), "standby" (waits for it), or None (not contending)."""
+        with self._lock:
+            self._role = role
+
+    @property
+    def role(self) -> str | None:
+        return self._role
 
     def set_state(self, state: str, reason: str | None = None) -> None:
         """Enter ``state``; when reconnecting, ``reason`` names the side: "target down: ..."."""
         new = State(state)  # ValueError on a typo rather than a probe that never turns ready
         with self._lock:
             self._state, self._reason = new, reason
+        for observer in self._observers:
+            observer.state_changed(str(new), reason)
 
     def set_lag(self, seconds: float | None) -> None:
         """Lag as measured now (None: unknown). It ages with the clock until the next report."""
@@ -85,6 +112,8 @@ class Health:
         """Called by the main loop on every iteration, including idle ones."""
         with self._lock:
             self._last_beat = self._clock()
+        for observer in self._observers:
+            observer.beat()
 
     @property
     def state(self) -> str:
@@ -147,6 +176,7 @@ class Health:
             verdict: reason is None,
             "status": "ok" if reason is None else "unavailable",
             "state": str(state),  # the state the verdict was made on, not a newer one
+            "role": self._role,
             "lag_seconds": None if lag is None else round(lag, 3),
         }
         if reason is not None:

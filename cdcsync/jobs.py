@@ -58,12 +58,16 @@ class Jobs:
     def heartbeat(self) -> None:
         """A transactional message in the source WAL: the stream applies it like any commit, so
         an idle slot moves forward and the lag in seconds stays measurable without traffic."""
+        if self.health.state == "standby":
+            return  # another process streams this slot and sends its own
         with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10) as conn:
             conn.execute("SELECT pg_logical_emit_message(true, %s, now()::text)",
                          (HEARTBEAT_PREFIX,))
 
     def observe(self) -> None:
         """Lag, slot statistics and every alert threshold, from one look at the source."""
+        if self.health.state == "standby":
+            return  # the active process measures and alerts; a standby would only repeat it
         commit_time = self.progress.commit_time
         lag = None
         if commit_time is not None:

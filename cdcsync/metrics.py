@@ -96,6 +96,9 @@ class Metrics:
                                  ["slot"], registry=reg).labels(slot)
         self._up = Gauge("cdcsync_up", "1 while the pipeline is running, 0 otherwise.",
                          ["slot"], registry=reg).labels(slot)
+        self._standby = Gauge("cdcsync_standby", "1 while this process waits as a standby "
+                              "because another one holds the slot's lock, 0 otherwise.",
+                              ["slot"], registry=reg).labels(slot)
 
     def applied(self, table: str, op: str, count: int) -> None:
         """Count ``count`` changes of ``op`` (insert, update, delete, truncate) on ``table``."""
@@ -128,6 +131,17 @@ class Metrics:
     def set_up(self, up: bool) -> None:
         """1 while the pipeline runs (streaming or catching up), 0 when halted or stopped."""
         self._up.set(1.0 if up else 0.0)
+
+    def set_standby(self, standby: bool) -> None:
+        """1 while another process holds the slot's lock and this one waits to take over.
+
+        Entering standby also makes the lag unknown (NaN): a lag that kept aging here would
+        raise lag alerts about a slot that the active process keeps up to date.
+        """
+        self._standby.set(1.0 if standby else 0.0)
+        if standby:
+            with self._lock:
+                self._lag_at = None
 
     def lag(self, seconds: float) -> None:
         """Report the lag as measured now; until the next report it keeps growing with the clock.

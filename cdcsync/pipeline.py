@@ -192,7 +192,14 @@ class Pipeline:
                 self.health.set_state("reconnecting", f"{side} down: {reason}")
                 event(logging.WARNING, "reconnecting", slot=self.settings.source.slot,
                       attempt=attempt, delay_s=round(delay, 2), error=str(exc).splitlines()[0])
-                self.stop.wait(delay)
+                self._pause(delay)
+
+    def _pause(self, seconds: float) -> None:
+        """Wait out a backoff, beating: a loop that waits on purpose is alive (liveness probe,
+        systemd watchdog); readiness already says it is reconnecting."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and not self.stop.wait(min(left, 0.5)):
+            self.health.beat()
 
     def _stream_once(self) -> None:
         slot = self.settings.source.slot
@@ -266,6 +273,12 @@ class Pipeline:
             raise PrerequisiteError(
                 f"replication slot {slot!r} does not exist on the source",
                 fix="run `cdcsync setup`; the next run then re-copies every table")
+        if info.active_pid is not None:
+            # After a takeover the previous holder's walsender may linger a moment: retry.
+            raise ConnectionLost(
+                f"replication slot {slot!r} is still in use by PID {info.active_pid}",
+                fix="wait for the previous cdcsync's stream to close, or stop the other "
+                    "consumer of this slot")
         confirmed = Lsn.parse(info.confirmed_flush) if info.confirmed_flush else ZERO_LSN
         if confirmed > saved.lsn:
             # The slot only ever confirms what the checkpoint held, so the target has lost

@@ -51,7 +51,7 @@ def running(settings: Settings) -> Iterator[DaemonThread]:
         raise runner.error
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 30, what: str = "condition",
+def wait_for(predicate: Callable[[], bool], timeout: float = 60, what: str = "condition",
              runner: DaemonThread | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -109,9 +109,11 @@ def cli(*args: str, config: Path | None = None, timeout: float = 60,
                           env={**os.environ, **(env or {})}, check=False)
 
 
-def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_daemon(config: Path, log: Path,
+                 env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with log.open("ab") as sink:
-        return subprocess.Popen([CLI, "--config", str(config), "run"], stdout=sink, stderr=sink)
+        return subprocess.Popen([CLI, "--config", str(config), "run"], stdout=sink, stderr=sink,
+                                env={**os.environ, **(env or {})})
 
 
 Transaction = Callable[[psycopg.Connection[tuple[Any, ...]], random.Random], None]

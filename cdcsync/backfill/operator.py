@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg.rows import TupleRow
 
+from cdcsync import leader
 from cdcsync.admin import connect
 from cdcsync.apply import tables
 from cdcsync.backfill import resync, source_rows, state
@@ -64,7 +65,8 @@ def resync_table(settings: Settings, table: str, where: str | None, *,
         request_id = state.enqueue(tgt, slot, table, where, "resync")
         event(logging.INFO, "resync_requested", slot=slot, table=table, request=request_id,
               where=where, rows=rows)
-        if info is not None and info.active_pid is not None:
+        holder = leader.lock_holder(tgt, slot)
+        if holder is not None or (info is not None and info.active_pid is not None):
             return _outcome(resync.wait_for(tgt, request_id, slot=slot), "the running daemon")
     return _alone(settings, request_id)
 

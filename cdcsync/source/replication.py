@@ -61,7 +61,8 @@ class ReplicationStream:
     def start(self, start_lsn: Lsn, options: dict[str, str]) -> None:
         """Open the connection and enter COPY BOTH at ``start_lsn`` (0/0: the slot's confirmed)."""
         try:
-            self._conn = psycopg.connect(self._dsn, replication="database", autocommit=True)
+            self._conn = psycopg.connect(self._dsn, replication="database", autocommit=True,
+                                         connect_timeout=10)
         except psycopg.OperationalError as exc:
             raise ConnectionLost(f"cannot open the replication connection: {exc}") from exc
         pgconn = self._conn.pgconn

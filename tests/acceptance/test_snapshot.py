@@ -15,7 +15,17 @@ import psycopg
 import pytest
 
 from tests.conftest import DbPair
-from tests.harness import cli, converged, execute, start_daemon, wait_for, write_config, writer
+from tests.harness import (
+    cli,
+    converged,
+    execute,
+    running,
+    settings_for,
+    start_daemon,
+    wait_for,
+    write_config,
+    writer,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -140,3 +150,34 @@ def test_kill_during_snapshot_resumes_without_copying_ready_tables_again(
             requests = conn.execute("SELECT table_name, purpose, state, chunks "
                                     "FROM cdcsync.resync_requests").fetchall()
         assert requests == [("public.b_big", "snapshot", "done", 4)]
+
+
+def test_a_table_added_later_is_copied_online_alone(
+        dbpair_factory: Callable[[str], AbstractContextManager[DbPair]], tmp_path: Path) -> None:
+    """After `setup` adds a table, `run` copies just that one while the others stream."""
+    with dbpair_factory("addtable") as pair:
+        execute(pair.source_dsn, "CREATE TABLE first (id int PRIMARY KEY, v text)",
+                "INSERT INTO first SELECT g, 'f' FROM generate_series(1, 500) g")
+        config = write_config(tmp_path / "cdcsync.toml", pair)
+        assert cli("setup", "--create-tables", config=config).returncode == 0
+        settings = settings_for(pair)
+        with running(settings) as runner:
+            wait_for(converged(pair, ["public.first"]), runner=runner, what="first copied")
+        first = _states(pair.target_dsn)["public.first"]
+        execute(pair.source_dsn, "CREATE TABLE second (id int PRIMARY KEY, v text)",
+                "INSERT INTO second SELECT g, 's' FROM generate_series(1, 3000) g")
+        added = cli("setup", "--create-tables", config=config)
+        assert added.returncode == 0, added.stderr
+        assert _states(pair.target_dsn)["public.second"][0] == "pending"
+        with running(settings) as runner:
+            execute(pair.source_dsn, "UPDATE first SET v = 'streamed' WHERE id <= 10",
+                    "UPDATE second SET v = 'streamed' WHERE id % 7 = 0")
+            tables = ["public.first", "public.second"]
+            wait_for(lambda: _all_ready(pair.target_dsn, tables), runner=runner,
+                     what="second copied")
+            wait_for(converged(pair, tables), runner=runner, what="convergence")
+        assert _states(pair.target_dsn)["public.first"] == first
+        with psycopg.connect(pair.target_dsn, autocommit=True) as conn:
+            requests = conn.execute("SELECT table_name, purpose, state "
+                                    "FROM cdcsync.resync_requests").fetchall()
+        assert requests == [("public.second", "snapshot", "done")]

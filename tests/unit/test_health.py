@@ -144,8 +144,8 @@ def test_readyz_lag_unknown(server: HttpServer, health: Health) -> None:
     """/readyz is 503 while streaming before any lag is known."""
     health.set_state("streaming")
     assert get_json(server, "/readyz") == (
-        503, {"ready": False, "status": "unavailable", "state": "streaming", "lag_seconds": None,
-              "reason": "lag not known yet"})
+        503, {"ready": False, "status": "unavailable", "state": "streaming", "role": None,
+              "lag_seconds": None, "reason": "lag not known yet"})
 
 
 def test_readyz_lag_ages_when_reports_stop(health: Health, clock: FakeClock) -> None:

@@ -24,6 +24,7 @@ CONTRACT = {
     "cdcsync_checkpoint_lsn": "gauge",
     "cdcsync_errors": "counter",
     "cdcsync_up": "gauge",
+    "cdcsync_standby": "gauge",
 }
 
 
@@ -196,3 +197,19 @@ def test_injected_registry_and_private_default() -> None:
 def test_content_type_is_text_format() -> None:
     """CONTENT_TYPE names the text format that render() writes."""
     assert Metrics.CONTENT_TYPE.startswith("text/plain; version=0.0.4")
+
+
+def test_standby_makes_the_lag_unknown() -> None:
+    """A process turning standby exports cdcsync_standby 1 and stops aging its lag (NaN)."""
+    clock = FakeClock()
+    m = Metrics("s1", clock=clock)
+    m.lag(2.0)
+    clock.now += 100
+    assert value(m, "cdcsync_lag_seconds") == 102.0
+    m.set_standby(True)
+    clock.now += 100
+    assert value(m, "cdcsync_standby") == 1.0
+    assert math.isnan(value(m, "cdcsync_lag_seconds"))
+    m.set_standby(False)
+    m.lag(0.5)
+    assert (value(m, "cdcsync_standby"), value(m, "cdcsync_lag_seconds")) == (0.0, 0.5)

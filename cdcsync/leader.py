@@ -1,0 +1,208 @@
+"""Active/standby: one ``cdcsync run`` per slot streams, the others wait to take over.
+
+The active process holds a session advisory lock on the target, keyed by the slot name, on a
+connection of its own (never a pool connection, whose sessions are shared and recycled). A standby
+tries the same lock every ``check_every_s``. When the active process dies (kill -9, host lost),
+the target ends its session, the lock is free, and a standby takes it and resumes from the
+checkpoint.
+
+Guarantee: a process streams only while its lock connection answers. The keeper checks it every
+``check_every_s``; when it fails, the stream is told to stop at once and the process contends
+again. The slot itself is the second fence: the source lets one walsender use it at a time, and
+the pipeline starts only once the previous holder's stream is gone.
+
+The lock connection asks the target for TCP keepalives (``tcp_keepalives_*``), so the lock of a
+host that vanished without closing its connection is released in about 15 s, not hours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import TupleRow
+
+from cdcsync.health import Health
+from cdcsync.logs import event
+
+Conn = psycopg.Connection[TupleRow]
+
+# Server side: a silent peer is declared dead after 5 + 3 * 3 s. Client side: libpq gives up on
+# unacknowledged writes after 10 s, so a check on a dead network fails instead of hanging.
+_SERVER_KEEPALIVES = ("-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=3 "
+                      "-c tcp_keepalives_count=3")
+_CLIENT_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "3",
+                      "keepalives_count": "3", "tcp_user_timeout": "10000",
+                      "connect_timeout": "10"}
+
+_HOLDER = """
+SELECT a.application_name, a.pid, host(a.client_addr)
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid = %s::bigint::oid AND l.objid = %s::bigint::oid
+"""
+
+
+def _key(text: str) -> int:
+    digest = hashlib.sha256(text.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def lock_key(slot: str) -> int:
+    """A stable signed 64-bit advisory lock key for ``slot`` (the same on every host)."""
+    return _key(f"cdcsync slot {slot}")
+
+
+# Serializes installs of the target's cdcsync schema (shared by every slot).
+METADATA_LOCK_KEY = _key("cdcsync metadata")
+
+
+def _key_halves(key: int) -> tuple[int, int]:
+    """pg_locks shows a bigint advisory key as classid (high 32 bits) and objid (low 32 bits)."""
+    unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
+    return unsigned >> 32, unsigned & 0xFFFF_FFFF
+
+
+def application_name(pid: int | None = None, host: str | None = None) -> str:
+    """``cdcsync PID@HOST``, cut to PostgreSQL's 63 bytes: what status shows of the holder."""
+    name = f"cdcsync {pid or os.getpid()}@{host or socket.gethostname()}"
+    return name.encode()[:63].decode(errors="ignore")
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """The session holding a slot's lock, as the target sees it."""
+
+    application_name: str
+    backend_pid: int
+    client_addr: str | None
+
+    def describe(self) -> str:
+        where = f" from {self.client_addr}" if self.client_addr else ""
+        return f"{self.application_name or '(no application_name)'}{where}"
+
+
+def lock_holder(conn: Conn, slot: str) -> Holder | None:
+    """Who holds ``slot``'s lock on the target this connection points at, if anyone."""
+    classid, objid = _key_halves(lock_key(slot))
+    row = conn.execute(_HOLDER, (classid, objid)).fetchone()
+    return None if row is None else Holder(str(row[0] or ""), int(row[1]), row[2])
+
+
+def lock_dsn(dsn: str) -> str:
+    params = conninfo_to_dict(dsn)
+    params["options"] = f"{params.get('options') or ''} {_SERVER_KEEPALIVES}".strip()
+    params["application_name"] = application_name()
+    for name, value in _CLIENT_KEEPALIVES.items():
+        params.setdefault(name, value)
+    return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
+
+
+class SlotLock:
+    """Contends for the slot's lock until it holds it; then keeps watching the connection."""
+
+    def __init__(self, target_dsn: str, slot: str, health: Health, stop: threading.Event,
+                 check_every_s: float = 2.0) -> None:
+        self._dsn = lock_dsn(target_dsn)
+        self.slot = slot
+        self.key = lock_key(slot)
+        self._health = health
+        self._stop = stop
+        self._every = check_every_s
+        self._conn: Conn | None = None
+        self._keeper: threading.Thread | None = None
+        self._term: threading.Event | None = None
+        self._lost = False
+
+    def acquire(self) -> threading.Event | None:
+        """Wait as a standby until the lock is ours; return an event set when it is lost or on
+        stop (the active term), or None when stopped first."""
+        self._health.set_role("standby")
+        if self._lost:
+            # Leave the first try to a standby that has been waiting: the lock was lost for a
+            # reason (a partition, a restart) that may hit this host again.
+            self._lost = False
+            self._wait(2)
+        while not self._stop.is_set():
+            if self._try():
+                term = self._term = threading.Event()
+                self._keeper = threading.Thread(target=self._keep, args=(term,),
+                                                name="cdcsync-lock", daemon=True)
+                self._keeper.start()
+                self._health.set_role("active")
+                event(logging.INFO, "lock_acquired", slot=self.slot, key=self.key)
+                return term
+            self._wait(1)
+        return None
+
+    def _try(self) -> bool:
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(self._dsn, autocommit=True)
+            row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+            if row is not None and row[0]:
+                return True
+            holder = lock_holder(self._conn, self.slot)
+        except psycopg.Error as exc:
+            self._close()
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self._health.set_state("reconnecting", f"target down: {reason}")
+            event(logging.WARNING, "reconnecting", slot=self.slot, side="target",
+                  delay_s=self._every, error=reason)
+            return False
+        who = holder.describe() if holder else "another session"
+        if self._health.state != "standby" or self._health.reason != f"lock held by {who}":
+            event(logging.INFO, "standby", slot=self.slot, holder=who)
+        self._health.set_state("standby", f"lock held by {who}")
+        return False
+
+    def _wait(self, intervals: int) -> None:
+        """Sleep check intervals in slices, beating: a waiting standby is a healthy loop."""
+        slices = max(1, round(intervals * self._every / 0.2))
+        for _ in range(slices):
+            self._health.beat()
+            if self._stop.wait(intervals * self._every / slices):
+                return
+
+    def _keep(self, term: threading.Event) -> None:
+        """Check the lock connection every interval; end the term at once when it fails."""
+        conn = self._conn
+        assert conn is not None
+        next_check = time.monotonic() + self._every
+        while not term.is_set() and not self._stop.wait(0.2):
+            if time.monotonic() < next_check:
+                continue
+            next_check = time.monotonic() + self._every
+            try:
+                conn.execute("SELECT 1")
+            except psycopg.Error as exc:
+                text = str(exc).strip()
+                event(logging.ERROR, "lock_lost", slot=self.slot,
+                      error=text.splitlines()[0] if text else repr(exc))
+                self._lost = True
+                self._close()
+                break
+        term.set()
+
+    def release(self) -> None:
+        """Give the lock up (closing its session) and stop the keeper."""
+        keeper, self._keeper = self._keeper, None
+        if self._term is not None:
+            self._term.set()
+        if keeper is not None:
+            keeper.join(timeout=self._every + 1)
+        self._close()
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+

@@ -1,0 +1,144 @@
+"""Active/standby: two `cdcsync run` with one configuration; kill -9 and a lost lock session."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from cdcsync.localpg import free_port
+from tests.conftest import DbPair
+from tests.harness import cli, converged, execute, start_daemon, wait_for, write_config, writer
+
+pytestmark = pytest.mark.slow
+
+SCHEMA = """
+CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL,
+                       updated_at timestamptz NOT NULL DEFAULT clock_timestamp());
+"""
+
+
+def _transfer(conn: psycopg.Connection[tuple[object, ...]], rng: random.Random) -> None:
+    a, b = rng.sample(range(1, 101), 2)
+    amount = rng.randint(1, 50)
+    conn.execute("INSERT INTO accounts (id, balance) VALUES (%s, 0), (%s, 0) "
+                 "ON CONFLICT DO NOTHING", (min(a, b), max(a, b)))
+    conn.execute("UPDATE accounts SET balance = balance - %s, updated_at = clock_timestamp() "
+                 "WHERE id = %s", (amount, a))
+    conn.execute("UPDATE accounts SET balance = balance + %s, updated_at = clock_timestamp() "
+                 "WHERE id = %s", (amount, b))
+    conn.commit()
+
+
+def _readyz(port: int) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=3) as response:
+            return dict(json.loads(response.read()))
+    except urllib.error.HTTPError as err:
+        return dict(json.loads(err.read()))
+    except OSError:
+        return {}
+
+
+class Daemon:
+    def __init__(self, config: Path, log: Path) -> None:
+        self.port = free_port()
+        self.env = {"CDCSYNC_HTTP__LISTEN": f"127.0.0.1:{self.port}"}
+        self.process = start_daemon(config, log, env=self.env)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def role(self) -> tuple[str | None, str | None]:
+        body = _readyz(self.port)
+        return body.get("role"), body.get("state")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def _status(config: Path, daemon: Daemon) -> dict[str, Any]:
+    result = cli("status", "--json", config=config, env=daemon.env)
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def test_standby_takes_over(dbpair: DbPair, tmp_path: Path) -> None:
+    """One process streams, the other waits; killing the active's lock session moves the role
+    at once, kill -9 of the active hands over within 15 s, and the target equals the source."""
+    execute(dbpair.source_dsn, SCHEMA)
+    config = write_config(tmp_path / "cdcsync.toml", dbpair)
+    assert cli("setup", "--create-tables", config=config).returncode == 0
+    stop = threading.Event()
+    writers = [writer(dbpair.source_dsn, stop, seed, _transfer, pause_s=0.005)
+               for seed in range(2)]
+    first = Daemon(config, tmp_path / "first.log")
+    second: Daemon | None = None
+    try:
+        wait_for(lambda: first.role() == ("active", "streaming"), timeout=60,
+                 what="the first daemon to stream")
+        for thread in writers:
+            thread.start()
+        second = Daemon(config, tmp_path / "second.log")
+        wait_for(lambda: second is not None and second.role() == ("standby", "standby"),
+                 timeout=60, what="the second daemon to wait as a standby")
+        status = _status(config, second)
+        assert status["role"] == "standby" and status["daemon"] == "standby"
+        assert status["active_process"].startswith(f"cdcsync {first.pid}@")
+        assert f"cdcsync {first.pid}@" in _readyz(second.port)["reason"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{second.port}/metrics") as response:
+            assert f'cdcsync_standby{{slot="{dbpair.slot}"}} 1.0' in response.read().decode()
+
+        # The active's lock session is killed: it stops streaming, the standby takes over.
+        with psycopg.connect(dbpair.target_dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE application_name = %s", (f"cdcsync {first.pid}@" + _host(),))
+        wait_for(lambda: second is not None and second.role() == ("active", "streaming"),
+                 timeout=30, what="the standby to stream after the lock session was lost")
+        wait_for(lambda: first.role() == ("standby", "standby"), timeout=30,
+                 what="the first daemon to wait as a standby")
+
+        # kill -9 of the active: the standby streams within 15 s.
+        second.process.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_for(lambda: first.role() == ("active", "streaming"), timeout=30,
+                 what="the standby to take over after kill -9")
+        takeover_s = time.monotonic() - killed_at
+        assert takeover_s < 15, f"takeover took {takeover_s:.1f} s"
+        time.sleep(1)
+        stop.set()
+        for thread in writers:
+            thread.join()
+        wait_for(converged(dbpair, ["public.accounts"]), timeout=60, what="convergence")
+        first.process.send_signal(signal.SIGTERM)
+        assert first.process.wait(timeout=15) == 0
+    finally:
+        stop.set()
+        first.stop()
+        if second is not None:
+            second.stop()
+    logs = (tmp_path / "first.log").read_text() + (tmp_path / "second.log").read_text()
+    assert "Traceback" not in logs
+    assert '"event":"lock_lost"' in logs
+    with psycopg.connect(dbpair.target_dsn) as conn:
+        # No spurious conflicts: nothing was applied twice over newer rows.
+        assert conn.execute("SELECT count(*) FROM cdcsync.conflicts").fetchone() == (0,)
+        assert conn.execute("SELECT sum(balance) FROM accounts").fetchone() == (0,)
+
+
+def _host() -> str:
+    return subprocess.run(["hostname"], capture_output=True, text=True,
+                          check=True).stdout.strip()[:40]

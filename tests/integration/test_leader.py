@@ -1,0 +1,56 @@
+"""The slot lock against a real target: one holder, a standby that sees it, loss detection."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+
+from cdcsync.health import Health
+from cdcsync.leader import SlotLock, application_name, lock_holder
+from tests.conftest import DbPair
+
+
+def _acquire_in_thread(lock: SlotLock) -> tuple[threading.Thread, list[threading.Event | None]]:
+    got: list[threading.Event | None] = []
+    thread = threading.Thread(target=lambda: got.append(lock.acquire()), daemon=True)
+    thread.start()
+    return thread, got
+
+
+def test_one_holder_then_handover(dbpair: DbPair) -> None:
+    """The second contender waits as a standby naming the holder, takes over within one check
+    interval after release, and a killed lock session ends the holder's term."""
+    stop = threading.Event()
+    first_health, second_health = Health(), Health()
+    first = SlotLock(dbpair.target_dsn, dbpair.slot, first_health, stop, check_every_s=0.5)
+    second = SlotLock(dbpair.target_dsn, dbpair.slot, second_health, stop, check_every_s=0.5)
+    try:
+        term = first.acquire()
+        assert term is not None and first_health.role == "active"
+        thread, got = _acquire_in_thread(second)
+        deadline = time.monotonic() + 10
+        while second_health.state != "standby" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert second_health.role == "standby"
+        assert second_health.reason == f"lock held by {application_name()} from 127.0.0.1"
+        with psycopg.connect(dbpair.target_dsn, autocommit=True) as conn:
+            holder = lock_holder(conn, dbpair.slot)
+        assert holder is not None and holder.application_name == application_name()
+
+        first.release()
+        assert term.is_set()
+        thread.join(timeout=5)
+        (second_term,) = got
+        assert second_term is not None and second_health.role == "active"
+
+        with psycopg.connect(dbpair.target_dsn, autocommit=True) as conn:
+            holder = lock_holder(conn, dbpair.slot)
+            assert holder is not None
+            conn.execute("SELECT pg_terminate_backend(%s)", (holder.backend_pid,))
+        assert second_term.wait(timeout=3), "a lost lock session must end the term"
+    finally:
+        stop.set()
+        first.release()
+        second.release()
