@@ -85,7 +85,7 @@ def _stream(settings: Settings, stop: threading.Event, metrics: Metrics, health:
     resyncer = Resyncer(settings, pool, lambda: progress.checkpoint, stop)
     pipeline = Pipeline(settings, pool, stop, metrics, health, progress=progress,
                         on_message=resyncer.on_message)
-    jobs = Jobs(settings, pipeline.progress, metrics, health, alerter)
+    jobs = Jobs(settings, pipeline.progress, metrics, health, alerter, target_pool=pool)
     jobs.start()
     try:
         try:

@@ -329,6 +329,8 @@ class Pipeline:
             metrics.applied(table, op, count)
         for table, count in done.conflicts.items():
             metrics.conflicts(table, count)
+        for table, count in done.dead_letters.items():
+            metrics.dead_letters(table, count)
         lag = max(0.0, (dt.datetime.now(dt.UTC) - done.commit_time).total_seconds())
         metrics.lag(lag)
         self.health.set_lag(lag)

@@ -47,6 +47,10 @@ Cur = psycopg.Cursor[TupleRow]
 # a unique value moving between rows within the batch, or foreign keys between tables in a cycle.
 _ORDER_SENSITIVE = (pgerrors.UniqueViolation, pgerrors.ForeignKeyViolation,
                     pgerrors.ExclusionViolation)
+# SQLSTATE classes that blame one change (a bad value, a constraint, a trigger raising), which
+# [apply] on_error = "dead_letter" sets aside. Anything else (a missing privilege or column)
+# would reject every change alike and halts under either policy.
+_ROW_ERROR_CLASSES = ("22", "23", "P0")
 
 
 @dataclass(slots=True)
@@ -60,6 +64,7 @@ class Committed:
     seconds: float
     applied: Counter[tuple[str, str]]
     conflicts: Counter[str]
+    dead_letters: Counter[str]
 
 
 @dataclass(slots=True)
@@ -99,6 +104,7 @@ class Applier:
         self._busy_s = 0.0
         self._applied: Counter[tuple[str, str]] = Counter()
         self._conflicts: Counter[str] = Counter()
+        self._dead_letters: Counter[str] = Counter()
 
     @property
     def in_source_transaction(self) -> bool:
@@ -206,19 +212,22 @@ class Applier:
             self._applied[(table.source_name, "truncate")] += 1
             event(logging.INFO, "truncated", slot=self.slot, table=table.source_name)
 
-    def commit(self) -> Committed:
-        """Merge what is pending, write the checkpoint, commit; say what was applied."""
+    def commit(self, *, save_checkpoint: bool = True) -> Committed:
+        """Merge what is pending, write the checkpoint, commit; say what was applied.
+
+        Without ``save_checkpoint`` (a retry of dead letters) the checkpoint stays as it is."""
         end = self._last_end
         if end is None or self._in_txn:
             raise ApplyError("commit requested in the middle of a source transaction")
         self._flush()
         started = time.perf_counter()
-        with self.conn.cursor() as cur:
-            checkpoint.save(cur, self.slot, end.end_lsn, end.commit_time)
+        if save_checkpoint:
+            with self.conn.cursor() as cur:
+                checkpoint.save(cur, self.slot, end.end_lsn, end.commit_time)
         self.conn.commit()
         done = Committed(end.end_lsn, end.commit_time, self._transactions, self._rows,
                          self._busy_s + time.perf_counter() - started, self._applied,
-                         self._conflicts)
+                         self._conflicts, self._dead_letters)
         self._reset()
         return done
 
@@ -247,6 +256,7 @@ class Applier:
         self._busy_s = 0.0
         self._applied = Counter()
         self._conflicts = Counter()
+        self._dead_letters = Counter()
         self._dirty.clear()
         self._pending_rows = 0
         self._pending_bytes = 0
@@ -388,7 +398,12 @@ class Applier:
                          for seq, is_delete, lsn, key in staged)
         steps.sort(key=lambda step: step[0])
         where = q.only_seq()
+        # A savepoint per change costs a round trip each, paid only on this fallback path and
+        # only when a rejected change is to be set aside rather than halt the pipeline.
+        isolate = self.settings.apply.on_error == "dead_letter"
         for seq, is_delete, lsn, key, batch in steps:
+            if isolate:
+                cur.execute("SAVEPOINT cdcsync_change")
             try:
                 if is_delete:
                     self._delete(cur, batch, where, (seq,))
@@ -397,7 +412,22 @@ class Applier:
             except pgerrors.Error as exc:
                 if isinstance(exc, psycopg.OperationalError):
                     raise
-                raise self._apply_error(exc, batch.table, key, lsn) from exc
+                if not (isolate and (exc.sqlstate or "").startswith(_ROW_ERROR_CLASSES)):
+                    raise self._apply_error(exc, batch.table, key, lsn) from exc
+                cur.execute("ROLLBACK TO SAVEPOINT cdcsync_change")
+                self._dead_letter(cur, batch, seq, key=key, lsn=lsn, exc=exc)
+            else:
+                if isolate:
+                    cur.execute("RELEASE SAVEPOINT cdcsync_change")
+
+    def _dead_letter(self, cur: Cur, batch: _Pending, seq: int, *, key: str, lsn: str,
+                     exc: pgerrors.Error) -> None:
+        error = str(exc).strip().replace("\n", " ")
+        cur.execute(q.record_dead_letter(batch.stage, batch.table, batch.relation, seq, error))
+        name = batch.table.source_name
+        self._dead_letters[name] += 1
+        event(logging.WARNING, "dead_letter", slot=self.slot, table=name, key=key, lsn=lsn,
+              error=error)
 
     def _apply_error(self, exc: pgerrors.Error, table: TargetTable, key: str,
                      lsn: str) -> ApplyError:

@@ -232,3 +232,30 @@ def only_seq() -> sql.Composed:
 
 def truncate(tables: list[TargetTable]) -> sql.Composed:
     return sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(_target(t) for t in tables))
+
+
+def record_dead_letter(name: str, table: TargetTable, relation: Relation, seq: int,
+                       error: str) -> sql.Composed:
+    """Copy the staged change ``seq`` into ``cdcsync.dead_letters``.
+
+    Values stay text and are never cast, so a change whose values the target cannot parse is
+    still recorded; columns the source left unchanged (TOAST) are left out of the row.
+    """
+    def as_object(columns: list[str]) -> sql.Composed:
+        return sql.SQL("jsonb_object(ARRAY[{}]::text[], ARRAY[{}]::text[])").format(
+            sql.SQL(", ").join(sql.Literal(c) for c in columns),
+            sql.SQL(", ").join(sql.SQL("s.{}").format(_ident(c)) for c in columns))
+
+    names = sql.SQL(", ").join(sql.Literal(c) for c in relation.column_names)
+    return sql.SQL(
+        "INSERT INTO cdcsync.dead_letters "
+        "(table_name, key, operation, row_data, error, source_lsn, commit_time) "
+        "SELECT {table}, {key}, CASE s.{op} WHEN 'I' THEN 'insert' WHEN 'U' THEN 'update' "
+        "ELSE 'delete' END, {row} - ARRAY(SELECT u.n FROM unnest(ARRAY[{names}]::text[]) "
+        "WITH ORDINALITY AS u(n, i) WHERE substr(s.{u}, u.i::int, 1) = '1'), {error}, s.{lsn}, "
+        "s.{commit_time} FROM {stage} s WHERE s.{seq} = {value}"
+    ).format(table=sql.Literal(table.source_name),
+             key=as_object([table.columns[i] for i in table.key]), op=OP,
+             row=as_object(list(table.columns)), names=names, u=UNCHANGED,
+             error=sql.Literal(error), lsn=LSN, commit_time=COMMIT_TIME, stage=_ident(name),
+             seq=SEQ, value=sql.Literal(seq))

@@ -66,3 +66,18 @@ CREATE TABLE IF NOT EXISTS cdcsync.resync_requests (
 );
 CREATE INDEX IF NOT EXISTS resync_requests_open ON cdcsync.resync_requests (slot, id)
     WHERE state IN ('queued', 'running');
+-- Changes the target rejected while [apply] on_error = "dead_letter": everything else was applied.
+-- The row is the replicated columns as text (JSON null for SQL NULL); a column the source left
+-- unchanged (TOAST) is absent. `cdcsync dead-letters list|retry|discard` manages them.
+CREATE TABLE IF NOT EXISTS cdcsync.dead_letters (
+    id          bigserial PRIMARY KEY,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    table_name  text        NOT NULL,
+    key         jsonb       NOT NULL,
+    operation   text        NOT NULL,
+    row_data    jsonb       NOT NULL,
+    error       text        NOT NULL,
+    source_lsn  pg_lsn      NOT NULL,
+    commit_time timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_recorded_at ON cdcsync.dead_letters (recorded_at);
