@@ -25,7 +25,7 @@ from cdcsync import checkpoint
 from cdcsync.apply import sql as q
 from cdcsync.apply import tables, window
 from cdcsync.config import Settings
-from cdcsync.errors import ApplyError
+from cdcsync.errors import ApplyError, SchemaMismatch
 from cdcsync.keyrange import KeyOrder, Span
 from cdcsync.logs import event
 from cdcsync.model import (
@@ -89,6 +89,7 @@ class Applier:
         self.slot = settings.source.slot
         self._orders: dict[frozenset[int], tuple[list[int], set[int]]] = {}
         self._stages: set[str] = set()
+        self._added: set[tuple[int, str]] = set()
         self._dirty: set[str] = set()
         self._pending: dict[int, _Pending] = {}
         # Target table oid -> the temp table recording the keys the stream changes while a
@@ -249,6 +250,7 @@ class Applier:
         self._pending = {}
         self._stages.clear()
         self._windows.clear()
+        self._added.clear()
         self._reset()
 
     def _reset(self) -> None:
@@ -280,6 +282,7 @@ class Applier:
         batches = [pending[oid] for oid in order]
         with self.conn.cursor() as cur:
             for batch in batches:
+                self._add_columns(cur, batch.table)
                 self._copy(cur, batch)
                 name = self._windows.get(batch.table.oid)
                 if name is not None:
@@ -313,6 +316,26 @@ class Applier:
         if key not in self._orders:
             self._orders[key] = tables.foreign_key_order(self.conn, sorted(key))
         return self._orders[key]
+
+    def _add_columns(self, cur: Cur, table: TargetTable) -> None:
+        """Add the columns new on the source, in the transaction applying their first rows."""
+        for name, type_name in table.add_columns:
+            if (table.oid, name) in self._added:
+                continue
+            try:
+                cur.execute(q.add_column(table, name, type_name))
+            except pgerrors.Error as exc:
+                if isinstance(exc, psycopg.OperationalError):
+                    raise
+                raise SchemaMismatch(
+                    f"cannot add column {name} {type_name} to the target {table.qualified} "
+                    f"(new on the source {table.source_name}): "
+                    f"{str(exc).strip().splitlines()[0]}",
+                    fix=f"run ALTER TABLE {table.qualified} ADD COLUMN {name} {type_name}; as the "
+                        "table's owner, then `cdcsync run`") from exc
+            self._added.add((table.oid, name))
+            event(logging.WARNING, "column_added", slot=self.slot, table=table.source_name,
+                  column=name, type=type_name)
 
     def _copy(self, cur: Cur, batch: _Pending) -> None:
         if batch.stage not in self._stages:

@@ -259,3 +259,9 @@ def record_dead_letter(name: str, table: TargetTable, relation: Relation, seq: i
              row=as_object(list(table.columns)), names=names, u=UNCHANGED,
              error=sql.Literal(error), lsn=LSN, commit_time=COMMIT_TIME, stage=_ident(name),
              seq=SEQ, value=sql.Literal(seq))
+
+
+def add_column(table: TargetTable, column: str, type_name: str) -> sql.Composed:
+    """A column new on the source, nullable and without a default, so adding it is instant."""
+    return sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+        _target(table), _ident(column), sql.SQL(type_name))
