@@ -40,7 +40,9 @@ def connect(dsn: str, side: str) -> Iterator[Conn]:
 
 
 def connection_error(exc: psycopg.OperationalError, dsn: str, side: str) -> CdcsyncError:
-    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    # libpq puts the reason (refused, timeout, authentication) on the first line and a hint on
+    # the next: keep both, on one line.
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines()) or type(exc).__name__
     where = f"{side} {describe(dsn)}"
     if "password authentication failed" in text or "no password supplied" in text:
         fix = f"check the user and password in the {side} DSN"

@@ -7,7 +7,7 @@ import signal
 import threading
 from types import FrameType
 
-from cdcsync import __version__, alerts, checkpoint
+from cdcsync import __version__, alerts, checkpoint, prerequisites
 from cdcsync.admin import connect
 from cdcsync.alerts import Alerter, Thresholds
 from cdcsync.backfill import snapshot, state
@@ -26,7 +26,8 @@ def preflight(settings: Settings) -> None:
     """Fail fast, with the fix, on what no retry would cure."""
     with connect(settings.source.dsn.get_secret_value(), "source") as src:
         slot_missing = catalog.slot_info(src, settings.source.slot) is None
-        names = [t.qualified for t in catalog.selected_tables(src, settings.tables)]
+        selected = prerequisites.check_source(src, settings)
+        names = [t.source for t in selected]
     with connect(settings.target.dsn.get_secret_value(), "target") as tgt:
         row = tgt.execute("SELECT to_regclass('cdcsync.checkpoint') IS NOT NULL").fetchone()
         if not row or not row[0]:
@@ -36,6 +37,7 @@ def preflight(settings: Settings) -> None:
         # next snapshot attempt cures by itself.
         fresh = (settings.snapshot.mode == "initial"
                  and snapshot.needed(state.load(tgt, settings.source.slot), names))
+        prerequisites.check_target(tgt, settings, selected)
     if slot_missing and not fresh:
         raise PrerequisiteError(
             f"replication slot {settings.source.slot!r} does not exist on the source",

@@ -1,0 +1,92 @@
+"""What ``cdcsync run`` verifies before streaming, each failure one error with its fix.
+
+Everything here is something no retry would cure: a slot held by another consumer, a publication
+that does not carry a configured table (its changes would silently never arrive), a target table
+that is missing or lacks columns while schema changes are not to be added automatically.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+
+from cdcsync.config import Settings
+from cdcsync.errors import PrerequisiteError, SchemaMismatch
+from cdcsync.source import catalog
+
+Conn = psycopg.Connection[TupleRow]
+
+# A cdcsync killed a moment ago leaves its walsender for as long as the server takes to notice.
+SLOT_RELEASE_WAIT_S = 5.0
+
+_COLUMNS_SQL = """
+SELECT a.attname::text FROM pg_attribute a
+WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Selected:
+    """A configured source table, where it lands and the columns it replicates."""
+
+    source: str
+    target: str
+    columns: tuple[str, ...]
+
+
+def check_source(src: Conn, settings: Settings) -> list[Selected]:
+    """The slot, if it exists (the initial snapshot may create it), is free, and the publication
+    carries every configured table; return those."""
+    slot, publication = settings.source.slot, settings.source.publication
+    info = catalog.slot_info(src, slot)
+    deadline = time.monotonic() + SLOT_RELEASE_WAIT_S
+    while info is not None and info.active_pid is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        info = catalog.slot_info(src, slot)
+    if info is not None and info.active_pid is not None:
+        raise PrerequisiteError(
+            f"replication slot {slot!r} is in use by another process (pid {info.active_pid})",
+            fix="stop the other `cdcsync run` or consumer of this slot, or configure a "
+                "different [source] slot")
+    chosen = catalog.selected_tables(src, settings.tables)
+    published = catalog.publication_tables(src, publication)
+    if published is None:
+        raise PrerequisiteError(f"publication {publication!r} does not exist on the source",
+                                fix="run `cdcsync setup` to create it")
+    missing = [t.qualified for t in chosen if t.qualified not in published]
+    if missing:
+        raise PrerequisiteError(
+            f"publication {publication!r} does not publish {', '.join(missing)}, which "
+            "`tables` selects: their changes would never arrive",
+            fix="run `cdcsync setup` to update the publication")
+    selected = []
+    for table in chosen:
+        override = settings.override_for(table.qualified)
+        columns = [str(r[0]) for r in src.execute(
+            _COLUMNS_SQL, (table.identifier.as_string(src),)).fetchall()]
+        selected.append(Selected(table.qualified, override.target or table.qualified,
+                                 tuple(c for c in columns if c not in override.exclude_columns)))
+    return selected
+
+
+def check_target(tgt: Conn, settings: Settings, selected: list[Selected]) -> None:
+    """Every target table exists; under ``schema_changes = "halt"`` it has every column too."""
+    for table in selected:
+        schema, _, name = table.target.partition(".")
+        identifier = sql.Identifier(schema, name).as_string(tgt)
+        columns = {str(r[0]) for r in tgt.execute(_COLUMNS_SQL, (identifier,)).fetchall()}
+        if not columns:
+            raise PrerequisiteError(
+                f"target table {table.target} does not exist (source {table.source})",
+                fix="create it, or run `cdcsync setup --create-tables`")
+        lacking = [c for c in table.columns if c not in columns]
+        if lacking and settings.apply.schema_changes == "halt":
+            raise SchemaMismatch(
+                f"target table {table.target} lacks column(s) {', '.join(lacking)} that the "
+                f"source {table.source} has",
+                fix=f"add them on the target (ALTER TABLE {table.target} ADD COLUMN ...), list "
+                    f"them in exclude_columns, or set [apply] schema_changes = \"add_columns\"")
