@@ -31,7 +31,6 @@ from cdcsync.errors import (
     CdcsyncError,
     ConnectionLost,
     PrerequisiteError,
-    ProtocolError,
     SchemaMismatch,
     is_transient,
 )
@@ -119,11 +118,7 @@ class Reader(threading.Thread):
         try:
             while not self.halt.is_set():
                 for payload in self.stream.read(0.2):
-                    try:
-                        items = self.assembler.feed(payload)
-                    except ProtocolError as exc:
-                        raise ProtocolError(f"at LSN {self.stream.last_start}: {exc.message}",
-                                            fix="report it with the server version") from exc
+                    items = self.assembler.feed(payload, self.stream.last_start)
                     for item in items:
                         if isinstance(item, TxnStart):
                             self._open_txn = item.final_lsn
