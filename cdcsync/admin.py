@@ -50,6 +50,9 @@ def connection_error(exc: psycopg.OperationalError, dsn: str, side: str) -> Cdcs
         fix = f"create the database or correct dbname in the {side} DSN"
     elif "role" in text and "does not exist" in text:
         fix = f"create the role or correct the user in the {side} DSN"
+    elif "certificate" in text or "SSL" in text:
+        fix = (f"check sslmode and sslrootcert in the {side} DSN: sslrootcert must be the CA "
+               "that signed the server's certificate, and the host its certificate names")
     else:
         return ConnectionLost(f"cannot connect to the {where}: {text}",
                               fix=f"check host, port and network access for the {side} DSN")
