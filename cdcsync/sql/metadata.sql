@@ -1,5 +1,13 @@
 -- cdcsync's metadata schema on the target. Idempotent: `cdcsync setup` runs it every time.
-CREATE SCHEMA IF NOT EXISTS cdcsync;
+-- CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists; the
+-- least-privilege apply role (sql/target_role.sql) owns the schema but has no such right.
+DO $$
+BEGIN
+    IF to_regnamespace('cdcsync') IS NULL THEN
+        CREATE SCHEMA cdcsync;
+    END IF;
+END
+$$;
 
 -- The last source commit applied, per slot. Written in the same transaction as the data it covers;
 -- never moves backward.
