@@ -146,7 +146,8 @@ def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
             if args.json:
                 print(orjson.dumps([d.as_dict() for d in letters],
                                    option=orjson.OPT_INDENT_2).decode())
-            for d in letters if not args.json else ():
+                return 0
+            for d in letters:
                 print(f"{d.id}  {d.recorded_at:%Y-%m-%d %H:%M:%S%z}  {d.table}  {d.operation}  "
                       f"key {orjson.dumps(d.key).decode()}  LSN {d.lsn}  {d.error}")
             return 0
