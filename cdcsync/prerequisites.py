@@ -14,8 +14,9 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
+from cdcsync.apply import drift
 from cdcsync.config import Settings
-from cdcsync.errors import PrerequisiteError, SchemaMismatch
+from cdcsync.errors import PrerequisiteError
 from cdcsync.source import catalog
 
 Conn = psycopg.Connection[TupleRow]
@@ -24,18 +25,18 @@ Conn = psycopg.Connection[TupleRow]
 SLOT_RELEASE_WAIT_S = 5.0
 
 _COLUMNS_SQL = """
-SELECT a.attname::text FROM pg_attribute a
+SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
 WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum
 """
 
 
 @dataclass(frozen=True, slots=True)
 class Selected:
-    """A configured source table, where it lands and the columns it replicates."""
+    """A configured source table, where it lands and the columns it replicates (name, type)."""
 
     source: str
     target: str
-    columns: tuple[str, ...]
+    columns: tuple[tuple[str, str], ...]
 
 
 def check_source(src: Conn, settings: Settings) -> list[Selected]:
@@ -66,10 +67,11 @@ def check_source(src: Conn, settings: Settings) -> list[Selected]:
     selected = []
     for table in chosen:
         override = settings.override_for(table.qualified)
-        columns = [str(r[0]) for r in src.execute(
+        columns = [(str(r[0]), str(r[1])) for r in src.execute(
             _COLUMNS_SQL, (table.identifier.as_string(src),)).fetchall()]
         selected.append(Selected(table.qualified, override.target or table.qualified,
-                                 tuple(c for c in columns if c not in override.exclude_columns)))
+                                 tuple(c for c in columns
+                                       if c[0] not in override.exclude_columns)))
     return selected
 
 
@@ -83,10 +85,6 @@ def check_target(tgt: Conn, settings: Settings, selected: list[Selected]) -> Non
             raise PrerequisiteError(
                 f"target table {table.target} does not exist (source {table.source})",
                 fix="create it, or run `cdcsync setup --create-tables`")
-        lacking = [c for c in table.columns if c not in columns]
+        lacking = [c for c in table.columns if c[0] not in columns]
         if lacking and settings.apply.schema_changes == "halt":
-            raise SchemaMismatch(
-                f"target table {table.target} lacks column(s) {', '.join(lacking)} that the "
-                f"source {table.source} has",
-                fix=f"add them on the target (ALTER TABLE {table.target} ADD COLUMN ...), list "
-                    f"them in exclude_columns, or set [apply] schema_changes = \"add_columns\"")
+            raise drift.missing_columns(table.source, table.target, lacking)

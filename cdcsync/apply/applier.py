@@ -416,32 +416,42 @@ class Applier:
         """Apply every staged row on its own, in source order, with the same statements."""
         steps: list[tuple[int, bool, str, str, _Pending]] = []
         for batch in batches:
+            # Every step selects one staged row by its sequence number: an index, for this
+            # replay only, makes that a lookup instead of a scan of the whole stage (N steps
+            # would cost N squared), while COPY on the normal path stays free of index upkeep.
+            cur.execute(q.index_stage(batch.stage))
             staged = cur.execute(q.staged_order(batch.stage, batch.table)).fetchall()
             steps.extend((int(seq), bool(is_delete), str(lsn), str(key), batch)
                          for seq, is_delete, lsn, key in staged)
         steps.sort(key=lambda step: step[0])
-        where = q.only_seq()
         # A savepoint per change costs a round trip each, paid only on this fallback path and
         # only when a rejected change is to be set aside rather than halt the pipeline.
         isolate = self.settings.apply.on_error == "dead_letter"
         for seq, is_delete, lsn, key, batch in steps:
-            if isolate:
-                cur.execute("SAVEPOINT cdcsync_change")
-            try:
-                if is_delete:
-                    self._delete(cur, batch, where, (seq,))
-                else:
-                    self._upsert(cur, batch, where, (seq,))
-            except pgerrors.Error as exc:
-                if isinstance(exc, psycopg.OperationalError):
-                    raise
-                if not (isolate and (exc.sqlstate or "").startswith(_ROW_ERROR_CLASSES)):
-                    raise self._apply_error(exc, batch.table, key, lsn) from exc
-                cur.execute("ROLLBACK TO SAVEPOINT cdcsync_change")
-                self._dead_letter(cur, batch, seq, key=key, lsn=lsn, exc=exc)
+            self._replay_one(cur, batch, seq, is_delete=is_delete, lsn=lsn, key=key,
+                             isolate=isolate)
+        for batch in batches:
+            cur.execute(q.drop_stage_index(batch.stage))
+
+    def _replay_one(self, cur: Cur, batch: _Pending, seq: int, *, is_delete: bool, lsn: str,
+                    key: str, isolate: bool) -> None:
+        if isolate:
+            cur.execute("SAVEPOINT cdcsync_change")
+        try:
+            if is_delete:
+                self._delete(cur, batch, q.only_seq(), (seq,))
             else:
-                if isolate:
-                    cur.execute("RELEASE SAVEPOINT cdcsync_change")
+                self._upsert(cur, batch, q.only_seq(), (seq,))
+        except pgerrors.Error as exc:
+            if isinstance(exc, psycopg.OperationalError):
+                raise
+            if not (isolate and (exc.sqlstate or "").startswith(_ROW_ERROR_CLASSES)):
+                raise self._apply_error(exc, batch.table, key, lsn) from exc
+            cur.execute("ROLLBACK TO SAVEPOINT cdcsync_change")
+            self._dead_letter(cur, batch, seq, key=key, lsn=lsn, exc=exc)
+        else:
+            if isolate:
+                cur.execute("RELEASE SAVEPOINT cdcsync_change")
 
     def _dead_letter(self, cur: Cur, batch: _Pending, seq: int, *, key: str, lsn: str,
                      exc: pgerrors.Error) -> None:

@@ -64,9 +64,15 @@ def reconcile(relation: Relation, source_types: Sequence[str], target: TargetSha
                     f"ADD PRIMARY KEY ({wanted}); then `cdcsync resync {source}`")
     missing = tuple((name, t) for name, t in replicated if name not in target.types)
     if missing and policy == "halt":
-        adds = " ".join(f"ALTER TABLE {target.name} ADD COLUMN {n} {t};" for n, t in missing)
-        raise SchemaMismatch(
-            f"column(s) {', '.join(n for n, _ in missing)} of the source table {source} are "
-            f"missing on the target {target.name} (schema_changes = \"halt\")",
-            fix=f"run {adds} on the target, or list them in exclude_columns, then `cdcsync run`")
+        raise missing_columns(source, target.name, missing)
     return missing
+
+
+def missing_columns(source: str, target: str,
+                    missing: Sequence[tuple[str, str]]) -> SchemaMismatch:
+    """The error for source columns the target lacks while they are not to be added."""
+    adds = " ".join(f"ALTER TABLE {target} ADD COLUMN {n} {t};" for n, t in missing)
+    return SchemaMismatch(
+        f"column(s) {', '.join(n for n, _ in missing)} of the source table {source} are "
+        f"missing on the target {target} (schema_changes = \"halt\")",
+        fix=f"run {adds} on the target, or list them in exclude_columns, then `cdcsync run`")

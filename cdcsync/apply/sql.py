@@ -226,6 +226,14 @@ def staged_order(name: str, table: TargetTable) -> sql.Composed:
         seq=SEQ, op=OP, lsn=LSN, key=key, stage=_ident(name))
 
 
+def index_stage(name: str) -> sql.Composed:
+    return sql.SQL("CREATE INDEX {} ON {} ({})").format(_ident(f"{name}_seq"), _ident(name), SEQ)
+
+
+def drop_stage_index(name: str) -> sql.Composed:
+    return sql.SQL("DROP INDEX {}").format(_ident(f"{name}_seq"))
+
+
 def only_seq() -> sql.Composed:
     return sql.SQL(" AND s.{} = %s").format(SEQ)
 

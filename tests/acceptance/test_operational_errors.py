@@ -107,8 +107,9 @@ CASES = {
     "target with fewer columns": Case(
         tables=("public.narrow",),
         env=lambda _: {"CDCSYNC_APPLY__SCHEMA_CHANGES": "halt"},
-        expected=("target table public.narrow lacks column(s) note that the source "
-                  "public.narrow has", "fix: add them on the target")),
+        expected=("column(s) note of the source table public.narrow are missing on the target "
+                  'public.narrow (schema_changes = "halt")',
+                  "fix: run ALTER TABLE public.narrow ADD COLUMN note text; on the target")),
     "target with fewer columns (check)": Case(
         tables=("public.narrow",), command="check",
         expected=("FAIL  target tables: missing or incomplete on the target: public.narrow",

@@ -75,11 +75,18 @@ def test_new_columns_are_added_and_unselected_table_warned_once(
 
 
 def test_new_column_halts_then_resumes_after_the_fix(pair: DbPair) -> None:
-    """schema_changes = halt stops naming table and column; once the column exists on the
-    target the next run applies the waiting rows."""
+    """schema_changes = halt stops at the Relation message naming table and column; once the
+    column exists on the target the next run applies the waiting rows."""
+    runner = DaemonThread(_settings(pair, schema_changes="halt"))
+    runner.start()
+    execute(pair.source_dsn, "UPDATE t SET v = 10 WHERE id = 1")
+    wait_for(converged(pair, T), runner=runner, what="streaming")
     execute(pair.source_dsn, "ALTER TABLE t ADD COLUMN late text",
             "INSERT INTO t (id, v, late) VALUES (3, 3, 'late')")
-    message = _halts(_settings(pair, schema_changes="halt"))
+    wait_for(lambda: runner.error is not None, timeout=60, what="the halt")
+    runner.close()
+    assert isinstance(runner.error, SchemaMismatch)
+    message = str(runner.error)
     assert message.startswith("column(s) late of the source table public.t are missing on the "
                               'target public.t (schema_changes = "halt")')
     assert "fix: run ALTER TABLE public.t ADD COLUMN late text; on the target" in message
