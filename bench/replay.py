@@ -1,13 +1,14 @@
-"""What the source-order replay costs, with and without a savepoint per change.
+"""What the fallback costs when the target refuses a merged batch.
 
-A merged batch the target refuses is replayed one change at a time. Under ``[apply] on_error =
-"halt"`` the replay runs bare; under ``"dead_letter"`` each change gets its own savepoint, so a
-rejected one can be set aside. This times one flush of N staged updates on the target, three ways:
+The batch is then merged again in runs of consecutive changes, in source order, each run that
+the target refuses halved until the refusal is pinned to single changes. Under ``[apply]
+on_error = "dead_letter"`` a single change runs under its own savepoint, so a rejected one can be
+set aside. This times one flush of N staged updates on the target:
 
 - merge: no conflict, the batch merges in bulk (the normal path, for scale);
-- replay: two rows swap a unique value, the merge fails and the batch is replayed (halt policy);
-- replay + savepoints: the same batch under the dead_letter policy;
-- replay + savepoints + 1 dead letter: one change also violates a CHECK constraint.
+- split (halt): two rows swap a unique value, so the merged batch fails and is split;
+- split (dead_letter): the same batch under the dead_letter policy;
+- split + 1 dead letter: one change also violates a CHECK constraint and is set aside.
 
     python -m bench.replay [--rows 2000] [--runs 3] [--target-dsn DSN]
 
@@ -114,13 +115,13 @@ def main() -> None:
                      "age int CHECK (age >= 0))")
         with psycopg.connect(dsn, autocommit=True) as conn:
             checkpoint.install_metadata(conn)
-        cases = (("merge", "halt", False, False), ("replay", "halt", True, False),
-                 ("replay + savepoints", "dead_letter", True, False),
-                 ("replay + savepoints + 1 dead letter", "dead_letter", True, True))
+        cases = (("merge", "halt", False, False), ("split (halt)", "halt", True, False),
+                 ("split (dead_letter)", "dead_letter", True, False),
+                 ("split + 1 dead letter", "dead_letter", True, True))
         for label, policy, swap, bad in cases:
             seconds = median([_flush_seconds(dsn, args.rows, policy, swap=swap, bad=bad)
                               for _ in range(args.runs)])
-            print(f"{label:38} {args.rows / seconds:>10,.0f} changes/s "
+            print(f"{label:24} {args.rows / seconds:>10,.0f} changes/s "
                   f"(median of {args.runs}, {args.rows} changes)")
 
 

@@ -80,6 +80,17 @@ class _Pending:
     unchanged_mask: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """One staged change, as the fallback paths address it."""
+
+    seq: int
+    is_delete: bool
+    lsn: str
+    key: str
+    batch: _Pending
+
+
 class Applier:
     """Applies the stream items of whole source transactions to the target through ``conn``."""
 
@@ -293,21 +304,21 @@ class Applier:
             self._merge_batches(cur, batches)
 
     def _merge_batches(self, cur: Cur, batches: list[_Pending]) -> None:
-        """Merge staged batches in one go; if the target refuses, replay them in source order."""
+        """Merge staged batches in one go; if the target refuses, split them in source order."""
         cur.execute("SAVEPOINT cdcsync_flush")
         try:
             self._merge(cur, batches)
         except pgerrors.Error as exc:
             if isinstance(exc, psycopg.OperationalError):
                 raise
-            # The staged rows are back as they were copied. Applied one by one in source
-            # order, an order-sensitive batch succeeds, and any other failure is pinned to
-            # the exact change, which the error then names.
+            # The staged rows are back as they were copied. Merged in ever shorter runs of
+            # consecutive changes in source order, an order-sensitive batch succeeds, and any
+            # other failure is pinned to the exact change (set aside, or named).
             cur.execute("ROLLBACK TO SAVEPOINT cdcsync_flush")
             event(logging.INFO if isinstance(exc, _ORDER_SENSITIVE) else logging.WARNING,
                   "batch_replayed_in_source_order", slot=self.slot,
                   rows=sum(len(b.rows) for b in batches), reason=str(exc).splitlines()[0])
-            self._replay(cur, batches)
+            self._split(cur, batches)
         else:
             cur.execute("RELEASE SAVEPOINT cdcsync_flush")
 
@@ -358,12 +369,15 @@ class Applier:
             self._delete(cur, batch)
 
     def _collapse(self, cur: Cur, batch: _Pending) -> None:
+        self._fill(cur, batch)
+        if not batch.only_inserts:
+            cur.execute(q.keep_last_versions(batch.stage, batch.table))
+
+    def _fill(self, cur: Cur, batch: _Pending) -> None:
         relation = batch.relation
         for i, column in enumerate(relation.column_names):
             if batch.unchanged_mask >> i & 1 and column in batch.table.columns:
                 cur.execute(q.fill_unchanged(batch.stage, batch.table, relation, column))
-        if not batch.only_inserts:
-            cur.execute(q.keep_last_versions(batch.stage, batch.table))
 
     def _upsert(self, cur: Cur, batch: _Pending, where: sql.Composable = q.NO_FILTER,
                 params: tuple[int, ...] = ()) -> None:
@@ -412,33 +426,74 @@ class Applier:
             event(logging.INFO, "conflicts_recorded", slot=self.slot, table=name,
                   operation=operation, rows=cur.rowcount)
 
-    def _replay(self, cur: Cur, batches: list[_Pending]) -> None:
-        """Apply every staged row on its own, in source order, with the same statements."""
-        steps: list[tuple[int, bool, str, str, _Pending]] = []
+    def _steps(self, cur: Cur, batches: list[_Pending]) -> list[_Step]:
+        """Every staged change, in source order."""
+        steps: list[_Step] = []
         for batch in batches:
-            # Every step selects one staged row by its sequence number: an index, for this
-            # replay only, makes that a lookup instead of a scan of the whole stage (N steps
-            # would cost N squared), while COPY on the normal path stays free of index upkeep.
+            # The fallbacks select staged rows by sequence number: an index, made for them only,
+            # turns each into a lookup instead of a scan of the whole stage, while COPY on the
+            # normal path stays free of index upkeep.
             cur.execute(q.index_stage(batch.stage))
             staged = cur.execute(q.staged_order(batch.stage, batch.table)).fetchall()
-            steps.extend((int(seq), bool(is_delete), str(lsn), str(key), batch)
+            steps.extend(_Step(int(seq), bool(is_delete), str(lsn), str(key), batch)
                          for seq, is_delete, lsn, key in staged)
-        steps.sort(key=lambda step: step[0])
-        # A savepoint per change costs a round trip each, paid only on this fallback path and
-        # only when a rejected change is to be set aside rather than halt the pipeline.
-        isolate = self.settings.apply.on_error == "dead_letter"
-        for seq, is_delete, lsn, key, batch in steps:
-            self._replay_one(cur, batch, seq, is_delete=is_delete, lsn=lsn, key=key,
-                             isolate=isolate)
+        steps.sort(key=lambda step: step.seq)
+        return steps
+
+    def _replay(self, cur: Cur, batches: list[_Pending]) -> None:
+        """Apply every staged row on its own, in source order, with the same statements."""
+        for step in self._steps(cur, batches):
+            self._replay_one(cur, step)
         for batch in batches:
             cur.execute(q.drop_stage_index(batch.stage))
 
-    def _replay_one(self, cur: Cur, batch: _Pending, seq: int, *, is_delete: bool, lsn: str,
-                    key: str, isolate: bool) -> None:
+    def _split(self, cur: Cur, batches: list[_Pending]) -> None:
+        """Merge the batch in runs of consecutive changes, halving a run the target refuses
+        until the refusal is pinned to single changes: k bad changes among n cost about
+        2k log2(n) merges, where applying each change on its own costs n."""
+        steps = self._steps(cur, batches)
+        for batch in batches:
+            self._fill(cur, batch)
+        self._merge_run(cur, batches, steps)
+        for batch in batches:
+            cur.execute(q.drop_stage_index(batch.stage))
+
+    def _merge_run(self, cur: Cur, batches: list[_Pending], steps: list[_Step]) -> None:
+        if len(steps) == 1:
+            self._replay_one(cur, steps[0])
+            return
+        where = q.seq_between("s")
+        params = (steps[0].seq, steps[-1].seq)
+        involved = [b for b in batches if any(step.batch is b for step in steps)]
+        cur.execute("SAVEPOINT cdcsync_run")
+        try:
+            for batch in involved:
+                if not batch.only_inserts:
+                    cur.execute(q.keep_last_versions(batch.stage, batch.table,
+                                                     where + q.seq_between("later")), params * 2)
+            for batch in involved:
+                self._upsert(cur, batch, where, params)
+            for batch in reversed(involved):
+                self._delete(cur, batch, where, params)
+        except pgerrors.Error as exc:
+            if isinstance(exc, psycopg.OperationalError):
+                raise
+            cur.execute("ROLLBACK TO SAVEPOINT cdcsync_run")
+            middle = len(steps) // 2
+            self._merge_run(cur, batches, steps[:middle])
+            self._merge_run(cur, batches, steps[middle:])
+        cur.execute("RELEASE SAVEPOINT cdcsync_run")
+
+    def _replay_one(self, cur: Cur, step: _Step) -> None:
+        """Apply one staged change; a rejection is set aside (dead_letter) or halts."""
+        batch, seq, lsn, key = step.batch, step.seq, step.lsn, step.key
+        # A savepoint per change costs a round trip, paid only on the fallback paths and only
+        # when a rejected change is to be set aside rather than halt the pipeline.
+        isolate = self.settings.apply.on_error == "dead_letter"
         if isolate:
             cur.execute("SAVEPOINT cdcsync_change")
         try:
-            if is_delete:
+            if step.is_delete:
                 self._delete(cur, batch, q.only_seq(), (seq,))
             else:
                 self._upsert(cur, batch, q.only_seq(), (seq,))

@@ -118,11 +118,13 @@ def fill_unchanged(name: str, table: TargetTable, relation: Relation,
              earlier_x=earlier("x"), moved_from=moved_from)
 
 
-def keep_last_versions(name: str, table: TargetTable) -> sql.Composed:
-    """Delete every staged version of a key but the last one."""
+def keep_last_versions(name: str, table: TargetTable,
+                       where: sql.Composable = NO_FILTER) -> sql.Composed:
+    """Delete every staged version of a key but the last one (among those ``where`` keeps)."""
     return sql.SQL("DELETE FROM {stage} s USING {stage} later WHERE {match} "
-                   "AND s.{seq} < later.{seq}").format(
-        stage=_ident(name), match=_key_match(table, "s", "later", typed=False), seq=SEQ)
+                   "AND s.{seq} < later.{seq}{where}").format(
+        stage=_ident(name), match=_key_match(table, "s", "later", typed=False), seq=SEQ,
+        where=where)
 
 
 def count_candidates(name: str, where: sql.Composable = NO_FILTER) -> sql.Composed:
@@ -232,6 +234,11 @@ def index_stage(name: str) -> sql.Composed:
 
 def drop_stage_index(name: str) -> sql.Composed:
     return sql.SQL("DROP INDEX {}").format(_ident(f"{name}_seq"))
+
+
+def seq_between(alias: str) -> sql.Composed:
+    """The staged rows of a run of consecutive changes: parameters first and last sequence."""
+    return sql.SQL(" AND {}.{} BETWEEN %s AND %s").format(_ident(alias), SEQ)
 
 
 def only_seq() -> sql.Composed:

@@ -166,3 +166,27 @@ def test_retention_deletes_old_rows_and_exports_counts(pair: DbPair) -> None:
     assert f'cdcsync_stored_rows{{kind="conflicts",slot="{pair.slot}"}} 1.0' in text
     assert f'cdcsync_stored_rows{{kind="dead_letters",slot="{pair.slot}"}} 2.0' in text
 
+
+
+def test_split_sets_aside_exactly_the_rejected_changes_of_a_large_transaction(
+        pair: DbPair) -> None:
+    """One source transaction of 500 changes, six of them rejected: the merged batch is split
+    until exactly those six are set aside, and every other change is applied."""
+    execute(pair.target_dsn, "DELETE FROM cdcsync.dead_letters",
+            "ALTER TABLE items ADD CONSTRAINT items_qty_check CHECK (qty >= 0) NOT VALID")
+    bad = (1017, 1150, 1151, 1299)
+    with running(settings_for(pair, apply={"on_error": "dead_letter"})) as runner:
+        execute(pair.source_dsn, "BEGIN",
+                "INSERT INTO items SELECT g, CASE WHEN g IN (1017, 1150, 1151, 1299) THEN -1 "
+                "ELSE g END, 'n' FROM generate_series(1000, 1399) g",
+                "UPDATE items SET note = 'u' WHERE id BETWEEN 1100 AND 1199", "COMMIT")
+        wait_for(lambda: _one(pair.target_dsn, "SELECT count(*) FROM items WHERE id >= 1000")
+                 == 396, runner=runner, what="the applied changes")
+    with psycopg.connect(pair.target_dsn, autocommit=True) as conn:
+        letters = conn.execute("SELECT key ->> 'id', operation FROM cdcsync.dead_letters "
+                               "ORDER BY 1, 2").fetchall()
+    assert letters == sorted([(str(k), "insert") for k in bad]
+                             + [("1150", "update"), ("1151", "update")])
+    source = [r for r in table_rows(pair.source_dsn, "public.items") if r[0] not in bad]
+    target = table_rows(pair.target_dsn, "public.items")
+    assert [r[:3] for r in target if r[0] >= 1000] == [r[:3] for r in source if r[0] >= 1000]
