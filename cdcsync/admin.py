@@ -287,11 +287,13 @@ def status(settings: Settings) -> dict[str, Any]:
         by_table = tgt.execute("SELECT table_name, count(*) FROM cdcsync.conflicts "
                                "GROUP BY 1 ORDER BY 1").fetchall()
         copies = _copies(tgt, settings.source.slot)
+        letters = tgt.execute("SELECT count(*) FROM cdcsync.dead_letters").fetchone()
     result["conflicts_by_table"] = {str(t): int(n) for t, n in by_table}
     result["checkpoint_lsn"] = str(saved.lsn) if saved else None
     result["checkpoint_commit_time"] = saved.commit_time.isoformat() if saved and \
         saved.commit_time else None
     result["conflicts"] = int(conflicts[0]) if conflicts else 0
+    result["dead_letters"] = int(letters[0]) if letters else 0
     with connect(settings.source.dsn.get_secret_value(), "source") as src:
         info = catalog.slot_info(src, settings.source.slot)
         current = catalog.current_wal_lsn(src)

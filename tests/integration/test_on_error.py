@@ -105,6 +105,7 @@ def test_list_retry_after_fix_with_the_conflict_rule(pair: DbPair, tmp_path: Pat
     assert listed.returncode == 0, listed.stderr
     ids = [d["id"] for d in orjson.loads(listed.stdout)]
     assert len(ids) == 2
+    assert orjson.loads(cli("status", "--json", config=config).stdout)["dead_letters"] == 2
     text = cli("dead-letters", "list", config=config).stdout
     assert f'{ids[0]}  ' in text and 'public.items  insert  key {"id":"3"}' in text
 
