@@ -58,7 +58,8 @@ def check_source(src: Conn, settings: Settings) -> list[Selected]:
     if published is None:
         raise PrerequisiteError(f"publication {publication!r} does not exist on the source",
                                 fix="run `cdcsync setup` to create it")
-    missing = [t.qualified for t in chosen if t.qualified not in published]
+    missing = [t.qualified for t in chosen
+               if t.qualified not in published and not _published_in_parts(src, publication, t)]
     if missing:
         raise PrerequisiteError(
             f"publication {publication!r} does not publish {', '.join(missing)}, which "
@@ -73,6 +74,16 @@ def check_source(src: Conn, settings: Settings) -> list[Selected]:
                                  tuple(c for c in columns
                                        if c[0] not in override.exclude_columns)))
     return selected
+
+
+def _published_in_parts(src: Conn, publication: str, table: catalog.SourceTable) -> bool:
+    """A partitioned table is listed by its partitions unless published via its root."""
+    row = src.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_partition_tree(%s::regclass) t "
+        "JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "JOIN pg_publication_tables p ON p.schemaname = n.nspname AND p.tablename = c.relname "
+        "WHERE p.pubname = %s)", (table.identifier.as_string(src), publication)).fetchone()
+    return bool(row and row[0])
 
 
 def check_target(tgt: Conn, settings: Settings, selected: list[Selected]) -> None:
