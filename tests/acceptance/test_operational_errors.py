@@ -141,7 +141,7 @@ def test_one_line_error_with_the_fix(pair: DbPair, tmp_path: Path, name: str) ->
 
 def test_debug_shows_the_traceback(pair: DbPair, tmp_path: Path) -> None:
     """--debug adds the traceback to the same one-line error."""
-    config = write_config(tmp_path / "c.toml", pair)
+    config = write_config(tmp_path / "c.toml", pair, tables=("public.orders",))
     result = cli("--debug", "run", config=config, env={"CDCSYNC_SOURCE__SLOT": "no_such_slot"})
     assert result.returncode == 1
     assert "Traceback" in result.stderr

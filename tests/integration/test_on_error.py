@@ -22,6 +22,8 @@ from cdcsync.pipeline import Progress
 from tests.conftest import DbPair
 from tests.harness import cli, execute, running, settings_for, table_rows, wait_for, write_config
 
+# The rows written before the first run are to arrive through the stream, not a snapshot.
+STREAM_ONLY = {"mode": "never"}
 TABLE = """CREATE TABLE items (id int PRIMARY KEY, qty int NOT NULL, note text,
                                updated_at timestamptz NOT NULL DEFAULT now())"""
 
@@ -50,7 +52,7 @@ def test_halt_names_table_key_lsn_and_error(pair: DbPair) -> None:
             conn.execute("INSERT INTO items VALUES (3, -1, 'bad'), (4, 4, 'd')")
             conn.execute("UPDATE items SET qty = 10 WHERE id = 1")
         lsn = str(conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0])  # type: ignore[index]
-    runner = DaemonThread(settings_for(pair))
+    runner = DaemonThread(settings_for(pair, snapshot=STREAM_ONLY))
     runner.start()
     wait_for(lambda: runner.error is not None, timeout=60, what="the halt")
     runner.close()
@@ -73,7 +75,7 @@ def test_halt_names_table_key_lsn_and_error(pair: DbPair) -> None:
 def test_dead_letter_sets_aside_only_the_rejected_change(pair: DbPair) -> None:
     """on_error = dead_letter applies everything but the rejected change, which is recorded with
     table, key, operation, row, error, LSN and time in the same target transaction."""
-    settings = settings_for(pair, apply={"on_error": "dead_letter"})
+    settings = settings_for(pair, apply={"on_error": "dead_letter"}, snapshot=STREAM_ONLY)
     with running(settings) as runner:
         wait_for(lambda: _one(pair.target_dsn, "SELECT count(*) FROM items") == 3,
                  runner=runner, what="the good rows")
@@ -176,7 +178,8 @@ def test_split_sets_aside_exactly_the_rejected_changes_of_a_large_transaction(
     execute(pair.target_dsn, "DELETE FROM cdcsync.dead_letters",
             "ALTER TABLE items ADD CONSTRAINT items_qty_check CHECK (qty >= 0) NOT VALID")
     bad = (1017, 1150, 1151, 1299)
-    with running(settings_for(pair, apply={"on_error": "dead_letter"})) as runner:
+    with running(settings_for(pair, apply={"on_error": "dead_letter"},
+                              snapshot=STREAM_ONLY)) as runner:
         execute(pair.source_dsn, "BEGIN",
                 "INSERT INTO items SELECT g, CASE WHEN g IN (1017, 1150, 1151, 1299) THEN -1 "
                 "ELSE g END, 'n' FROM generate_series(1000, 1399) g",
