@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
+import psycopg
 
 from cdcsync import __version__, admin, daemon, dead_letters, demo
 from cdcsync.backfill import operator
@@ -69,6 +70,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger("cdcsync").exception("failed")
         print(f"cdcsync: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
+    except psycopg.Error as exc:
+        # A database refusal no module translated: still one line, the database's own words.
+        if args.debug:
+            logging.getLogger("cdcsync").exception("failed")
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"cdcsync: the database refused: {redact(detail)} — fix: correct what it names, "
+              "then run the command again (--debug shows where it happened)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
