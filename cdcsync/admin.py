@@ -40,7 +40,9 @@ def connect(dsn: str, side: str) -> Iterator[Conn]:
 
 
 def connection_error(exc: psycopg.OperationalError, dsn: str, side: str) -> CdcsyncError:
-    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    # libpq puts the reason (refused, timeout, authentication) on the first line and a hint on
+    # the next: keep both, on one line.
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines()) or type(exc).__name__
     where = f"{side} {describe(dsn)}"
     if "password authentication failed" in text or "no password supplied" in text:
         fix = f"check the user and password in the {side} DSN"
@@ -48,6 +50,9 @@ def connection_error(exc: psycopg.OperationalError, dsn: str, side: str) -> Cdcs
         fix = f"create the database or correct dbname in the {side} DSN"
     elif "role" in text and "does not exist" in text:
         fix = f"create the role or correct the user in the {side} DSN"
+    elif "certificate" in text or "SSL" in text:
+        fix = (f"check sslmode and sslrootcert in the {side} DSN: sslrootcert must be the CA "
+               "that signed the server's certificate, and the host its certificate names")
     else:
         return ConnectionLost(f"cannot connect to the {where}: {text}",
                               fix=f"check host, port and network access for the {side} DSN")
@@ -282,6 +287,7 @@ def status(settings: Settings) -> dict[str, Any]:
         by_table = tgt.execute("SELECT table_name, count(*) FROM cdcsync.conflicts "
                                "GROUP BY 1 ORDER BY 1").fetchall()
         copies = _copies(tgt, settings.source.slot)
+        letters = tgt.execute("SELECT count(*) FROM cdcsync.dead_letters").fetchone()
         holder = leader.lock_holder(tgt, settings.source.slot)
     # The active process: the session holding the slot's lock ("cdcsync PID@HOST").
     result["active_process"] = holder.describe() if holder else None
@@ -290,6 +296,7 @@ def status(settings: Settings) -> dict[str, Any]:
     result["checkpoint_commit_time"] = saved.commit_time.isoformat() if saved and \
         saved.commit_time else None
     result["conflicts"] = int(conflicts[0]) if conflicts else 0
+    result["dead_letters"] = int(letters[0]) if letters else 0
     with connect(settings.source.dsn.get_secret_value(), "source") as src:
         info = catalog.slot_info(src, settings.source.slot)
         current = catalog.current_wal_lsn(src)

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
+import psycopg
 
-from cdcsync import __version__, admin, daemon, demo
+from cdcsync import __version__, admin, daemon, dead_letters, demo
 from cdcsync.backfill import operator
 from cdcsync.config import Settings, config_path, load_settings
 from cdcsync.dsn import redact
@@ -42,10 +43,24 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     teardown = commands.add_parser("teardown", help="drop the slot and the publication")
     teardown.add_argument("--yes", action="store_true", help="confirm")
+    _dead_letter_parser(commands)
     demo = commands.add_parser("demo", help="two throwaway clusters, a live workload, the sync")
     demo.add_argument("--seconds", type=float, default=20.0, help="how long the workload runs")
     demo.add_argument("--rate", type=int, default=2000, help="changes per second to generate")
     return parser
+
+
+def _dead_letter_parser(commands: Any) -> None:
+    letters = commands.add_parser("dead-letters", help="changes the target rejected")
+    actions = letters.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="show them, oldest first")
+    listing.add_argument("--table", help="only this source table (schema.table)")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    for name, verb in (("retry", "apply them again, with the usual conflict rule"),
+                       ("discard", "delete them")):
+        action = actions.add_parser(name, help=verb)
+        action.add_argument("ids", nargs="*", type=int, metavar="ID")
+        action.add_argument("--all", action="store_true", help="every dead letter")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,6 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger("cdcsync").exception("failed")
         print(f"cdcsync: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
+    except psycopg.Error as exc:
+        # A database refusal no module translated: still one line, the database's own words.
+        if args.debug:
+            logging.getLogger("cdcsync").exception("failed")
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"cdcsync: the database refused: {redact(detail)} — fix: correct what it names, "
+              "then run the command again (--debug shows where it happened)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -99,6 +122,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             _print_status(result)
         return 0
+    if args.command == "dead-letters":
+        return _dead_letters(settings, args)
     if args.command == "teardown":
         if not args.yes:
             print("cdcsync: teardown drops the slot and the publication; add --yes to confirm",
@@ -125,6 +150,28 @@ def _print_status(result: dict[str, Any]) -> None:
                       f"{r['rows_copied']:,} of ~{r['rows_estimate'] or 0:,} rows")
         else:
             print(f"{key:26} {value}")
+def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    with admin.connect(settings.target.dsn.get_secret_value(), "target") as conn:
+        if args.action == "list":
+            letters = dead_letters.fetch(conn, table=args.table)
+            if args.json:
+                print(orjson.dumps([d.as_dict() for d in letters],
+                                   option=orjson.OPT_INDENT_2).decode())
+                return 0
+            for d in letters:
+                print(f"{d.id}  {d.recorded_at:%Y-%m-%d %H:%M:%S%z}  {d.table}  {d.operation}  "
+                      f"key {orjson.dumps(d.key).decode()}  LSN {d.lsn}  {d.error}")
+            return 0
+        if args.action == "discard":
+            count = dead_letters.discard(conn, args.ids, everything=args.all)
+            print(f"discarded {count} dead letter(s)")
+            return 0
+        conn.autocommit = False
+        outcome = dead_letters.retry(conn, settings, args.ids, everything=args.all)
+        print(f"retried {outcome.retried} dead letter(s): "
+              f"{outcome.retried - outcome.failed_again} applied, "
+              f"{outcome.failed_again} rejected again (see `cdcsync dead-letters list`)")
+        return 1 if outcome.failed_again else 0
 
 
 if __name__ == "__main__":

@@ -64,6 +64,16 @@ class ApplySettings(_Section):
     max_delay_ms: int = Field(default=100, ge=0)
     truncate: Literal["apply", "ignore"] = "apply"
     conflict_column: str = "updated_at"
+    on_error: Literal["halt", "dead_letter"] = "halt"
+    schema_changes: Literal["add_columns", "halt"] = "add_columns"
+
+
+class RetentionSettings(_Section):
+    """How long ``cdcsync.conflicts`` and ``cdcsync.dead_letters`` rows are kept (0: forever)."""
+
+    conflicts_days: float = Field(default=30.0, ge=0)
+    dead_letters_days: float = Field(default=30.0, ge=0)
+    interval_s: float = Field(default=300.0, gt=0)
 
 
 class SnapshotSettings(_Section):
@@ -128,6 +138,7 @@ class Settings(BaseModel):
     target: TargetSettings
     apply: ApplySettings = ApplySettings()
     snapshot: SnapshotSettings = SnapshotSettings()
+    retention: RetentionSettings = RetentionSettings()
     http: HttpSettings = HttpSettings()
     alerts: AlertSettings = AlertSettings()
     log: LogSettings = LogSettings()
@@ -161,6 +172,7 @@ class _Environment(BaseSettings):
     target: dict[str, Any] = {}
     apply: dict[str, Any] = {}
     snapshot: dict[str, Any] = {}
+    retention: dict[str, Any] = {}
     http: dict[str, Any] = {}
     alerts: dict[str, Any] = {}
     log: dict[str, Any] = {}

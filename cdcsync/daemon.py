@@ -11,7 +11,7 @@ from types import FrameType
 
 from psycopg_pool import ConnectionPool
 
-from cdcsync import __version__, alerts, checkpoint
+from cdcsync import __version__, alerts, checkpoint, leader, prerequisites
 from cdcsync.admin import connect
 from cdcsync.alerts import Alerter, Thresholds
 from cdcsync.backfill import snapshot, state
@@ -30,9 +30,12 @@ from cdcsync.source import catalog
 
 def preflight(settings: Settings) -> None:
     """Fail fast, with the fix, on what no retry would cure."""
+    with connect(settings.target.dsn.get_secret_value(), "target") as tgt:
+        standby = leader.lock_holder(tgt, settings.source.slot) is not None
     with connect(settings.source.dsn.get_secret_value(), "source") as src:
         slot_missing = catalog.slot_info(src, settings.source.slot) is None
-        names = [t.qualified for t in catalog.selected_tables(src, settings.tables)]
+        selected = prerequisites.check_source(src, settings, standby=standby)
+        names = [t.source for t in selected]
     with connect(settings.target.dsn.get_secret_value(), "target") as tgt:
         row = tgt.execute("SELECT to_regclass('cdcsync.checkpoint') IS NOT NULL").fetchone()
         if not row or not row[0]:
@@ -45,6 +48,7 @@ def preflight(settings: Settings) -> None:
         # next snapshot attempt cures by itself.
         fresh = (settings.snapshot.mode == "initial"
                  and snapshot.needed(state.load(tgt, settings.source.slot), names))
+        prerequisites.check_target(tgt, settings, selected)
     if slot_missing and not fresh:
         raise PrerequisiteError(
             f"replication slot {settings.source.slot!r} does not exist on the source",

@@ -1,4 +1,5 @@
-"""Periodic work beside the stream: the heartbeat, slot statistics, lag and alert thresholds.
+"""Periodic work beside the stream: the heartbeat, slot statistics, lag and alert thresholds,
+and the retention of old conflicts and dead letters on the target.
 
 Jobs run on apscheduler's threads. A failing job is logged, counted in ``cdcsync_errors_total``
 and simply runs again at its next interval; it never stops the stream, and the stream's own
@@ -14,6 +15,7 @@ from typing import Any
 import psycopg
 from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
+from psycopg import sql
 
 from cdcsync.alerts import Alerter
 from cdcsync.config import Settings
@@ -39,6 +41,8 @@ class Jobs:
         self.health = health
         self.alerter = alerter
         self._dsn = with_session_options(settings.source.dsn.get_secret_value(), "cdcsync-jobs")
+        self._target_dsn = with_session_options(settings.target.dsn.get_secret_value(),
+                                                "cdcsync-jobs")
         self._scheduler = BackgroundScheduler(daemon=True)
         self._scheduler.add_listener(self._failed, EVENT_JOB_ERROR)
 
@@ -50,6 +54,10 @@ class Jobs:
         self._scheduler.add_job(self.observe, "interval",
                                 seconds=self.settings.alerts.check_interval_s,
                                 id="observe", max_instances=1, coalesce=True)
+        self._scheduler.add_job(self.retention, "interval",
+                                seconds=self.settings.retention.interval_s, id="retention",
+                                max_instances=1, coalesce=True,
+                                next_run_time=dt.datetime.now(dt.UTC))
         self._scheduler.start()
 
     def close(self) -> None:
@@ -86,6 +94,27 @@ class Jobs:
         self.metrics.slot(pending, retained, status, safe)
         self.alerter.check_retained_wal(retained, safe)
         self.alerter.check_slot_lost(status)
+
+    def retention(self) -> None:
+        """Delete conflicts and dead letters past their retention; export how many remain."""
+        if self.health.state == "standby":
+            return
+        conf = self.settings.retention
+        remaining: dict[str, int] = {}
+        with psycopg.connect(self._target_dsn, autocommit=True, connect_timeout=10) as conn:
+            for table, days in (("conflicts", conf.conflicts_days),
+                                ("dead_letters", conf.dead_letters_days)):
+                name = sql.Identifier("cdcsync", table)
+                if days > 0:
+                    deleted = conn.execute(
+                        sql.SQL("DELETE FROM {} WHERE recorded_at < now() - %s * interval '1 day'")
+                        .format(name), (days,)).rowcount
+                    if deleted:
+                        event(logging.INFO, "retention_deleted", slot=self.settings.source.slot,
+                              table=f"cdcsync.{table}", rows=deleted, older_than_days=days)
+                row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(name)).fetchone()
+                remaining[table] = int(row[0]) if row else 0
+        self.metrics.stored_rows(remaining["conflicts"], remaining["dead_letters"])
 
     def _failed(self, job_event: JobExecutionEvent) -> None:
         self.metrics.error("job")

@@ -110,6 +110,7 @@ def _give_to_postgres(path: Path) -> None:
             f"running as root but there is no {PG_USER!r} user to run PostgreSQL as",
             fix=INSTALL_FIX,
         ) from exc
+    os.chown(path, pw.pw_uid, pw.pw_gid)  # os.walk skips a plain file
     for dirpath, _dirs, files in os.walk(path):
         os.chown(dirpath, pw.pw_uid, pw.pw_gid)
         for f in files:
@@ -222,14 +223,35 @@ def _run(cmd: list[str], what: str, *, cwd: Path, log: Path | None = None) -> No
     )
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A server certificate (PEM, with any intermediates) and its private key."""
+
+    cert: Path
+    key: Path
+
+
+def _install_tls(cluster: LocalCluster, tls: TlsFiles) -> dict[str, str]:
+    """Copy the certificate and key into the cluster; the settings that serve them."""
+    cert, key = cluster.root / "server.crt", cluster.root / "server.key"
+    shutil.copyfile(tls.cert, cert)
+    shutil.copyfile(tls.key, key)
+    key.chmod(0o600)  # the server refuses a key others can read
+    _give_to_postgres(cert)
+    _give_to_postgres(key)
+    return {"ssl": "on", "ssl_cert_file": str(cert), "ssl_key_file": str(key)}
+
+
 def create_cluster(
     base_dir: Path,
     name: str,
     *,
     logical: bool,
     extra_conf: Mapping[str, str] | None = None,
+    tls: TlsFiles | None = None,
 ) -> LocalCluster:
-    """initdb and start a cluster in ``base_dir/name``; ``base_dir`` must exist."""
+    """initdb and start a cluster in ``base_dir/name``; ``base_dir`` must exist. With ``tls``
+    the server also accepts TLS connections with that certificate."""
     bin_dir = find_pg_bin()
     root = base_dir / name
     root.mkdir(mode=0o755)
@@ -250,6 +272,8 @@ def create_cluster(
         "unix_socket_directories": str(cluster.socket_dir),
     }
     settings.update(extra_conf or {})
+    if tls is not None:
+        settings.update(_install_tls(cluster, tls))
     for attempt in range(_PORT_ATTEMPTS):
         # free_port() cannot reserve the port; if another process took it meanwhile, pick again.
         cluster.write_conf({**settings, "port": str(cluster.port)})

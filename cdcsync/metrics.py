@@ -81,6 +81,12 @@ class Metrics:
                                 ["slot", "table", "op"], registry=reg)
         self._conflicts = Counter("cdcsync_conflicts", "Changes that lost to a newer target row.",
                                   ["slot", "table"], registry=reg)
+        self._dead_letters = Counter("cdcsync_dead_letters", "Changes the target rejected, set "
+                                     "aside in cdcsync.dead_letters.", ["slot", "table"],
+                                     registry=reg)
+        self._stored = Gauge("cdcsync_stored_rows", "Rows in cdcsync.conflicts and "
+                             "cdcsync.dead_letters, as of the last retention run.",
+                             ["slot", "kind"], registry=reg)
         self._errors = Counter("cdcsync_errors", "Errors by kind, retried or not.",
                                ["slot", "kind"], registry=reg)
         # Children bound once: these series exist (at zero) from the first scrape.
@@ -114,6 +120,15 @@ class Metrics:
     def conflicts(self, table: str, count: int) -> None:
         """Count changes to ``table`` that lost to the conflict rule."""
         self._conflicts.labels(self.slot_name, table).inc(count)
+
+    def dead_letters(self, table: str, count: int) -> None:
+        """Count changes to ``table`` the target rejected and cdcsync set aside."""
+        self._dead_letters.labels(self.slot_name, table).inc(count)
+
+    def stored_rows(self, conflicts: int, dead_letters: int) -> None:
+        """Export how many conflicts and dead letters the target holds now."""
+        self._stored.labels(self.slot_name, "conflicts").set(float(conflicts))
+        self._stored.labels(self.slot_name, "dead_letters").set(float(dead_letters))
 
     def batch(self, seconds: float, rows: int) -> None:
         """Observe one committed target transaction."""

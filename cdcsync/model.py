@@ -103,6 +103,9 @@ class TargetTable:
     source_key: tuple[int, ...]
     conflict: int | None
     conflict_is_time: bool
+    # Columns new on the source, as (name, type): the applier adds them to the target table in
+    # the target transaction that first applies rows of this relation.
+    add_columns: tuple[tuple[str, str], ...] = ()
 
     @property
     def qualified(self) -> str:

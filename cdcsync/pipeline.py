@@ -31,7 +31,7 @@ from cdcsync.errors import (
     CdcsyncError,
     ConnectionLost,
     PrerequisiteError,
-    ProtocolError,
+    SchemaMismatch,
     is_transient,
 )
 from cdcsync.health import Health
@@ -108,23 +108,28 @@ class Reader(threading.Thread):
         self.applied = assembler.skip_before
         self.halt = threading.Event()
         self.error: BaseException | None = None
+        # The commit LSN of the open transaction when a Relation message in it showed schema
+        # drift that needs the operator.
+        self.drift_at: Lsn | None = None
+        self._open_txn: Lsn | None = None
         self._last_idle_advance = 0.0
 
     def run(self) -> None:
         try:
             while not self.halt.is_set():
                 for payload in self.stream.read(0.2):
-                    try:
-                        items = self.assembler.feed(payload)
-                    except ProtocolError as exc:
-                        raise ProtocolError(f"at LSN {self.stream.last_start}: {exc.message}",
-                                            fix="report it with the server version") from exc
+                    items = self.assembler.feed(payload, self.stream.last_start)
                     for item in items:
+                        if isinstance(item, TxnStart):
+                            self._open_txn = item.final_lsn
                         self._put(item)
                     if self.halt.is_set():
                         return
                 self._advance_when_idle()
                 self._feedback()
+        except SchemaMismatch as exc:
+            self.drift_at = self._open_txn
+            self.error = exc
         except BaseException as exc:
             self.error = exc
 
@@ -167,6 +172,14 @@ class Pipeline:
         self.health = health
         self.progress = progress or Progress()
         self.on_message = on_message
+        # The last Relation message per source table, kept across reconnects: a column missing
+        # from the next one was dropped on the source.
+        self._relations: dict[int, Relation] = {}
+        # Schema drift halts only once every transaction before the drifted one is applied, so
+        # that after the operator's fix the stream resumes exactly at the new schema: the first
+        # attempt notes where, a second one applies up to there and then halts.
+        self._halt_at: tuple[Lsn, SchemaMismatch] | None = None
+        self._drained = False
 
     def run(self) -> None:
         """Stream until stopped; retry transient failures, raise everything else."""
@@ -177,6 +190,9 @@ class Pipeline:
                 self._stream_once()
                 return
             except Exception as exc:
+                if self._halt_at is not None and not self._drained:
+                    self._drained = True
+                    continue
                 self.metrics.set_up(False)
                 self.metrics.error(type(exc).__name__)
                 self.progress.consecutive_failures += 1
@@ -252,8 +268,17 @@ class Pipeline:
                           table=relation.qualified,
                           hint="it is in the publication but not in `tables`; ignored")
                 return None
+            dsn = with_session_options(self.settings.source.dsn.get_secret_value(), "cdcsync")
+            try:
+                with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as src:
+                    source_types = catalog.column_types(src, relation)
+            except psycopg.OperationalError as exc:
+                raise ConnectionLost(f"cannot reach the source: {exc}") from exc
             with self.pool.connection() as conn:
-                return tables.resolve(conn, self.settings, relation)
+                table = tables.resolve(conn, self.settings, relation, source_types=source_types,
+                                       previous=self._relations.get(relation.oid))
+            self._relations[relation.oid] = relation
+            return table
 
         return resolve
 
@@ -303,6 +328,8 @@ class Pipeline:
                 item = items.get(timeout=wait)
             except queue.Empty:
                 if reader.error is not None:
+                    if reader.drift_at is not None and isinstance(reader.error, SchemaMismatch):
+                        self._halt_at = (reader.drift_at, reader.error)
                     raise reader.error from None
                 if not reader.is_alive():
                     raise CdcsyncError("the replication reader stopped without an error") from None
@@ -310,6 +337,10 @@ class Pipeline:
                     self._commit(applier, reader)
                 continue
             if isinstance(item, TxnStart):
+                if self._halt_at is not None and item.final_lsn >= self._halt_at[0]:
+                    if applier.has_uncommitted:
+                        self._commit(applier, reader)
+                    raise self._halt_at[1]
                 applier.start()
             elif isinstance(item, ChangeChunk):
                 applier.add(item)
@@ -342,6 +373,8 @@ class Pipeline:
             metrics.applied(table, op, count)
         for table, count in done.conflicts.items():
             metrics.conflicts(table, count)
+        for table, count in done.dead_letters.items():
+            metrics.dead_letters(table, count)
         lag = max(0.0, (dt.datetime.now(dt.UTC) - done.commit_time).total_seconds())
         metrics.lag(lag)
         self.health.set_lag(lag)

@@ -14,3 +14,8 @@ GRANT TEMPORARY ON DATABASE :"DBNAME" TO cdcsync_apply;
 -- `cdcsync setup --create-tables` additionally needs CREATE on the schema; grant it only for
 -- that first run, or create the target tables yourself:
 --   GRANT CREATE ON SCHEMA public TO cdcsync_apply;
+-- [apply] schema_changes = "add_columns" runs ALTER TABLE ... ADD COLUMN, which only a table's
+-- owner may do. Without ownership a new source column halts with the ALTER TABLE to run as the
+-- owner; or make the role own the replicated tables:
+--   ALTER TABLE public.orders OWNER TO cdcsync_apply;
+-- Tables created later need the grants above again (or ALTER DEFAULT PRIVILEGES).

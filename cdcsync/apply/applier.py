@@ -1,4 +1,4 @@
-"""One target transaction at a time: stage, merge, record conflicts, checkpoint, commit.
+"""One target transaction at a time: stage, merge (:mod:`cdcsync.apply.merge`), checkpoint, commit.
 
 Guarantee: a target transaction holds whole source transactions followed by the checkpoint of the
 last one, so the target never shows part of a source transaction and the checkpoint always names
@@ -14,25 +14,24 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import psycopg
 from psycopg import errors as pgerrors
-from psycopg import sql
 from psycopg.rows import TupleRow
 
 from cdcsync import checkpoint
 from cdcsync.apply import sql as q
 from cdcsync.apply import tables, window
+from cdcsync.apply.merge import Merger, Staged
 from cdcsync.config import Settings
-from cdcsync.errors import ApplyError
+from cdcsync.errors import ApplyError, SchemaMismatch
 from cdcsync.keyrange import KeyOrder, Span
 from cdcsync.logs import event
 from cdcsync.model import (
     ChangeChunk,
     CopiedRows,
     Lsn,
-    Relation,
     TableRows,
     TargetTable,
     Truncate,
@@ -42,11 +41,6 @@ from cdcsync.source.tuples import COPY_HEADER, COPY_TRAILER
 
 Conn = psycopg.Connection[TupleRow]
 Cur = psycopg.Cursor[TupleRow]
-
-# Errors a merged batch can raise although replaying its changes in source order would succeed:
-# a unique value moving between rows within the batch, or foreign keys between tables in a cycle.
-_ORDER_SENSITIVE = (pgerrors.UniqueViolation, pgerrors.ForeignKeyViolation,
-                    pgerrors.ExclusionViolation)
 
 
 @dataclass(slots=True)
@@ -60,19 +54,7 @@ class Committed:
     seconds: float
     applied: Counter[tuple[str, str]]
     conflicts: Counter[str]
-
-
-@dataclass(slots=True)
-class _Pending:
-    """Everything staged for one target table since the last flush."""
-
-    table: TargetTable
-    relation: Relation
-    stage: str
-    rows: list[bytes] = field(default_factory=list)
-    only_inserts: bool = True
-    inserts: int = 0
-    unchanged_mask: int = 0
+    dead_letters: Counter[str]
 
 
 class Applier:
@@ -84,8 +66,9 @@ class Applier:
         self.slot = settings.source.slot
         self._orders: dict[frozenset[int], tuple[list[int], set[int]]] = {}
         self._stages: set[str] = set()
+        self._added: set[tuple[int, str]] = set()
         self._dirty: set[str] = set()
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, Staged] = {}
         # Target table oid -> the temp table recording the keys the stream changes while a
         # resync chunk of that table is read (between its low and high watermarks).
         self._windows: dict[int, str] = {}
@@ -98,7 +81,7 @@ class Applier:
         self._rows = 0
         self._busy_s = 0.0
         self._applied: Counter[tuple[str, str]] = Counter()
-        self._conflicts: Counter[str] = Counter()
+        self._merger = Merger(self.slot, settings.apply.on_error)
 
     @property
     def in_source_transaction(self) -> bool:
@@ -132,7 +115,7 @@ class Applier:
             pending = None
         if pending is None:
             stage = q.stage_name(table, rows.relation)
-            pending = self._pending[table.oid] = _Pending(table, rows.relation, stage)
+            pending = self._pending[table.oid] = Staged(table, rows.relation, stage)
         pending.rows.extend(rows.rows)
         pending.only_inserts = pending.only_inserts and not (rows.updates or rows.deletes)
         pending.inserts += rows.inserts
@@ -175,14 +158,14 @@ class Applier:
             if name is None:
                 return None
         started = time.perf_counter()
-        batch = _Pending(table, copied.relation, window.chunk_stage_name(table, copied.relation),
+        batch = Staged(table, copied.relation, window.chunk_stage_name(table, copied.relation),
                          [copied.data], inserts=copied.rows)
         with self.conn.cursor() as cur:
             self._copy(cur, batch)
             if name is not None:
                 cur.execute(window.drop_changed(batch.stage, name, table))
                 batch.inserts -= cur.rowcount
-            self._merge_batches(cur, [batch])
+            self._merger.flush(cur, [batch], cyclic=False)
             deleted = 0
             if delete_missing:
                 cur.execute(window.delete_missing(batch.stage, name, table, order, span))
@@ -206,19 +189,23 @@ class Applier:
             self._applied[(table.source_name, "truncate")] += 1
             event(logging.INFO, "truncated", slot=self.slot, table=table.source_name)
 
-    def commit(self) -> Committed:
-        """Merge what is pending, write the checkpoint, commit; say what was applied."""
+    def commit(self, *, save_checkpoint: bool = True) -> Committed:
+        """Merge what is pending, write the checkpoint, commit; say what was applied.
+
+        Without ``save_checkpoint`` (a retry of dead letters) the checkpoint stays as it is."""
         end = self._last_end
         if end is None or self._in_txn:
             raise ApplyError("commit requested in the middle of a source transaction")
         self._flush()
         started = time.perf_counter()
-        with self.conn.cursor() as cur:
-            checkpoint.save(cur, self.slot, end.end_lsn, end.commit_time)
+        if save_checkpoint:
+            with self.conn.cursor() as cur:
+                checkpoint.save(cur, self.slot, end.end_lsn, end.commit_time)
         self.conn.commit()
+        conflicts, dead_letters = self._merger.take_counts()
         done = Committed(end.end_lsn, end.commit_time, self._transactions, self._rows,
                          self._busy_s + time.perf_counter() - started, self._applied,
-                         self._conflicts)
+                         conflicts, dead_letters)
         self._reset()
         return done
 
@@ -240,13 +227,14 @@ class Applier:
         self._pending = {}
         self._stages.clear()
         self._windows.clear()
+        self._added.clear()
         self._reset()
 
     def _reset(self) -> None:
         self._transactions = self._rows = 0
         self._busy_s = 0.0
         self._applied = Counter()
-        self._conflicts = Counter()
+        self._merger.take_counts()  # what a rolled-back transaction counted never happened
         self._dirty.clear()
         self._pending_rows = 0
         self._pending_bytes = 0
@@ -270,33 +258,12 @@ class Applier:
         batches = [pending[oid] for oid in order]
         with self.conn.cursor() as cur:
             for batch in batches:
+                self._add_columns(cur, batch.table)
                 self._copy(cur, batch)
                 name = self._windows.get(batch.table.oid)
                 if name is not None:
                     cur.execute(window.record_keys(name, batch.stage, batch.table))
-            if cyclic & pending.keys():
-                self._replay(cur, batches)
-                return
-            self._merge_batches(cur, batches)
-
-    def _merge_batches(self, cur: Cur, batches: list[_Pending]) -> None:
-        """Merge staged batches in one go; if the target refuses, replay them in source order."""
-        cur.execute("SAVEPOINT cdcsync_flush")
-        try:
-            self._merge(cur, batches)
-        except pgerrors.Error as exc:
-            if isinstance(exc, psycopg.OperationalError):
-                raise
-            # The staged rows are back as they were copied. Applied one by one in source
-            # order, an order-sensitive batch succeeds, and any other failure is pinned to
-            # the exact change, which the error then names.
-            cur.execute("ROLLBACK TO SAVEPOINT cdcsync_flush")
-            event(logging.INFO if isinstance(exc, _ORDER_SENSITIVE) else logging.WARNING,
-                  "batch_replayed_in_source_order", slot=self.slot,
-                  rows=sum(len(b.rows) for b in batches), reason=str(exc).splitlines()[0])
-            self._replay(cur, batches)
-        else:
-            cur.execute("RELEASE SAVEPOINT cdcsync_flush")
+            self._merger.flush(cur, batches, cyclic=bool(cyclic & pending.keys()))
 
     def _order(self, oids: Iterable[int]) -> tuple[list[int], set[int]]:
         key = frozenset(oids)
@@ -304,7 +271,27 @@ class Applier:
             self._orders[key] = tables.foreign_key_order(self.conn, sorted(key))
         return self._orders[key]
 
-    def _copy(self, cur: Cur, batch: _Pending) -> None:
+    def _add_columns(self, cur: Cur, table: TargetTable) -> None:
+        """Add the columns new on the source, in the transaction applying their first rows."""
+        for name, type_name in table.add_columns:
+            if (table.oid, name) in self._added:
+                continue
+            try:
+                cur.execute(q.add_column(table, name, type_name))
+            except pgerrors.Error as exc:
+                if isinstance(exc, psycopg.OperationalError):
+                    raise
+                raise SchemaMismatch(
+                    f"cannot add column {name} {type_name} to the target {table.qualified} "
+                    f"(new on the source {table.source_name}): "
+                    f"{str(exc).strip().splitlines()[0]}",
+                    fix=f"run ALTER TABLE {table.qualified} ADD COLUMN {name} {type_name}; as the "
+                        "table's owner, then `cdcsync run`") from exc
+            self._added.add((table.oid, name))
+            event(logging.WARNING, "column_added", slot=self.slot, table=table.source_name,
+                  column=name, type=type_name)
+
+    def _copy(self, cur: Cur, batch: Staged) -> None:
         if batch.stage not in self._stages:
             cur.execute(q.create_stage(batch.stage, batch.relation))
             self._stages.add(batch.stage)
@@ -313,98 +300,3 @@ class Applier:
         self._dirty.add(batch.stage)
         with cur.copy(q.copy_into(batch.stage)) as copy:
             copy.write(b"".join((COPY_HEADER, *batch.rows, COPY_TRAILER)))
-
-    def _merge(self, cur: Cur, batches: list[_Pending]) -> None:
-        for batch in batches:
-            self._collapse(cur, batch)
-        # Parents' rows must exist before children reference them, and children must be gone
-        # before their parents are deleted.
-        for batch in batches:
-            self._upsert(cur, batch)
-        for batch in reversed(batches):
-            self._delete(cur, batch)
-
-    def _collapse(self, cur: Cur, batch: _Pending) -> None:
-        relation = batch.relation
-        for i, column in enumerate(relation.column_names):
-            if batch.unchanged_mask >> i & 1 and column in batch.table.columns:
-                cur.execute(q.fill_unchanged(batch.stage, batch.table, relation, column))
-        if not batch.only_inserts:
-            cur.execute(q.keep_last_versions(batch.stage, batch.table))
-
-    def _upsert(self, cur: Cur, batch: _Pending, where: sql.Composable = q.NO_FILTER,
-                params: tuple[int, ...] = ()) -> None:
-        table = batch.table
-        if table.conflict is None:
-            cur.execute(q.upsert(batch.stage, table, where), params)
-            if batch.unchanged_mask:
-                cur.execute(q.partial_update(batch.stage, table, batch.relation, where), params)
-            return
-        if batch.only_inserts and not params:
-            full, partial = batch.inserts, 0  # no duplicate keys and no TOAST marks to count
-        else:
-            full, partial, _ = self._candidates(cur, batch, where, params)
-        applied = 0
-        if full:
-            cur.execute(q.upsert(batch.stage, table, where), params)
-            applied += cur.rowcount
-        if partial:
-            cur.execute(q.partial_update(batch.stage, table, batch.relation, where), params)
-            applied += cur.rowcount
-        if applied < full + partial:
-            self._record_conflicts(cur, batch, "upsert", where, params)
-
-    def _delete(self, cur: Cur, batch: _Pending, where: sql.Composable = q.NO_FILTER,
-                params: tuple[int, ...] = ()) -> None:
-        table = batch.table
-        if batch.only_inserts:
-            return
-        cur.execute(q.delete(batch.stage, table, where), params)
-        if table.conflict_is_time and cur.rowcount < self._candidates(cur, batch, where,
-                                                                      params)[2]:
-            self._record_conflicts(cur, batch, "delete", where, params)
-
-    def _candidates(self, cur: Cur, batch: _Pending, where: sql.Composable,
-                    params: tuple[int, ...]) -> tuple[int, int, int]:
-        row = cur.execute(q.count_candidates(batch.stage, where), params).fetchone()
-        assert row is not None
-        return int(row[0]), int(row[1]), int(row[2])
-
-    def _record_conflicts(self, cur: Cur, batch: _Pending, operation: str,
-                          where: sql.Composable, params: tuple[int, ...]) -> None:
-        cur.execute(q.record_conflicts(batch.stage, batch.table, operation, where), params)
-        if cur.rowcount > 0:
-            name = batch.table.source_name
-            self._conflicts[name] += cur.rowcount
-            event(logging.INFO, "conflicts_recorded", slot=self.slot, table=name,
-                  operation=operation, rows=cur.rowcount)
-
-    def _replay(self, cur: Cur, batches: list[_Pending]) -> None:
-        """Apply every staged row on its own, in source order, with the same statements."""
-        steps: list[tuple[int, bool, str, str, _Pending]] = []
-        for batch in batches:
-            staged = cur.execute(q.staged_order(batch.stage, batch.table)).fetchall()
-            steps.extend((int(seq), bool(is_delete), str(lsn), str(key), batch)
-                         for seq, is_delete, lsn, key in staged)
-        steps.sort(key=lambda step: step[0])
-        where = q.only_seq()
-        for seq, is_delete, lsn, key, batch in steps:
-            try:
-                if is_delete:
-                    self._delete(cur, batch, where, (seq,))
-                else:
-                    self._upsert(cur, batch, where, (seq,))
-            except pgerrors.Error as exc:
-                if isinstance(exc, psycopg.OperationalError):
-                    raise
-                raise self._apply_error(exc, batch.table, key, lsn) from exc
-
-    def _apply_error(self, exc: pgerrors.Error, table: TargetTable, key: str,
-                     lsn: str) -> ApplyError:
-        detail = str(exc).strip().replace("\n", " ")
-        return ApplyError(
-            f"the target rejected a change to {table.source_name} (key {key}) committed at "
-            f"source LSN {lsn}: {detail}",
-            fix="correct the target table or the row, then run `cdcsync run` again; "
-                "it resumes from the last checkpoint",
-        )

@@ -118,11 +118,13 @@ def fill_unchanged(name: str, table: TargetTable, relation: Relation,
              earlier_x=earlier("x"), moved_from=moved_from)
 
 
-def keep_last_versions(name: str, table: TargetTable) -> sql.Composed:
-    """Delete every staged version of a key but the last one."""
+def keep_last_versions(name: str, table: TargetTable,
+                       where: sql.Composable = NO_FILTER) -> sql.Composed:
+    """Delete every staged version of a key but the last one (among those ``where`` keeps)."""
     return sql.SQL("DELETE FROM {stage} s USING {stage} later WHERE {match} "
-                   "AND s.{seq} < later.{seq}").format(
-        stage=_ident(name), match=_key_match(table, "s", "later", typed=False), seq=SEQ)
+                   "AND s.{seq} < later.{seq}{where}").format(
+        stage=_ident(name), match=_key_match(table, "s", "later", typed=False), seq=SEQ,
+        where=where)
 
 
 def count_candidates(name: str, where: sql.Composable = NO_FILTER) -> sql.Composed:
@@ -226,9 +228,55 @@ def staged_order(name: str, table: TargetTable) -> sql.Composed:
         seq=SEQ, op=OP, lsn=LSN, key=key, stage=_ident(name))
 
 
+def index_stage(name: str) -> sql.Composed:
+    return sql.SQL("CREATE INDEX {} ON {} ({})").format(_ident(f"{name}_seq"), _ident(name), SEQ)
+
+
+def drop_stage_index(name: str) -> sql.Composed:
+    return sql.SQL("DROP INDEX {}").format(_ident(f"{name}_seq"))
+
+
+def seq_between(alias: str) -> sql.Composed:
+    """The staged rows of a run of consecutive changes: parameters first and last sequence."""
+    return sql.SQL(" AND {}.{} BETWEEN %s AND %s").format(_ident(alias), SEQ)
+
+
 def only_seq() -> sql.Composed:
     return sql.SQL(" AND s.{} = %s").format(SEQ)
 
 
 def truncate(tables: list[TargetTable]) -> sql.Composed:
     return sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(_target(t) for t in tables))
+
+
+def record_dead_letter(name: str, table: TargetTable, relation: Relation, seq: int,
+                       error: str) -> sql.Composed:
+    """Copy the staged change ``seq`` into ``cdcsync.dead_letters``.
+
+    Values stay text and are never cast, so a change whose values the target cannot parse is
+    still recorded; columns the source left unchanged (TOAST) are left out of the row.
+    """
+    def as_object(columns: list[str]) -> sql.Composed:
+        return sql.SQL("jsonb_object(ARRAY[{}]::text[], ARRAY[{}]::text[])").format(
+            sql.SQL(", ").join(sql.Literal(c) for c in columns),
+            sql.SQL(", ").join(sql.SQL("s.{}").format(_ident(c)) for c in columns))
+
+    names = sql.SQL(", ").join(sql.Literal(c) for c in relation.column_names)
+    return sql.SQL(
+        "INSERT INTO cdcsync.dead_letters "
+        "(table_name, key, operation, row_data, error, source_lsn, commit_time) "
+        "SELECT {table}, {key}, CASE s.{op} WHEN 'I' THEN 'insert' WHEN 'U' THEN 'update' "
+        "ELSE 'delete' END, {row} - ARRAY(SELECT u.n FROM unnest(ARRAY[{names}]::text[]) "
+        "WITH ORDINALITY AS u(n, i) WHERE substr(s.{u}, u.i::int, 1) = '1'), {error}, s.{lsn}, "
+        "s.{commit_time} FROM {stage} s WHERE s.{seq} = {value}"
+    ).format(table=sql.Literal(table.source_name),
+             key=as_object([table.columns[i] for i in table.key]), op=OP,
+             row=as_object(list(table.columns)), names=names, u=UNCHANGED,
+             error=sql.Literal(error), lsn=LSN, commit_time=COMMIT_TIME, stage=_ident(name),
+             seq=SEQ, value=sql.Literal(seq))
+
+
+def add_column(table: TargetTable, column: str, type_name: str) -> sql.Composed:
+    """A column new on the source, nullable and without a default, so adding it is instant."""
+    return sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+        _target(table), _ident(column), sql.SQL(type_name))

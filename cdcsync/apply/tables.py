@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 import psycopg
 from psycopg.rows import TupleRow
 
+from cdcsync.apply import drift
 from cdcsync.config import Settings
 from cdcsync.errors import PrerequisiteError, SchemaMismatch
 from cdcsync.model import Relation, TargetTable
@@ -45,9 +46,14 @@ def selected(patterns: Iterable[str], qualified: str) -> bool:
     return any(fnmatch.fnmatchcase(qualified, pattern) for pattern in patterns)
 
 
-def resolve(conn: psycopg.Connection[TupleRow], settings: Settings,
-            relation: Relation) -> TargetTable:
-    """Map ``relation`` onto its target table, or say exactly what is missing on the target."""
+def resolve(conn: psycopg.Connection[TupleRow], settings: Settings, relation: Relation, *,
+            source_types: Sequence[str] | None = None,
+            previous: Relation | None = None) -> TargetTable:
+    """Map ``relation`` onto its target table, or say exactly what is missing on the target.
+
+    With ``source_types`` (the source's ``format_type`` of each column) the relation is also
+    checked for schema drift against the target and against ``previous``, the last Relation
+    message seen for the same table (see :mod:`cdcsync.apply.drift`)."""
     override = settings.override_for(relation.qualified)
     target_name = override.target or relation.qualified
     schema, _, name = target_name.partition(".")
@@ -62,6 +68,14 @@ def resolve(conn: psycopg.Connection[TupleRow], settings: Settings,
     excluded = set(override.exclude_columns)
     positions = tuple(i for i, c in enumerate(relation.columns) if c.name not in excluded)
     columns = tuple(relation.columns[i].name for i in positions)
+    primary_key = [str(r[0]) for r in conn.execute(_PRIMARY_KEY_SQL, (oid,)).fetchall()]
+    added: tuple[tuple[str, str], ...] = ()
+    if source_types is not None:
+        added = drift.reconcile(
+            relation, source_types, drift.TargetShape(target_name, target_types, primary_key),
+            excluded=frozenset(excluded), previous=previous,
+            policy=settings.apply.schema_changes)
+        target_types.update(added)
     missing = [c for c in columns if c not in target_types]
     if missing:
         raise SchemaMismatch(
@@ -70,7 +84,6 @@ def resolve(conn: psycopg.Connection[TupleRow], settings: Settings,
             fix=f"add them on the target (ALTER TABLE {target_name} ADD COLUMN ...) "
             f"or list them in exclude_columns for {relation.qualified}",
         )
-    primary_key = [str(r[0]) for r in conn.execute(_PRIMARY_KEY_SQL, (oid,)).fetchall()]
     if not primary_key:
         source_key = ", ".join(c.name for c in relation.columns if c.is_key) or "id"
         raise PrerequisiteError(
@@ -99,6 +112,7 @@ def resolve(conn: psycopg.Connection[TupleRow], settings: Settings,
         source_key=tuple(positions[i] for i in key),
         conflict=conflict,
         conflict_is_time=conflict is not None and types[conflict] in _TIME_TYPES,
+        add_columns=added,
     )
 
 

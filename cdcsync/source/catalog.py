@@ -10,6 +10,7 @@ from psycopg.rows import TupleRow
 
 from cdcsync.apply.tables import selected
 from cdcsync.errors import PrerequisiteError
+from cdcsync.model import Relation
 
 Conn = psycopg.Connection[TupleRow]
 
@@ -227,3 +228,14 @@ def table_definition(conn: Conn, table: SourceTable) -> sql.Composed:
         sql.SQL(", ").join(sql.Identifier(k) for k in key_names)))
     return sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
         table.identifier, sql.SQL(", ").join(parts))
+
+
+def column_types(conn: Conn, relation: Relation) -> list[str]:
+    """The source's ``format_type`` of each column of a Relation message (type OID and modifier),
+    spelt as the target's catalog spells the same type."""
+    rows = conn.execute(
+        "SELECT format_type(t.oid, t.mod) FROM unnest(%s::oid[], %s::int[]) "
+        "WITH ORDINALITY AS t(oid, mod, i) ORDER BY t.i",
+        ([c.type_oid for c in relation.columns], [c.type_modifier for c in relation.columns]),
+    ).fetchall()
+    return [str(r[0]) for r in rows]

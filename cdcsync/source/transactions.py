@@ -65,8 +65,20 @@ class TransactionAssembler:
     def in_transaction(self) -> bool:
         return self._in_txn
 
-    def feed(self, payload: bytes) -> list[StreamItem]:
-        """Consume one pgoutput message; return the items it completes (often none)."""
+    def feed(self, payload: bytes, lsn: Lsn | None = None) -> list[StreamItem]:
+        """Consume one pgoutput message; return the items it completes (often none).
+
+        ``lsn`` is where the message starts in the WAL: a :class:`ProtocolError` names it."""
+        try:
+            return self._feed(payload)
+        except ProtocolError as exc:
+            if lsn is None:
+                raise
+            raise ProtocolError(f"at LSN {lsn}: {exc.message}",
+                                fix="report it with the server version; the checkpoint has not "
+                                    "moved past it") from exc
+
+    def _feed(self, payload: bytes) -> list[StreamItem]:
         kind = payload[0] if payload else -1
         if kind in (_I, _U, _D):
             if not self._in_txn:

@@ -1,5 +1,13 @@
 -- cdcsync's metadata schema on the target. Idempotent: `cdcsync setup` runs it every time.
-CREATE SCHEMA IF NOT EXISTS cdcsync;
+-- CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists; the
+-- least-privilege apply role (sql/target_role.sql) owns the schema but has no such right.
+DO $$
+BEGIN
+    IF to_regnamespace('cdcsync') IS NULL THEN
+        CREATE SCHEMA cdcsync;
+    END IF;
+END
+$$;
 
 -- The last source commit applied, per slot. Written in the same transaction as the data it covers;
 -- never moves backward.
@@ -66,3 +74,18 @@ CREATE TABLE IF NOT EXISTS cdcsync.resync_requests (
 );
 CREATE INDEX IF NOT EXISTS resync_requests_open ON cdcsync.resync_requests (slot, id)
     WHERE state IN ('queued', 'running');
+-- Changes the target rejected while [apply] on_error = "dead_letter": everything else was applied.
+-- The row is the replicated columns as text (JSON null for SQL NULL); a column the source left
+-- unchanged (TOAST) is absent. `cdcsync dead-letters list|retry|discard` manages them.
+CREATE TABLE IF NOT EXISTS cdcsync.dead_letters (
+    id          bigserial PRIMARY KEY,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    table_name  text        NOT NULL,
+    key         jsonb       NOT NULL,
+    operation   text        NOT NULL,
+    row_data    jsonb       NOT NULL,
+    error       text        NOT NULL,
+    source_lsn  pg_lsn      NOT NULL,
+    commit_time timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_recorded_at ON cdcsync.dead_letters (recorded_at);

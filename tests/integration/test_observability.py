@@ -51,6 +51,9 @@ def _value(samples: dict[Any, float], name: str, **labels: str) -> float:
 
 def _settings(pair: DbPair, port: int, **sections: Any) -> Any:
     sections["alerts"] = {"check_interval_s": 0.5, **sections.get("alerts", {})}
+    # The workload must arrive through the stream, whose metrics these tests watch; an initial
+    # snapshot taken while it is written would copy it instead.
+    sections.setdefault("snapshot", {"mode": "never"})
     return settings_for(pair, http={"listen": f"127.0.0.1:{port}"}, **sections)
 
 

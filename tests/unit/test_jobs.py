@@ -24,7 +24,7 @@ def _job_errors(metrics: Metrics) -> float:
 
 
 def test_failing_jobs_are_counted_logged_and_rerun(caplog: pytest.LogCaptureFixture) -> None:
-    """With the source unreachable, both jobs fail on every run, and each failure is counted
+    """With both servers unreachable, the jobs fail on every run, and each failure is counted
     and logged while the scheduler keeps running them."""
     dsn = f"host=127.0.0.1 port={free_port()} dbname=x user=u connect_timeout=1"
     settings = Settings(tables=("a.b",), source={"dsn": dsn, "heartbeat_interval_s": 0.2},
@@ -44,4 +44,4 @@ def test_failing_jobs_are_counted_logged_and_rerun(caplog: pytest.LogCaptureFixt
     assert _job_errors(metrics) >= 4
     failed = {getattr(r, "cdcsync_fields", {}).get("job") for r in caplog.records
               if r.getMessage() == "job_failed"}
-    assert failed == {"heartbeat", "observe"}
+    assert failed == {"heartbeat", "observe", "retention"}

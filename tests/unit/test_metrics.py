@@ -19,6 +19,8 @@ CONTRACT = {
     "cdcsync_applied_changes": "counter",
     "cdcsync_applied_transactions": "counter",
     "cdcsync_conflicts": "counter",
+    "cdcsync_dead_letters": "counter",
+    "cdcsync_stored_rows": "gauge",
     "cdcsync_batch_seconds": "histogram",
     "cdcsync_batch_rows": "histogram",
     "cdcsync_checkpoint_lsn": "gauge",
@@ -61,11 +63,13 @@ def exercised() -> Metrics:
     m.set_up(True)
     m.lag(1.5)
     m.slot(100, 2048, "reserved", 4096)
+    m.dead_letters("public.orders", 2)
+    m.stored_rows(5, 2)
     return m
 
 
 def test_every_contract_metric_is_exposed_with_its_type() -> None:
-    """After one of each call, all thirteen contract metrics appear with the expected type."""
+    """After one of each call, all fifteen contract metrics appear with the expected type."""
     text = exercised().render().decode()
     families = {f.name: f.type for f in text_string_to_metric_families(text)}
     for name, kind in CONTRACT.items():
@@ -79,12 +83,16 @@ def test_every_sample_carries_the_slot_label() -> None:
 
 
 def test_label_names_per_metric() -> None:
-    """applied has table and op, conflicts has table, errors has kind, wal_status has status."""
+    """applied has table and op, conflicts and dead letters have table, errors has kind,
+    wal_status has status, stored_rows has kind."""
     m = exercised()
     assert value(m, "cdcsync_applied_changes_total", table="public.orders", op="insert") == 3
     assert value(m, "cdcsync_conflicts_total", table="public.orders") == 1
     assert value(m, "cdcsync_errors_total", kind="ConnectionLost") == 1
     assert value(m, "cdcsync_slot_wal_status", status="reserved") == 1
+    assert value(m, "cdcsync_dead_letters_total", table="public.orders") == 2
+    assert value(m, "cdcsync_stored_rows", kind="conflicts") == 5
+    assert value(m, "cdcsync_stored_rows", kind="dead_letters") == 2
 
 
 def test_counters_increase() -> None:

@@ -1,0 +1,270 @@
+"""Merging staged batches into their target tables, inside the applier's open transaction.
+
+A flush is merged in bulk: TOASTed values an update did not resend are filled, every version of a
+key but the last is dropped, then one upsert, one partial update and one delete per table, parents
+before children. If the target refuses the merged batch, the batch is merged again in runs of
+consecutive changes in source order, halving every run the target refuses: an order-sensitive
+batch (a unique value moving between rows) then succeeds, and a change the target rejects on its
+own is pinned down exactly, then set aside as a dead letter or named by the error that halts.
+Nothing here commits: the applier owns the transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg import sql
+from psycopg.rows import TupleRow
+
+from cdcsync.apply import sql as q
+from cdcsync.errors import ApplyError
+from cdcsync.logs import event
+from cdcsync.model import Relation, TargetTable
+
+Cur = psycopg.Cursor[TupleRow]
+
+# Errors a merged batch can raise although applying its changes in source order would succeed:
+# a unique value moving between rows within the batch, or foreign keys between tables in a cycle.
+_ORDER_SENSITIVE = (pgerrors.UniqueViolation, pgerrors.ForeignKeyViolation,
+                    pgerrors.ExclusionViolation)
+# SQLSTATE classes that blame one change (a bad value, a constraint, a trigger raising), which
+# [apply] on_error = "dead_letter" sets aside. Anything else (a missing privilege or column)
+# would reject every change alike and halts under either policy.
+_ROW_ERROR_CLASSES = ("22", "23", "P0")
+
+
+@dataclass(slots=True)
+class Staged:
+    """Everything staged for one target table since the last flush."""
+
+    table: TargetTable
+    relation: Relation
+    stage: str
+    rows: list[bytes] = field(default_factory=list)
+    only_inserts: bool = True
+    inserts: int = 0
+    unchanged_mask: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """One staged change, as the fallback addresses it."""
+
+    seq: int
+    is_delete: bool
+    lsn: str
+    key: str
+    batch: Staged
+
+
+class Merger:
+    """Merges flushes for one pipeline; counts conflicts and dead letters until taken."""
+
+    def __init__(self, slot: str, on_error: str) -> None:
+        self.slot = slot
+        self.on_error = on_error
+        self.conflicts: Counter[str] = Counter()
+        self.dead_letters: Counter[str] = Counter()
+
+    def take_counts(self) -> tuple[Counter[str], Counter[str]]:
+        """The conflicts and dead letters counted since the last call, per table."""
+        counts = (self.conflicts, self.dead_letters)
+        self.conflicts, self.dead_letters = Counter(), Counter()
+        return counts
+
+    def flush(self, cur: Cur, batches: list[Staged], *, cyclic: bool) -> None:
+        """Merge ``batches`` (copied into their stages, in foreign-key order) in bulk; if the
+        target refuses, fall back to source order. Tables in a foreign-key cycle go straight to
+        source order."""
+        if cyclic:
+            self._replay(cur, batches)
+            return
+        cur.execute("SAVEPOINT cdcsync_flush")
+        try:
+            self._merge(cur, batches)
+        except pgerrors.Error as exc:
+            if isinstance(exc, psycopg.OperationalError):
+                raise
+            # The staged rows are back as they were copied. Merged in ever shorter runs of
+            # consecutive changes in source order, an order-sensitive batch succeeds, and any
+            # other failure is pinned to the exact change (set aside, or named).
+            cur.execute("ROLLBACK TO SAVEPOINT cdcsync_flush")
+            event(logging.INFO if isinstance(exc, _ORDER_SENSITIVE) else logging.WARNING,
+                  "batch_replayed_in_source_order", slot=self.slot,
+                  rows=sum(len(b.rows) for b in batches), reason=str(exc).splitlines()[0])
+            self._split(cur, batches)
+        else:
+            cur.execute("RELEASE SAVEPOINT cdcsync_flush")
+
+    def _merge(self, cur: Cur, batches: list[Staged]) -> None:
+        for batch in batches:
+            self._collapse(cur, batch)
+        # Parents' rows must exist before children reference them, and children must be gone
+        # before their parents are deleted.
+        for batch in batches:
+            self._upsert(cur, batch)
+        for batch in reversed(batches):
+            self._delete(cur, batch)
+
+    def _collapse(self, cur: Cur, batch: Staged) -> None:
+        self._fill(cur, batch)
+        if not batch.only_inserts:
+            cur.execute(q.keep_last_versions(batch.stage, batch.table))
+
+    def _fill(self, cur: Cur, batch: Staged) -> None:
+        relation = batch.relation
+        for i, column in enumerate(relation.column_names):
+            if batch.unchanged_mask >> i & 1 and column in batch.table.columns:
+                cur.execute(q.fill_unchanged(batch.stage, batch.table, relation, column))
+
+    def _upsert(self, cur: Cur, batch: Staged, where: sql.Composable = q.NO_FILTER,
+                params: tuple[int, ...] = ()) -> None:
+        table = batch.table
+        if table.conflict is None:
+            cur.execute(q.upsert(batch.stage, table, where), params)
+            if batch.unchanged_mask:
+                cur.execute(q.partial_update(batch.stage, table, batch.relation, where), params)
+            return
+        if batch.only_inserts and not params:
+            full, partial = batch.inserts, 0  # no duplicate keys and no TOAST marks to count
+        else:
+            full, partial, _ = self._candidates(cur, batch, where, params)
+        applied = 0
+        if full:
+            cur.execute(q.upsert(batch.stage, table, where), params)
+            applied += cur.rowcount
+        if partial:
+            cur.execute(q.partial_update(batch.stage, table, batch.relation, where), params)
+            applied += cur.rowcount
+        if applied < full + partial:
+            self._record_conflicts(cur, batch, "upsert", where, params)
+
+    def _delete(self, cur: Cur, batch: Staged, where: sql.Composable = q.NO_FILTER,
+                params: tuple[int, ...] = ()) -> None:
+        table = batch.table
+        if batch.only_inserts:
+            return
+        cur.execute(q.delete(batch.stage, table, where), params)
+        if table.conflict_is_time and cur.rowcount < self._candidates(cur, batch, where,
+                                                                      params)[2]:
+            self._record_conflicts(cur, batch, "delete", where, params)
+
+    def _candidates(self, cur: Cur, batch: Staged, where: sql.Composable,
+                    params: tuple[int, ...]) -> tuple[int, int, int]:
+        row = cur.execute(q.count_candidates(batch.stage, where), params).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1]), int(row[2])
+
+    def _record_conflicts(self, cur: Cur, batch: Staged, operation: str,
+                          where: sql.Composable, params: tuple[int, ...]) -> None:
+        cur.execute(q.record_conflicts(batch.stage, batch.table, operation, where), params)
+        if cur.rowcount > 0:
+            name = batch.table.source_name
+            self.conflicts[name] += cur.rowcount
+            event(logging.INFO, "conflicts_recorded", slot=self.slot, table=name,
+                  operation=operation, rows=cur.rowcount)
+
+    def _steps(self, cur: Cur, batches: list[Staged]) -> list[_Step]:
+        """Every staged change, in source order."""
+        steps: list[_Step] = []
+        for batch in batches:
+            # The fallbacks select staged rows by sequence number: an index, made for them only,
+            # turns each into a lookup instead of a scan of the whole stage, while COPY on the
+            # normal path stays free of index upkeep.
+            cur.execute(q.index_stage(batch.stage))
+            staged = cur.execute(q.staged_order(batch.stage, batch.table)).fetchall()
+            steps.extend(_Step(int(seq), bool(is_delete), str(lsn), str(key), batch)
+                         for seq, is_delete, lsn, key in staged)
+        steps.sort(key=lambda step: step.seq)
+        return steps
+
+    def _replay(self, cur: Cur, batches: list[Staged]) -> None:
+        """Apply every staged row on its own, in source order, with the same statements."""
+        for step in self._steps(cur, batches):
+            self._replay_one(cur, step)
+        for batch in batches:
+            cur.execute(q.drop_stage_index(batch.stage))
+
+    def _split(self, cur: Cur, batches: list[Staged]) -> None:
+        """Merge the batch in runs of consecutive changes, halving a run the target refuses
+        until the refusal is pinned to single changes: k bad changes among n cost about
+        2k log2(n) merges, where applying each change on its own costs n."""
+        steps = self._steps(cur, batches)
+        for batch in batches:
+            self._fill(cur, batch)
+        self._merge_run(cur, batches, steps)
+        for batch in batches:
+            cur.execute(q.drop_stage_index(batch.stage))
+
+    def _merge_run(self, cur: Cur, batches: list[Staged], steps: list[_Step]) -> None:
+        if len(steps) == 1:
+            self._replay_one(cur, steps[0])
+            return
+        where = q.seq_between("s")
+        params = (steps[0].seq, steps[-1].seq)
+        involved = [b for b in batches if any(step.batch is b for step in steps)]
+        cur.execute("SAVEPOINT cdcsync_run")
+        try:
+            for batch in involved:
+                if not batch.only_inserts:
+                    cur.execute(q.keep_last_versions(batch.stage, batch.table,
+                                                     where + q.seq_between("later")), params * 2)
+            for batch in involved:
+                self._upsert(cur, batch, where, params)
+            for batch in reversed(involved):
+                self._delete(cur, batch, where, params)
+        except pgerrors.Error as exc:
+            if isinstance(exc, psycopg.OperationalError):
+                raise
+            cur.execute("ROLLBACK TO SAVEPOINT cdcsync_run")
+            middle = len(steps) // 2
+            self._merge_run(cur, batches, steps[:middle])
+            self._merge_run(cur, batches, steps[middle:])
+        cur.execute("RELEASE SAVEPOINT cdcsync_run")
+
+    def _replay_one(self, cur: Cur, step: _Step) -> None:
+        """Apply one staged change; a rejection is set aside (dead_letter) or halts."""
+        batch, seq, lsn, key = step.batch, step.seq, step.lsn, step.key
+        # A savepoint per change costs a round trip, paid only on the fallback paths and only
+        # when a rejected change is to be set aside rather than halt the pipeline.
+        isolate = self.on_error == "dead_letter"
+        if isolate:
+            cur.execute("SAVEPOINT cdcsync_change")
+        try:
+            if step.is_delete:
+                self._delete(cur, batch, q.only_seq(), (seq,))
+            else:
+                self._upsert(cur, batch, q.only_seq(), (seq,))
+        except pgerrors.Error as exc:
+            if isinstance(exc, psycopg.OperationalError):
+                raise
+            if not (isolate and (exc.sqlstate or "").startswith(_ROW_ERROR_CLASSES)):
+                raise self._apply_error(exc, batch.table, key, lsn) from exc
+            cur.execute("ROLLBACK TO SAVEPOINT cdcsync_change")
+            self._dead_letter(cur, batch, seq, key=key, lsn=lsn, exc=exc)
+        else:
+            if isolate:
+                cur.execute("RELEASE SAVEPOINT cdcsync_change")
+
+    def _dead_letter(self, cur: Cur, batch: Staged, seq: int, *, key: str, lsn: str,
+                     exc: pgerrors.Error) -> None:
+        error = str(exc).strip().replace("\n", " ")
+        cur.execute(q.record_dead_letter(batch.stage, batch.table, batch.relation, seq, error))
+        name = batch.table.source_name
+        self.dead_letters[name] += 1
+        event(logging.WARNING, "dead_letter", slot=self.slot, table=name, key=key, lsn=lsn,
+              error=error)
+
+    def _apply_error(self, exc: pgerrors.Error, table: TargetTable, key: str,
+                     lsn: str) -> ApplyError:
+        detail = str(exc).strip().replace("\n", " ")
+        return ApplyError(
+            f"the target rejected a change to {table.source_name} (key {key}) committed at "
+            f"source LSN {lsn}: {detail}",
+            fix="correct the target table or the row, then run `cdcsync run` again; "
+                "it resumes from the last checkpoint",
+        )

@@ -1,0 +1,103 @@
+"""What ``cdcsync run`` verifies before streaming, each failure one error with its fix.
+
+Everything here is something no retry would cure: a slot held by another consumer, a publication
+that does not carry a configured table (its changes would silently never arrive), a target table
+that is missing or lacks columns while schema changes are not to be added automatically.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+
+from cdcsync.apply import drift
+from cdcsync.config import Settings
+from cdcsync.errors import PrerequisiteError
+from cdcsync.source import catalog
+
+Conn = psycopg.Connection[TupleRow]
+
+# A cdcsync killed a moment ago leaves its walsender for as long as the server takes to notice.
+SLOT_RELEASE_WAIT_S = 5.0
+
+_COLUMNS_SQL = """
+SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Selected:
+    """A configured source table, where it lands and the columns it replicates (name, type)."""
+
+    source: str
+    target: str
+    columns: tuple[tuple[str, str], ...]
+
+
+def check_source(src: Conn, settings: Settings, *, standby: bool = False) -> list[Selected]:
+    """The slot, if it exists (the initial snapshot may create it), is free, and the publication
+    carries every configured table; return those. A process that will wait as the standby of a
+    running cdcsync (``standby``) expects the slot in use."""
+    slot, publication = settings.source.slot, settings.source.publication
+    info = catalog.slot_info(src, slot)
+    deadline = time.monotonic() + SLOT_RELEASE_WAIT_S
+    while (not standby and info is not None and info.active_pid is not None
+           and time.monotonic() < deadline):
+        time.sleep(0.2)
+        info = catalog.slot_info(src, slot)
+    if not standby and info is not None and info.active_pid is not None:
+        raise PrerequisiteError(
+            f"replication slot {slot!r} is in use by another process (pid {info.active_pid})",
+            fix="stop the other `cdcsync run` or consumer of this slot, or configure a "
+                "different [source] slot")
+    chosen = catalog.selected_tables(src, settings.tables)
+    published = catalog.publication_tables(src, publication)
+    if published is None:
+        raise PrerequisiteError(f"publication {publication!r} does not exist on the source",
+                                fix="run `cdcsync setup` to create it")
+    missing = [t.qualified for t in chosen
+               if t.qualified not in published and not _published_in_parts(src, publication, t)]
+    if missing:
+        raise PrerequisiteError(
+            f"publication {publication!r} does not publish {', '.join(missing)}, which "
+            "`tables` selects: their changes would never arrive",
+            fix="run `cdcsync setup` to update the publication")
+    selected = []
+    for table in chosen:
+        override = settings.override_for(table.qualified)
+        columns = [(str(r[0]), str(r[1])) for r in src.execute(
+            _COLUMNS_SQL, (table.identifier.as_string(src),)).fetchall()]
+        selected.append(Selected(table.qualified, override.target or table.qualified,
+                                 tuple(c for c in columns
+                                       if c[0] not in override.exclude_columns)))
+    return selected
+
+
+def _published_in_parts(src: Conn, publication: str, table: catalog.SourceTable) -> bool:
+    """A partitioned table is listed by its partitions unless published via its root."""
+    row = src.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_partition_tree(%s::regclass) t "
+        "JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "JOIN pg_publication_tables p ON p.schemaname = n.nspname AND p.tablename = c.relname "
+        "WHERE p.pubname = %s)", (table.identifier.as_string(src), publication)).fetchone()
+    return bool(row and row[0])
+
+
+def check_target(tgt: Conn, settings: Settings, selected: list[Selected]) -> None:
+    """Every target table exists; under ``schema_changes = "halt"`` it has every column too."""
+    for table in selected:
+        schema, _, name = table.target.partition(".")
+        identifier = sql.Identifier(schema, name).as_string(tgt)
+        columns = {str(r[0]) for r in tgt.execute(_COLUMNS_SQL, (identifier,)).fetchall()}
+        if not columns:
+            raise PrerequisiteError(
+                f"target table {table.target} does not exist (source {table.source})",
+                fix="create it, or run `cdcsync setup --create-tables`")
+        lacking = [c for c in table.columns if c[0] not in columns]
+        if lacking and settings.apply.schema_changes == "halt":
+            raise drift.missing_columns(table.source, table.target, lacking)
