@@ -1,16 +1,19 @@
-"""pgoutput messages -> stream items: whole transactions, delivered in bounded chunks.
+"""Decoded messages -> stream items: whole transactions, delivered in bounded chunks.
 
-Pure: no I/O. Row changes take the fast path of :mod:`cdcsync.source.tuples` (no per-row objects);
-every other message goes through the full decoder. Transactions whose commit the checkpoint
-already covers are dropped here, so a restart from an older position applies nothing twice.
+Pure: no I/O. :class:`Assembler` holds what every decoder shares (transaction boundaries, the
+checkpoint skip, chunking, relations, truncates, messages); :class:`TransactionAssembler` feeds it
+pgoutput, whose row changes take the fast path of :mod:`cdcsync.source.tuples` (no per-row
+objects). Transactions whose commit the checkpoint already covers are dropped here, so a restart
+from an older position applies nothing twice.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from cdcsync.errors import ProtocolError
 from cdcsync.model import (
@@ -27,9 +30,10 @@ from cdcsync.model import (
     TxnStart,
 )
 from cdcsync.source import pgoutput
-from cdcsync.source.tuples import PendingRow, key_values, stage_rows
+from cdcsync.source.tuples import key_values, stage_rows
 
 Resolver = Callable[[Relation], TargetTable | None]
+Stager = Callable[[Relation, Sequence[Any]], tuple[bytes, int]]
 
 _OID = struct.Struct(">I")
 _MICROSECOND = dt.timedelta(microseconds=1)
@@ -37,11 +41,12 @@ _I, _U, _D, _M = ord("I"), ord("U"), ord("D"), ord("M")
 _K, _O, _N = ord("K"), ord("O"), ord("N")
 
 
-class TransactionAssembler:
+class Assembler:
     """Turns Begin, changes..., Commit into TxnStart, ChangeChunk*/Truncate*, TxnEnd.
 
-    ``resolve`` maps a relation onto its target table, or None for a relation that is published
-    but not selected (its changes are dropped); it is called once per Relation message.
+    ``resolve`` maps a relation onto its target table, or None for a relation that is not
+    selected (its changes are dropped); it is called once per new or changed relation.
+    Subclasses decode one plugin's messages in :meth:`feed` and report them to the methods below.
     """
 
     def __init__(self, skip_before: Lsn, resolve: Resolver, *, chunk_rows: int = 5000,
@@ -66,70 +71,21 @@ class TransactionAssembler:
         return self._in_txn
 
     def feed(self, payload: bytes) -> list[StreamItem]:
-        """Consume one pgoutput message; return the items it completes (often none)."""
-        kind = payload[0] if payload else -1
-        if kind in (_I, _U, _D):
-            if not self._in_txn:
-                raise ProtocolError(f"{chr(kind)} message outside a transaction")
-            if self._skipping:
-                return []
-            try:
-                self._row_change(kind, payload)
-            except (IndexError, struct.error, KeyError, ValueError) as exc:
-                raise ProtocolError(f"malformed {chr(kind)} message: {exc!r}") from None
-            if self._rows >= self._chunk_rows or self._bytes >= self._chunk_bytes:
-                return [self._take_chunk()]
-            return []
-        message = pgoutput.decode(payload)
-        if isinstance(message, Relation):
-            return self._relation(message)
-        if isinstance(message, pgoutput.Begin):
-            return self._begin(message)
-        if isinstance(message, pgoutput.Commit):
-            return self._commit(message)
-        if isinstance(message, pgoutput.Truncate):
-            return self._truncate(message)
-        if isinstance(message, pgoutput.LogicalMessage):
-            return self._message(message)
-        return []  # Origin and Type carry nothing cdcsync needs
+        """Consume one message; return the items it completes (often none)."""
+        raise NotImplementedError
 
-    def _row_change(self, kind: int, payload: bytes) -> None:
-        oid = _OID.unpack_from(payload, 1)[0]
+    def _building(self, oid: int, stager: Stager) -> _Building | None:
+        """Where the open chunk collects rows of relation ``oid``; None when not selected."""
         building = self._pending.get(oid)
         if building is None:
             relation, table = self._relations[oid]
             if table is None:
-                return
-            building = self._pending[oid] = _Building(relation, table)
-        seq = self._seq = self._seq + 1
-        lsn, commit_time = self._txn
-        if kind == _I:
-            building.rows.append((payload, 6, _I, seq, lsn, commit_time))
-            building.inserts += 1
-        elif kind == _D:
-            building.rows.append((payload, 6, _D, seq, lsn, commit_time))
-            building.deletes += 1
-        else:
-            marker = payload[5]
-            off = 6
-            if marker in (_K, _O):
-                off = _skip_tuple(payload, 6) + 1
-                table = building.table
-                if marker == _K or (key_values(building.relation, payload, 6, table.source_key)
-                                    != key_values(building.relation, payload, off,
-                                                  table.source_key)):
-                    # The key changed: the old key goes, as a move (a delete) right before the
-                    # new row, which may take unchanged TOASTed values from it.
-                    building.rows.append((payload, 6, _M, seq, lsn, commit_time))
-                    building.deletes += 1
-                    seq = self._seq = seq + 1
-                    self._rows += 1
-            elif marker != _N:
-                raise ProtocolError(f"unexpected tuple marker {chr(marker)!r} in an Update")
-            building.rows.append((payload, off, _U, seq, lsn, commit_time))
-            building.updates += 1
-        self._rows += 1
-        self._bytes += len(payload)
+                return None
+            building = self._pending[oid] = _Building(relation, table, stager)
+        return building
+
+    def _chunk_full(self) -> bool:
+        return self._rows >= self._chunk_rows or self._bytes >= self._chunk_bytes
 
     def _relation(self, relation: Relation) -> list[StreamItem]:
         known = self._relations.get(relation.oid)
@@ -196,19 +152,86 @@ class TransactionAssembler:
         return chunk
 
 
+class TransactionAssembler(Assembler):
+    """The :class:`Assembler` for pgoutput messages."""
+
+    def feed(self, payload: bytes) -> list[StreamItem]:
+        """Consume one pgoutput message; return the items it completes (often none)."""
+        kind = payload[0] if payload else -1
+        if kind in (_I, _U, _D):
+            if not self._in_txn:
+                raise ProtocolError(f"{chr(kind)} message outside a transaction")
+            if self._skipping:
+                return []
+            try:
+                self._row_change(kind, payload)
+            except (IndexError, struct.error, KeyError, ValueError) as exc:
+                raise ProtocolError(f"malformed {chr(kind)} message: {exc!r}") from None
+            if self._chunk_full():
+                return [self._take_chunk()]
+            return []
+        message = pgoutput.decode(payload)
+        if isinstance(message, Relation):
+            return self._relation(message)
+        if isinstance(message, pgoutput.Begin):
+            return self._begin(message)
+        if isinstance(message, pgoutput.Commit):
+            return self._commit(message)
+        if isinstance(message, pgoutput.Truncate):
+            return self._truncate(message)
+        if isinstance(message, pgoutput.LogicalMessage):
+            return self._message(message)
+        return []  # Origin and Type carry nothing cdcsync needs
+
+    def _row_change(self, kind: int, payload: bytes) -> None:
+        building = self._building(_OID.unpack_from(payload, 1)[0], stage_rows)
+        if building is None:
+            return
+        seq = self._seq = self._seq + 1
+        lsn, commit_time = self._txn
+        if kind == _I:
+            building.rows.append((payload, 6, _I, seq, lsn, commit_time))
+            building.inserts += 1
+        elif kind == _D:
+            building.rows.append((payload, 6, _D, seq, lsn, commit_time))
+            building.deletes += 1
+        else:
+            marker = payload[5]
+            off = 6
+            if marker in (_K, _O):
+                off = _skip_tuple(payload, 6) + 1
+                table = building.table
+                if marker == _K or (key_values(building.relation, payload, 6, table.source_key)
+                                    != key_values(building.relation, payload, off,
+                                                  table.source_key)):
+                    # The key changed: the old key goes, as a move (a delete) right before the
+                    # new row, which may take unchanged TOASTed values from it.
+                    building.rows.append((payload, 6, _M, seq, lsn, commit_time))
+                    building.deletes += 1
+                    seq = self._seq = seq + 1
+                    self._rows += 1
+            elif marker != _N:
+                raise ProtocolError(f"unexpected tuple marker {chr(marker)!r} in an Update")
+            building.rows.append((payload, off, _U, seq, lsn, commit_time))
+            building.updates += 1
+        self._rows += 1
+        self._bytes += len(payload)
+
+
 @dataclass(slots=True)
 class _Building:
     """Row changes of one relation in the chunk being built, not yet converted."""
 
     relation: Relation
     table: TargetTable
-    rows: list[PendingRow] = field(default_factory=list)
+    stager: Stager
+    rows: list[Any] = field(default_factory=list)
     inserts: int = 0
     updates: int = 0
     deletes: int = 0
 
     def staged(self) -> TableRows:
-        blob, unchanged = stage_rows(self.relation, self.rows)
+        blob, unchanged = self.stager(self.relation, self.rows)
         return TableRows(self.relation, self.table, [blob], self.inserts, self.updates,
                          self.deletes, unchanged)
 
