@@ -188,7 +188,7 @@ def _text(value: object, type_oid: int) -> bytes | None:
     if kind is int:
         return str(value).encode()
     if kind is bool:
-        return b"true" if value else b"false"
+        return b"t" if value else b"f"
     if kind is float:
         return repr(value).encode()
     raise _Malformed(f"unexpected value {value!r:.40}")
