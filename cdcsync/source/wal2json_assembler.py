@@ -128,7 +128,7 @@ class Wal2jsonAssembler(Assembler):
         known = self._tables.get(name)
         items: list[StreamItem] = []
         if known is None:
-            known, items = self._learn(name)
+            known, items = self._learn(name, shape)
         if shape == known.shape or (not complete and known.covers(shape)
                                     and (not change.identity_shape
                                          or known.covers(change.identity_shape))):
@@ -147,10 +147,13 @@ class Wal2jsonAssembler(Assembler):
                            relation.replica_identity, columns)
         return self._register(name, updated, items)
 
-    def _learn(self, name: tuple[str, str]) -> tuple[_Table, list[StreamItem]]:
+    def _learn(self, name: tuple[str, str],
+               shape: wal2json.Shape) -> tuple[_Table, list[StreamItem]]:
+        """A table met for the first time: as the catalog has it, else as the message has it."""
         relation = self._describe(*name)
         if relation is None:
-            relation = Relation(self._next_id, name[0], name[1], "d", ())
+            columns = tuple(Column(n, oid, -1, False) for n, oid in shape)
+            relation = Relation(self._next_id, name[0], name[1], "d", columns)
             self._next_id += 1
         return self._register(name, relation, [])
 
@@ -169,7 +172,7 @@ class Wal2jsonAssembler(Assembler):
         name = (message.schema, message.table)
         known = self._tables.get(name)
         if known is None:
-            known, learned = self._learn(name)
+            known, learned = self._learn(name, ())
             items.extend(learned)
         self._truncating.append(known.relation.oid)
         self._truncate_lsn = message.lsn
