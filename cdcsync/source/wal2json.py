@@ -53,8 +53,8 @@ class RowChange:
     """An insert, update or delete (``kind`` is ``ord`` of I, U or D) of ``schema.table``.
 
     ``shape``/``values`` are the new row (absent for a delete; an update leaves out unchanged
-    TOASTed columns); ``identity_shape``/``identity`` the old key or row when sent; ``key`` the
-    primary key's column names."""
+    TOASTed columns); ``identity_shape``/``identity`` the old key or row when sent; ``pk`` the
+    primary key's columns as sent (read by :func:`key_names` when a relation is rebuilt)."""
 
     kind: int
     schema: str
@@ -63,7 +63,7 @@ class RowChange:
     values: tuple[bytes | None, ...]
     identity_shape: Shape
     identity: tuple[bytes | None, ...]
-    key: tuple[str, ...]
+    pk: object
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,11 +178,8 @@ def _message(data: dict[str, Any]) -> LogicalMessage:
 
 
 def _text(value: object, type_oid: int) -> bytes | None:
-    """A JSON value as the source's text representation."""
+    """A JSON value other than a string as the source's text representation."""
     kind = type(value)
-    if kind is str:
-        text: str = value  # type: ignore[assignment]
-        return b"\\x" + text.encode() if type_oid == BYTEA_OID else text.encode()
     if value is None:
         return None
     if kind is int:
@@ -191,31 +188,37 @@ def _text(value: object, type_oid: int) -> bytes | None:
         return b"t" if value else b"f"
     if kind is float:
         return repr(value).encode()
+    if kind is str and type_oid == BYTEA_OID:
+        return b"\\x" + str(value).encode()
     raise _Malformed(f"unexpected value {value!r:.40}")
 
 
 def _columns(items: object) -> tuple[Shape, tuple[bytes | None, ...]]:
+    """Names, type OIDs and values; the assembler checks names and OIDs when it meets a new
+    shape, so the common case (the shape it already knows) costs one tuple comparison."""
     if type(items) is not list:
         raise _Malformed("columns are not a list")
-    shape: list[tuple[str, int]] = []
-    values: list[bytes | None] = []
-    for item in items:
-        name, type_oid = item["name"], item["typeoid"]
+    shape = tuple([(c["name"], c["typeoid"]) for c in items])
+    values = tuple([v.encode() if type(v) is str and oid != BYTEA_OID else _text(v, oid)
+                    for v, oid in [(c["value"], c["typeoid"]) for c in items]])
+    return shape, values
+
+
+def check_shape(shape: Shape) -> None:
+    """Raise :class:`ProtocolError` unless every column has a string name and an integer OID."""
+    for name, type_oid in shape:
         if type(name) is not str or type(type_oid) is not int:
-            raise _Malformed(f"column {name!r:.40} has no name or type OID")
-        shape.append((name, type_oid))
-        values.append(_text(item["value"], type_oid))
-    return tuple(shape), tuple(values)
+            raise ProtocolError(f"wal2json message is malformed: column {name!r:.40} has no "
+                                "name or type OID")
 
 
-def _key(data: dict[str, Any]) -> tuple[str, ...]:
-    items = data.get("pk", [])
-    if type(items) is not list:
-        raise _Malformed("pk is not a list")
-    names = tuple(item["name"] for item in items)
-    if not all(type(n) is str for n in names):
-        raise _Malformed("a pk column has no name")
-    return names
+def key_names(change: RowChange) -> set[str]:
+    """The primary key's column names; raise :class:`ProtocolError` if ``pk`` is malformed."""
+    items = change.pk
+    if type(items) is not list or not all(type(i) is dict and type(i.get("name")) is str
+                                          for i in items):
+        raise ProtocolError("wal2json message is malformed: pk is not a list of named columns")
+    return {i["name"] for i in items}
 
 
 def _table(data: dict[str, Any]) -> tuple[str, str]:
@@ -232,7 +235,7 @@ def _change(kind: int) -> Callable[[dict[str, Any]], RowChange]:
         identity_shape, identity = _columns(data["identity"]) if kind == _D or \
             "identity" in data else ((), ())
         return RowChange(kind, schema, table, shape, values, identity_shape, identity,
-                         _key(data))
+                         data.get("pk", []))
     return decode_change
 
 

@@ -125,16 +125,21 @@ class Wal2jsonAssembler(Assembler):
                complete: bool) -> tuple[_Table, list[StreamItem]]:
         """The table's relation, updated to cover ``shape`` (``complete``: all its columns)."""
         name = (change.schema, change.table)
+        identity = change.identity_shape
+        if identity:
+            wal2json.check_shape(identity)
         known = self._tables.get(name)
         items: list[StreamItem] = []
         if known is None:
+            wal2json.check_shape(shape)
             known, items = self._learn(name, shape)
-        if shape == known.shape or (not complete and known.covers(shape)
-                                    and (not change.identity_shape
-                                         or known.covers(change.identity_shape))):
+        if shape == known.shape and (not identity or known.covers(identity)):
+            return known, items
+        wal2json.check_shape(shape)
+        if not complete and known.covers(shape) and (not identity or known.covers(identity)):
             return known, items
         relation = known.relation
-        key = set(change.key)
+        key = wal2json.key_names(change)
         if complete:
             columns = tuple(Column(n, oid, -1, n in key) for n, oid in shape)
         else:
