@@ -63,6 +63,7 @@ class Assembler:
         self._skipping = False
         self._seq = 0
         self._txn = (0, 0)
+        self._start: TxnStart | None = None
         self.skipped_transactions = 0
         self.last_end_lsn = skip_before
 
@@ -87,6 +88,17 @@ class Assembler:
     def _chunk_full(self) -> bool:
         return self._rows >= self._chunk_rows or self._bytes >= self._chunk_bytes
 
+    def _opened(self, items: list[StreamItem]) -> list[StreamItem]:
+        """``items``, preceded by the transaction's TxnStart if they are its first.
+
+        A transaction that yields nothing (only unselected tables: wal2json sends Begin and
+        Commit for every transaction) is dropped whole, as pgoutput drops empty ones: no empty
+        target commits; the idle advance moves the checkpoint past them."""
+        if self._start is not None and items:
+            items.insert(0, self._start)
+            self._start = None
+        return items
+
     def _relation(self, relation: Relation) -> list[StreamItem]:
         known = self._relations.get(relation.oid)
         items: list[StreamItem] = []
@@ -94,7 +106,7 @@ class Assembler:
             # Rows staged under the old column list must be applied before rows of the new one.
             items.append(self._take_chunk())
         self._relations[relation.oid] = (relation, self._resolve(relation))
-        return items
+        return self._opened(items)
 
     def _begin(self, message: pgoutput.Begin) -> list[StreamItem]:
         if self._in_txn:
@@ -106,7 +118,8 @@ class Assembler:
             self.skipped_transactions += 1
             return []
         self._txn = (message.final_lsn, (message.commit_time - PG_EPOCH) // _MICROSECOND)
-        return [TxnStart(message.xid, message.final_lsn, message.commit_time)]
+        self._start = TxnStart(message.xid, message.final_lsn, message.commit_time)
+        return []
 
     def _commit(self, message: pgoutput.Commit) -> list[StreamItem]:
         if not self._in_txn:
@@ -115,7 +128,10 @@ class Assembler:
         if self._skipping:
             self._skipping = False
             return []
-        items: list[StreamItem] = [self._take_chunk()] if self._pending else []
+        items = self._opened([self._take_chunk()] if self._pending else [])
+        if self._start is not None:
+            self._start = None
+            return []
         items.append(TxnEnd(message.end_lsn, message.commit_time))
         self.last_end_lsn = message.end_lsn
         return items
@@ -133,7 +149,7 @@ class Assembler:
         tables = tuple(t for t in known if t is not None)
         if tables:
             items.append(Truncate(tables, message.cascade, message.restart_identity))
-        return items
+        return self._opened(items)
 
     def _message(self, message: pgoutput.LogicalMessage) -> list[StreamItem]:
         if message.transactional and self._skipping:
@@ -141,7 +157,7 @@ class Assembler:
         items: list[StreamItem] = [self._take_chunk()] if self._pending else []
         items.append(
             SourceMessage(message.lsn, message.transactional, message.prefix, message.content))
-        return items
+        return self._opened(items)
 
     def _take_chunk(self) -> ChangeChunk:
         tables = tuple(b.staged() for b in self._pending.values())
@@ -168,7 +184,7 @@ class TransactionAssembler(Assembler):
             except (IndexError, struct.error, KeyError, ValueError) as exc:
                 raise ProtocolError(f"malformed {chr(kind)} message: {exc!r}") from None
             if self._chunk_full():
-                return [self._take_chunk()]
+                return self._opened([self._take_chunk()])
             return []
         message = pgoutput.decode(payload)
         if isinstance(message, Relation):

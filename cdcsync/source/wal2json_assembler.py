@@ -78,7 +78,7 @@ class Wal2jsonAssembler(Assembler):
             if not self._skipping:
                 items.extend(self._row_change(message, len(payload)))
                 if self._chunk_full():
-                    items.append(self._take_chunk())
+                    items.extend(self._opened([self._take_chunk()]))
         elif isinstance(message, pgoutput.Begin):
             items.extend(self._begin(message))
         elif isinstance(message, pgoutput.Commit):
@@ -184,6 +184,7 @@ class Wal2jsonAssembler(Assembler):
         return items
 
     def _end_truncate(self) -> list[StreamItem]:
+        """The Truncate of the statement whose tables came so far, if any."""
         if not self._truncating:
             return []
         oids, self._truncating = tuple(self._truncating), []
