@@ -191,7 +191,14 @@ def create_slot(conn: Conn, slot: str, plugin: str) -> str:
                 fix="configure a different [source] slot for this database",
             )
         return "exists"
-    conn.execute("SELECT pg_create_logical_replication_slot(%s, %s)", (slot, plugin))
+    try:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, %s)", (slot, plugin))
+    except psycopg.errors.UndefinedFile:
+        raise PrerequisiteError(
+            f"the source server has no {plugin} output plugin",
+            fix=f"install it on the source server (Debian: apt-get install "
+                f"postgresql-<version>-{plugin}), or set [source] decoder = \"pgoutput\"",
+        ) from None
     return "created"
 
 

@@ -198,10 +198,20 @@ def _columns(items: object) -> tuple[Shape, tuple[bytes | None, ...]]:
     shape, so the common case (the shape it already knows) costs one tuple comparison."""
     if type(items) is not list:
         raise _Malformed("columns are not a list")
-    shape = tuple([(c["name"], c["typeoid"]) for c in items])
-    values = tuple([v.encode() if type(v) is str and oid != BYTEA_OID else _text(v, oid)
-                    for v, oid in [(c["value"], c["typeoid"]) for c in items]])
-    return shape, values
+    shape: list[tuple[str, int]] = []
+    values: list[bytes | None] = []
+    add_column, add_value = shape.append, values.append
+    for column in items:
+        type_oid, value = column["typeoid"], column["value"]
+        add_column((column["name"], type_oid))
+        kind = type(value)
+        if kind is str and type_oid != BYTEA_OID:
+            add_value(value.encode())
+        elif kind is int:
+            add_value(str(value).encode())
+        else:
+            add_value(_text(value, type_oid))
+    return tuple(shape), tuple(values)
 
 
 def check_shape(shape: Shape) -> None:

@@ -9,6 +9,7 @@ import pytest
 from cdcsync import admin
 from cdcsync.daemon import DaemonThread
 from cdcsync.errors import PrerequisiteError
+from cdcsync.source import catalog
 from tests.conftest import DbPair
 from tests.harness import converged, execute, running, settings_for, table_rows, wait_for
 
@@ -70,3 +71,14 @@ def test_first_change_after_restart_is_an_update_or_delete(pair: DbPair) -> None
     with psycopg.connect(pair.target_dsn) as conn:
         logged = conn.execute("SELECT key, operation FROM cdcsync.conflicts").fetchall()
     assert logged == [({"id": 2}, "delete")]
+
+
+def test_missing_output_plugin_is_named(pair: DbPair) -> None:
+    """Creating a slot with a plugin the server lacks says which and how to install it."""
+    with psycopg.connect(pair.source_dsn, autocommit=True) as conn, \
+            pytest.raises(PrerequisiteError) as error:
+        catalog.create_slot(conn, f"{pair.slot}_x", "nosuchplugin")
+    assert str(error.value) == (
+        "the source server has no nosuchplugin output plugin — fix: install it on the source "
+        "server (Debian: apt-get install postgresql-<version>-nosuchplugin), or set [source] "
+        'decoder = "pgoutput"')

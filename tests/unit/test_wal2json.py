@@ -193,8 +193,34 @@ def test_damaged_messages_raise_protocol_error_naming_the_lsn(data: st.DataObjec
     for _ in range(data.draw(st.integers(0, 3))):
         if victim:
             victim[data.draw(st.integers(0, len(victim) - 1))] = data.draw(st.integers(0, 255))
+    assert_reader_refuses(index, bytes(victim))
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=3),
+    max_leaves=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_well_formed_json_of_the_wrong_shape_raises_protocol_error(data: st.DataObject) -> None:
+    """Any field of a captured message replaced by any JSON value (a column's name, type OID or
+    value included) is a ProtocolError naming the LSN, or still a valid message."""
+    index = data.draw(st.integers(2, len(JSON) - 1))
+    message = orjson.loads(JSON[index])
+    target = message
+    if "columns" in message and data.draw(st.booleans()):
+        target = data.draw(st.sampled_from(message["columns"]))
+    target[data.draw(st.sampled_from(sorted(target)))] = data.draw(JSON_VALUES)
+    assert_reader_refuses(index, json.dumps(message).encode())
+
+
+def assert_reader_refuses(index: int, damaged: bytes) -> None:
+    """Feed the capture up to ``index`` with ``damaged`` in its place through the reader."""
     lsns = [Lsn.parse(m["lsn"]) for m in CAPTURED]
-    payloads = [(lsns[i], JSON[i]) for i in range(index)] + [(lsns[index], bytes(victim))]
+    payloads = [(lsns[i], JSON[i]) for i in range(index)] + [(lsns[index], damaged)]
     stream = CapturedStream(payloads)
     reader = Reader(stream, Wal2jsonAssembler(Lsn(0), target_for, catalog),  # type: ignore[arg-type]
                     queue.Queue())
