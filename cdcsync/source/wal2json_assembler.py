@@ -13,7 +13,7 @@ it and keeps rows of each version apart.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cdcsync.errors import ProtocolError
 from cdcsync.model import UNCHANGED, ZERO_LSN, Column, Lsn, Relation, StreamItem, Value
@@ -34,24 +34,34 @@ class _Table:
     relation: Relation
     shape: wal2json.Shape
     index: dict[str, int]
+    # Shapes met so far that the relation covers, with their columns' positions in it.
+    covered: dict[wal2json.Shape, tuple[int, ...]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, relation: Relation) -> _Table:
         shape = tuple((c.name, c.type_oid) for c in relation.columns)
         return cls(relation, shape, {name: i for i, (name, _) in enumerate(shape)})
 
-    def covers(self, shape: wal2json.Shape) -> bool:
-        index, mine = self.index, self.shape
-        return all(name in index and mine[index[name]][1] == oid for name, oid in shape)
+    def positions(self, shape: wal2json.Shape) -> tuple[int, ...] | None:
+        """Where the columns of ``shape`` sit in the relation; None if it lacks one of them."""
+        found = self.covered.get(shape)
+        if found is None:
+            index, mine = self.index, self.shape
+            if not all(name in index and mine[index[name]][1] == oid for name, oid in shape):
+                return None
+            found = self.covered[shape] = tuple(index[name] for name, _ in shape)
+        return found
 
     def place(self, shape: wal2json.Shape, values: tuple[bytes | None, ...],
               absent: Value) -> tuple[Value, ...]:
+        """The values in relation order, ``absent`` where ``shape`` has no column."""
         if shape == self.shape:
             return values
+        positions = self.positions(shape)
+        assert positions is not None  # the relation was extended to cover it
         row: list[Value] = [absent] * len(self.shape)
-        index = self.index
-        for (name, _), value in zip(shape, values, strict=True):
-            row[index[name]] = value
+        for position, value in zip(positions, values, strict=True):
+            row[position] = value
         return tuple(row)
 
 
@@ -105,16 +115,14 @@ class Wal2jsonAssembler(Assembler):
             building.deletes += 1
         else:
             new = table.place(shape, change.values, UNCHANGED)
-            if change.identity_shape:
+            if change.identity_shape and _moved(table, change, new, building.table.source_key):
+                # The key changed: the old key goes, as a move (a delete) right before the new
+                # row, which may take unchanged TOASTed values from it.
                 old = table.place(change.identity_shape, change.identity, None)
-                key = building.table.source_key
-                if any(old[i] != new[i] for i in key):
-                    # The key changed: the old key goes, as a move (a delete) right before the
-                    # new row, which may take unchanged TOASTed values from it.
-                    building.rows.append((old, _M, seq, lsn, commit_time))
-                    building.deletes += 1
-                    seq = self._seq = seq + 1
-                    self._rows += 1
+                building.rows.append((old, _M, seq, lsn, commit_time))
+                building.deletes += 1
+                seq = self._seq = seq + 1
+                self._rows += 1
             building.rows.append((new, _U, seq, lsn, commit_time))
             building.updates += 1
         self._rows += 1
@@ -133,10 +141,11 @@ class Wal2jsonAssembler(Assembler):
         if known is None:
             wal2json.check_shape(shape)
             known, items = self._learn(name, shape)
-        if shape == known.shape and (not identity or known.covers(identity)):
+        if shape == known.shape and (not identity or known.positions(identity) is not None):
             return known, items
         wal2json.check_shape(shape)
-        if not complete and known.covers(shape) and (not identity or known.covers(identity)):
+        if not complete and known.positions(shape) is not None and (
+                not identity or known.positions(identity) is not None):
             return known, items
         relation = known.relation
         key = wal2json.key_names(change)
@@ -189,3 +198,14 @@ class Wal2jsonAssembler(Assembler):
             return []
         oids, self._truncating = tuple(self._truncating), []
         return self._truncate(pgoutput.Truncate(oids, cascade=False, restart_identity=False))
+
+
+def _moved(table: _Table, change: wal2json.RowChange, new: tuple[Value, ...],
+           key: tuple[int, ...]) -> bool:
+    """Whether the update's old identity names another key than its new row."""
+    positions = table.positions(change.identity_shape)
+    assert positions is not None
+    for position, old in zip(positions, change.identity, strict=True):
+        if position in key and new[position] != old:
+            return True
+    return False
