@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import struct
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +42,7 @@ _I, _U, _D, _M = ord("I"), ord("U"), ord("D"), ord("M")
 _K, _O, _N = ord("K"), ord("O"), ord("N")
 
 
-class Assembler:
+class Assembler(ABC):
     """Turns Begin, changes..., Commit into TxnStart, ChangeChunk*/Truncate*, TxnEnd.
 
     ``resolve`` maps a relation onto its target table, or None for a relation that is not
@@ -71,9 +72,9 @@ class Assembler:
     def in_transaction(self) -> bool:
         return self._in_txn
 
+    @abstractmethod
     def feed(self, payload: bytes) -> list[StreamItem]:
         """Consume one message; return the items it completes (often none)."""
-        raise NotImplementedError
 
     def _building(self, oid: int, stager: Stager) -> _Building | None:
         """Where the open chunk collects rows of relation ``oid``; None when not selected."""
