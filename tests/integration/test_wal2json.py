@@ -32,9 +32,11 @@ def pair(dbpair: DbPair) -> DbPair:
 
 
 def test_slot_of_the_other_plugin_is_refused(pair: DbPair) -> None:
-    """setup, check and run each refuse a pgoutput slot when configured for wal2json."""
-    admin.setup(settings_for(pair, ("public.docs",)), create_tables=True)
-    wrong = settings_for(pair, ("public.docs",), source={"decoder": "wal2json"})
+    """setup, check and run each refuse a pgoutput slot when configured for wal2json (an
+    initial snapshot would re-create the slot, so none is asked for here)."""
+    never = {"mode": "never"}
+    admin.setup(settings_for(pair, ("public.docs",), snapshot=never), create_tables=True)
+    wrong = settings_for(pair, ("public.docs",), source={"decoder": "wal2json"}, snapshot=never)
     expected = REFUSAL.format(slot=pair.slot)
     with pytest.raises(PrerequisiteError) as setup_error:
         admin.setup(wrong, create_tables=False)
