@@ -7,7 +7,9 @@ servers:
 * native: ``CREATE SUBSCRIPTION ... WITH (enabled = false, create_slot = true, copy_data = false)``
   in the target database ``native`` before the backlog, ``ALTER SUBSCRIPTION ... ENABLE`` after it;
 * cdcsync: ``cdcsync setup`` (slot and publication) before the backlog, ``cdcsync run`` as a
-  subprocess after it, into the target database ``cdcsync``.
+  subprocess after it, into the target database ``cdcsync``; with ``--decoder pgoutput wal2json``
+  once per decoder, each with its own slot (created at the same position) and target database
+  (``cdcsync_wal2json``), one after the other in the same run.
 
 Drained means the consumer has applied the backlog's last transaction: its commit end LSN is past
 ``pg_current_wal_insert_lsn()`` taken inside that transaction just before COMMIT, and every applied
@@ -25,7 +27,8 @@ Scenarios (``--rows`` N, ``--txn-rows`` changes per source transaction):
   of them hitting rows inserted by the previous transaction) and a sixth deletes;
 * bigtxn: one transaction inserting ``--bigtxn-rows`` rows; cdcsync's peak RSS matters here.
 
-Run: ``python -m bench.throughput --rows 50000 --repeat 3 [--json] [--py-spy DIR]``.
+Run: ``python -m bench.throughput --rows 50000 --repeat 3 [--decoder pgoutput wal2json]
+[--json] [--py-spy DIR]``.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ CDCSYNC_DB = "cdcsync"
 PUBLICATION = "p"
 SUBSCRIPTION = "native_sub"  # its slot on the source has the same name
 CDCSYNC_SLOT = "cdcsync_bench"
+DECODERS = ("pgoutput", "wal2json")
 CDCSYNC_PUBLICATION = "cdcsync_bench"
 TABLE_DDL = "CREATE TABLE bench (id bigint PRIMARY KEY, a int, b text, updated_at timestamptz)"
 FINGERPRINT = ("SELECT count(*), coalesce(sum(id), 0), coalesce(sum(a), 0), "
@@ -96,12 +100,11 @@ class RunResult:
     generate_seconds: float
     order: str
     native: Drain
-    cdcsync: Drain
+    cdcsync: dict[str, Drain]  # by decoder
 
-    @property
-    def ratio(self) -> float:
+    def ratio(self, decoder: str) -> float:
         """cdcsync rows/s divided by native rows/s: 1.0 is parity, 0.5 half as fast."""
-        return self.native.seconds / self.cdcsync.seconds
+        return self.native.seconds / self.cdcsync[decoder].seconds
 
 
 @dataclass
@@ -176,11 +179,20 @@ def reset(srv: Servers) -> None:
                 conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
                 conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(ident))
                 conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(ident))
-    for slot in (SUBSCRIPTION, CDCSYNC_SLOT):
+    for slot in (SUBSCRIPTION, *(slot_for(d) for d in DECODERS)):
         drop_slot(srv.source_admin, slot)
     drop_database(srv.target_admin, NATIVE_DB)
-    drop_database(srv.target_admin, CDCSYNC_DB)
+    for decoder in DECODERS:
+        drop_database(srv.target_admin, database_for(decoder))
     drop_database(srv.source_admin, SOURCE_DB)
+
+
+def slot_for(decoder: str) -> str:
+    return CDCSYNC_SLOT if decoder == "pgoutput" else f"{CDCSYNC_SLOT}_{decoder}"
+
+
+def database_for(decoder: str) -> str:
+    return CDCSYNC_DB if decoder == "pgoutput" else f"{CDCSYNC_DB}_{decoder}"
 
 
 def copy_table(source_dsn: str, target_dsn: str) -> None:
@@ -192,12 +204,12 @@ def copy_table(source_dsn: str, target_dsn: str) -> None:
         tgt.commit()
 
 
-def cdcsync_config(srv: Servers, log_level: str) -> dict[str, Any]:
+def cdcsync_config(srv: Servers, log_level: str, decoder: str) -> dict[str, Any]:
     return {
         "tables": ["public.bench"],
-        "source": {"dsn": srv.source(SOURCE_DB), "slot": CDCSYNC_SLOT,
-                   "publication": CDCSYNC_PUBLICATION},
-        "target": {"dsn": srv.target(CDCSYNC_DB)},
+        "source": {"dsn": srv.source(SOURCE_DB), "slot": slot_for(decoder),
+                   "publication": CDCSYNC_PUBLICATION, "decoder": decoder},
+        "target": {"dsn": srv.target(database_for(decoder))},
         "http": {"listen": f"127.0.0.1:{free_port()}"},
         "log": {"level": log_level, "format": "json"},
         # Both consumers start from the same slot position over the same preloaded rows.
@@ -205,14 +217,15 @@ def cdcsync_config(srv: Servers, log_level: str) -> dict[str, Any]:
     }
 
 
-def prepare(srv: Servers, load: Workload, config: dict[str, Any]) -> None:
-    """Fresh databases, the table everywhere, the preload everywhere, then both slots."""
+def prepare(srv: Servers, load: Workload, configs: dict[str, dict[str, Any]]) -> None:
+    """Fresh databases, the table everywhere, the preload everywhere, then every slot."""
     reset(srv)
     recreate_database(srv.source_admin, SOURCE_DB)
     recreate_database(srv.target_admin, NATIVE_DB)
-    recreate_database(srv.target_admin, CDCSYNC_DB)
+    for decoder in configs:
+        recreate_database(srv.target_admin, database_for(decoder))
     source = srv.source(SOURCE_DB)
-    targets = (srv.target(NATIVE_DB), srv.target(CDCSYNC_DB))
+    targets = (srv.target(NATIVE_DB), *(srv.target(database_for(d)) for d in configs))
     for dsn in (source, *targets):
         execute(dsn, TABLE_DDL)
     if load.preload:
@@ -228,7 +241,8 @@ def prepare(srv: Servers, load: Workload, config: dict[str, Any]) -> None:
         "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} "
         "WITH (create_slot = true, copy_data = false, enabled = false)").format(
         sql.Identifier(SUBSCRIPTION), sql.Literal(source), sql.Identifier(PUBLICATION)))
-    admin.setup(Settings(**config), create_tables=False)
+    for config in configs.values():
+        admin.setup(Settings(**config), create_tables=False)
 
 
 def generate(source_dsn: str, load: Workload) -> tuple[str, str, float]:
@@ -327,16 +341,18 @@ def drain_native(srv: Servers, poller: Poller) -> Drain:
 
 def drain_cdcsync(srv: Servers, poller: Poller, config: dict[str, Any], workdir: Path,
                   py_spy: Path | None) -> Drain:
-    with connect(srv.target(CDCSYNC_DB)) as conn:
+    decoder = config["source"]["decoder"]
+    slot = slot_for(decoder)
+    with connect(srv.target(database_for(decoder))) as conn:
         def applied() -> bool:
             row = conn.execute("SELECT lsn > %s::pg_lsn FROM cdcsync.checkpoint WHERE slot = %s",
-                               (poller.marker, CDCSYNC_SLOT)).fetchone()
+                               (poller.marker, slot)).fetchone()
             return bool(row and row[0])
 
         daemon = Daemon(config, workdir, py_spy_output=py_spy)
         started = time.monotonic()
         with daemon:
-            held, finished = poller.wait(CDCSYNC_SLOT, applied, "cdcsync run",
+            held, finished = poller.wait(slot, applied, f"cdcsync run ({decoder})",
                                          daemon.ensure_alive)
             code = daemon.stop()
         if code != 0:
@@ -354,41 +370,47 @@ def fingerprint(dsn: str) -> tuple[Any, ...]:
 def run_once(srv: Servers, scenario: str, repetition: int, args: argparse.Namespace,
              workdir: Path) -> RunResult:
     load = workload(scenario, args.rows, args.txn_rows, args.bigtxn_rows)
-    config = cdcsync_config(srv, args.log_level)
+    configs = {d: cdcsync_config(srv, args.log_level, d) for d in args.decoder}
     log(f"[{scenario} #{repetition + 1}] preparing (preload {load.preload:,} rows)")
-    prepare(srv, load, config)
+    prepare(srv, load, configs)
     source = srv.source(SOURCE_DB)
     log(f"[{scenario} #{repetition + 1}] writing the backlog: {load.changes:,} changes in "
         f"{len(load.transactions):,} transactions")
     start, marker, gen_s = generate(source, load)
     expected = fingerprint(source)
-    for dsn in (source, srv.target(NATIVE_DB), srv.target(CDCSYNC_DB)):
+    for dsn in (source, srv.target(NATIVE_DB), *(srv.target(database_for(d)) for d in configs)):
         execute(dsn, "CHECKPOINT")
+    # Alternate the order between repetitions, so neither consumer always drains a warm cache.
     native_first = repetition % 2 == 0
+    decoders = list(configs) if native_first else list(reversed(configs))
+    order = ["native", *decoders] if native_first else [*decoders, "native"]
     poller = Poller(srv, marker, args.timeout)
-    py_spy = Path(args.py_spy) / f"{scenario}-{repetition + 1}.txt" if args.py_spy else None
     drains: dict[str, Drain] = {}
     try:
-        for consumer in (("native", "cdcsync") if native_first else ("cdcsync", "native")):
+        for consumer in order:
             log(f"[{scenario} #{repetition + 1}] draining with {consumer}")
             if consumer == "native":
                 drains[consumer] = drain_native(srv, poller)
             else:
-                drains[consumer] = drain_cdcsync(srv, poller, config, workdir, py_spy)
+                py_spy = (Path(args.py_spy) / f"{scenario}-{consumer}-{repetition + 1}.txt"
+                          if args.py_spy else None)
+                drains[consumer] = drain_cdcsync(srv, poller, configs[consumer], workdir, py_spy)
     finally:
         poller.close()
-    for consumer, db in (("native", NATIVE_DB), ("cdcsync", CDCSYNC_DB)):
-        got = fingerprint(srv.target(db))
+    for consumer in order:
+        got = fingerprint(srv.target(NATIVE_DB if consumer == "native" else
+                                     database_for(consumer)))
         drains[consumer].verified = got == expected
         if got != expected:
             log(f"[{scenario} #{repetition + 1}] MISMATCH on {consumer}: source {expected}, "
                 f"target {got}")
     result = RunResult(scenario, repetition + 1, load.changes, len(load.transactions),
                        round(wal_mb(source, start, marker), 1), round(gen_s, 2),
-                       "native first" if native_first else "cdcsync first",
-                       drains["native"], drains["cdcsync"])
-    log(f"[{scenario} #{repetition + 1}] native {result.native.seconds:.2f}s, "
-        f"cdcsync {result.cdcsync.seconds:.2f}s (peak RSS {result.cdcsync.peak_rss_mb:.0f} MB)")
+                       " then ".join(order), drains["native"],
+                       {d: drains[d] for d in configs})
+    log(f"[{scenario} #{repetition + 1}] native {result.native.seconds:.2f}s, " + ", ".join(
+        f"cdcsync ({d}) {drain.seconds:.2f}s (peak RSS {drain.peak_rss_mb or 0:.0f} MB)"
+        for d, drain in result.cdcsync.items()))
     return result
 
 
@@ -396,30 +418,33 @@ def run_once(srv: Servers, scenario: str, repetition: int, args: argparse.Namesp
 
 def summarise(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for scenario in dict.fromkeys(r.scenario for r in results):
-        runs = [r for r in results if r.scenario == scenario]
+    for scenario, decoder in dict.fromkeys((r.scenario, d) for r in results for d in r.cdcsync):
+        runs = [r for r in results if r.scenario == scenario and decoder in r.cdcsync]
         changes = runs[0].changes
         native_s = median([r.native.seconds for r in runs])
-        cdc_s = median([r.cdcsync.seconds for r in runs])
+        cdc_s = median([r.cdcsync[decoder].seconds for r in runs])
         rows.append({
             "scenario": scenario,
+            "decoder": decoder,
             "rows": changes,
             "repeats": len(runs),
             "native_s": round(native_s, 3),
             "native_drain_s": round(median([r.native.drain_seconds for r in runs]), 3),
             "native_rows_per_s": round(changes / native_s),
             "cdcsync_s": round(cdc_s, 3),
-            "cdcsync_drain_s": round(median([r.cdcsync.drain_seconds for r in runs]), 3),
+            "cdcsync_drain_s": round(median([r.cdcsync[decoder].drain_seconds for r in runs]), 3),
             "cdcsync_rows_per_s": round(changes / cdc_s),
-            "ratio": round(median([r.ratio for r in runs]), 3),
-            "cdcsync_peak_rss_mb": round(max(r.cdcsync.peak_rss_mb or 0.0 for r in runs), 1),
-            "verified": all(r.native.verified and r.cdcsync.verified for r in runs),
+            "ratio": round(median([r.ratio(decoder) for r in runs]), 3),
+            "cdcsync_peak_rss_mb": round(max(r.cdcsync[decoder].peak_rss_mb or 0.0
+                                             for r in runs), 1),
+            "verified": all(r.native.verified and r.cdcsync[decoder].verified for r in runs),
         })
     return rows
 
 
 COLUMNS = (
     ("scenario", "scenario", "{}"),
+    ("decoder", "decoder", "{}"),
     ("rows", "rows", "{:,}"),
     ("native_s", "native s", "{:.2f}"),
     ("native_drain_s", "(drain)", "{:.2f}"),
@@ -467,6 +492,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--py-spy", metavar="DIR", help="profile the daemon with py-spy (raw "
                         "folded stacks, one file per run, written to DIR)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    parser.add_argument("--decoder", nargs="+", choices=DECODERS, default=["pgoutput"],
+                        help="cdcsync's [source] decoder; several are drained one after the "
+                        "other from the same backlog, each with its own slot")
     args = parser.parse_args(argv)
     if args.rows < 1 or args.txn_rows < 6 or args.bigtxn_rows < 1 or args.repeat < 1:
         parser.error("--rows, --bigtxn-rows and --repeat must be positive, --txn-rows >= 6")
@@ -505,7 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = summarise(results)
     if args.json:
         print(json.dumps({"summary": summary, "runs": [
-            {**asdict(r), "ratio": round(r.ratio, 3)} for r in results]}, indent=2))
+            {**asdict(r), "ratio": {d: round(r.ratio(d), 3) for d in r.cdcsync}}
+            for r in results]}, indent=2))
     else:
         print(table(summary))
     return 0 if all(row["verified"] for row in summary) else 2

@@ -162,9 +162,7 @@ def _source_checks(report: CheckReport, settings: Settings, src: Conn) -> None:
         info = catalog.slot_info(src, settings.source.slot)
         if info is None:
             return f"todo|slot {settings.source.slot!r} will be created by setup"
-        if info.plugin != settings.source.decoder:
-            return (f"FAIL|slot {settings.source.slot!r} uses {info.plugin}, the configuration "
-                    f"says {settings.source.decoder}; change decoder or recreate the slot")
+        catalog.refuse_other_plugin(settings.source.slot, info, settings.source.decoder)
         state = f"active (pid {info.active_pid})" if info.active_pid else "inactive"
         return f"{settings.source.slot!r} exists, {state}, retains {info.retained_bytes} bytes"
 

@@ -8,7 +8,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 # Text values cross from the source's output functions to the target's input functions; both ends
 # must agree on the ambiguous formats, as PostgreSQL's own subscriber arranges for itself.
-SESSION_OPTIONS = "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3"
+# wal2json cuts the first two characters off every bytea value, which only hex output survives.
+SESSION_OPTIONS = ("-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 "
+                   "-c bytea_output=hex")
 
 _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*(?=@)", re.IGNORECASE)
 _KV_PASSWORD = re.compile(r"(?P<head>password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)

@@ -70,7 +70,8 @@ class Column:
 
 @dataclass(frozen=True, slots=True)
 class Relation:
-    """A source table as the stream last described it (pgoutput Relation message)."""
+    """A source table as the stream last described it: a pgoutput Relation message, or what
+    wal2json's changes and the source catalog tell (:mod:`cdcsync.source.wal2json_assembler`)."""
 
     oid: int
     schema: str

@@ -49,9 +49,10 @@ from cdcsync.model import (
     TxnEnd,
     TxnStart,
 )
-from cdcsync.source import catalog
+from cdcsync.source import catalog, wal2json
 from cdcsync.source.replication import ReplicationStream
-from cdcsync.source.transactions import Resolver, TransactionAssembler
+from cdcsync.source.transactions import Assembler, Resolver, TransactionAssembler
+from cdcsync.source.wal2json_assembler import Wal2jsonAssembler
 
 QUEUE_ITEMS = 64
 _IDLE_ADVANCE_EVERY_S = 1.0
@@ -99,7 +100,7 @@ class Progress:
 class Reader(threading.Thread):
     """Reads the slot into ``items``; reports ``applied`` back to the server as flushed."""
 
-    def __init__(self, stream: ReplicationStream, assembler: TransactionAssembler,
+    def __init__(self, stream: ReplicationStream, assembler: Assembler,
                  items: queue.Queue[Item]) -> None:
         super().__init__(name="cdcsync-reader", daemon=True)
         self.stream = stream
@@ -226,11 +227,9 @@ class Pipeline:
             self.progress.checkpoint = start
             stream = ReplicationStream(self.settings.source.dsn.get_secret_value(), slot,
                                        status_interval_s=self.settings.source.status_interval_s)
-            stream.start(start, pgoutput_options(self.settings.source.publication))
+            assembler = self._assembler(start)
+            stream.start(start, self._options())
             items: queue.Queue[Item] = queue.Queue(maxsize=QUEUE_ITEMS)
-            assembler = TransactionAssembler(
-                start, self._resolver(), chunk_rows=min(5000, self.settings.apply.max_rows),
-                chunk_bytes=min(8 << 20, self.settings.apply.max_bytes))
             reader = Reader(stream, assembler, items)
             reader.start()
             applier = Applier(conn, self.settings)
@@ -256,6 +255,27 @@ class Pipeline:
                 event(logging.INFO, "stream_closed", slot=slot, lsn=str(self.progress.checkpoint),
                       skipped_transactions=assembler.skipped_transactions)
 
+    def _options(self) -> dict[str, str]:
+        if self.settings.source.decoder == "wal2json":
+            return wal2json.options(self.settings.tables)
+        return pgoutput_options(self.settings.source.publication)
+
+    def _assembler(self, start: Lsn) -> Assembler:
+        limits = {"chunk_rows": min(5000, self.settings.apply.max_rows),
+                  "chunk_bytes": min(8 << 20, self.settings.apply.max_bytes)}
+        if self.settings.source.decoder == "wal2json":
+            return Wal2jsonAssembler(start, self._resolver(), self._describe, **limits)
+        return TransactionAssembler(start, self._resolver(), **limits)
+
+    def _describe(self, schema: str, name: str) -> Relation | None:
+        """The source catalog's description of a table wal2json names (once per table and run)."""
+        dsn = with_session_options(self.settings.source.dsn.get_secret_value(), "cdcsync")
+        try:
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as src:
+                return catalog.describe_table(src, schema, name)
+        except psycopg.OperationalError as exc:
+            raise ConnectionLost(f"cannot reach the source: {exc}") from exc
+
     def _resolver(self) -> Resolver:
         """Relation -> target table, on a pool connection of its own (called by the reader)."""
         warned: set[str] = set()
@@ -264,9 +284,11 @@ class Pipeline:
             if not tables.selected(self.settings.tables, relation.qualified):
                 if relation.qualified not in warned:
                     warned.add(relation.qualified)
+                    where = ("the wal2json add-tables filter"
+                             if self.settings.source.decoder == "wal2json" else "the publication")
                     event(logging.WARNING, "table_not_selected", slot=self.settings.source.slot,
                           table=relation.qualified,
-                          hint="it is in the publication but not in `tables`; ignored")
+                          hint=f"it is in {where} but not in `tables`; ignored")
                 return None
             dsn = with_session_options(self.settings.source.dsn.get_secret_value(), "cdcsync")
             try:
@@ -298,6 +320,7 @@ class Pipeline:
             raise PrerequisiteError(
                 f"replication slot {slot!r} does not exist on the source",
                 fix="run `cdcsync setup`; the next run then re-copies every table")
+        catalog.refuse_other_plugin(slot, info, self.settings.source.decoder)
         if info.active_pid is not None:
             # After a takeover the previous holder's walsender may linger a moment: retry.
             raise ConnectionLost(

@@ -50,6 +50,7 @@ class DbPair:
     publication: str
     source_cluster: LocalCluster | None
     target_cluster: LocalCluster | None
+    decoder: str = "pgoutput"
 
 
 @pytest.fixture(scope="session")
@@ -116,7 +117,7 @@ def _drop_db(server_dsn: str, name: str) -> None:
 
 
 @contextmanager
-def open_dbpair(servers: Servers, label: str) -> Iterator[DbPair]:
+def open_dbpair(servers: Servers, label: str, decoder: str = "pgoutput") -> Iterator[DbPair]:
     """Create a database pair named after ``label``; drop its slots and databases on exit."""
     tag = secrets.token_hex(3)
     clean = re.sub(r"[^a-z0-9_]+", "_", label.lower()).strip("_")
@@ -136,6 +137,7 @@ def open_dbpair(servers: Servers, label: str) -> Iterator[DbPair]:
         publication=f"p_{secrets.token_hex(4)}",
         source_cluster=servers.source_cluster,
         target_cluster=servers.target_cluster,
+        decoder=decoder,
     )
     try:
         yield pair
@@ -149,10 +151,17 @@ def open_dbpair(servers: Servers, label: str) -> Iterator[DbPair]:
 
 
 @pytest.fixture(scope="module")
-def dbpair(clusters: Servers, request: pytest.FixtureRequest) -> Iterator[DbPair]:
-    """A fresh source/target database pair for this test module."""
+def decoder(request: pytest.FixtureRequest) -> str:
+    """The output plugin of this module's slot: pgoutput, or each of DECODERS in a module marked
+    with ``tests.harness.BOTH_DECODERS``."""
+    return str(getattr(request, "param", "pgoutput"))
+
+
+@pytest.fixture(scope="module")
+def dbpair(clusters: Servers, decoder: str, request: pytest.FixtureRequest) -> Iterator[DbPair]:
+    """A fresh source/target database pair for this test module (and decoder)."""
     module_name = request.module.__name__.rsplit(".", 1)[-1]
-    with open_dbpair(clusters, module_name) as pair:
+    with open_dbpair(clusters, f"{module_name}_{decoder}", decoder) as pair:
         yield pair
 
 

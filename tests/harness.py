@@ -14,11 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg import sql
 
 from cdcsync.config import Settings
 from cdcsync.daemon import DaemonThread
 from tests.conftest import DbPair
+
+DECODERS = ("pgoutput", "wal2json")
+BOTH_DECODERS = pytest.mark.parametrize("decoder", DECODERS, indirect=True, scope="module")
+"""``pytestmark = BOTH_DECODERS`` runs a module once per decoder, each on its own database pair."""
 
 
 def settings_for(pair: DbPair, tables: tuple[str, ...] = ("public.*",),
@@ -26,7 +31,8 @@ def settings_for(pair: DbPair, tables: tuple[str, ...] = ("public.*",),
     """Settings pointing at the pair, with test-friendly batching; ``sections`` override keys."""
     data: dict[str, Any] = {
         "tables": tables,
-        "source": {"dsn": pair.source_dsn, "slot": pair.slot, "publication": pair.publication},
+        "source": {"dsn": pair.source_dsn, "slot": pair.slot, "publication": pair.publication,
+                   "decoder": pair.decoder},
         "target": {"dsn": pair.target_dsn},
         "apply": {"max_delay_ms": 50},
         "http": {"listen": "127.0.0.1:0"},
@@ -90,7 +96,7 @@ def write_config(path: Path, pair: DbPair, tables: tuple[str, ...] = ("public.*"
     path.write_text(
         f"tables = {list(tables)!r}\n"
         f"[source]\ndsn = {pair.source_dsn!r}\nslot = {pair.slot!r}\n"
-        f"publication = {pair.publication!r}\n"
+        f"publication = {pair.publication!r}\ndecoder = {pair.decoder!r}\n"
         f"[target]\ndsn = {pair.target_dsn!r}\n"
         f"[apply]\nmax_delay_ms = 50\n[http]\nlisten = \"127.0.0.1:0\"\n"
         f"[log]\nformat = \"json\"\n{extra}",

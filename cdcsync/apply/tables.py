@@ -64,6 +64,10 @@ def resolve(conn: psycopg.Connection[TupleRow], settings: Settings, relation: Re
             fix="create it, or run `cdcsync setup --create-tables`",
         )
     oid = int(str(rows[0][0]))
+    if not relation.columns:
+        # wal2json named a truncated table the source catalog no longer has: truncating needs
+        # the target table alone.
+        return TargetTable(relation.qualified, oid, schema, name, (), (), (), (), (), None, False)
     target_types = {str(r[1]): str(r[2]) for r in rows}
     excluded = set(override.exclude_columns)
     positions = tuple(i for i, c in enumerate(relation.columns) if c.name not in excluded)

@@ -10,7 +10,7 @@ from psycopg.rows import TupleRow
 
 from cdcsync.apply.tables import selected
 from cdcsync.errors import PrerequisiteError
-from cdcsync.model import Relation
+from cdcsync.model import Column, Relation
 
 Conn = psycopg.Connection[TupleRow]
 
@@ -23,6 +23,20 @@ WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
   AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'cdcsync')
   AND n.nspname NOT LIKE 'pg\\_%'
 ORDER BY 1, 2
+"""
+
+
+# Key columns as pgoutput flags them: those of the replica identity index, else the primary key.
+_DESCRIBE_SQL = """
+SELECT c.oid, c.relreplident, a.attname, a.atttypid, a.atttypmod,
+       coalesce(a.attnum = ANY (i.indkey), false)
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+LEFT JOIN pg_index i ON i.indrelid = c.oid
+     AND (i.indisreplident OR (c.relreplident <> 'i' AND i.indisprimary))
+WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')
+ORDER BY a.attnum
 """
 
 
@@ -145,17 +159,31 @@ def slot_info(conn: Conn, slot: str) -> SlotInfo | None:
     )
 
 
+def refuse_other_plugin(slot: str, info: SlotInfo, decoder: str) -> None:
+    """A slot decodes with the plugin it was created with, whatever START_REPLICATION says."""
+    if info.plugin != decoder:
+        raise PrerequisiteError(
+            f"replication slot {slot!r} was created with the {info.plugin} plugin, but "
+            f"[source] decoder is {decoder!r}",
+            fix=f'set [source] decoder = "{info.plugin}", or run `cdcsync teardown --yes` and '
+                f"`cdcsync setup` to recreate the slot with {decoder} (then re-copy the tables)",
+        )
+
+
+def describe_table(conn: Conn, schema: str, name: str) -> Relation | None:
+    """The table as the catalog describes it now: OID, replica identity, columns, key columns."""
+    rows = conn.execute(_DESCRIBE_SQL, (schema, name)).fetchall()
+    if not rows:
+        return None
+    columns = tuple(Column(str(r[2]), int(r[3]), int(r[4]), bool(r[5])) for r in rows)
+    return Relation(int(rows[0][0]), schema, name, str(rows[0][1]), columns)
+
+
 def create_slot(conn: Conn, slot: str, plugin: str) -> str:
     """Create the logical slot unless it exists; refuse one made with another plugin."""
     info = slot_info(conn, slot)
     if info is not None:
-        if info.plugin != plugin:
-            raise PrerequisiteError(
-                f"replication slot {slot!r} exists but uses the {info.plugin} plugin, "
-                f"not {plugin}",
-                fix=f"configure decoder = {info.plugin!r}, or run `cdcsync teardown --yes` and "
-                    "setup again (the target then needs a resync)",
-            )
+        refuse_other_plugin(slot, info, plugin)
         dbname = conn.execute("SELECT current_database()").fetchone()
         if dbname is not None and info.database != dbname[0]:
             raise PrerequisiteError(
@@ -163,7 +191,14 @@ def create_slot(conn: Conn, slot: str, plugin: str) -> str:
                 fix="configure a different [source] slot for this database",
             )
         return "exists"
-    conn.execute("SELECT pg_create_logical_replication_slot(%s, %s)", (slot, plugin))
+    try:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, %s)", (slot, plugin))
+    except psycopg.errors.UndefinedFile:
+        raise PrerequisiteError(
+            f"the source server has no {plugin} output plugin",
+            fix=f"install it on the source server (Debian: apt-get install "
+                f"postgresql-<version>-{plugin}), or set [source] decoder = \"pgoutput\"",
+        ) from None
     return "created"
 
 

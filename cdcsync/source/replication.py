@@ -66,7 +66,8 @@ class ReplicationStream:
         except psycopg.OperationalError as exc:
             raise ConnectionLost(f"cannot open the replication connection: {exc}") from exc
         pgconn = self._conn.pgconn
-        opts = ", ".join(f"{name} '{value}'" for name, value in options.items())
+        # Quoted names: wal2json's options contain dashes.
+        opts = ", ".join(f'"{name}" \'{value}\'' for name, value in options.items())
         command = f'START_REPLICATION SLOT "{self.slot}" LOGICAL {start_lsn} ({opts})'
         pgconn.send_query(command.encode())
         result = pgconn.get_result()

@@ -1,16 +1,20 @@
-"""pgoutput messages -> stream items: whole transactions, delivered in bounded chunks.
+"""Decoded messages -> stream items: whole transactions, delivered in bounded chunks.
 
-Pure: no I/O. Row changes take the fast path of :mod:`cdcsync.source.tuples` (no per-row objects);
-every other message goes through the full decoder. Transactions whose commit the checkpoint
-already covers are dropped here, so a restart from an older position applies nothing twice.
+Pure: no I/O. :class:`Assembler` holds what every decoder shares (transaction boundaries, the
+checkpoint skip, chunking, relations, truncates, messages); :class:`TransactionAssembler` feeds it
+pgoutput, whose row changes take the fast path of :mod:`cdcsync.source.tuples` (no per-row
+objects). Transactions whose commit the checkpoint already covers are dropped here, so a restart
+from an older position applies nothing twice.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import struct
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from cdcsync.errors import ProtocolError
 from cdcsync.model import (
@@ -27,9 +31,10 @@ from cdcsync.model import (
     TxnStart,
 )
 from cdcsync.source import pgoutput
-from cdcsync.source.tuples import PendingRow, key_values, stage_rows
+from cdcsync.source.tuples import key_values, stage_rows
 
 Resolver = Callable[[Relation], TargetTable | None]
+Stager = Callable[[Relation, Sequence[Any]], tuple[bytes, int]]
 
 _OID = struct.Struct(">I")
 _MICROSECOND = dt.timedelta(microseconds=1)
@@ -37,11 +42,12 @@ _I, _U, _D, _M = ord("I"), ord("U"), ord("D"), ord("M")
 _K, _O, _N = ord("K"), ord("O"), ord("N")
 
 
-class TransactionAssembler:
+class Assembler(ABC):
     """Turns Begin, changes..., Commit into TxnStart, ChangeChunk*/Truncate*, TxnEnd.
 
-    ``resolve`` maps a relation onto its target table, or None for a relation that is published
-    but not selected (its changes are dropped); it is called once per Relation message.
+    ``resolve`` maps a relation onto its target table, or None for a relation that is not
+    selected (its changes are dropped); it is called once per new or changed relation.
+    Subclasses decode one plugin's messages in :meth:`feed` and report them to the methods below.
     """
 
     def __init__(self, skip_before: Lsn, resolve: Resolver, *, chunk_rows: int = 5000,
@@ -58,6 +64,7 @@ class TransactionAssembler:
         self._skipping = False
         self._seq = 0
         self._txn = (0, 0)
+        self._start: TxnStart | None = None
         self.skipped_transactions = 0
         self.last_end_lsn = skip_before
 
@@ -66,7 +73,7 @@ class TransactionAssembler:
         return self._in_txn
 
     def feed(self, payload: bytes, lsn: Lsn | None = None) -> list[StreamItem]:
-        """Consume one pgoutput message; return the items it completes (often none).
+        """Consume one message; return the items it completes (often none).
 
         ``lsn`` is where the message starts in the WAL: a :class:`ProtocolError` names it."""
         try:
@@ -77,6 +84,106 @@ class TransactionAssembler:
             raise ProtocolError(f"at LSN {lsn}: {exc.message}",
                                 fix="report it with the server version; the checkpoint has not "
                                     "moved past it") from exc
+
+    @abstractmethod
+    def _feed(self, payload: bytes) -> list[StreamItem]:
+        """Decode one message of the plugin (errors without the LSN: :meth:`feed` adds it)."""
+
+    def _building(self, oid: int, stager: Stager) -> _Building | None:
+        """Where the open chunk collects rows of relation ``oid``; None when not selected."""
+        building = self._pending.get(oid)
+        if building is None:
+            relation, table = self._relations[oid]
+            if table is None:
+                return None
+            building = self._pending[oid] = _Building(relation, table, stager)
+        return building
+
+    def _chunk_full(self) -> bool:
+        return self._rows >= self._chunk_rows or self._bytes >= self._chunk_bytes
+
+    def _opened(self, items: list[StreamItem]) -> list[StreamItem]:
+        """``items``, preceded by the transaction's TxnStart if they are its first.
+
+        A transaction that yields nothing (only unselected tables: wal2json sends Begin and
+        Commit for every transaction) is dropped whole, as pgoutput drops empty ones: no empty
+        target commits; the idle advance moves the checkpoint past them."""
+        if self._start is not None and items:
+            items.insert(0, self._start)
+            self._start = None
+        return items
+
+    def _relation(self, relation: Relation) -> list[StreamItem]:
+        known = self._relations.get(relation.oid)
+        items: list[StreamItem] = []
+        if known is not None and known[0] != relation and relation.oid in self._pending:
+            # Rows staged under the old column list must be applied before rows of the new one.
+            items.append(self._take_chunk())
+        self._relations[relation.oid] = (relation, self._resolve(relation))
+        return self._opened(items)
+
+    def _begin(self, message: pgoutput.Begin) -> list[StreamItem]:
+        if self._in_txn:
+            raise ProtocolError("Begin inside an open transaction")
+        self._in_txn = True
+        # A commit record before the checkpoint ends before it too: that transaction is applied.
+        self._skipping = message.final_lsn < self.skip_before
+        if self._skipping:
+            self.skipped_transactions += 1
+            return []
+        self._txn = (message.final_lsn, (message.commit_time - PG_EPOCH) // _MICROSECOND)
+        self._start = TxnStart(message.xid, message.final_lsn, message.commit_time)
+        return []
+
+    def _commit(self, message: pgoutput.Commit) -> list[StreamItem]:
+        if not self._in_txn:
+            raise ProtocolError("Commit without Begin")
+        self._in_txn = False
+        if self._skipping:
+            self._skipping = False
+            return []
+        items = self._opened([self._take_chunk()] if self._pending else [])
+        if self._start is not None:
+            self._start = None
+            return []
+        items.append(TxnEnd(message.end_lsn, message.commit_time))
+        self.last_end_lsn = message.end_lsn
+        return items
+
+    def _truncate(self, message: pgoutput.Truncate) -> list[StreamItem]:
+        if not self._in_txn:
+            raise ProtocolError("Truncate outside a transaction")
+        if self._skipping:
+            return []
+        try:
+            known = [self._relations[oid][1] for oid in message.relation_oids]
+        except KeyError:
+            raise ProtocolError("Truncate of a relation before its Relation message") from None
+        items: list[StreamItem] = [self._take_chunk()] if self._pending else []
+        tables = tuple(t for t in known if t is not None)
+        if tables:
+            items.append(Truncate(tables, message.cascade, message.restart_identity))
+        return self._opened(items)
+
+    def _message(self, message: pgoutput.LogicalMessage) -> list[StreamItem]:
+        if message.transactional and self._skipping:
+            return []
+        items: list[StreamItem] = [self._take_chunk()] if self._pending else []
+        items.append(
+            SourceMessage(message.lsn, message.transactional, message.prefix, message.content))
+        return self._opened(items)
+
+    def _take_chunk(self) -> ChangeChunk:
+        tables = tuple(b.staged() for b in self._pending.values())
+        chunk = ChangeChunk(tables, self._rows, self._bytes)
+        self._pending = {}
+        self._rows = 0
+        self._bytes = 0
+        return chunk
+
+
+class TransactionAssembler(Assembler):
+    """The :class:`Assembler` for pgoutput messages."""
 
     def _feed(self, payload: bytes) -> list[StreamItem]:
         kind = payload[0] if payload else -1
@@ -89,8 +196,8 @@ class TransactionAssembler:
                 self._row_change(kind, payload)
             except (IndexError, struct.error, KeyError, ValueError) as exc:
                 raise ProtocolError(f"malformed {chr(kind)} message: {exc!r}") from None
-            if self._rows >= self._chunk_rows or self._bytes >= self._chunk_bytes:
-                return [self._take_chunk()]
+            if self._chunk_full():
+                return self._opened([self._take_chunk()])
             return []
         message = pgoutput.decode(payload)
         if isinstance(message, Relation):
@@ -106,13 +213,9 @@ class TransactionAssembler:
         return []  # Origin and Type carry nothing cdcsync needs
 
     def _row_change(self, kind: int, payload: bytes) -> None:
-        oid = _OID.unpack_from(payload, 1)[0]
-        building = self._pending.get(oid)
+        building = self._building(_OID.unpack_from(payload, 1)[0], stage_rows)
         if building is None:
-            relation, table = self._relations[oid]
-            if table is None:
-                return
-            building = self._pending[oid] = _Building(relation, table)
+            return
         seq = self._seq = self._seq + 1
         lsn, commit_time = self._txn
         if kind == _I:
@@ -143,70 +246,6 @@ class TransactionAssembler:
         self._rows += 1
         self._bytes += len(payload)
 
-    def _relation(self, relation: Relation) -> list[StreamItem]:
-        known = self._relations.get(relation.oid)
-        items: list[StreamItem] = []
-        if known is not None and known[0] != relation and relation.oid in self._pending:
-            # Rows staged under the old column list must be applied before rows of the new one.
-            items.append(self._take_chunk())
-        self._relations[relation.oid] = (relation, self._resolve(relation))
-        return items
-
-    def _begin(self, message: pgoutput.Begin) -> list[StreamItem]:
-        if self._in_txn:
-            raise ProtocolError("Begin inside an open transaction")
-        self._in_txn = True
-        # A commit record before the checkpoint ends before it too: that transaction is applied.
-        self._skipping = message.final_lsn < self.skip_before
-        if self._skipping:
-            self.skipped_transactions += 1
-            return []
-        self._txn = (message.final_lsn, (message.commit_time - PG_EPOCH) // _MICROSECOND)
-        return [TxnStart(message.xid, message.final_lsn, message.commit_time)]
-
-    def _commit(self, message: pgoutput.Commit) -> list[StreamItem]:
-        if not self._in_txn:
-            raise ProtocolError("Commit without Begin")
-        self._in_txn = False
-        if self._skipping:
-            self._skipping = False
-            return []
-        items: list[StreamItem] = [self._take_chunk()] if self._pending else []
-        items.append(TxnEnd(message.end_lsn, message.commit_time))
-        self.last_end_lsn = message.end_lsn
-        return items
-
-    def _truncate(self, message: pgoutput.Truncate) -> list[StreamItem]:
-        if not self._in_txn:
-            raise ProtocolError("Truncate outside a transaction")
-        if self._skipping:
-            return []
-        try:
-            known = [self._relations[oid][1] for oid in message.relation_oids]
-        except KeyError:
-            raise ProtocolError("Truncate of a relation before its Relation message") from None
-        items: list[StreamItem] = [self._take_chunk()] if self._pending else []
-        tables = tuple(t for t in known if t is not None)
-        if tables:
-            items.append(Truncate(tables, message.cascade, message.restart_identity))
-        return items
-
-    def _message(self, message: pgoutput.LogicalMessage) -> list[StreamItem]:
-        if message.transactional and self._skipping:
-            return []
-        items: list[StreamItem] = [self._take_chunk()] if self._pending else []
-        items.append(
-            SourceMessage(message.lsn, message.transactional, message.prefix, message.content))
-        return items
-
-    def _take_chunk(self) -> ChangeChunk:
-        tables = tuple(b.staged() for b in self._pending.values())
-        chunk = ChangeChunk(tables, self._rows, self._bytes)
-        self._pending = {}
-        self._rows = 0
-        self._bytes = 0
-        return chunk
-
 
 @dataclass(slots=True)
 class _Building:
@@ -214,13 +253,14 @@ class _Building:
 
     relation: Relation
     table: TargetTable
-    rows: list[PendingRow] = field(default_factory=list)
+    stager: Stager
+    rows: list[Any] = field(default_factory=list)
     inserts: int = 0
     updates: int = 0
     deletes: int = 0
 
     def staged(self) -> TableRows:
-        blob, unchanged = stage_rows(self.relation, self.rows)
+        blob, unchanged = self.stager(self.relation, self.rows)
         return TableRows(self.relation, self.table, [blob], self.inserts, self.updates,
                          self.deletes, unchanged)
 

@@ -1,4 +1,7 @@
-"""pgoutput row changes -> binary COPY rows for the target's staging tables. Pure, and hot.
+"""Row changes -> binary COPY rows for the target's staging tables. Pure, and hot.
+
+Two row sources share one staged layout: pgoutput messages (:func:`stage_rows`, straight from the
+payload bytes) and rows already split into values (:func:`stage_values`, for wal2json).
 
 A pgoutput text column is a kind byte followed by a 4-byte length and the text; a binary COPY
 field of a ``text`` column is that same length and text. Converting a row is therefore dropping one
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from cdcsync.errors import ProtocolError
-from cdcsync.model import Relation
+from cdcsync.model import Relation, Value
 
 META_COLUMNS: Final = ("_cdcsync_seq", "_cdcsync_op", "_cdcsync_lsn", "_cdcsync_commit_time",
                        "_cdcsync_unchanged")
@@ -67,8 +70,7 @@ def _stage_rows(relation: Relation, rows: Sequence[PendingRow]) -> tuple[bytes, 
         if count != width:
             raise ProtocolError(f"tuple of {relation.qualified} has {count} columns, "
                                 f"its Relation message {width}")
-        parts = [head, _SEQ.pack(8, seq), _OP_FIELD[op], _LSN_FIELD.pack(8, lsn),
-                 _TIME_FIELD.pack(8, commit_time), zero_mask]
+        parts = _meta(head, seq, op, lsn, commit_time, mask=zero_mask)
         append = parts.append
         off = start + 2
         mask = 0
@@ -91,11 +93,55 @@ def _stage_rows(relation: Relation, rows: Sequence[PendingRow]) -> tuple[bytes, 
         if off > len(payload):
             raise ProtocolError(f"truncated tuple of {relation.qualified}")
         if mask:
-            parts[5] = text_field("".join("1" if mask >> i & 1 else "0" for i in range(width))
-                                  .encode())
+            parts[5] = _mask_field(mask, width)
             union |= mask
         out.append(b"".join(parts))
     return b"".join(out), union
+
+
+ValueRow = tuple[Sequence[Value], int, int, int, int]
+"""One row change split into values (see :mod:`cdcsync.model`): the values in the relation's
+column order, the operation, the sequence number, the commit LSN and commit time."""
+
+
+def stage_values(relation: Relation, rows: Sequence[ValueRow]) -> tuple[bytes, int]:
+    """:func:`stage_rows` for rows already split into values."""
+    width = len(relation.columns)
+    head = _I16.pack(width + 5)
+    zero_mask = text_field(b"0" * width)
+    out: list[bytes] = []
+    union = 0
+    for values, op, seq, lsn, commit_time in rows:
+        if len(values) != width:
+            raise ProtocolError(f"row of {relation.qualified} has {len(values)} values, "
+                                f"its relation {width} columns")
+        parts = _meta(head, seq, op, lsn, commit_time, mask=zero_mask)
+        append = parts.append
+        mask = 0
+        for i, value in enumerate(values):
+            if type(value) is bytes:
+                append(_I32.pack(len(value)))
+                append(value)
+            elif value is None:
+                append(NULL)
+            else:
+                append(NULL)
+                mask |= 1 << i
+        if mask:
+            parts[5] = _mask_field(mask, width)
+            union |= mask
+        out.append(b"".join(parts))
+    return b"".join(out), union
+
+
+def _meta(head: bytes, seq: int, op: int, lsn: int, commit_time: int, *,
+          mask: bytes) -> list[bytes]:
+    return [head, _SEQ.pack(8, seq), _OP_FIELD[op], _LSN_FIELD.pack(8, lsn),
+            _TIME_FIELD.pack(8, commit_time), mask]
+
+
+def _mask_field(mask: int, width: int) -> bytes:
+    return text_field("".join("1" if mask >> i & 1 else "0" for i in range(width)).encode())
 
 
 def key_values(relation: Relation, buf: bytes, off: int, key: tuple[int, ...]) -> tuple[bytes, ...]:

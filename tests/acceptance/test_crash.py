@@ -14,6 +14,7 @@ import pytest
 from cdcsync.model import Lsn
 from tests.conftest import DbPair
 from tests.harness import (
+    BOTH_DECODERS,
     cli,
     converged,
     execute,
@@ -23,7 +24,7 @@ from tests.harness import (
     writer,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, BOTH_DECODERS]
 
 SCHEMA = """
 CREATE TABLE items (id int PRIMARY KEY, val int NOT NULL, note text,

@@ -12,6 +12,7 @@ import pytest
 from cdcsync import admin
 from tests.conftest import DbPair
 from tests.harness import (
+    BOTH_DECODERS,
     converged,
     execute,
     running,
@@ -36,6 +37,8 @@ ALTER TABLE husband ADD FOREIGN KEY (wife_id) REFERENCES wife (id);
 TARGET = SOURCE
 ACCOUNTS = 500
 TOTAL = ACCOUNTS * 1000
+
+pytestmark = BOTH_DECODERS
 
 
 @pytest.fixture(scope="module")

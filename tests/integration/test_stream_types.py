@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
+import psycopg
 import pytest
 
 from cdcsync import admin
 from tests.conftest import DbPair
-from tests.harness import converged, execute, running, settings_for, table_rows, wait_for
+from tests.harness import (
+    BOTH_DECODERS,
+    converged,
+    execute,
+    running,
+    settings_for,
+    table_rows,
+    wait_for,
+)
 
 SCHEMA = """
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
@@ -14,7 +25,8 @@ CREATE TABLE kitchen (
     id bigint PRIMARY KEY,
     i int, n numeric(20, 6), t text, v varchar(20), b bool, j json, jb jsonb, u uuid,
     ba bytea, d date, ts timestamp, tstz timestamptz, iv interval, arr int[], tarr text[],
-    m mood, marr mood[], f8 float8, big text, updated_at timestamptz DEFAULT now()
+    m mood, marr mood[], f8 float8, big text, updated_at timestamptz DEFAULT now(),
+    exact numeric, f4 real
 );
 ALTER TABLE kitchen ALTER COLUMN big SET STORAGE EXTERNAL;
 CREATE TABLE other (k text PRIMARY KEY, val int);
@@ -25,8 +37,11 @@ INSERT INTO kitchen VALUES ({id}, 42, 12345.678901, 'tab\there "quoted" \\ back'
   true, '{{"a": [1, 2]}}', '{{"b": null, "c": "ü"}}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
   '\\xdeadbeef00', '2024-02-29', '2024-01-01 12:34:56.789', '2024-01-01 12:34:56.789+05:30',
   '1 year 2 mons 3 days 04:05:06', '{{1,NULL,3}}', '{{"a b","c,d",NULL}}', 'happy',
-  '{{sad,ok}}', 1.0000000000000002, repeat(md5('{id}'), 200), now())
+  '{{sad,ok}}', 1.0000000000000002, repeat(md5('{id}'), 200), now(),
+  123456789012345678901234567890.000000000000000000001, 3.4028235e38)
 """
+
+pytestmark = BOTH_DECODERS
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +68,11 @@ def test_every_type_round_trips(pair: DbPair) -> None:
     target = {r[0]: r for r in table_rows(pair.target_dsn, "public.kitchen")}
     assert target[2][19] == "".join([__import__("hashlib").md5(b"2").hexdigest()] * 200)
     assert target[100][1:20] == (None,) * 19
+    assert target[1][21] == Decimal("123456789012345678901234567890.000000000000000000001")
+    with psycopg.connect(pair.source_dsn) as conn:
+        plugin = conn.execute("SELECT plugin FROM pg_replication_slots WHERE slot_name = %s",
+                              (pair.slot,)).fetchone()
+    assert plugin == (pair.decoder,)
     assert 3 not in target
 
 

@@ -1,4 +1,4 @@
-"""The pgoutput decoder on bytes captured from PostgreSQL 15 (see capture_pgoutput.py)."""
+"""The pgoutput decoder on bytes captured from PostgreSQL 15 (see capture_stream.py)."""
 
 from __future__ import annotations
 

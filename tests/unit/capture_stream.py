@@ -1,17 +1,21 @@
-"""Capture real pgoutput bytes from a throwaway PostgreSQL 15 into data/pgoutput_capture.json.
+"""Capture what pgoutput and wal2json send for the same changes, from a throwaway PostgreSQL 15,
+into data/pgoutput_capture.json and data/wal2json_capture.json.
 
-Run manually, as root, when the fixture needs regenerating (the unit tests only read the JSON):
+Run manually, as root, when the fixtures need regenerating (the unit tests only read the JSON):
 
-    /work/main/.venv/bin/python tests/unit/capture_pgoutput.py
+    /work/main/.venv/bin/python tests/unit/capture_stream.py
 
 It initdb's a cluster in a temporary directory (owned by ``postgres``; wal_level=logical,
-fsync=off, a free port, socket in the same directory), creates the tables below, a publication
-and a pgoutput slot, runs the changes the decoder tests expect, reads them back with
-``pg_logical_slot_get_binary_changes`` (proto_version 1, messages on), writes
-``[{"lsn": "0/1A2B", "hex": "42..."}, ...]`` and stops and deletes the cluster.
+fsync=off, a free port, socket in the same directory), creates the tables below, a publication,
+a pgoutput slot and a wal2json slot at the same position, runs the changes the decoder tests
+expect, reads them back with ``pg_logical_slot_get_binary_changes`` (pgoutput: proto_version 1,
+messages on; wal2json: the options the daemon uses), writes ``[{"lsn": "0/1A2B", "hex":
+"42..."}, ...]`` for pgoutput and ``[{"lsn": ..., "json": "{...}"}, ...]`` for wal2json, and stops
+and deletes the cluster.
 
 The ``items.big`` value is 3,000 random hex characters with ``STORAGE EXTERNAL``, so it lives out
-of line in TOAST and an update that does not touch it sends it as 'u' (unchanged).
+of line in TOAST and an update that does not touch it sends it as 'u' (unchanged) in pgoutput and
+is left out by wal2json.
 """
 
 from __future__ import annotations
@@ -26,8 +30,12 @@ from pathlib import Path
 
 import psycopg
 
+from cdcsync.source import wal2json
+
 BIN = Path("/usr/lib/postgresql/15/bin")
-OUT = Path(__file__).parent / "data" / "pgoutput_capture.json"
+DATA = Path(__file__).parent / "data"
+OUT = DATA / "pgoutput_capture.json"
+OUT_WAL2JSON = DATA / "wal2json_capture.json"
 
 SETUP = """
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
@@ -49,6 +57,7 @@ CREATE TABLE events (id bigint, kind text, score int, note text);
 ALTER TABLE events REPLICA IDENTITY FULL;
 CREATE PUBLICATION pub FOR TABLE items, events;
 SELECT pg_create_logical_replication_slot('cap', 'pgoutput');
+SELECT pg_create_logical_replication_slot('capj', 'wal2json');
 SELECT pg_replication_origin_create('upstream');
 """
 
@@ -92,7 +101,7 @@ def big_value() -> str:
     return "".join(rng.choice("0123456789abcdef") for _ in range(3000))
 
 
-def capture(dsn: str) -> list[dict[str, str]]:
+def capture(dsn: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         for statement in SETUP.split(";"):
             if statement.strip():
@@ -109,7 +118,12 @@ def capture(dsn: str) -> list[dict[str, str]]:
             "SELECT lsn::text, data FROM pg_logical_slot_get_binary_changes('cap', NULL, NULL,"
             " 'proto_version', '1', 'publication_names', 'pub', 'messages', 'true')"
         ).fetchall()
-    return [{"lsn": lsn, "hex": bytes(data).hex()} for lsn, data in rows]
+        flat = [x for pair in wal2json.options(("public.*",)).items() for x in pair]
+        json_rows = conn.execute(
+            "SELECT lsn::text, data FROM pg_logical_slot_get_binary_changes('capj', NULL, NULL"
+            + ", %s" * len(flat) + ")", flat).fetchall()
+    return ([{"lsn": lsn, "hex": bytes(data).hex()} for lsn, data in rows],
+            [{"lsn": lsn, "json": bytes(data).decode()} for lsn, data in json_rows])
 
 
 def main() -> None:
@@ -124,14 +138,16 @@ def main() -> None:
             str(BIN / "pg_ctl"), "-D", str(data), "-l", str(tmp / "log"), "-w", "-o", opts, "start"
         )
         try:
-            messages = capture(f"host={tmp} port={port} user=postgres dbname=postgres")
+            messages, json_messages = capture(
+                f"host={tmp} port={port} user=postgres dbname=postgres")
         finally:
             as_postgres(str(BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
     finally:
         shutil.rmtree(tmp)
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps(messages, indent=1) + "\n")
-    print(f"wrote {len(messages)} messages to {OUT} ({OUT.stat().st_size} bytes)")
+    DATA.mkdir(exist_ok=True)
+    for path, captured in ((OUT, messages), (OUT_WAL2JSON, json_messages)):
+        path.write_text(json.dumps(captured, indent=1) + "\n")
+        print(f"wrote {len(captured)} messages to {path} ({path.stat().st_size} bytes)")
 
 
 if __name__ == "__main__":
