@@ -16,6 +16,7 @@ from cdcsync.config import Settings, config_path, load_settings
 from cdcsync.dsn import redact
 from cdcsync.errors import CdcsyncError
 from cdcsync.logs import configure, event
+from cdcsync.verify import command as verify_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     teardown = commands.add_parser("teardown", help="drop the slot and the publication")
     teardown.add_argument("--yes", action="store_true", help="confirm")
+    verify = commands.add_parser("verify", help="compare source and target rows; exit 1 if "
+                                 "they differ")
+    verify.add_argument("--table", action="append", default=[], metavar="SCHEMA.TABLE",
+                        help="a configured source table to verify (repeatable; default: all)")
+    verify.add_argument("--json", action="store_true", help="machine-readable report")
     demo = commands.add_parser("demo", help="two throwaway clusters, a live workload, the sync")
     demo.add_argument("--seconds", type=float, default=20.0, help="how long the workload runs")
     demo.add_argument("--rate", type=int, default=2000, help="changes per second to generate")
@@ -54,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             logging.getLogger("cdcsync").exception("failed")
         print(f"cdcsync: {redact(str(exc))}", file=sys.stderr)
-        return exc.exit_code
+        # verify's exit code 1 means "the tables differ"; failing to decide is 2, always.
+        return 2 if args.command == "verify" else exc.exit_code
     except KeyboardInterrupt:
         return 130
 
@@ -97,6 +104,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             _print_status(result)
         return 0
+    if args.command == "verify":
+        return verify_command.main(settings, args.table, args.json)
     if args.command == "teardown":
         if not args.yes:
             print("cdcsync: teardown drops the slot and the publication; add --yes to confirm",
