@@ -29,10 +29,10 @@ from cdcsync.verify.sql import Key, KeyRange
 LEAF_ROWS = 2_000       # a range this small is compared key by key
 FANOUT = 16             # sub-ranges a differing range is cut into
 RANGES_PER_QUERY = 8    # first-level ranges summarised by one statement (a progress step)
-SAMPLE_PER_RANGE = 20   # sampled keys per first-level range, so boundaries are near quantiles
+SAMPLE_PAGES_PER_RANGE = 8  # sampled source pages per first-level range
 
 _ESTIMATE_SQL = """
-SELECT c.reltuples::float8 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+SELECT c.reltuples::float8, c.relpages FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %s AND c.relname = %s
 """
 
@@ -57,27 +57,35 @@ class TableVerifier:
         """First-level ranges covering every possible key, about ``range_rows`` source rows each."""
         schema, _, name = self.spec.source_name.partition(".")
         row = self.sides.on_source(lambda c: c.execute(_ESTIMATE_SQL, (schema, name)).fetchone())
-        # reltuples is -1 until the first VACUUM or ANALYZE: then sample every page.
-        estimate = float(row[0]) if row and row[0] is not None else -1.0
+        # reltuples is -1 until the first VACUUM or ANALYZE: then every page is sampled.
+        estimate, pages = (float(row[0]), int(row[1])) if row else (-1.0, 0)
         count = math.ceil(estimate / self.conf.range_rows) if estimate > 0 else 1
         if estimate >= 0 and count <= 1:
             return [KeyRange(None, None)]
-        percent = 100.0 if estimate <= 0 else min(
-            100.0, 100.0 * SAMPLE_PER_RANGE * count / estimate)
+        # The sample takes whole pages, whose keys are often neighbours: boundaries land near
+        # the quantiles only when each range gets several sampled pages.
+        percent = 100.0 if estimate < 0 else min(
+            100.0, 100.0 * SAMPLE_PAGES_PER_RANGE * count / max(pages, 1))
         sample = self.sides.on_source(fetch(q.sample_keys(self.spec.source, percent)))
         if estimate < 0:
             count = math.ceil(len(sample) / self.conf.range_rows)
-        keys = [tuple(str(v) for v in r) for r in sample]
+        width = 1 if self.spec.bucketed else len(self.spec.key_columns)
+        keys = [tuple(str(v) for v in r[:width]) for r in sample]
         bounds = [keys[len(keys) * i // count] for i in range(1, count)] if keys else []
         return _split(KeyRange(None, None), bounds)
 
     def compare(self, ranges: Sequence[KeyRange], progress: Progress | None = None) -> Outcome:
+        """Compare ``ranges`` (all of :meth:`ranges`, or some of them) down to differing keys."""
         rows = 0
         found = Differences()
-        for start in range(0, len(ranges), RANGES_PER_QUERY):
-            chunk = ranges[start:start + RANGES_PER_QUERY]
+        in_one_scan = self.spec.bucketed and len(ranges) > 1 and ranges[0].lo is None \
+            and ranges[-1].hi is None
+        step = len(ranges) if in_one_scan else RANGES_PER_QUERY
+        for start in range(0, len(ranges), step):
+            chunk = ranges[start:start + step]
+            summaries = self._buckets(chunk) if in_one_scan else self._summaries(chunk)
             for key_range, (src_count, src_hash, tgt_count, tgt_hash) in zip(
-                    chunk, self._summaries(chunk), strict=True):
+                    chunk, summaries, strict=True):
                 rows += src_count
                 if (src_count, src_hash) != (tgt_count, tgt_hash):
                     found = found + self._descend(key_range, max(src_count, tgt_count),
@@ -94,6 +102,16 @@ class TableVerifier:
         by_index = {int(r[0]): (int(r[1]), int(r[2])) for r in src}
         target = {int(r[0]): (int(r[1]), int(r[2])) for r in tgt}
         return [(*by_index[i], *target[i]) for i in range(len(ranges))]
+
+    def _buckets(self, ranges: Sequence[KeyRange]) -> list[tuple[int, int, int, int]]:
+        """Summaries of contiguous first-level ranges cut on the first key column, from one
+        sequential scan per side: the source reads each page of the table once."""
+        thresholds = [r.lo[0] for r in ranges[1:] if r.lo is not None]
+        src, tgt = self.sides.both(fetch(q.buckets(self.spec.source, thresholds)),
+                                   fetch(q.buckets(self.spec.target, thresholds)))
+        source = {int(r[0]): (int(r[1]), int(r[2])) for r in src}
+        target = {int(r[0]): (int(r[1]), int(r[2])) for r in tgt}
+        return [(*source.get(i, (0, 0)), *target.get(i, (0, 0))) for i in range(len(ranges))]
 
     def _descend(self, key_range: KeyRange, rows: int, source_larger: bool) -> Differences:
         if rows <= LEAF_ROWS:

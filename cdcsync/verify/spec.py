@@ -50,7 +50,7 @@ class Side:
     """One side's view of the table: its name and how to read each compared column."""
 
     table: sql.Identifier
-    values: tuple[sql.Composable, ...]     # column expressions, cast to the target's types
+    values: tuple[sql.Composable, ...]     # column expressions as the target stores them
     keys: tuple[sql.Composable, ...]       # key columns as stored, to range over and order by
     key_texts: tuple[sql.Composable, ...]  # key columns as the target spells them
     key_types: tuple[sql.SQL, ...]         # this side's type of each key, to cast parameters
@@ -67,6 +67,9 @@ class TableSpec:
     key_types: tuple[str, ...]  # the target's types, which is how keys are reported
     source: Side
     target: Side
+    # The first key column has a fixed-length type on both sides, which width_bucket() places
+    # quickly enough to summarise all first-level ranges in one sequential scan.
+    bucketed: bool
 
 
 def table_spec(src: Conn, tgt: Conn, settings: Settings, table: SourceTable) -> TableSpec:
@@ -87,6 +90,11 @@ def table_spec(src: Conn, tgt: Conn, settings: Settings, table: SourceTable) -> 
     collate = _collations(src, relation.oid, keys) != _collations(tgt, target.oid, keys)
 
     def side(identifier: sql.Identifier, types: dict[str, str]) -> Side:
+        def value(column: str) -> sql.Composable:
+            if _natively_hashed(target_types[column]):
+                return cast(column)
+            return sql.SQL("({})::text").format(cast(column))
+
         def cast(column: str) -> sql.Composable:
             expr: sql.Composable = sql.Identifier(column)
             if types[column] != target_types[column]:
@@ -104,7 +112,7 @@ def table_spec(src: Conn, tgt: Conn, settings: Settings, table: SourceTable) -> 
 
         return Side(
             table=identifier,
-            values=tuple(cast(c) for c in target.columns),
+            values=tuple(value(c) for c in target.columns),
             keys=tuple(key(c) for c in keys),
             key_texts=tuple(sql.SQL("({})::text").format(cast(c)) for c in keys),
             key_types=tuple(sql.SQL(types[c]) for c in keys),
@@ -118,7 +126,30 @@ def table_spec(src: Conn, tgt: Conn, settings: Settings, table: SourceTable) -> 
         key_types=key_types,
         source=side(table.identifier, source_types),
         target=side(sql.Identifier(target.schema, target.name), target_types),
+        bucketed=_fixed_length(src, source_types[keys[0]])
+        and _fixed_length(tgt, target_types[keys[0]]),
     )
+
+
+# Types whose hash functions tell apart exactly the values whose text differs (the stored value is
+# what is hashed, not its text, which is several times cheaper). Others (numeric and interval, whose
+# equal values may print differently, json, geometric types, ...) are hashed through their text.
+_NATIVE_HASH = frozenset({
+    "smallint", "integer", "bigint", "boolean", "text", "uuid", "date", "bytea", "jsonb", "oid",
+    "timestamp without time zone", "timestamp with time zone", "time without time zone",
+    "double precision", "real", '"char"',
+})
+
+
+def _natively_hashed(type_name: str) -> bool:
+    base = type_name.removesuffix("[]")
+    return base in _NATIVE_HASH or base.startswith("character varying")
+
+
+def _fixed_length(conn: Conn, type_name: str) -> bool:
+    row = conn.execute("SELECT typlen > 0 FROM pg_type WHERE oid = %s::regtype",
+                       (type_name,)).fetchone()
+    return bool(row and row[0])
 
 
 def _textual(type_name: str) -> bool:

@@ -1,9 +1,10 @@
 """The queries verify runs, as ``psycopg.sql`` compositions with their parameters; no I/O here.
 
-Every row is reduced inside the server to a 64-bit hash of its canonical text (the row constructor's
-text output of the compared columns, cast to the target's types under pinned session settings), and
-a range to ``count(*)`` and ``bit_xor`` of those hashes: order-independent, so the two servers may
-scan in any order, and nothing but a few numbers per range crosses the network.
+Every row is reduced inside the server to a 64-bit hash of its compared columns as the target
+stores them (cast to the target's types; types whose equal values can print differently go through
+their text under pinned session settings), and a range to ``count(*)`` and ``bit_xor`` of those
+hashes: order-independent, so the two servers may scan in any order, and nothing but a few numbers
+per range crosses the network.
 
 Keys cross as text (the target's spelling) and go back into queries as parameters cast to each
 side's own key types, so key columns are compared as stored and ranges use the primary key index.
@@ -24,23 +25,24 @@ Query = tuple[sql.Composed, list[object]]
 
 @dataclass(frozen=True, slots=True)
 class KeyRange:
-    """Keys ``lo <= key < hi``; ``None`` is unbounded on that end."""
+    """Keys ``lo <= key < hi``; ``None`` is unbounded on that end. A bound may be a prefix of the
+    key (its first columns): ``(7,)`` then stands for the smallest key starting with 7."""
 
     lo: Key | None
     hi: Key | None
 
 
 def row_hash(side: Side) -> sql.Composed:
-    return sql.SQL("hashtextextended(ROW({})::text, 0)").format(sql.SQL(", ").join(side.values))
+    return sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(side.values))
 
 
-def _key_tuple(side: Side) -> sql.Composed:
-    return sql.SQL("({})").format(sql.SQL(", ").join(side.keys))
+def _key_tuple(side: Side, width: int) -> sql.Composed:
+    return sql.SQL("({})").format(sql.SQL(", ").join(side.keys[:width]))
 
 
-def _param_tuple(side: Side) -> sql.Composed:
+def _param_tuple(side: Side, width: int) -> sql.Composed:
     return sql.SQL("({})").format(sql.SQL(", ").join(
-        sql.SQL("%s::{}").format(t) for t in side.key_types))
+        sql.SQL("%s::{}").format(t) for t in side.key_types[:width]))
 
 
 def condition(side: Side, key_range: KeyRange) -> Query:
@@ -48,15 +50,23 @@ def condition(side: Side, key_range: KeyRange) -> Query:
     orders keys)."""
     parts: list[sql.Composable] = []
     params: list[object] = []
-    if key_range.lo is not None:
-        parts.append(sql.SQL("{} >= {}").format(_key_tuple(side), _param_tuple(side)))
-        params.extend(key_range.lo)
-    if key_range.hi is not None:
-        parts.append(sql.SQL("{} < {}").format(_key_tuple(side), _param_tuple(side)))
-        params.extend(key_range.hi)
+    for bound, operator in ((key_range.lo, ">="), (key_range.hi, "<")):
+        if bound is not None:
+            parts.append(sql.SQL("{} {} {}").format(
+                _key_tuple(side, len(bound)), sql.SQL(operator), _param_tuple(side, len(bound))))
+            params.extend(bound)
     if not parts:
         return sql.SQL("true").format(), []
     return sql.SQL(" AND ").join(parts), params
+
+
+def buckets(side: Side, thresholds: Sequence[str]) -> Query:
+    """All first-level ranges in one sequential scan: ``(index, count, xor of row hashes)`` per
+    non-empty range, ranges cut at ``thresholds`` (values of the first key column, ascending)."""
+    query = sql.SQL(
+        "SELECT width_bucket({}, %s::text[]::{}[]), count(*), bit_xor({}) FROM {} GROUP BY 1"
+    ).format(side.keys[0], side.key_types[0], row_hash(side), side.table)
+    return query, [list(thresholds)]
 
 
 def summaries(side: Side, ranges: Sequence[KeyRange]) -> Query:
@@ -76,7 +86,7 @@ def key_hashes(side: Side, key_range: KeyRange) -> Query:
     """Every key of the range as text, with its row hash."""
     where, params = condition(side, key_range)
     query = sql.SQL("SELECT {}, {} FROM {} WHERE {}").format(
-        sql.SQL(", ").join(side.key_texts), row_hash(side), side.table, where)
+        _aliased(side), row_hash(side), side.table, where)
     return query, params
 
 
@@ -85,15 +95,22 @@ def keys_hashes(side: Side, keys: Sequence[Key]) -> Query:
     columns = list(zip(*keys, strict=True)) if keys else [() for _ in side.keys]
     arrays = sql.SQL(", ").join(sql.SQL("%s::text[]::{}[]").format(t) for t in side.key_types)
     query = sql.SQL("SELECT {}, {} FROM {} WHERE {} IN (SELECT * FROM unnest({}))").format(
-        sql.SQL(", ").join(side.key_texts), row_hash(side), side.table, _key_tuple(side), arrays)
+        _aliased(side), row_hash(side), side.table, _key_tuple(side, len(side.keys)), arrays)
     return query, [list(c) for c in columns]
 
 
 def sample_keys(side: Side, percent: float) -> Query:
     """Keys of a block sample of the whole table, in key order (a few percent of its pages)."""
     query = sql.SQL("SELECT {} FROM {} TABLESAMPLE SYSTEM (%s) REPEATABLE (0) ORDER BY {}").format(
-        sql.SQL(", ").join(side.key_texts), side.table, sql.SQL(", ").join(side.keys))
+        _aliased(side), side.table, sql.SQL(", ").join(side.keys))
     return query, [percent]
+
+
+def _aliased(side: Side) -> sql.Composed:
+    # Aliased, because ORDER BY would take a bare key name for the output (text) column of the
+    # same name and sort keys as text.
+    return sql.SQL(", ").join(sql.SQL("{} AS {}").format(t, sql.Identifier(f"k{i}"))
+                              for i, t in enumerate(side.key_texts))
 
 
 def every_nth_key(side: Side, key_range: KeyRange, step: int) -> Query:

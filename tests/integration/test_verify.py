@@ -66,7 +66,7 @@ def _copy(pair: DbPair, source: str, target: str, columns: str = "*") -> None:
 
 @pytest.fixture(scope="module")
 def pair(dbpair: DbPair) -> DbPair:
-    execute(dbpair.source_dsn, SOURCE)
+    execute(dbpair.source_dsn, SOURCE, "ANALYZE items")
     execute(dbpair.target_dsn, TARGET,
             f"ALTER DATABASE {dbpair.target_db} SET timezone = 'Asia/Kolkata'")
     _copy(dbpair, "items", "copy_items", "id, qty, label, price, seen, updated_at")
@@ -99,19 +99,22 @@ def test_in_sync_exits_0(pair: DbPair, tmp_path: Path) -> None:
                     "public.things": 900}
 
 
-def test_changed_deleted_added_rows_are_named(pair: DbPair, tmp_path: Path) -> None:
-    """One row changed, one deleted, one added on the target: exit 1 naming exactly those keys."""
+@pytest.mark.parametrize("extra", ["", "[verify]\nrange_rows = 500\n"])
+def test_changed_deleted_added_rows_are_named(pair: DbPair, tmp_path: Path, extra: str) -> None:
+    """One row changed, one deleted, one added on the target: exit 1 naming exactly those keys
+    (found by cutting one range, or among many ranges summarised in one scan)."""
     execute(pair.target_dsn, "UPDATE copy_items SET price = price + 0.01 WHERE id = 4321",
             "DELETE FROM copy_items WHERE id = 17",
             "INSERT INTO copy_items SELECT 9999, qty, label, price, seen, updated_at "
             "FROM copy_items WHERE id = 1")
     try:
-        result = cli("verify", "--json", "--table", "public.items", config=_config(pair, tmp_path))
+        config = _config(pair, tmp_path, extra)
+        result = cli("verify", "--json", "--table", "public.items", config=config)
         assert result.returncode == 1, result.stdout + result.stderr
         assert _keys(json.loads(result.stdout), "public.items") == {
             "missing_on_target": [{"id": "17"}], "extra_on_target": [{"id": "9999"}],
             "different": [{"id": "4321"}]}
-        table = cli("verify", "--table", "public.items", config=_config(pair, tmp_path))
+        table = cli("verify", "--table", "public.items", config=config)
         assert table.returncode == 1
         assert "public.items: missing on target: 17" in table.stdout
     finally:

@@ -28,13 +28,13 @@ def test_range_condition_is_a_row_comparison_with_typed_parameters() -> None:
     assert condition(SIDE, KeyRange(None, None))[0].as_string(None) == "true"
 
 
-def test_summaries_hash_the_row_text_of_every_compared_column() -> None:
-    """One UNION ALL branch per range: count and xor of hashes of ROW(columns)::text."""
+def test_summaries_hash_every_compared_column() -> None:
+    """One UNION ALL branch per range: count and xor of the hashes of ROW(columns)."""
     query, params = summaries(SIDE, [KeyRange(None, ("m", "1")), KeyRange(("m", "1"), None)])
     text = query.as_string(None)
     assert text.count("UNION ALL") == 1
-    assert ('SELECT 0::int, count(*), coalesce(bit_xor(hashtextextended(ROW("region", "n", '
-            '"v"::bigint)::text, 0)), 0) FROM "public"."pairs" WHERE ("region", "n") < '
+    assert ('SELECT 0::int, count(*), coalesce(bit_xor(hash_record_extended(ROW("region", "n", '
+            '"v"::bigint), 0)), 0) FROM "public"."pairs" WHERE ("region", "n") < '
             "(%s::text, %s::integer)") in text
     assert params == ["m", "1", "m", "1"]
 
@@ -45,6 +45,14 @@ def test_keys_are_looked_up_as_typed_arrays() -> None:
     assert 'IN (SELECT * FROM unnest(%s::text[]::text[], %s::text[]::integer[]))' in \
         query.as_string(None)
     assert params == [["eu", "us"], ["1", "2"]]
+
+
+def test_a_prefix_bound_compares_the_leading_key_columns() -> None:
+    """A bound shorter than the key compares only the key's first columns."""
+    where, params = condition(SIDE, KeyRange(("eu",), ("us", "3")))
+    assert where.as_string(None) == ('("region") >= (%s::text) AND '
+                                     '("region", "n") < (%s::text, %s::integer)')
+    assert params == ["eu", "us", "3"]
 
 
 def test_split_drops_repeated_bounds() -> None:
