@@ -37,8 +37,9 @@ CREATE TABLE events (account int, seq int, kind text, detail text, at timestampt
                      PRIMARY KEY (account, seq));
 """
 FILL = """
-INSERT INTO orders SELECT g, g % 5000, (g % 100000) / 100.0, (ARRAY['new', 'paid', 'sent'])[g % 3 + 1],
-    '2024-01-01'::timestamptz + g * interval '1 second', now() FROM generate_series(1, {rows}) g;
+INSERT INTO orders SELECT g, g % 5000, (g % 100000) / 100.0,
+    (ARRAY['new', 'paid', 'sent'])[g % 3 + 1], '2024-01-01'::timestamptz + g * interval '1 second',
+    now() FROM generate_series(1, {rows}) g;
 INSERT INTO events SELECT g / 100, g % 100, 'kind ' || g % 7, md5(g::text),
     '2024-01-01'::timestamptz + g * interval '1 second' FROM generate_series(1, {rows}) g;
 """
