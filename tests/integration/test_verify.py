@@ -10,9 +10,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cdcsync import admin
+from cdcsync.metrics import Metrics
 from cdcsync.verify.command import verify
+from cdcsync.verify.job import ScheduledVerify
 from tests.conftest import DbPair
 from tests.harness import (
     cli,
@@ -190,3 +193,33 @@ def test_workload_during_verify_reports_nothing(dbpair_factory: Any) -> None:
                     thread.join(10)
         assert [r.tables[0].differences.count for r in reports] == [0, 0, 0]
         assert all(r.tables[0].rows_compared >= 3000 for r in reports)
+
+
+def _gauges(metrics: Metrics) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            if sample.name.startswith("cdcsync_verify_"):
+                table = sample.labels.get("table")
+                found[sample.name + (f"[{table}]" if table else "")] = sample.value
+    return found
+
+
+def test_scheduled_verification_rotates_through_ranges(pair: DbPair) -> None:
+    """Each run compares a few ranges; the full pass is stamped once every range was compared."""
+    execute(pair.target_dsn, "DELETE FROM words WHERE c = 450")
+    try:
+        settings = settings_for(pair, ("public.words",),
+                                verify={"range_rows": 100, "sample_ranges": 4})
+        metrics = Metrics(pair.slot)
+        job = ScheduledVerify(settings, metrics, clock=lambda: 1234.0)
+        job.run()
+        job.run()
+        assert "cdcsync_verify_last_full_pass_timestamp_seconds" not in _gauges(metrics)
+        job.run()  # 900 rows in 100-row ranges: the third run of four ranges ends the pass
+        assert _gauges(metrics) == {
+            "cdcsync_verify_differences[public.words]": 1.0,
+            "cdcsync_verify_last_full_pass_timestamp_seconds": 1234.0,
+        }
+    finally:
+        _copy(pair, "words WHERE c = 450", "words")
