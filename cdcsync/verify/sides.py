@@ -43,7 +43,8 @@ def pinned_dsn(dsn: str, application_name: str) -> str:
 
 @dataclass
 class Sides:
-    """Source and target connections, each used only from its own thread."""
+    """Source and target connections. Queries that must run at the same time go through each
+    side's own thread; catalog look-ups between comparisons may use the connections directly."""
 
     source: Conn
     target: Conn

@@ -132,8 +132,9 @@ def table_spec(src: Conn, tgt: Conn, settings: Settings, table: SourceTable) -> 
 
 
 # Types whose hash functions tell apart exactly the values whose text differs (the stored value is
-# what is hashed, not its text, which is several times cheaper). Others (numeric and interval, whose
-# equal values may print differently, json, geometric types, ...) are hashed through their text.
+# what is hashed, not its text, which is several times cheaper). Others (interval and unconstrained
+# numeric, whose equal values may print differently, json, geometric types, ...) are hashed
+# through their text. A numeric with a scale stores every value at that scale, so it qualifies.
 _NATIVE_HASH = frozenset({
     "smallint", "integer", "bigint", "boolean", "text", "uuid", "date", "bytea", "jsonb", "oid",
     "timestamp without time zone", "timestamp with time zone", "time without time zone",
@@ -143,7 +144,7 @@ _NATIVE_HASH = frozenset({
 
 def _natively_hashed(type_name: str) -> bool:
     base = type_name.removesuffix("[]")
-    return base in _NATIVE_HASH or base.startswith("character varying")
+    return base in _NATIVE_HASH or base.startswith(("character varying", "numeric("))
 
 
 def _fixed_length(conn: Conn, type_name: str) -> bool:
