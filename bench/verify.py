@@ -7,8 +7,11 @@ analyzed on both sides. ``orders`` has a bigint key; ``events`` a composite (int
 Each repetition runs :func:`cdcsync.verify.command.verify` in this process and prints its wall time,
 rows compared per second (rows of both tables / time), and the source's buffer accesses to the
 two tables during the run (``pg_statio_user_tables``: heap and index blocks, hit or read) against
-one sequential read of each table (its heap pages). Finally one run with 100 rows changed on the
-target shows the cost of finding differences. Medians are over ``--repeat`` runs.
+one sequential read of each table (its heap pages). It also times one bare hashing pass: each
+table's ``count(*), bit_xor(hash_record_extended(ROW(*), 0))`` on both servers at once, which is
+the floor verify's design aims at, so the ratio of the two says what verify adds on this machine
+whatever else is running on it. Finally one run with 100 rows changed on the target shows the cost
+of finding differences. Medians are over ``--repeat`` runs.
 
 Run: ``python -m bench.verify --rows 1000000 --repeat 5 [--json]``.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -77,7 +81,26 @@ def source_blocks(source: str) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def run_once(settings: Settings, source: str) -> dict[str, Any]:
+def hashing_pass(source: str, target: str) -> float:
+    """Seconds for both servers, at once, to hash every row of both tables once."""
+    def work(dsn: str) -> None:
+        with connect(dsn) as conn:
+            conn.execute("SET jit = off")
+            for table in TABLES:
+                conn.execute(f"SELECT count(*), bit_xor(hash_record_extended({table}, 0)) "
+                             f"FROM {table}").fetchone()
+
+    threads = [threading.Thread(target=work, args=(dsn,)) for dsn in (source, target)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
+
+
+def run_once(settings: Settings, source: str, target: str) -> dict[str, Any]:
+    floor = hashing_pass(source, target)
     before, pages = source_blocks(source)
     started = time.perf_counter()
     report = verify(settings)
@@ -87,6 +110,7 @@ def run_once(settings: Settings, source: str) -> dict[str, Any]:
     after, _ = source_blocks(source)
     rows = sum(t.rows_compared for t in report.tables)
     return {"seconds": seconds, "rows": rows, "rows_per_s": rows / seconds,
+            "hashing_pass_seconds": floor, "verify_per_hashing_pass": seconds / floor,
             "source_blocks": after - before, "one_seq_read_blocks": pages,
             "differences": sum(t.differences.count for t in report.tables)}
 
@@ -115,10 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 target={"dsn": target})
             runs = []
             for repetition in range(args.repeat):
-                runs.append(run_once(settings, source))
+                runs.append(run_once(settings, source, target))
                 log(f"run {repetition + 1}: {runs[-1]}")
             execute(target, "UPDATE orders SET amount = amount + 1 WHERE id % 10000 = 0")
-            differing = run_once(settings, source)
+            differing = run_once(settings, source, target)
             log(f"with {differing['differences']} differences: {differing}")
     except (BenchError, psycopg.Error) as exc:
         log(f"bench failed: {exc}")
@@ -127,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rows_per_table": args.rows, "runs": len(runs),
         "median_seconds": median([r["seconds"] for r in runs]),
         "median_rows_per_s": median([r["rows_per_s"] for r in runs]),
+        "median_hashing_pass_seconds": median([r["hashing_pass_seconds"] for r in runs]),
+        "median_verify_per_hashing_pass": median([r["verify_per_hashing_pass"] for r in runs]),
         "median_source_blocks": median([r["source_blocks"] for r in runs]),
         "one_seq_read_blocks": runs[0]["one_seq_read_blocks"],
         "with_100_differences_seconds": differing["seconds"],

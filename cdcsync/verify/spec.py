@@ -50,7 +50,8 @@ class Side:
     """One side's view of the table: its name and how to read each compared column."""
 
     table: sql.Identifier
-    values: tuple[sql.Composable, ...]     # column expressions as the target stores them
+    hashes: tuple[sql.Composable, ...]     # per-column hashes of the values the target stores
+    values: tuple[sql.Composable, ...]     # the other columns' values, hashed as one record
     keys: tuple[sql.Composable, ...]       # key columns as stored, to range over and order by
     key_texts: tuple[sql.Composable, ...]  # key columns as the target spells them
     key_types: tuple[sql.SQL, ...]         # this side's type of each key, to cast parameters
@@ -110,9 +111,22 @@ def table_spec(src: Conn, tgt: Conn, settings: Settings, table: SourceTable) -> 
             return sql.SQL('{} COLLATE "C"').format(expr) if collate and _textual(
                 target_types[column]) else expr
 
+        hashes: list[sql.Composable] = []
+        values: list[sql.Composable] = []
+        for position, column in enumerate(target.columns, start=1):
+            call = _hash_call(target_types[column])
+            if call is None:
+                values.append(value(column))
+            else:
+                # Distinct seeds per column, so equal values in two columns do not cancel out,
+                # and a NULL hashes to a constant of its own (the hash functions are strict).
+                hashes.append(sql.SQL("coalesce({}, {})").format(
+                    sql.SQL(call).format(cast(column), sql.Literal(position)),
+                    sql.Literal(-position)))
         return Side(
             table=identifier,
-            values=tuple(value(c) for c in target.columns),
+            hashes=tuple(hashes),
+            values=tuple(values),
             keys=tuple(key(c) for c in keys),
             key_texts=tuple(sql.SQL("({})::text").format(cast(c)) for c in keys),
             key_types=tuple(sql.SQL(types[c]) for c in keys),
@@ -140,6 +154,28 @@ _NATIVE_HASH = frozenset({
     "timestamp without time zone", "timestamp with time zone", "time without time zone",
     "double precision", "real", '"char"',
 })
+
+
+# The extended hash support function of the type's default hash operator class, called on the
+# value directly: hashing each column this way is cheaper than building a record to hash.
+# timestamptz shares timestamp's function; the cast is exact because the session is in UTC.
+_HASH_CALLS = {
+    "smallint": "hashint2extended({}, {})", "integer": "hashint4extended({}, {})",
+    "bigint": "hashint8extended({}, {})", "text": "hashtextextended({}, {})",
+    "uuid": "uuid_hash_extended({}, {})", "jsonb": "jsonb_hash_extended({}, {})",
+    "double precision": "hashfloat8extended({}, {})", "real": "hashfloat4extended({}, {})",
+    "oid": "hashoidextended({}, {})", "time without time zone": "time_hash_extended({}, {})",
+    "timestamp without time zone": "timestamp_hash_extended({}, {})",
+    "timestamp with time zone": "timestamp_hash_extended(({})::timestamp, {})",
+}
+
+
+def _hash_call(type_name: str) -> str | None:
+    if type_name.startswith("character varying"):
+        return "hashtextextended({}, {})"
+    if type_name.startswith("numeric("):
+        return "hash_numeric_extended({}, {})"
+    return _HASH_CALLS.get(type_name)
 
 
 def _natively_hashed(type_name: str) -> bool:

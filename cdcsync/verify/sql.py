@@ -33,7 +33,13 @@ class KeyRange:
 
 
 def row_hash(side: Side) -> sql.Composed:
-    return sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(side.values))
+    """One 64-bit hash per row. The column hashes are combined by xor and hashed again, so that
+    values swapped between rows of one range change the range's xor."""
+    terms = list(side.hashes)
+    if side.values:
+        terms.append(sql.SQL("hash_record_extended(ROW({}), 0)").format(
+            sql.SQL(", ").join(side.values)))
+    return sql.SQL("hashint8extended({}, 0)").format(sql.SQL(" # ").join(terms))
 
 
 def _key_tuple(side: Side, width: int) -> sql.Composed:

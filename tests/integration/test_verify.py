@@ -127,6 +127,26 @@ def test_changed_deleted_added_rows_are_named(pair: DbPair, tmp_path: Path, extr
               "id, qty, label, price, seen, updated_at")
 
 
+@pytest.mark.parametrize(("change", "keys"), [
+    ("UPDATE copy_items SET label = NULL WHERE id = 100", [100]),
+    # Alone in its range: an xor of column hashes over the range would not see it.
+    ("UPDATE copy_items SET qty = 13 - qty WHERE id IN (200, 201)", [200, 201]),
+])
+def test_a_null_or_values_swapped_between_rows_are_differences(
+        pair: DbPair, change: str, keys: list[int]) -> None:
+    """A value turned NULL, or two rows' values swapped, are reported as different rows."""
+    execute(pair.target_dsn, change)
+    try:
+        settings = settings_for(pair, TABLES, table=OVERRIDES)
+        result = verify(settings, ["public.items"]).tables[0]
+        assert (result.differences.missing, result.differences.extra) == ((), ())
+        assert result.differences.differ == tuple((str(k),) for k in keys)
+    finally:
+        execute(pair.target_dsn, "DELETE FROM copy_items WHERE id IN (100, 200, 201)")
+        _copy(pair, "items WHERE id IN (100, 200, 201)", "copy_items",
+              "id, qty, label, price, seen, updated_at")
+
+
 @pytest.mark.parametrize("range_rows", [100, 50_000])
 def test_composite_text_and_uuid_keys(pair: DbPair, range_rows: int) -> None:
     """Differences in composite, text and uuid keyed tables are found, in small or whole ranges."""

@@ -11,8 +11,9 @@ from cdcsync.verify.sql import KeyRange, condition, keys_hashes, summaries
 
 SIDE = Side(
     table=sql.Identifier("public", "pairs"),
-    values=(sql.Identifier("region"), sql.Identifier("n"),
-            sql.SQL("{}::bigint").format(sql.Identifier("v"))),
+    hashes=(sql.SQL('coalesce(hashtextextended("region", 1), -1)'),
+            sql.SQL('coalesce(hashint4extended("n", 2), -2)')),
+    values=(sql.SQL('("v")::text'),),
     keys=(sql.Identifier("region"), sql.Identifier("n")),
     key_texts=(sql.SQL('("region")::text'), sql.SQL('("n")::text')),
     key_types=(sql.SQL("text"), sql.SQL("integer")),
@@ -29,13 +30,15 @@ def test_range_condition_is_a_row_comparison_with_typed_parameters() -> None:
 
 
 def test_summaries_hash_every_compared_column() -> None:
-    """One UNION ALL branch per range: count and xor of the hashes of ROW(columns)."""
+    """One UNION ALL branch per range: count and xor of row hashes, each the hash of the xor
+    of the column hashes and of a record of the columns without a hash function."""
     query, params = summaries(SIDE, [KeyRange(None, ("m", "1")), KeyRange(("m", "1"), None)])
     text = query.as_string(None)
     assert text.count("UNION ALL") == 1
-    assert ('SELECT 0::int, count(*), coalesce(bit_xor(hash_record_extended(ROW("region", "n", '
-            '"v"::bigint), 0)), 0) FROM "public"."pairs" WHERE ("region", "n") < '
-            "(%s::text, %s::integer)") in text
+    assert ('SELECT 0::int, count(*), coalesce(bit_xor(hashint8extended('
+            'coalesce(hashtextextended("region", 1), -1) # coalesce(hashint4extended("n", 2), -2)'
+            ' # hash_record_extended(ROW(("v")::text), 0), 0)), 0) FROM "public"."pairs" '
+            'WHERE ("region", "n") < (%s::text, %s::integer)') in text
     assert params == ["m", "1", "m", "1"]
 
 
