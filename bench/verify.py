@@ -8,10 +8,11 @@ Each repetition runs :func:`cdcsync.verify.command.verify` in this process and p
 rows compared per second (rows of both tables / time), and the source's buffer accesses to the
 two tables during the run (``pg_statio_user_tables``: heap and index blocks, hit or read) against
 one sequential read of each table (its heap pages). It also times one bare hashing pass: each
-table's ``count(*), bit_xor(hash_record_extended(ROW(*), 0))`` on both servers at once, which is
-the floor verify's design aims at, so the ratio of the two says what verify adds on this machine
-whatever else is running on it. Finally one run with 100 rows changed on the target shows the cost
-of finding differences. Medians are over ``--repeat`` runs.
+table's count and xor of verify's own row hash over the whole table, on both servers at once,
+one process each (no parallel workers, like verify's first-level scan): the floor verify's design
+aims at, so the ratio of the two says what ranges and bisection add, whatever else is running on
+this machine. Finally one run with 100 rows changed on the target shows the cost of finding
+differences. Medians are over ``--repeat`` runs.
 
 Run: ``python -m bench.verify --rows 1000000 --repeat 5 [--json]``.
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +30,12 @@ import psycopg
 
 from bench.common import BenchError, connect, execute, median, recreate_database, servers
 from cdcsync.config import Settings
+from cdcsync.source import catalog
+from cdcsync.verify import sql as q
 from cdcsync.verify.command import verify
+from cdcsync.verify.sides import fetch, open_sides
+from cdcsync.verify.spec import table_spec
+from cdcsync.verify.sql import KeyRange
 
 DB = "cdcsync_bench_verify"
 TABLES = ("orders", "events")
@@ -81,26 +86,24 @@ def source_blocks(source: str) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def hashing_pass(source: str, target: str) -> float:
-    """Seconds for both servers, at once, to hash every row of both tables once."""
-    def work(dsn: str) -> None:
-        with connect(dsn) as conn:
-            conn.execute("SET jit = off")
-            for table in TABLES:
-                conn.execute(f"SELECT count(*), bit_xor(hash_record_extended({table}, 0)) "
-                             f"FROM {table}").fetchone()
-
-    threads = [threading.Thread(target=work, args=(dsn,)) for dsn in (source, target)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return time.perf_counter() - started
+def hashing_pass(settings: Settings) -> float:
+    """Seconds for both servers, at once, to hash every row of each table once, with verify's
+    own row hash and connections but no ranges, one process each: the floor of a comparison."""
+    with open_sides(settings) as sides:
+        for conn in (sides.source, sides.target):
+            conn.execute("SET max_parallel_workers_per_gather = 0")
+        chosen = catalog.selected_tables(sides.source, settings.tables)
+        specs = [table_spec(sides.source, sides.target, settings, t) for t in chosen]
+        started = time.perf_counter()
+        for spec in specs:
+            whole = [KeyRange(None, None)]
+            sides.both(fetch(q.summaries(spec.source, whole)),
+                       fetch(q.summaries(spec.target, whole)))
+        return time.perf_counter() - started
 
 
 def run_once(settings: Settings, source: str, target: str) -> dict[str, Any]:
-    floor = hashing_pass(source, target)
+    floor = hashing_pass(settings)
     before, pages = source_blocks(source)
     started = time.perf_counter()
     report = verify(settings)
