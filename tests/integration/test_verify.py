@@ -16,6 +16,7 @@ from cdcsync import admin
 from cdcsync.metrics import Metrics
 from cdcsync.verify.command import verify
 from cdcsync.verify.job import ScheduledVerify
+from cdcsync.verify.report import Differences
 from tests.conftest import DbPair
 from tests.harness import (
     cli,
@@ -171,6 +172,18 @@ def test_composite_text_and_uuid_keys(pair: DbPair, range_rows: int) -> None:
         execute(pair.target_dsn, "TRUNCATE pairs, words, things")
         for name in ("pairs", "words", "things"):
             _copy(pair, name, name)
+
+
+def test_text_keys_under_different_collations(dbpair_factory: Any) -> None:
+    """A text key collated differently on the target is ranged bytewise on both sides."""
+    with dbpair_factory("verify_collation") as other:
+        execute(other.source_dsn, "CREATE TABLE tags (t text PRIMARY KEY, n int)",
+                "INSERT INTO tags SELECT 'tag ' || g, g FROM generate_series(1, 500) g")
+        execute(other.target_dsn, 'CREATE TABLE tags (t text COLLATE "POSIX" PRIMARY KEY, n int)',
+                "INSERT INTO tags SELECT 'tag ' || g, g FROM generate_series(2, 500) g")
+        report = verify(settings_for(other, ("public.tags",), verify={"range_rows": 100}))
+        assert report.tables[0].differences == Differences(missing=(("tag 1",),))
+        assert report.tables[0].rows_compared == 500
 
 
 def test_unknown_table_exits_2(pair: DbPair, tmp_path: Path) -> None:
