@@ -194,6 +194,15 @@ def test_unknown_table_exits_2(pair: DbPair, tmp_path: Path) -> None:
     assert "public.items" in result.stderr
 
 
+def test_missing_target_table_exits_2(pair: DbPair, tmp_path: Path) -> None:
+    """A target table that does not exist stops verify with exit 2 (not 1, "differs")."""
+    config = write_config(tmp_path / "c.toml", pair, ("public.words",),
+                          '[[table]]\nname = "public.words"\ntarget = "public.nowhere"\n')
+    result = cli("verify", config=config)
+    assert result.returncode == 2
+    assert "target table public.nowhere does not exist (source public.words)" in result.stderr
+
+
 def _workload(conn: psycopg.Connection[Any], rng: random.Random) -> None:
     with conn.transaction():
         key = rng.randint(1, 3000)
