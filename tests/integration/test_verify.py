@@ -29,7 +29,7 @@ from tests.harness import (
     writer,
 )
 
-ROWS = 6000  # more than one leaf (2,000 rows), so differing ranges are cut again
+ROWS = 12_000  # more than two leaves (5,000 rows), so differing ranges are cut again
 
 SOURCE = f"""
 CREATE TABLE items (id bigint PRIMARY KEY, qty int, label text, price numeric(10, 3),
@@ -110,20 +110,20 @@ def test_changed_deleted_added_rows_are_named(pair: DbPair, tmp_path: Path, extr
     (found by cutting one range, or among many ranges summarised in one scan)."""
     execute(pair.target_dsn, "UPDATE copy_items SET price = price + 0.01 WHERE id = 4321",
             "DELETE FROM copy_items WHERE id = 17",
-            "INSERT INTO copy_items SELECT 9999, qty, label, price, seen, updated_at "
+            "INSERT INTO copy_items SELECT 99999, qty, label, price, seen, updated_at "
             "FROM copy_items WHERE id = 1")
     try:
         config = _config(pair, tmp_path, extra)
         result = cli("verify", "--json", "--table", "public.items", config=config)
         assert result.returncode == 1, result.stdout + result.stderr
         assert _keys(json.loads(result.stdout), "public.items") == {
-            "missing_on_target": [{"id": "17"}], "extra_on_target": [{"id": "9999"}],
+            "missing_on_target": [{"id": "17"}], "extra_on_target": [{"id": "99999"}],
             "different": [{"id": "4321"}]}
         table = cli("verify", "--table", "public.items", config=config)
         assert table.returncode == 1
         assert "public.items: missing on target: 17" in table.stdout
     finally:
-        execute(pair.target_dsn, "DELETE FROM copy_items WHERE id IN (9999, 4321, 17)")
+        execute(pair.target_dsn, "DELETE FROM copy_items WHERE id IN (99999, 4321, 17)")
         _copy(pair, "items WHERE id IN (4321, 17)", "copy_items",
               "id, qty, label, price, seen, updated_at")
 
