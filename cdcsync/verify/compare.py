@@ -84,14 +84,14 @@ class TableVerifier:
         for start in range(0, len(ranges), step):
             chunk = ranges[start:start + step]
             summaries = self._buckets(chunk) if in_one_scan else self._summaries(chunk)
-            for key_range, (src_count, src_hash, tgt_count, tgt_hash) in zip(
-                    chunk, summaries, strict=True):
+            for offset, (key_range, (src_count, src_hash, tgt_count, tgt_hash)) in enumerate(
+                    zip(chunk, summaries, strict=True), start=1):
                 rows += src_count
                 if (src_count, src_hash) != (tgt_count, tgt_hash):
                     found = found + self._descend(key_range, max(src_count, tgt_count),
                                                   src_count >= tgt_count)
-            if progress is not None:
-                progress(start + len(chunk), len(ranges))
+                if progress is not None:
+                    progress(start + offset, len(ranges))
         if found.count and self.sides.streaming():
             found = self._settle(found.keys())
         return Outcome(rows, found)

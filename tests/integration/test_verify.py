@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,21 @@ def test_text_keys_under_different_collations(dbpair_factory: Any) -> None:
         report = verify(settings_for(other, ("public.tags",), verify={"range_rows": 100}))
         assert report.tables[0].differences == Differences(missing=(("tag 1",),))
         assert report.tables[0].rows_compared == 500
+
+
+def test_progress_counts_every_range(pair: DbPair) -> None:
+    """The progress callback sees every first-level range done, in order, for each table."""
+    seen: dict[str, list[tuple[int, int]]] = {}
+
+    def progress(table: str) -> Callable[[int, int], None]:
+        return lambda done, total: seen.setdefault(table, []).append((done, total))
+
+    verify(settings_for(pair, TABLES, table=OVERRIDES, verify={"range_rows": 300}),
+           ["public.words", "public.things"], progress)
+    for table in ("public.words", "public.things"):
+        total = seen[table][-1][1]
+        assert total >= 2
+        assert seen[table] == [(done, total) for done in range(1, total + 1)]
 
 
 def test_unknown_table_exits_2(pair: DbPair, tmp_path: Path) -> None:
