@@ -171,6 +171,8 @@ _HASH_CALLS = {
 
 
 def _hash_call(type_name: str) -> str | None:
+    if type_name.endswith("]"):
+        return None
     if type_name.startswith("character varying"):
         return "hashtextextended({}, {})"
     if type_name.startswith("numeric("):

@@ -42,8 +42,12 @@ INSERT INTO pairs SELECT r, g, g / 3.0 FROM unnest(ARRAY['eu', 'us', 'ap']) r,
     generate_series(1, 400) g;
 CREATE TABLE words (w text PRIMARY KEY, c int);
 INSERT INTO words SELECT md5(g::text), g FROM generate_series(1, 900) g;
-CREATE TABLE things (id uuid PRIMARY KEY, body jsonb);
-INSERT INTO things SELECT md5(g::text)::uuid, jsonb_build_object('n', g)
+CREATE TABLE things (id uuid PRIMARY KEY, body jsonb, tags varchar(10)[], amounts numeric(8, 2)[],
+                     born date, ok bool, raw bytea, span interval, doc json, at timestamptz(3));
+INSERT INTO things SELECT md5(g::text)::uuid, jsonb_build_object('n', g),
+    CASE WHEN g % 5 > 0 THEN ARRAY['t' || g, 'u'] END, ARRAY[g / 3.0, NULL], date '2020-01-01' + g,
+    CASE WHEN g % 3 > 0 THEN g % 2 = 0 END, decode(md5(g::text), 'hex'), g * interval '1 hour',
+    json_build_object('g', g), '2024-01-01'::timestamptz + g * interval '1.5 second'
     FROM generate_series(1, 900) g;
 ANALYZE pairs;
 """
@@ -55,7 +59,8 @@ CREATE TABLE copy_items (id bigint PRIMARY KEY, qty bigint, label text, price nu
                          seen timestamptz, updated_at timestamptz NOT NULL);
 CREATE TABLE pairs (region text, n int, v float8, PRIMARY KEY (region, n));
 CREATE TABLE words (w text PRIMARY KEY, c int);
-CREATE TABLE things (id uuid PRIMARY KEY, body jsonb);
+CREATE TABLE things (id uuid PRIMARY KEY, body jsonb, tags varchar(10)[], amounts numeric(8, 2)[],
+                     born date, ok bool, raw bytea, span interval, doc json, at timestamptz(3));
 """
 TABLES = ("public.items", "public.pairs", "public.words", "public.things")
 OVERRIDES = [{"name": "public.items", "target": "public.copy_items",
@@ -185,6 +190,28 @@ def test_text_keys_under_different_collations(dbpair_factory: Any) -> None:
         report = verify(settings_for(other, ("public.tags",), verify={"range_rows": 100}))
         assert report.tables[0].differences == Differences(missing=(("tag 1",),))
         assert report.tables[0].rows_compared == 500
+
+
+def test_a_change_in_any_column_type_is_found(pair: DbPair) -> None:
+    """One changed row per column type (arrays, date, bool, bytea, interval, json, timestamptz(3),
+    and a value turned NULL) is reported, and nothing else."""
+    changes = {
+        2: "tags = ARRAY['t2', 'v']", 3: "amounts = ARRAY[1.01, NULL]", 4: "born = born + 1",
+        5: "ok = NOT ok", 6: "raw = raw || '\\x00'", 7: "span = span + interval '1 second'",
+        8: "doc = '{\"g\": 8.0}'", 10: "at = at + interval '1 millisecond'", 11: "tags = NULL",
+    }
+    statements = [f"UPDATE things SET {change} WHERE id = md5('{g}')::uuid"
+                  for g, change in changes.items()]
+    execute(pair.target_dsn, *statements)
+    try:
+        report = verify(settings_for(pair, TABLES, table=OVERRIDES), ["public.things"])
+        with psycopg.connect(pair.source_dsn) as conn:
+            expected = sorted((str(r[0]),) for r in conn.execute(
+                "SELECT md5(g::text)::uuid FROM unnest(%s::int[]) g", (list(changes),)))
+        assert report.tables[0].differences == Differences(differ=tuple(expected))
+    finally:
+        execute(pair.target_dsn, "TRUNCATE things")
+        _copy(pair, "things", "things")
 
 
 def test_progress_counts_every_range(pair: DbPair) -> None:
