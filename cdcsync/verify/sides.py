@@ -26,6 +26,7 @@ from cdcsync.model import Lsn
 
 Conn = psycopg.Connection[TupleRow]
 T = TypeVar("T")
+U = TypeVar("U")
 
 # Later -c options win, so these override whatever the DSN's own options say.
 PINNED = ("-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 "
@@ -52,11 +53,11 @@ class Sides:
     _source_thread: ThreadPoolExecutor
     _target_thread: ThreadPoolExecutor
 
-    def both(self, on_source: Callable[[Conn], T], on_target: Callable[[Conn], Any]
-             ) -> tuple[T, Any]:
+    def both(self, on_source: Callable[[Conn], T], on_target: Callable[[Conn], U]
+             ) -> tuple[T, U]:
         """Run one function on each side at the same time; return both results."""
-        left: Future[T] = self._source_thread.submit(on_source, self.source)
-        right: Future[Any] = self._target_thread.submit(on_target, self.target)
+        left = self._source_thread.submit(on_source, self.source)
+        right = self._target_thread.submit(on_target, self.target)
         return _result(left), _result(right)
 
     def on_source(self, work: Callable[[Conn], T]) -> T:
