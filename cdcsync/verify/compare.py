@@ -19,12 +19,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cdcsync.config import VerifySettings
+from cdcsync.keyrange import Key
 from cdcsync.model import Lsn
 from cdcsync.verify import sql as q
 from cdcsync.verify.report import Differences, TableResult, classify
 from cdcsync.verify.sides import Conn, Sides, fetch, source_lsn
 from cdcsync.verify.spec import TableSpec
-from cdcsync.verify.sql import Key, KeyRange
+from cdcsync.verify.sql import KeyRange
 
 LEAF_ROWS = 5_000       # a range this small is compared key by key
 FANOUT = 16             # sub-ranges a differing range is cut into

@@ -13,7 +13,7 @@ from typing import Any
 
 from psycopg import sql
 
-from cdcsync.verify.sql import Key
+from cdcsync.keyrange import Key
 
 KEYS_SHOWN = 100  # keys listed per kind of difference in the JSON report; the count is exact
 

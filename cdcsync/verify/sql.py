@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
+from cdcsync.keyrange import Key
 from cdcsync.verify.spec import Side
 
-Key = tuple[str, ...]
 Query = tuple[sql.Composed, list[object]]
 
 
