@@ -97,6 +97,16 @@ class TableVerifier:
             found = self._settle(found.keys())
         return Outcome(rows, found)
 
+    def recheck(self, keys: Sequence[Key]) -> Differences:
+        """Compare exactly ``keys`` again, past changes in flight if a consumer holds the slot."""
+        if not keys:
+            return Differences()
+        if self.sides.streaming():
+            return self._settle(list(keys))
+        src, tgt = self.sides.both(fetch(q.keys_hashes(self.spec.source, keys)),
+                                   fetch(q.keys_hashes(self.spec.target, keys)))
+        return classify(_hashes(src), _hashes(tgt))
+
     def _summaries(self, ranges: Sequence[KeyRange]) -> list[tuple[int, int, int, int]]:
         src, tgt = self.sides.both(fetch(q.summaries(self.spec.source, ranges)),
                                    fetch(q.summaries(self.spec.target, ranges)))

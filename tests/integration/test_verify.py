@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cdcsync import admin
 from cdcsync.metrics import Metrics
-from cdcsync.verify.command import verify
+from cdcsync.verify.command import verify, verify_keys
 from cdcsync.verify.job import ScheduledVerify
 from cdcsync.verify.report import Differences
 from tests.conftest import DbPair
@@ -212,6 +212,22 @@ def test_a_change_in_any_column_type_is_found(pair: DbPair) -> None:
     finally:
         execute(pair.target_dsn, "TRUNCATE things")
         _copy(pair, "things", "things")
+
+
+def test_verify_keys_checks_exactly_the_given_keys(pair: DbPair) -> None:
+    """verify_keys reports which of the given keys differ, and nothing once they are repaired."""
+    settings = settings_for(pair, TABLES, table=OVERRIDES)
+    keys = [("31",), ("32",), ("33",), ("99998",)]
+    execute(pair.target_dsn, "UPDATE copy_items SET qty = -1 WHERE id = 31",
+            "DELETE FROM copy_items WHERE id = 32")
+    try:
+        assert verify_keys(settings, "public.items", keys) == Differences(
+            missing=(("32",),), differ=(("31",),))
+    finally:
+        execute(pair.target_dsn, "DELETE FROM copy_items WHERE id IN (31, 32)")
+        _copy(pair, "items WHERE id IN (31, 32)", "copy_items",
+              "id, qty, label, price, seen, updated_at")
+    assert verify_keys(settings, "public.items", keys) == Differences()
 
 
 def test_progress_counts_every_range(pair: DbPair) -> None:
