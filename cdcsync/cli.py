@@ -19,6 +19,7 @@ from cdcsync.dsn import redact
 from cdcsync.errors import CdcsyncError
 from cdcsync.logs import configure, event
 from cdcsync.notify import Notifier
+from cdcsync.verify import command as verify_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     teardown = commands.add_parser("teardown", help="drop the slot and the publication")
     teardown.add_argument("--yes", action="store_true", help="confirm")
     _dead_letter_parser(commands)
+    verify = commands.add_parser("verify", help="compare source and target rows; exit 1 if "
+                                 "they differ")
+    verify.add_argument("--table", action="append", default=[], metavar="SCHEMA.TABLE",
+                        help="a configured source table to verify (repeatable; default: all)")
+    verify.add_argument("--json", action="store_true", help="machine-readable report")
     demo = commands.add_parser("demo", help="two throwaway clusters, a live workload, the sync")
     demo.add_argument("--seconds", type=float, default=20.0, help="how long the workload runs")
     demo.add_argument("--rate", type=int, default=2000, help="changes per second to generate")
@@ -71,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             logging.getLogger("cdcsync").exception("failed")
         print(f"cdcsync: {redact(str(exc))}", file=sys.stderr)
-        return exc.exit_code
+        # verify's exit code 1 means "the tables differ"; failing to decide is 2, always.
+        return 2 if args.command == "verify" else exc.exit_code
     except psycopg.Error as exc:
         # A database refusal no module translated: still one line, the database's own words.
         if args.debug:
@@ -79,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         detail = " ".join(str(exc).split()) or type(exc).__name__
         print(f"cdcsync: the database refused: {redact(detail)} — fix: correct what it names, "
               "then run the command again (--debug shows where it happened)", file=sys.stderr)
-        return 1
+        return 2 if args.command == "verify" else 1
     except KeyboardInterrupt:
         return 130
 
@@ -124,6 +131,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "dead-letters":
         return _dead_letters(settings, args)
+    if args.command == "verify":
+        return verify_command.main(settings, args.table, args.json)
     if args.command == "teardown":
         if not args.yes:
             print("cdcsync: teardown drops the slot and the publication; add --yes to confirm",

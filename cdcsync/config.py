@@ -110,6 +110,14 @@ class LogSettings(_Section):
     format: Literal["auto", "json", "text"] = "auto"
 
 
+class VerifySettings(_Section):
+    range_rows: int = Field(default=50_000, ge=100)
+    catchup_timeout_s: float = Field(default=60.0, gt=0)
+    rechecks: int = Field(default=3, ge=1, le=20)
+    interval_s: float = Field(default=0.0, ge=0)
+    sample_ranges: int = Field(default=4, ge=1)
+
+
 class TableOverride(_Section):
     """Per-table options; ``name`` is the source table ``schema.table``."""
 
@@ -142,6 +150,7 @@ class Settings(BaseModel):
     http: HttpSettings = HttpSettings()
     alerts: AlertSettings = AlertSettings()
     log: LogSettings = LogSettings()
+    verify: VerifySettings = VerifySettings()
 
     @field_validator("tables")
     @classmethod
@@ -176,6 +185,7 @@ class _Environment(BaseSettings):
     http: dict[str, Any] = {}
     alerts: dict[str, Any] = {}
     log: dict[str, Any] = {}
+    verify: dict[str, Any] = {}
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

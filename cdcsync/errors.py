@@ -6,7 +6,8 @@
     ├── SchemaMismatch           source and target tables disagree in a way cdcsync will not guess
     ├── ProtocolError            the replication stream carried bytes that do not decode
     ├── ApplyError               the target rejected a change
-    └── ConnectionLost           a connection dropped or could not be opened; the daemon retries
+    ├── ConnectionLost           a connection dropped or could not be opened; the daemon retries
+    └── VerifyError              verify could not tell whether the tables agree (exit code 2)
 
 Whether the daemon retries or halts is decided in one place, :func:`is_transient`.
 """
@@ -55,6 +56,12 @@ class ApplyError(CdcsyncError):
 
 class ConnectionLost(CdcsyncError):
     """A database connection was lost."""
+
+
+class VerifyError(CdcsyncError):
+    """verify could not finish the comparison."""
+
+    exit_code = 2
 
 
 def is_transient(exc: BaseException) -> bool:

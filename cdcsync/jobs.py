@@ -1,5 +1,6 @@
 """Periodic work beside the stream: the heartbeat, slot statistics, lag and alert thresholds,
-and the retention of old conflicts and dead letters on the target.
+the retention of old conflicts and dead letters on the target, and the optional scheduled
+verification.
 
 Jobs run on apscheduler's threads. A failing job is logged, counted in ``cdcsync_errors_total``
 and simply runs again at its next interval; it never stops the stream, and the stream's own
@@ -26,6 +27,7 @@ from cdcsync.metrics import Metrics
 from cdcsync.model import Lsn
 from cdcsync.pipeline import Progress
 from cdcsync.source import catalog
+from cdcsync.verify.job import ScheduledVerify
 
 HEARTBEAT_PREFIX = "cdcsync.heartbeat"
 
@@ -51,6 +53,10 @@ class Jobs:
         if interval > 0:
             self._scheduler.add_job(self.heartbeat, "interval", seconds=interval,
                                     id="heartbeat", max_instances=1, coalesce=True)
+        if self.settings.verify.interval_s > 0:
+            self._scheduler.add_job(ScheduledVerify(self.settings, self.metrics).run, "interval",
+                                    seconds=self.settings.verify.interval_s, id="verify",
+                                    max_instances=1, coalesce=True)
         self._scheduler.add_job(self.observe, "interval",
                                 seconds=self.settings.alerts.check_interval_s,
                                 id="observe", max_instances=1, coalesce=True)

@@ -105,6 +105,13 @@ class Metrics:
         self._standby = Gauge("cdcsync_standby", "1 while this process waits as a standby "
                               "because another one holds the slot's lock, 0 otherwise.",
                               ["slot"], registry=reg).labels(slot)
+        self._verify_differences = Gauge(
+            "cdcsync_verify_differences", "Keys whose rows differ between source and target, "
+            "as the scheduled verification last found them.", ["slot", "table"], registry=reg)
+        self._verify_full_pass = Gauge(
+            "cdcsync_verify_last_full_pass_timestamp_seconds", "Unix time at which the scheduled "
+            "verification last finished comparing every range of every table.", ["slot"],
+            registry=reg)
 
     def applied(self, table: str, op: str, count: int) -> None:
         """Count ``count`` changes of ``op`` (insert, update, delete, truncate) on ``table``."""
@@ -157,6 +164,13 @@ class Metrics:
         if standby:
             with self._lock:
                 self._lag_at = None
+    def verify_differences(self, table: str, count: int) -> None:
+        """Export the differing keys the scheduled verification knows of in ``table``."""
+        self._verify_differences.labels(self.slot_name, table).set(float(count))
+
+    def verify_full_pass(self, timestamp: float) -> None:
+        """Record that every range of every table was compared, at Unix time ``timestamp``."""
+        self._verify_full_pass.labels(self.slot_name).set(timestamp)
 
     def lag(self, seconds: float) -> None:
         """Report the lag as measured now; until the next report it keeps growing with the clock.

@@ -1,0 +1,174 @@
+"""verify throughput and its cost to the source: two tables of N rows each, in sync.
+
+Both tables are built on the source with ``generate_series`` and copied to the target directly
+(``COPY ... TO STDOUT`` into ``COPY ... FROM STDIN``), not through cdcsync, then vacuumed and
+analyzed on both sides. ``orders`` has a bigint key; ``events`` a composite (int, int) key.
+
+Each repetition runs :func:`cdcsync.verify.command.verify` in this process and prints its wall time,
+rows compared per second (rows of both tables / time), and the source's buffer accesses to the
+two tables during the run (``pg_statio_user_tables``: heap and index blocks, hit or read) against
+one sequential read of each table (its heap pages). It also times one bare hashing pass: each
+table's count and xor of verify's own row hash over the whole table, on both servers at once,
+one process each (no parallel workers, like verify's first-level scan): the floor verify's design
+aims at, so the ratio of the two says what ranges and bisection add, whatever else is running on
+this machine. Finally one run with 100 rows changed on the target shows the cost of finding
+differences. Medians are over ``--repeat`` runs.
+
+Run: ``python -m bench.verify --rows 1000000 --repeat 5 [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+
+from bench.common import BenchError, connect, execute, median, recreate_database, servers
+from cdcsync.config import Settings
+from cdcsync.source import catalog
+from cdcsync.verify import sql as q
+from cdcsync.verify.command import verify
+from cdcsync.verify.sides import fetch, open_sides
+from cdcsync.verify.spec import table_spec
+from cdcsync.verify.sql import KeyRange
+
+DB = "cdcsync_bench_verify"
+TABLES = ("orders", "events")
+SCHEMA = """
+CREATE TABLE orders (id bigint PRIMARY KEY, customer int NOT NULL, amount numeric(12, 2),
+                     status text, created_at timestamptz, updated_at timestamptz NOT NULL);
+CREATE TABLE events (account int, seq int, kind text, detail text, at timestamptz NOT NULL,
+                     PRIMARY KEY (account, seq));
+"""
+FILL = """
+INSERT INTO orders SELECT g, g % 5000, (g % 100000) / 100.0,
+    (ARRAY['new', 'paid', 'sent'])[g % 3 + 1], '2024-01-01'::timestamptz + g * interval '1 second',
+    now() FROM generate_series(1, {rows}) g;
+INSERT INTO events SELECT g / 100, g % 100, 'kind ' || g % 7, md5(g::text),
+    '2024-01-01'::timestamptz + g * interval '1 second' FROM generate_series(1, {rows}) g;
+"""
+STATIO = """
+SELECT sum(coalesce(heap_blks_read, 0) + coalesce(heap_blks_hit, 0)
+           + coalesce(idx_blks_read, 0) + coalesce(idx_blks_hit, 0))::bigint,
+       sum(pg_relation_size(relid) / current_setting('block_size')::int)::bigint
+FROM pg_statio_user_tables WHERE relname = ANY (%s)
+"""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build(source: str, target: str, rows: int) -> None:
+    execute(source, SCHEMA, FILL.format(rows=rows))
+    execute(target, SCHEMA)
+    for table in TABLES:
+        with connect(source) as src, connect(target) as tgt, \
+                src.cursor().copy(f"COPY {table} TO STDOUT") as out, \
+                tgt.cursor().copy(f"COPY {table} FROM STDIN") as into:
+            for block in out:
+                into.write(block)
+    for dsn in (source, target):
+        execute(dsn, *(f"VACUUM (FREEZE, ANALYZE) {t}" for t in TABLES))
+
+
+def source_blocks(source: str) -> tuple[int, int]:
+    """(buffer accesses to the tables so far, their heap pages) as the statistics show them."""
+    with connect(source) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = conn.execute(STATIO, (list(TABLES),)).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def hashing_pass(settings: Settings) -> float:
+    """Seconds for both servers, at once, to hash every row of each table once, with verify's
+    own row hash and connections but no ranges, one process each: the floor of a comparison."""
+    with open_sides(settings) as sides:
+        for conn in (sides.source, sides.target):
+            conn.execute("SET max_parallel_workers_per_gather = 0")
+        chosen = catalog.selected_tables(sides.source, settings.tables)
+        specs = [table_spec(sides.source, sides.target, settings, t) for t in chosen]
+        started = time.perf_counter()
+        for spec in specs:
+            whole = [KeyRange(None, None)]
+            sides.both(fetch(q.summaries(spec.source, whole)),
+                       fetch(q.summaries(spec.target, whole)))
+        return time.perf_counter() - started
+
+
+def run_once(settings: Settings, source: str, target: str) -> dict[str, Any]:
+    floor = hashing_pass(settings)
+    before, pages = source_blocks(source)
+    started = time.perf_counter()
+    report = verify(settings)
+    seconds = time.perf_counter() - started
+    # A backend flushes its table statistics when it exits; the verify connections have closed.
+    time.sleep(1.2)
+    after, _ = source_blocks(source)
+    rows = sum(t.rows_compared for t in report.tables)
+    return {"seconds": seconds, "rows": rows, "rows_per_s": rows / seconds,
+            "hashing_pass_seconds": floor, "verify_per_hashing_pass": seconds / floor,
+            "source_blocks": after - before, "one_seq_read_blocks": pages,
+            "differences": sum(t.differences.count for t in report.tables)}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows per table")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--source-dsn", help="an existing source server (admin DSN)")
+    parser.add_argument("--target-dsn", help="an existing target server (admin DSN)")
+    parser.add_argument("--json", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        with servers(args.source_dsn, args.target_dsn) as srv:
+            recreate_database(srv.source_admin, DB)
+            recreate_database(srv.target_admin, DB)
+            source, target = srv.source(DB), srv.target(DB)
+            log(f"building {len(TABLES)} tables of {args.rows} rows ...")
+            build(source, target, args.rows)
+            settings = Settings(tables=tuple(f"public.{t}" for t in TABLES),
+                                source={"dsn": source, "slot": "bench_verify"},
+                                target={"dsn": target})
+            runs = []
+            for repetition in range(args.repeat):
+                runs.append(run_once(settings, source, target))
+                log(f"run {repetition + 1}: {runs[-1]}")
+            execute(target, "UPDATE orders SET amount = amount + 1 WHERE id % 10000 = 0")
+            differing = run_once(settings, source, target)
+            log(f"with {differing['differences']} differences: {differing}")
+    except (BenchError, psycopg.Error) as exc:
+        log(f"bench failed: {exc}")
+        return 1
+    summary = {
+        "rows_per_table": args.rows, "runs": len(runs),
+        "median_seconds": median([r["seconds"] for r in runs]),
+        "median_rows_per_s": median([r["rows_per_s"] for r in runs]),
+        "median_hashing_pass_seconds": median([r["hashing_pass_seconds"] for r in runs]),
+        "median_verify_per_hashing_pass": median([r["verify_per_hashing_pass"] for r in runs]),
+        "median_source_blocks": median([r["source_blocks"] for r in runs]),
+        "one_seq_read_blocks": runs[0]["one_seq_read_blocks"],
+        "with_100_differences_seconds": differing["seconds"],
+    }
+    summary["source_blocks_per_seq_read"] = (summary["median_source_blocks"]
+                                             / summary["one_seq_read_blocks"])
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for key, value in summary.items():
+            print(f"{key:30} {value:,.2f}" if isinstance(value, float) else f"{key:30} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The scheduled verification is a periodic job of the daemon only when [verify] interval_s > 0."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from cdcsync.alerts import Alerter, Thresholds
+from cdcsync.config import Settings
+from cdcsync.health import Health
+from cdcsync.jobs import Jobs
+from cdcsync.localpg import free_port
+from cdcsync.metrics import Metrics
+from cdcsync.pipeline import Progress
+
+
+def _failed_jobs(interval_s: float, caplog: pytest.LogCaptureFixture) -> set[str]:
+    dsn = f"host=127.0.0.1 port={free_port()} dbname=x user=u connect_timeout=1"
+    settings = Settings(tables=("a.b",), source={"dsn": dsn, "heartbeat_interval_s": 0},
+                        target={"dsn": dsn}, alerts={"check_interval_s": 0.2},
+                        verify={"interval_s": interval_s})
+    jobs = Jobs(settings, Progress(), Metrics("s"), Health(),
+                Alerter(Thresholds(), slot="s", sentry=False))
+    caplog.set_level(logging.WARNING, logger="cdcsync")
+    logging.getLogger("cdcsync").propagate = True
+    def failed() -> list[str]:
+        return [getattr(r, "cdcsync_fields", {}).get("job") for r in caplog.records
+                if r.getMessage() == "job_failed"]
+
+    jobs.start()
+    try:
+        # Both jobs run every 0.2 s: three failures of observe give verify as many chances.
+        deadline = time.monotonic() + 15
+        while failed().count("observe") < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        jobs.close()
+    return set(failed())
+
+
+@pytest.mark.parametrize(("interval_s", "expected"), [(0.2, {"observe", "verify"}),
+                                                      (0.0, {"observe"})])
+def test_verify_job_runs_only_when_configured(caplog: pytest.LogCaptureFixture,
+                                              interval_s: float, expected: set[str]) -> None:
+    """With the source unreachable every job fails, which shows which jobs are scheduled."""
+    assert _failed_jobs(interval_s, caplog) == expected
