@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--table", action="append", default=[], metavar="SCHEMA.TABLE",
                         help="a configured source table to verify (repeatable; default: all)")
     verify.add_argument("--json", action="store_true", help="machine-readable report")
+    verify.add_argument("--repair", action="store_true",
+                        help="re-copy exactly the differing keys (online), then check them")
     demo = commands.add_parser("demo", help="two throwaway clusters, a live workload, the sync")
     demo.add_argument("--seconds", type=float, default=20.0, help="how long the workload runs")
     demo.add_argument("--rate", type=int, default=2000, help="changes per second to generate")
@@ -132,7 +134,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "dead-letters":
         return _dead_letters(settings, args)
     if args.command == "verify":
-        return verify_command.main(settings, args.table, args.json)
+        return verify_command.main(settings, args.table, args.json, repair=args.repair)
     if args.command == "teardown":
         if not args.yes:
             print("cdcsync: teardown drops the slot and the publication; add --yes to confirm",

@@ -34,6 +34,8 @@ from cdcsync.dsn import describe
 from cdcsync.errors import CdcsyncError, ConfigError
 from cdcsync.localpg import LocalCluster, local_clusters
 from cdcsync.model import Lsn
+from cdcsync.verify.command import verify
+from cdcsync.verify.report import VerifyReport
 
 NAME = "cdcsync_demo"
 TABLES = ("public.customers", "public.orders")
@@ -341,10 +343,9 @@ def _table_line(check: TableCheck) -> str:
 
 def report(drained: Drained, stats: RunStats, workload: Workload, out: TextIO) -> bool:
     """Print the verdict; True when every table is in sync and the conflict rule held."""
-    print("verify: row count and order-independent hash of every row, computed on each server",
-          file=out)
     for check in drained.checks:
-        print(_table_line(check), file=out)
+        if not check.ok:
+            print(_table_line(check), file=out)
     conflict_ok, verdict = _conflict_verdict(stats, drained.tier)
     print(verdict, file=out)
     if stats.lag_s:
@@ -397,12 +398,32 @@ def stream_and_verify(settings: Settings, seconds: float, rate: int, out: TextIO
         _raise_if_dead(runner, workload)
         print("workload stopped; waiting for the target to catch up", file=out, flush=True)
         drained = drain(settings, runner)
+        print("running cdcsync verify on every table", file=out, flush=True)
+        verified = verify(settings)
     finally:
         workload.stop.set()
         stopped = runner.close(STOP_BUDGET_S)
     if not stopped:
         print(f"warning: the daemon did not stop within {STOP_BUDGET_S:g} s", file=out)
-    return report(drained, stats, workload, out)
+    verify_ok = _verify_report(verified, drained, out)
+    return report(drained, stats, workload, out) and verify_ok
+
+
+def _verify_report(verified: VerifyReport, drained: Drained, out: TextIO) -> bool:
+    """Print what `cdcsync verify` found; True when the only differences are the keys where the
+    conflict rule kept the target's newer row."""
+    for line in verified.lines():
+        print(f"  {line}", file=out)
+    kept = {c.table: {(str(k),) for k in c.excluded} for c in drained.checks}
+    unexpected = [t.source_table for t in verified.tables
+                  if t.differences.missing or t.differences.extra
+                  or set(t.differences.differ) - kept.get(t.source_table, set())]
+    if unexpected:
+        print(f"verify: differences in {', '.join(unexpected)}", file=out)
+        return False
+    print("verify: every row equal, except where the conflict rule kept the target's newer row",
+          file=out)
+    return True
 
 
 def run_demo(*, seconds: float, rate: int, out: TextIO | None = None) -> int:

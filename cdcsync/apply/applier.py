@@ -144,11 +144,12 @@ class Applier:
         self._windows[table.oid] = name
 
     def apply_copied(self, copied: CopiedRows, order: KeyOrder, span: Span, *, windowed: bool,
-                     delete_missing: bool) -> int | None:
+                     delete_missing: bool, condition: str | None = None) -> int | None:
         """Merge rows copied from the source with the conflict rule; with ``delete_missing``,
-        delete target rows of ``span`` the copy lacks. Windowed (a resync chunk at its high
-        watermark), keys the stream changed since the low watermark are left to the stream;
-        None means that window was lost (a restart, a TRUNCATE): read the chunk again."""
+        delete target rows of ``span`` (and ``condition``) the copy lacks. Windowed (a resync
+        chunk at its high watermark), keys the stream changed since the low watermark are left
+        to the stream; None means that window was lost (a restart, a TRUNCATE): read the chunk
+        again."""
         table = copied.target
         # Changes still pending belong to the window: record their keys before closing it.
         self._flush()
@@ -168,7 +169,8 @@ class Applier:
             self._merger.flush(cur, [batch], cyclic=False)
             deleted = 0
             if delete_missing:
-                cur.execute(window.delete_missing(batch.stage, name, table, order, span))
+                cur.execute(window.delete_missing(batch.stage, name, table, order, span,
+                                                  condition=condition))
                 deleted = cur.rowcount
         self._busy_s += time.perf_counter() - started
         self._applied[(table.source_name, "copy")] += batch.inserts

@@ -70,14 +70,17 @@ def drop_changed(stage: str, window: str, table: TargetTable) -> sql.Composed:
 
 
 def delete_missing(stage: str, window: str | None, table: TargetTable, order: KeyOrder,
-                   span: Span) -> sql.Composed:
-    """Delete target rows of the chunk's key range that the source chunk does not hold."""
+                   span: Span, *, condition: str | None = None) -> sql.Composed:
+    """Delete target rows of the chunk's key range (narrowed by ``condition``, a condition on
+    key columns only) that the source chunk does not hold."""
     target = sql.Identifier(table.schema, table.name)
     statement = sql.SQL(
         "DELETE FROM {target} t WHERE {range} "
         "AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE {match})"
     ).format(target=target, range=key_range("t", order, order.target_types, span),
              stage=sql.Identifier(stage), match=_typed_match(table, "t", "s"))
+    if condition is not None:
+        statement += sql.SQL(" AND ({})").format(sql.SQL(condition))
     if window is not None:
         same = sql.SQL(" AND ").join(sql.SQL("w.{0} = t.{0}").format(sql.Identifier(c))
                                      for c in _key_columns(table))

@@ -36,7 +36,9 @@ class Outcome:
 
 
 def resync_table(settings: Settings, table: str, where: str | None, *,
-                 dry_run: bool) -> Outcome:
+                 dry_run: bool, purpose: str = "resync") -> Outcome:
+    """Re-copy ``table`` (rows matching ``where``); ``purpose`` "repair" also deletes the target
+    rows matching ``where`` that the source lacks (``where`` then names keys only)."""
     if not TABLE_NAME_RE.match(table):
         raise ConfigError(f"{table!r} is not schema.table",
                           fix="name the source table, e.g. public.orders")
@@ -62,7 +64,7 @@ def resync_table(settings: Settings, table: str, where: str | None, *,
         if dry_run:
             return Outcome(table, rows, dry_run=True, performed_by="nobody")
         info = catalog.slot_info(src, slot)
-        request_id = state.enqueue(tgt, slot, table, where, "resync")
+        request_id = state.enqueue(tgt, slot, table, where, purpose)
         event(logging.INFO, "resync_requested", slot=slot, table=table, request=request_id,
               where=where, rows=rows)
         holder = leader.lock_holder(tgt, slot)

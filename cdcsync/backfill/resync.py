@@ -58,6 +58,7 @@ class _Chunk:
     table: TargetTable
     order: KeyOrder
     delete_missing: bool
+    condition: str | None = None
     copied: CopiedRows | None = None
     span: Span = field(default_factory=Span)
     applied: int | None = None
@@ -114,7 +115,8 @@ class Resyncer:
         elif marker.get("mark") == "high" and chunk.copied is not None:
             chunk.applied = applier.apply_copied(chunk.copied, chunk.order, chunk.span,
                                                  windowed=True,
-                                                 delete_missing=chunk.delete_missing)
+                                                 delete_missing=chunk.delete_missing,
+                                                 condition=chunk.condition)
 
     def _run(self) -> None:
         while not self.stop.is_set():
@@ -190,8 +192,12 @@ class Resyncer:
         copied = 0
         retries = 0
         while True:
+            # A repair (verify --repair) names exactly the keys to make equal, so target rows
+            # among them that the source lacks are deleted too; a --where resync deletes nothing.
+            repair = request.purpose == "repair"
             chunk = _Chunk(request.id, number, table, order,
-                           delete_missing=request.where is None)
+                           delete_missing=request.where is None or repair,
+                           condition=request.where if repair else None)
             upto, rows = self._chunk(src, chunk, relation, after, request.where)
             if chunk.applied is None:
                 retries += 1

@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS cdcsync.resync_requests (
     slot          text        NOT NULL,
     table_name    text        NOT NULL,
     where_sql     text,
-    purpose       text        NOT NULL DEFAULT 'resync' CHECK (purpose IN ('resync', 'snapshot')),
+    purpose       text        NOT NULL DEFAULT 'resync'
+                              CHECK (purpose IN ('resync', 'snapshot', 'repair')),
     state         text        NOT NULL DEFAULT 'queued'
                               CHECK (state IN ('queued', 'running', 'done', 'failed')),
     rows_estimate bigint,

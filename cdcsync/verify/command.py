@@ -1,7 +1,8 @@
 """``cdcsync verify``: select tables, compare each, print the table or JSON, return the exit code.
 
-:func:`verify` is the Python entry point (the CLI and a repair use it), :func:`verify_keys`
-checks given keys again (after a repair), and :func:`main` is the command.
+:func:`verify` is the Python entry point, :func:`verify_keys` checks given keys again (after a
+repair), and :func:`main` is the command; ``--repair`` re-copies exactly the differing keys
+through the online resync path.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import TextIO
 
 import orjson
 
+from cdcsync.backfill import operator
 from cdcsync.config import Settings
 from cdcsync.errors import ConfigError
 from cdcsync.keyrange import Key
@@ -72,11 +74,38 @@ def _bar(stream: TextIO) -> Callable[[str], Progress]:
     return for_table
 
 
-def main(settings: Settings, tables: Sequence[str], as_json: bool) -> int:
-    """Run the command: 0 in sync, 1 when differences remain (errors raise, exit code 2)."""
+def main(settings: Settings, tables: Sequence[str], as_json: bool, *,
+         repair: bool = False) -> int:
+    """Run the command: 0 in sync (or repaired), 1 when differences remain (errors raise, exit
+    code 2)."""
     report = verify(settings, tables, _bar(sys.stderr) if sys.stderr.isatty() else None)
+    repaired = _repair(settings, report) if repair and not report.in_sync else None
     if as_json:
-        print(orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2).decode())
+        body = report.as_json()
+        if repaired is not None:
+            body["repair"] = {table: {"keys": count, "still_differ": left.count}
+                              for table, (count, left) in repaired.items()}
+        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
     else:
         print("\n".join(report.lines()))
+        for table, (count, left) in (repaired or {}).items():
+            print(f"repaired {table}: {count} keys re-copied, "
+                  f"{'in sync' if left.count == 0 else f'{left.count} still differ'}")
+    if repaired is not None:
+        return 0 if all(left.count == 0 for _, left in repaired.values()) else 1
     return 0 if report.in_sync else 1
+
+
+def _repair(settings: Settings, report: VerifyReport) -> dict[str, tuple[int, Differences]]:
+    """Re-copy exactly the differing keys of each table through the online resync path (which
+    also deletes keys the source lacks), then compare those keys again."""
+    done: dict[str, tuple[int, Differences]] = {}
+    for table in report.tables:
+        if table.in_sync:
+            continue
+        keys = table.keys()
+        condition = table.key_condition(keys).as_string(None)
+        operator.resync_table(settings, table.source_table, condition, dry_run=False,
+                              purpose="repair")
+        done[table.source_table] = (len(keys), verify_keys(settings, table.source_table, keys))
+    return done

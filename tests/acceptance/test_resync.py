@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import orjson
 import psycopg
 import pytest
 
@@ -158,3 +159,25 @@ def test_resync_during_heavy_updates_never_regresses_a_row(pair: DbPair) -> None
         watch.join()
     assert watch.samples > 5
     assert watch.regressed == []
+
+
+def test_verify_repair_recopies_exactly_the_differing_keys(pair: DbPair) -> None:
+    """verify names the drifted keys; --repair makes them equal (deleting the target-only ones)
+    through the online resync path while the daemon streams; verify then exits 0."""
+    with running(settings_for(pair, snapshot={"chunk_rows": 700})) as runner:
+        wait_for(converged(pair, [TABLE]), runner=runner, what="streaming")
+        _drift(pair)
+        found = cli("verify", "--json", config=_config(pair), timeout=120)
+        assert found.returncode == 1, found.stderr
+        entry = orjson.loads(found.stdout)["tables"][0]
+        assert (entry["missing_on_target"]["count"], entry["extra_on_target"]["count"],
+                entry["different"]["count"]) == (2, 2, 3)
+        fixed = cli("verify", "--repair", config=_config(pair), timeout=180)
+        assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+        assert "repaired public.accounts: 7 keys re-copied, in sync" in fixed.stdout
+        assert cli("verify", config=_config(pair), timeout=120).returncode == 0
+        assert converged(pair, [TABLE])()
+    with psycopg.connect(pair.target_dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT purpose, state, rows_copied FROM cdcsync.resync_requests "
+                           "ORDER BY id DESC LIMIT 1").fetchone()
+    assert row == ("repair", "done", 5)

@@ -32,6 +32,7 @@ def test_demo_syncs_verifies_and_cleans_up() -> None:
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     assert "result: in sync" in output
+    assert "verify: every row equal, except where the conflict rule kept" in output
     assert "conflicts=1" in output
     assert "target's newer row survived" in output
     match = re.search(r"clusters in (\S+):", output)

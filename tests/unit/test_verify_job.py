@@ -40,8 +40,8 @@ def _failed_jobs(interval_s: float, caplog: pytest.LogCaptureFixture) -> set[str
     return set(failed())
 
 
-@pytest.mark.parametrize(("interval_s", "expected"), [(0.2, {"observe", "verify"}),
-                                                      (0.0, {"observe"})])
+@pytest.mark.parametrize(("interval_s", "expected"), [(0.2, {"observe", "retention", "verify"}),
+                                                      (0.0, {"observe", "retention"})])
 def test_verify_job_runs_only_when_configured(caplog: pytest.LogCaptureFixture,
                                               interval_s: float, expected: set[str]) -> None:
     """With the source unreachable every job fails, which shows which jobs are scheduled."""
