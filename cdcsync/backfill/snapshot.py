@@ -206,9 +206,26 @@ class _Copier:
         empty = tgt.execute(sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {})").format(
             target)).fetchone()
         if empty and empty[0]:
-            return self._fill_empty(src, tgt, relation, table)
-        # Rows already there: the merge applies the conflict rule to each, and deletes what the
-        # source does not hold.
+            tgt.execute("SAVEPOINT cdcsync_copy")
+            try:
+                return self._fill_empty(src, tgt, relation, table)
+            except psycopg.Error as exc:
+                if isinstance(exc, psycopg.OperationalError):
+                    raise
+                # A row the target refuses: the merge path pins it down and applies
+                # [apply] on_error to it. The interrupted COPY may have spoiled this source
+                # session; the exported snapshot still serves a new one.
+                tgt.execute("ROLLBACK TO SAVEPOINT cdcsync_copy")
+                event(logging.WARNING, "copy_refused", slot=self.settings.source.slot,
+                      table=relation.qualified, reason=str(exc).strip().splitlines()[0],
+                      then="copying through the staging tables and the merge")
+            with _source(self.settings, self.snapshot) as fresh:
+                return self._fill_merged(fresh, tgt, relation, table)
+        return self._fill_merged(src, tgt, relation, table)
+
+    def _fill_merged(self, src: Conn, tgt: Conn, relation: Relation, table: TargetTable) -> int:
+        """Rows already there, or a refused row: the merge applies the conflict rule and the
+        error policy to each row, and deletes what the source does not hold."""
         order = source_rows.key_order(src, tgt, relation, table)
         applier = Applier(tgt, self.settings)
         after = None

@@ -113,12 +113,12 @@ CASES = {
         expected=("column(s) note of the source table public.narrow are missing on the target "
                   'public.narrow (schema_changes = "halt")',
                   "fix: run ALTER TABLE public.narrow ADD COLUMN note text; on the target")),
-    # The initial snapshot copies a row the target refuses: no module names this one, the
-    # command line still prints it on one line.
+    # The initial snapshot copies a row the target refuses: the merge path names it.
     "row the target refuses during the snapshot": Case(
         tables=("public.checked",),
-        expected=("cdcsync: the database refused: new row for relation \"checked\" violates "
-                  "check constraint", "fix: correct what it names")),
+        expected=("cdcsync: the target rejected a change to public.checked (key 1) committed "
+                  "at source LSN", 'violates check constraint "checked_qty_check"',
+                  "fix: correct the target table or the row, then run `cdcsync run` again")),
     "target with fewer columns (check)": Case(
         tables=("public.narrow",), command="check",
         expected=("FAIL  target tables: missing or incomplete on the target: public.narrow",

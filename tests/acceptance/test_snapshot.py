@@ -181,3 +181,25 @@ def test_a_table_added_later_is_copied_online_alone(
             requests = conn.execute("SELECT table_name, purpose, state "
                                     "FROM cdcsync.resync_requests").fetchall()
         assert requests == [("public.second", "snapshot", "done")]
+
+
+def test_a_row_the_target_refuses_during_the_snapshot_becomes_a_dead_letter(
+        dbpair_factory: Callable[[str], AbstractContextManager[DbPair]], tmp_path: Path) -> None:
+    """With on_error = "dead_letter", the plain COPY's failure falls back to the merge, which
+    sets the refused row aside and copies every other one."""
+    with dbpair_factory("snapdead") as pair:
+        execute(pair.source_dsn, "CREATE TABLE checked (id int PRIMARY KEY, qty int)",
+                "INSERT INTO checked SELECT g, g FROM generate_series(1, 2000) g",
+                "UPDATE checked SET qty = -1 WHERE id = 777")
+        execute(pair.target_dsn, "CREATE TABLE checked (id int PRIMARY KEY, "
+                                 "qty int CHECK (qty >= 0))")
+        config = write_config(tmp_path / "cdcsync.toml", pair)
+        assert cli("setup", config=config).returncode == 0
+        with running(settings_for(pair, apply={"on_error": "dead_letter"})) as runner:
+            wait_for(lambda: _all_ready(pair.target_dsn, ["public.checked"]), runner=runner,
+                     what="the snapshot")
+        with psycopg.connect(pair.target_dsn, autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM checked").fetchone() == (1999,)
+            letters = conn.execute("SELECT table_name, key, operation "
+                                   "FROM cdcsync.dead_letters").fetchall()
+        assert letters == [("public.checked", {"id": "777"}, "insert")]
