@@ -16,10 +16,12 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
+from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
 from cdcsync import checkpoint
@@ -290,12 +292,8 @@ class Pipeline:
                           table=relation.qualified,
                           hint=f"it is in {where} but not in `tables`; ignored")
                 return None
-            dsn = with_session_options(self.settings.source.dsn.get_secret_value(), "cdcsync")
-            try:
-                with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as src:
-                    source_types = catalog.column_types(src, relation)
-            except psycopg.OperationalError as exc:
-                raise ConnectionLost(f"cannot reach the source: {exc}") from exc
+            with self._source() as src:
+                source_types = catalog.column_types(src, relation)
             with self.pool.connection() as conn:
                 table = tables.resolve(conn, self.settings, relation, source_types=source_types,
                                        previous=self._relations.get(relation.oid))
@@ -304,18 +302,25 @@ class Pipeline:
 
         return resolve
 
+    @contextmanager
+    def _source(self) -> Iterator[psycopg.Connection[TupleRow]]:
+        """A short autocommit connection to the source; failing to connect is transient."""
+        dsn = with_session_options(self.settings.source.dsn.get_secret_value(), "cdcsync")
+        try:
+            conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            raise ConnectionLost(f"cannot reach the source: {exc}") from exc
+        with conn:
+            yield conn
+
     def _resume_position(self, saved: checkpoint.Checkpoint | None) -> Lsn:
         """The checkpoint, once it is known to cover everything the slot has released."""
         slot = self.settings.source.slot
         if saved is None:
             raise PrerequisiteError(f"the target holds no checkpoint for slot {slot!r}",
                                     fix="run `cdcsync setup`")
-        dsn = with_session_options(self.settings.source.dsn.get_secret_value(), "cdcsync")
-        try:
-            with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as src:
-                info = catalog.slot_info(src, slot)
-        except psycopg.OperationalError as exc:
-            raise ConnectionLost(f"cannot reach the source: {exc}") from exc
+        with self._source() as src:
+            info = catalog.slot_info(src, slot)
         if info is None:
             raise PrerequisiteError(
                 f"replication slot {slot!r} does not exist on the source",

@@ -17,22 +17,11 @@ from psycopg.rows import TupleRow
 
 from cdcsync.errors import PrerequisiteError, ProtocolError
 from cdcsync.keyrange import Key, KeyOrder, Span, key_range
-from cdcsync.model import Column, Lsn, Relation, TargetTable
+from cdcsync.model import Lsn, Relation, TargetTable
+from cdcsync.source import catalog
 from cdcsync.source.tuples import COPY_HEADER, COPY_TRAILER
 
 Conn = psycopg.Connection[TupleRow]
-
-_RELATION_SQL = """
-SELECT c.oid, c.relreplident, a.attname, a.atttypid, a.atttypmod,
-       coalesce(a.attnum = ANY (i.indkey), false)
-FROM pg_class c
-JOIN pg_namespace n ON n.oid = c.relnamespace
-JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                   AND a.attgenerated = ''
-LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
-WHERE n.nspname = %s AND c.relname = %s
-ORDER BY a.attnum
-"""
 
 _KEY_TYPES_SQL = """
 SELECT a.attname, format_type(a.atttypid, a.atttypmod), coll.collname
@@ -42,15 +31,13 @@ WHERE a.attrelid = %s AND a.attname = ANY (%s)
 
 
 def relation_of(conn: Conn, qualified: str) -> Relation:
-    """The source table as a Relation message would describe it (generated columns are not
-    streamed, so they are not copied either)."""
+    """The source table as a Relation message would describe it."""
     schema, _, name = qualified.partition(".")
-    rows = conn.execute(_RELATION_SQL, (schema, name)).fetchall()
-    if not rows:
+    relation = catalog.describe_table(conn, schema, name)
+    if relation is None:
         raise PrerequisiteError(f"source table {qualified} does not exist",
                                 fix="correct the table name, or create it on the source")
-    columns = tuple(Column(str(r[2]), int(r[3]), int(r[4]), bool(r[5])) for r in rows)
-    return Relation(int(rows[0][0]), schema, name, str(rows[0][1]), columns)
+    return relation
 
 
 def key_order(source: Conn, target: Conn, relation: Relation, table: TargetTable) -> KeyOrder:

@@ -27,12 +27,14 @@ ORDER BY 1, 2
 
 
 # Key columns as pgoutput flags them: those of the replica identity index, else the primary key.
+# Generated columns are not streamed (pgoutput leaves them out), so they are not described.
 _DESCRIBE_SQL = """
 SELECT c.oid, c.relreplident, a.attname, a.atttypid, a.atttypmod,
        coalesce(a.attnum = ANY (i.indkey), false)
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                   AND a.attgenerated = ''
 LEFT JOIN pg_index i ON i.indrelid = c.oid
      AND (i.indisreplident OR (c.relreplident <> 'i' AND i.indisprimary))
 WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')
