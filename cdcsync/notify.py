@@ -63,7 +63,10 @@ class Notifier:
             address = "\0" + address[1:]  # Linux abstract namespace
         payload = "\n".join(a.replace("\n", " ") for a in assignments).encode()
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # Non-blocking: a receiver that stops reading fills its queue (10 datagrams by
+            # default), and a blocking send would then stall the loop that sends watchdog pings.
+            flags = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            with socket.socket(socket.AF_UNIX, flags) as sock:
                 sock.connect(address)
                 sock.sendall(payload)
         except OSError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,3 +107,15 @@ def test_status_refreshed_without_watchdog(listener: tuple[socket.socket, str]) 
     clock.now += 1
     health.beat()
     assert _received(sock) == ["READY=1\nSTATUS=snapshotting", "STATUS=snapshotting"]
+
+
+def test_a_receiver_that_stops_reading_never_blocks_the_sender(
+        listener: tuple[socket.socket, str]) -> None:
+    """Unread datagrams fill the socket's queue; further sends fail at once instead of blocking
+    the daemon's loop (the watchdog pings come from it)."""
+    _, path = listener
+    notifier = Notifier(path)
+    started = time.monotonic()
+    sent = [notifier.send(f"STATUS=ping {i}") for i in range(200)]
+    assert time.monotonic() - started < 2.0
+    assert sent[0] and not all(sent)
