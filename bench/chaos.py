@@ -15,7 +15,11 @@ in a shuffled order, each after a random pause:
 After each fault the source's WAL insert position is read as soon as the fault is over (servers
 answering, daemon restarted); "caught up" is the target checkpoint reaching it, and the recovery
 time runs from injecting the fault to that moment. Then ``cdcsync verify`` compares every table
-(its live rechecks handle the rows the workload keeps changing). If the daemon exits on its own,
+while the writers go on. Keys it reports are checked again with the writers paused and the target
+caught up: a key still different then is a real divergence ("persisting"); one that agrees was a
+change in flight (verify's live rechecks only run while a consumer holds the slot, and the daemon
+briefly releases it while it reconnects after a fault). Once the workload stops, a last verify
+must find no difference at all. If the daemon exits on its own,
 it is started again, as its service manager would, and the exit is reported; a fault after which
 it does not catch up within ``catchup_timeout_s`` is reported as needing a human.
 
@@ -210,6 +214,7 @@ class Fault:
     differences: int = 0  # keys the live verify reported
     persisting: int = 0  # of those, keys still different once the writers paused
     found: list[str] = field(default_factory=list)  # what verify reported, table by table
+    slot_held: bool = True  # whether the daemon held the slot both before and after verify
     daemon_exits: list[str] = field(default_factory=list)
 
 
@@ -298,7 +303,9 @@ class Chaos:
 
     def verify(self, fault: Fault, workload: Workload | None = None) -> None:
         """``cdcsync verify`` live; keys it reports are checked again with the writers paused."""
+        held = self._slot_held()
         result = verify(self.settings)
+        fault.slot_held = held and self._slot_held()
         fault.rows_compared = sum(t.rows_compared for t in result.tables)
         fault.differences = sum(t.differences.count for t in result.tables)
         fault.found = [f"{t.source_table}: missing {list(d.missing)[:5]}, extra "
@@ -321,6 +328,12 @@ class Chaos:
                     fault.found.append(note)
         finally:
             workload.paused.clear()
+
+    def _slot_held(self) -> bool:
+        with psycopg.connect(self.source_dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
+                               (self.settings.source.slot,)).fetchone()
+        return bool(row and row[0])
 
     def _classify(self, table: str, keys: Sequence[Key], reported: float) -> tuple[int, str]:
         still = verify_keys(self.settings, table, keys)
