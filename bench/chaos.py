@@ -368,8 +368,10 @@ class Chaos:
             assert postmaster is not None, "the target is not running"
             pids = [postmaster, *_children(postmaster)]
             _signal_all(pids, signal.SIGSTOP)
-            time.sleep(self.hang_s)
-            _signal_all(pids, signal.SIGCONT)
+            try:
+                time.sleep(self.hang_s)
+            finally:
+                _signal_all(pids, signal.SIGCONT)
         else:
             raise ValueError(kind)
 
