@@ -1,0 +1,135 @@
+"""Backlog drain across a slow link: cdcsync and native logical replication, each over a relay.
+
+The link a managed target sits behind is stood in for by :mod:`bench.relay`, adding ``--delay-ms``
+(default 10) to every byte in each direction. Each consumer crosses it once, where it would in
+production:
+
+* cdcsync runs next to the source and reaches the target through the relay (its ``[target] dsn``
+  points at the relay);
+* the native subscription lives in the target and pulls from the source through the relay (its
+  ``CONNECTION`` points at the relay).
+
+Then the same backlog (bench.throughput's ``mix`` scenario: inserts, updates, deletes in
+``--txn-rows``-change transactions) is drained by each consumer alone, one after the other, the
+order alternating between repetitions; both targets are compared with the source afterwards.
+Rates are from starting the consumer (the daemon's startup crosses the link too); the drain
+seconds count from the consumer holding its slot.
+
+Run: ``python -m bench.wan [--rows 100000] [--txn-rows 100] [--delay-ms 10] [--repeat 1]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from bench import throughput as tp
+from bench.common import BenchError, Servers, connect, execute, median, servers
+from bench.relay import Relay
+
+
+def _via(dsn: str, relay: Relay) -> str:
+    return make_conninfo(dsn, host="127.0.0.1", port=relay.port)
+
+
+def _port(dsn: str) -> int:
+    return int(str(conninfo_to_dict(dsn).get("port", 5432)))
+
+
+def run_once(srv: Servers, args: argparse.Namespace, repetition: int, workdir: Path,
+             relays: tuple[Relay, Relay]) -> dict[str, Any]:
+    """One backlog drained by each consumer; ``relays``: to the source, to the target."""
+    to_source, to_target = relays
+    load = tp.workload("mix", args.rows, args.txn_rows, 0)
+    config = tp.cdcsync_config(srv, "info", "pgoutput")
+    config["target"]["dsn"] = _via(config["target"]["dsn"], to_target)
+    tp.prepare(srv, load, {"pgoutput": config})
+    with connect(srv.target(tp.NATIVE_DB)) as conn:
+        conn.execute(sql.SQL("ALTER SUBSCRIPTION {} CONNECTION {}").format(
+            sql.Identifier(tp.SUBSCRIPTION),
+            sql.Literal(_via(srv.source(tp.SOURCE_DB), to_source))))
+    source = srv.source(tp.SOURCE_DB)
+    tp.log(f"[wan #{repetition + 1}] writing {load.changes:,} changes in "
+           f"{len(load.transactions):,} transactions")
+    _, marker, _ = tp.generate(source, load)
+    expected = tp.fingerprint(source)
+    poller = tp.Poller(srv, marker, args.timeout)
+    order = ["native", "cdcsync"] if repetition % 2 == 0 else ["cdcsync", "native"]
+    seconds: dict[str, float] = {}
+    drains: dict[str, float] = {}
+    try:
+        for consumer in order:
+            tp.log(f"[wan #{repetition + 1}] draining with {consumer} through the relay")
+            drain = (tp.drain_native(srv, poller) if consumer == "native"
+                     else tp.drain_cdcsync(srv, poller, config, workdir, None))
+            seconds[consumer] = drain.seconds
+            drains[consumer] = drain.drain_seconds
+    finally:
+        poller.close()
+    verified = (tp.fingerprint(srv.target(tp.NATIVE_DB)) == expected
+                and tp.fingerprint(srv.target(tp.CDCSYNC_DB)) == expected)
+    result = {"changes": load.changes, "transactions": len(load.transactions),
+              "order": " then ".join(order), "verified": verified,
+              **{f"{c}_s": round(s, 2) for c, s in seconds.items()},
+              **{f"{c}_drain_s": round(s, 2) for c, s in drains.items()},
+              **{f"{c}_rows_per_s": round(load.changes / s) for c, s in seconds.items()}}
+    tp.log(json.dumps(result))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.wan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--txn-rows", type=int, default=100)
+    parser.add_argument("--delay-ms", type=float, default=10.0, help="added in each direction")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.txn_rows < 6:
+        parser.error("--txn-rows must be >= 6")
+    runs: list[dict[str, Any]] = []
+    try:
+        with servers() as srv, tempfile.TemporaryDirectory(prefix="cdcsync-wan-") as tmp, \
+                Relay(_port(srv.source_admin), args.delay_ms / 1000) as to_source, \
+                Relay(_port(srv.target_admin), args.delay_ms / 1000) as to_target:
+            execute(srv.target_admin, "ALTER SYSTEM SET wal_retrieve_retry_interval = '100ms'",
+                    "SELECT pg_reload_conf()")
+            try:
+                for repetition in range(args.repeat):
+                    runs.append(run_once(srv, args, repetition, Path(tmp), (to_source, to_target)))
+            finally:
+                tp.reset(srv)
+    except (BenchError, psycopg.Error) as exc:
+        tp.log(f"bench failed: {exc}")
+        return 1
+    summary = {
+        "runs": len(runs), "delay_ms_each_way": args.delay_ms, "changes": runs[0]["changes"],
+        "native_rows_per_s": median([r["native_rows_per_s"] for r in runs]),
+        "cdcsync_rows_per_s": median([r["cdcsync_rows_per_s"] for r in runs]),
+        "native_drain_s": median([r["native_drain_s"] for r in runs]),
+        "cdcsync_drain_s": median([r["cdcsync_drain_s"] for r in runs]),
+        "verified": all(r["verified"] for r in runs),
+    }
+    print(json.dumps({"summary": summary, "runs": runs}, indent=2) if args.json else
+          f"{summary['changes']:,} changes, {args.delay_ms:g} ms added each way, median of "
+          f"{len(runs)} run(s): native {summary['native_rows_per_s']:,.0f} rows/s, cdcsync "
+          f"{summary['cdcsync_rows_per_s']:,.0f} rows/s (from start; from holding the slot: "
+          f"native {summary['native_drain_s']:.2f} s, cdcsync {summary['cdcsync_drain_s']:.2f} s),"
+          f" targets equal the source: "
+          f"{summary['verified']}")
+    return 0 if summary["verified"] else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
