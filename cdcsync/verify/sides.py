@@ -18,6 +18,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
+from cdcsync import leader
 from cdcsync.admin import connection_error
 from cdcsync.config import Settings
 from cdcsync.dsn import with_session_options
@@ -67,9 +68,13 @@ class Sides:
         return _result(self._target_thread.submit(work, self.target))
 
     def streaming(self) -> bool:
-        """Whether a consumer holds the slot, i.e. changes may be in flight to the target."""
+        """Whether changes may be in flight to the target: a consumer holds the slot, or a
+        cdcsync process holds the slot's lock on the target (it may be between two connections
+        to the source, reconnecting after a fault)."""
         row = self.on_source(lambda c: c.execute(_SLOT_ACTIVE_SQL, (self.slot,)).fetchone())
-        return bool(row and row[0])
+        if row and row[0]:
+            return True
+        return self.on_target(lambda c: leader.lock_holder(c, self.slot)) is not None
 
     def wait_for_checkpoint(self, lsn: Lsn, timeout_s: float) -> None:
         """Return once the target holds every source commit up to ``lsn``."""
