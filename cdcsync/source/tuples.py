@@ -37,6 +37,8 @@ _SEQ: Final = struct.Struct(">iq")
 _LSN_FIELD: Final = struct.Struct(">iQ")
 _TIME_FIELD: Final = struct.Struct(">iq")
 _OP_FIELD: Final = {op: _I32.pack(1) + bytes([op]) for op in b"IUDM"}
+# Field count, then the sequence number, operation, LSN and commit time fields of _meta.
+_META: Final = struct.Struct(">h" "iq" "iB" "iQ" "iq")
 _T, _N, _U = ord("t"), ord("n"), ord("u")
 
 
@@ -60,30 +62,36 @@ def stage_rows(relation: Relation, rows: Sequence[PendingRow]) -> tuple[bytes, i
 
 
 def _stage_rows(relation: Relation, rows: Sequence[PendingRow]) -> tuple[bytes, int]:
+    # Hot: every field goes into one flat list joined once, the metadata fields are packed by one
+    # struct call, and the mask field is replaced in place for the rare row with TOAST marks.
     width = len(relation.columns)
-    head = _I16.pack(width + 5)
+    fields = width + 5
     zero_mask = text_field(b"0" * width)
     out: list[bytes] = []
+    append = out.append
+    pack_meta = _META.pack
+    length = _U32.unpack_from
+    text, null, unchanged = _T, _N, _U
     union = 0
     for payload, start, op, seq, lsn, commit_time in rows:
-        (count,) = _I16.unpack_from(payload, start)
-        if count != width:
-            raise ProtocolError(f"tuple of {relation.qualified} has {count} columns, "
+        if payload[start] << 8 | payload[start + 1] != width:
+            raise ProtocolError(f"tuple of {relation.qualified} has "
+                                f"{_I16.unpack_from(payload, start)[0]} columns, "
                                 f"its Relation message {width}")
-        parts = _meta(head, seq, op, lsn, commit_time, mask=zero_mask)
-        append = parts.append
+        append(pack_meta(fields, 8, seq, 1, op, 8, lsn, 8, commit_time))
+        append(zero_mask)
         off = start + 2
         mask = 0
         for i in range(width):
             kind = payload[off]
-            if kind == _T:
-                end = off + 5 + _U32.unpack_from(payload, off + 1)[0]
+            if kind == text:
+                end = off + 5 + length(payload, off + 1)[0]
                 append(payload[off + 1 : end])
                 off = end
-            elif kind == _N:
+            elif kind == null:
                 append(NULL)
                 off += 1
-            elif kind == _U:
+            elif kind == unchanged:
                 append(NULL)
                 mask |= 1 << i
                 off += 1
@@ -93,9 +101,8 @@ def _stage_rows(relation: Relation, rows: Sequence[PendingRow]) -> tuple[bytes, 
         if off > len(payload):
             raise ProtocolError(f"truncated tuple of {relation.qualified}")
         if mask:
-            parts[5] = _mask_field(mask, width)
+            out[-width - 1] = _mask_field(mask, width)
             union |= mask
-        out.append(b"".join(parts))
     return b"".join(out), union
 
 
