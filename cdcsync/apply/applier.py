@@ -119,6 +119,8 @@ class Applier:
         pending.rows.extend(rows.rows)
         pending.only_inserts = pending.only_inserts and not (rows.updates or rows.deletes)
         pending.inserts += rows.inserts
+        pending.changes += rows.inserts + rows.updates + rows.deletes
+        pending.deletes += rows.deletes
         pending.unchanged_mask |= rows.unchanged_mask
         name = table.source_name
         self._applied[(name, "insert")] += rows.inserts

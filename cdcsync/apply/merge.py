@@ -35,6 +35,10 @@ _ORDER_SENSITIVE = (pgerrors.UniqueViolation, pgerrors.ForeignKeyViolation,
 # [apply] on_error = "dead_letter" sets aside. Anything else (a missing privilege or column)
 # would reject every change alike and halts under either policy.
 _ROW_ERROR_CLASSES = ("22", "23", "P0")
+# After a batch of inserts met keys already on the target, that table's next batches of inserts
+# go straight to the upsert: a table the stream keeps re-inserting into (a resync over existing
+# rows) does not pay for a refused plain insert every flush.
+_UPSERT_ONLY_FLUSHES = 32
 
 
 @dataclass(slots=True)
@@ -47,6 +51,8 @@ class Staged:
     rows: list[bytes] = field(default_factory=list)
     only_inserts: bool = True
     inserts: int = 0
+    changes: int = 0
+    deletes: int = 0
     unchanged_mask: int = 0
 
 
@@ -69,6 +75,7 @@ class Merger:
         self.on_error = on_error
         self.conflicts: Counter[str] = Counter()
         self.dead_letters: Counter[str] = Counter()
+        self._upsert_only: Counter[int] = Counter()
 
     def take_counts(self) -> tuple[Counter[str], Counter[str]]:
         """The conflicts and dead letters counted since the last call, per table."""
@@ -114,6 +121,7 @@ class Merger:
         self._fill(cur, batch)
         if not batch.only_inserts:
             cur.execute(q.keep_last_versions(batch.stage, batch.table))
+            batch.changes -= cur.rowcount
 
     def _fill(self, cur: Cur, batch: Staged) -> None:
         relation = batch.relation
@@ -124,6 +132,8 @@ class Merger:
     def _upsert(self, cur: Cur, batch: Staged, where: sql.Composable = q.NO_FILTER,
                 params: tuple[int, ...] = ()) -> None:
         table = batch.table
+        if batch.only_inserts and not params and self._insert_plainly(cur, batch):
+            return
         if table.conflict is None:
             cur.execute(q.upsert(batch.stage, table, where), params)
             if batch.unchanged_mask:
@@ -131,6 +141,9 @@ class Merger:
             return
         if batch.only_inserts and not params:
             full, partial = batch.inserts, 0  # no duplicate keys and no TOAST marks to count
+        elif not (params or batch.deletes or batch.unchanged_mask):
+            # Collapsed, a batch without deletes or TOAST marks holds exactly the full rows.
+            full, partial = batch.changes, 0
         else:
             full, partial, _ = self._candidates(cur, batch, where, params)
         applied = 0
@@ -143,10 +156,27 @@ class Merger:
         if applied < full + partial:
             self._record_conflicts(cur, batch, "upsert", where, params)
 
+    def _insert_plainly(self, cur: Cur, batch: Staged) -> bool:
+        """Insert a batch of inserts without ON CONFLICT. False when a key is already on the
+        target: nothing was inserted, and the batch goes through the upsert and its rule."""
+        oid = batch.table.oid
+        if self._upsert_only[oid] > 0:
+            self._upsert_only[oid] -= 1
+            return False
+        cur.execute("SAVEPOINT cdcsync_insert")
+        try:
+            cur.execute(q.insert(batch.stage, batch.table))
+        except pgerrors.UniqueViolation:
+            cur.execute("ROLLBACK TO SAVEPOINT cdcsync_insert")
+            self._upsert_only[oid] = _UPSERT_ONLY_FLUSHES
+            return False
+        cur.execute("RELEASE SAVEPOINT cdcsync_insert")
+        return True
+
     def _delete(self, cur: Cur, batch: Staged, where: sql.Composable = q.NO_FILTER,
                 params: tuple[int, ...] = ()) -> None:
         table = batch.table
-        if batch.only_inserts:
+        if not batch.deletes:
             return
         cur.execute(q.delete(batch.stage, table, where), params)
         if table.conflict_is_time and cur.rowcount < self._candidates(cur, batch, where,

@@ -91,6 +91,25 @@ def test_insert_losing_to_a_newer_target_row_is_logged(pair: DbPair) -> None:
     assert rows == [("upsert",)]
 
 
+def test_insert_over_an_older_target_row_replaces_it(pair: DbPair) -> None:
+    """An insert-only batch meeting an older row already on the target replaces it (the plain
+    insert is refused and the batch goes through the rule), and later batches still apply."""
+    execute(pair.target_dsn, "INSERT INTO customers VALUES (20, 'target', 't20@x', "
+                             "now() - interval '1 day')")
+    with running(settings_for(pair)) as runner:
+        execute(pair.source_dsn, "INSERT INTO customers VALUES (20, 'source', 's20@x', now())")
+        wait_for(lambda: any(r[:2] == (20, "source") for r in table_rows(
+            pair.target_dsn, "public.customers")), runner=runner, what="customer 20 replaced")
+        execute(pair.source_dsn, "INSERT INTO customers VALUES (21, 'next', 'n21@x', now())")
+        wait_for(lambda: any(r[0] == 21 for r in table_rows(pair.target_dsn,
+                                                              "public.customers")),
+                 runner=runner, what="customer 21")
+    with psycopg.connect(pair.target_dsn) as conn:
+        rows = conn.execute("SELECT count(*) FROM cdcsync.conflicts "
+                            "WHERE key->>'id' IN ('20', '21')").fetchone()
+    assert rows == (0,)
+
+
 def test_foreign_keys_apply_parents_first_and_children_deleted_first(pair: DbPair) -> None:
     """Parent and child rows inserted and deleted in the same transactions never violate the FK."""
     with running(settings_for(pair)) as runner:
