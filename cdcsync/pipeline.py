@@ -121,7 +121,7 @@ class Reader(threading.Thread):
         try:
             while not self.halt.is_set():
                 for payload in self.stream.read(0.2):
-                    items = self.assembler.feed(payload, self.stream.last_start)
+                    items = self.assembler.feed(payload, self._last_start)
                     for item in items:
                         if isinstance(item, TxnStart):
                             self._open_txn = item.final_lsn
@@ -135,6 +135,9 @@ class Reader(threading.Thread):
             self.error = exc
         except BaseException as exc:
             self.error = exc
+
+    def _last_start(self) -> Lsn:
+        return self.stream.last_start
 
     def _advance_when_idle(self) -> None:
         # WAL written to tables we do not publish (or other databases) carries nothing for us,

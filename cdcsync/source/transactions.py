@@ -72,16 +72,19 @@ class Assembler(ABC):
     def in_transaction(self) -> bool:
         return self._in_txn
 
-    def feed(self, payload: bytes, lsn: Lsn | None = None) -> list[StreamItem]:
+    def feed(self, payload: bytes, lsn: Lsn | Callable[[], Lsn] | None = None
+             ) -> list[StreamItem]:
         """Consume one message; return the items it completes (often none).
 
-        ``lsn`` is where the message starts in the WAL: a :class:`ProtocolError` names it."""
+        ``lsn`` is where the message starts in the WAL, or how to find it (decoding it for
+        every message is measurable on the hot path): a :class:`ProtocolError` names it."""
         try:
             return self._feed(payload)
         except ProtocolError as exc:
             if lsn is None:
                 raise
-            raise ProtocolError(f"at LSN {lsn}: {exc.message}",
+            where = lsn() if callable(lsn) else lsn
+            raise ProtocolError(f"at LSN {where}: {exc.message}",
                                 fix="report it with the server version; the checkpoint has not "
                                     "moved past it") from exc
 
