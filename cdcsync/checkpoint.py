@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from importlib import resources
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import TupleRow
 
 from cdcsync.model import Lsn
 
 _SAVE = """
 INSERT INTO cdcsync.checkpoint AS c (slot, lsn, commit_time, updated_at)
-VALUES (%s, %s::pg_lsn, %s, now())
+VALUES ({slot}, {lsn}::pg_lsn, {commit_time}, now())
 ON CONFLICT (slot) DO UPDATE SET
     lsn = GREATEST(c.lsn, excluded.lsn),
     commit_time = CASE WHEN excluded.lsn >= c.lsn
@@ -52,8 +53,15 @@ def load(conn: psycopg.Connection[TupleRow], slot: str) -> Checkpoint | None:
     return Checkpoint(Lsn.parse(str(row[0])), commit_time)
 
 
+def save_statement(slot: str, lsn: Lsn, commit_time: dt.datetime | None) -> sql.Composed:
+    """The statement recording ``lsn``, values included, so that it can travel in one query
+    with the COMMIT; ``commit_time`` None keeps the stored one (a position with no commit)."""
+    return sql.SQL(_SAVE).format(slot=sql.Literal(slot), lsn=sql.Literal(str(lsn)),
+                                 commit_time=sql.Literal(commit_time))
+
+
 def save(
     cur: psycopg.Cursor[TupleRow], slot: str, lsn: Lsn, commit_time: dt.datetime | None
 ) -> None:
     """Record ``lsn``; ``commit_time`` None keeps the stored one (a position with no commit)."""
-    cur.execute(_SAVE, (slot, str(lsn), commit_time))
+    cur.execute(save_statement(slot, lsn, commit_time))

@@ -36,6 +36,7 @@ from cdcsync.errors import (
     SchemaMismatch,
     is_transient,
 )
+from cdcsync.handoff import Handoff
 from cdcsync.health import Health
 from cdcsync.logs import event
 from cdcsync.metrics import Metrics
@@ -56,7 +57,10 @@ from cdcsync.source.replication import ReplicationStream
 from cdcsync.source.transactions import Assembler, Resolver, TransactionAssembler
 from cdcsync.source.wal2json_assembler import Wal2jsonAssembler
 
-QUEUE_ITEMS = 64
+# What the reader may run ahead of the applier, in staged bytes of changes.
+HANDOFF_BYTES = 16 << 20
+# What an item without rows (a transaction's start or end, a message) counts for.
+_ITEM_BYTES = 64
 _IDLE_ADVANCE_EVERY_S = 1.0
 
 
@@ -70,6 +74,10 @@ class IdleAdvance:
 Item = StreamItem | IdleAdvance
 MessageHandler = Callable[[SourceMessage, Applier], None]
 """Called in stream order for each logical message (resync watermarks), with the applier."""
+
+
+def _item_bytes(item: Item) -> int:
+    return item.size_bytes if isinstance(item, ChangeChunk) else _ITEM_BYTES
 
 
 def pgoutput_options(publication: str) -> dict[str, str]:
@@ -103,7 +111,7 @@ class Reader(threading.Thread):
     """Reads the slot into ``items``; reports ``applied`` back to the server as flushed."""
 
     def __init__(self, stream: ReplicationStream, assembler: Assembler,
-                 items: queue.Queue[Item]) -> None:
+                 items: Handoff[Item]) -> None:
         super().__init__(name="cdcsync-reader", daemon=True)
         self.stream = stream
         self.assembler = assembler
@@ -234,7 +242,7 @@ class Pipeline:
                                        status_interval_s=self.settings.source.status_interval_s)
             assembler = self._assembler(start)
             stream.start(start, self._options())
-            items: queue.Queue[Item] = queue.Queue(maxsize=QUEUE_ITEMS)
+            items: Handoff[Item] = Handoff(HANDOFF_BYTES, _item_bytes)
             reader = Reader(stream, assembler, items)
             reader.start()
             applier = Applier(conn, self.settings)
@@ -348,7 +356,7 @@ class Pipeline:
             )
         return saved.lsn
 
-    def _apply_loop(self, reader: Reader, applier: Applier, items: queue.Queue[Item]) -> None:
+    def _apply_loop(self, reader: Reader, applier: Applier, items: Handoff[Item]) -> None:
         max_delay = self.settings.apply.max_delay_ms / 1000
         while not self.stop.is_set():
             self.health.beat()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import psycopg
 from psycopg import errors as pgerrors
+from psycopg import sql
 from psycopg.rows import TupleRow
 
 from cdcsync import checkpoint
@@ -203,9 +204,12 @@ class Applier:
         self._flush()
         started = time.perf_counter()
         if save_checkpoint:
+            # The checkpoint and the COMMIT in one query: one round trip fewer per batch.
             with self.conn.cursor() as cur:
-                checkpoint.save(cur, self.slot, end.end_lsn, end.commit_time)
-        self.conn.commit()
+                cur.execute(sql.SQL("{}; COMMIT").format(
+                    checkpoint.save_statement(self.slot, end.end_lsn, end.commit_time)))
+        else:
+            self.conn.commit()
         conflicts, dead_letters = self._merger.take_counts()
         done = Committed(end.end_lsn, end.commit_time, self._transactions, self._rows,
                          self._busy_s + time.perf_counter() - started, self._applied,

@@ -2,11 +2,12 @@
 
 A flush is merged in bulk: TOASTed values an update did not resend are filled, every version of a
 key but the last is dropped, then one upsert, one partial update and one delete per table, parents
-before children. If the target refuses the merged batch, the batch is merged again in runs of
-consecutive changes in source order, halving every run the target refuses: an order-sensitive
-batch (a unique value moving between rows) then succeeds, and a change the target rejects on its
-own is pinned down exactly, then set aside as a dead letter or named by the error that halts.
-Nothing here commits: the applier owns the transaction.
+before children, all sent in one round trip (a target across a WAN pays for each). If the target
+refuses the merged batch, the batch is merged again in runs of consecutive changes in source
+order, halving every run the target refuses: an order-sensitive batch (a unique value moving
+between rows) then succeeds, and a change the target rejects on its own is pinned down exactly,
+then set aside as a dead letter or named by the error that halts. Nothing here commits: the
+applier owns the transaction.
 """
 
 from __future__ import annotations
@@ -57,6 +58,39 @@ class Staged:
 
 
 @dataclass(frozen=True, slots=True)
+class _Result:
+    rowcount: int
+    row: tuple[int, ...] | None
+
+
+class _Script:
+    """Statements sent together as one simple query, so they cost one round trip; the first
+    to fail stops the rest and raises."""
+
+    def __init__(self) -> None:
+        self._statements: list[sql.Composable] = []
+
+    def add(self, statement: sql.Composable) -> int:
+        """Append ``statement``; the index of its result."""
+        self._statements.append(statement)
+        return len(self._statements) - 1
+
+    def run(self, cur: Cur) -> list[_Result]:
+        """Each statement's row count and, for a query, its first row."""
+        cur.execute(sql.SQL("; ").join(self._statements), prepare=False)
+        results: list[_Result] = []
+        while True:
+            row = cur.fetchone() if cur.description is not None else None
+            results.append(_Result(cur.rowcount, None if row is None else tuple(row)))
+            if not cur.nextset():
+                break
+        if len(results) != len(self._statements):
+            raise ApplyError(f"the target answered {len(results)} of the "
+                             f"{len(self._statements)} merge statements sent together")
+        return results
+
+
+@dataclass(frozen=True, slots=True)
 class _Step:
     """One staged change, as the fallback addresses it."""
 
@@ -90,62 +124,123 @@ class Merger:
         if cyclic:
             self._replay(cur, batches)
             return
-        cur.execute("SAVEPOINT cdcsync_flush")
+        refused = self._attempt(cur, batches)
+        if refused is not None and self._refused_plain_insert(refused, batches):
+            refused = self._attempt(cur, batches)
+        if refused is not None:
+            # Merged in ever shorter runs of consecutive changes in source order, an
+            # order-sensitive batch succeeds, and any other failure is pinned to the exact
+            # change (set aside, or named).
+            event(logging.INFO if isinstance(refused, _ORDER_SENSITIVE) else logging.WARNING,
+                  "batch_replayed_in_source_order", slot=self.slot,
+                  rows=sum(len(b.rows) for b in batches), reason=str(refused).splitlines()[0])
+            self._split(cur, batches)
+
+    def _attempt(self, cur: Cur, batches: list[Staged]) -> pgerrors.Error | None:
+        """Merge in bulk and record the changes the conflict rule turned down; if the target
+        refuses, roll the merge back and say why."""
         try:
-            self._merge(cur, batches)
+            lost = self._merge(cur, batches)
         except pgerrors.Error as exc:
             if isinstance(exc, psycopg.OperationalError):
                 raise
-            # The staged rows are back as they were copied. Merged in ever shorter runs of
-            # consecutive changes in source order, an order-sensitive batch succeeds, and any
-            # other failure is pinned to the exact change (set aside, or named).
+            # The staged rows are back as they were copied.
             cur.execute("ROLLBACK TO SAVEPOINT cdcsync_flush")
-            event(logging.INFO if isinstance(exc, _ORDER_SENSITIVE) else logging.WARNING,
-                  "batch_replayed_in_source_order", slot=self.slot,
-                  rows=sum(len(b.rows) for b in batches), reason=str(exc).splitlines()[0])
-            self._split(cur, batches)
-        else:
-            cur.execute("RELEASE SAVEPOINT cdcsync_flush")
+            return exc
+        for batch, operation in lost:
+            self._record_conflicts(cur, batch, operation, q.NO_FILTER, ())
+        return None
 
-    def _merge(self, cur: Cur, batches: list[Staged]) -> None:
+    def _merge(self, cur: Cur, batches: list[Staged]) -> list[tuple[Staged, str]]:
+        """The whole bulk merge in one round trip: in a savepoint, collapse each batch, then
+        upserts parents first and deletes children first (parents' rows must exist before
+        children reference them, children must be gone before their parents are deleted).
+        Says which batch and operation lost changes to the conflict rule, as the row counts
+        tell."""
+        script = _Script()
+        script.add(sql.SQL("SAVEPOINT cdcsync_flush"))
+        collapsed: dict[int, int] = {}
+        counted: dict[int, int] = {}
+        upserted: dict[int, list[int]] = {}
+        deleted: dict[int, int] = {}
         for batch in batches:
-            self._collapse(cur, batch)
-        # Parents' rows must exist before children reference them, and children must be gone
-        # before their parents are deleted.
+            oid = batch.table.oid
+            for statement in self._fills(batch):
+                script.add(statement)
+            if not batch.only_inserts:
+                collapsed[oid] = script.add(q.keep_last_versions(batch.stage, batch.table))
+            if self._needs_counts(batch):
+                counted[oid] = script.add(q.count_candidates(batch.stage))
         for batch in batches:
-            self._upsert(cur, batch)
+            upserted[batch.table.oid] = [script.add(s) for s in self._upserts(batch)]
         for batch in reversed(batches):
-            self._delete(cur, batch)
+            if batch.deletes:
+                deleted[batch.table.oid] = script.add(q.delete(batch.stage, batch.table))
+        script.add(sql.SQL("RELEASE SAVEPOINT cdcsync_flush"))
+        results = script.run(cur)
+        lost: list[tuple[Staged, str]] = []
+        for batch in batches:
+            oid = batch.table.oid
+            if oid in collapsed:
+                batch.changes -= results[collapsed[oid]].rowcount
+            counts = results[counted[oid]].row if oid in counted else None
+            table = batch.table
+            if table.conflict is not None:
+                full, partial = (counts[0], counts[1]) if counts else (batch.changes, 0)
+                if sum(results[i].rowcount for i in upserted[oid]) < full + partial:
+                    lost.append((batch, "upsert"))
+            if (oid in deleted and table.conflict_is_time and counts
+                    and results[deleted[oid]].rowcount < counts[2]):
+                lost.append((batch, "delete"))
+        return lost
 
-    def _collapse(self, cur: Cur, batch: Staged) -> None:
-        self._fill(cur, batch)
-        if not batch.only_inserts:
-            cur.execute(q.keep_last_versions(batch.stage, batch.table))
-            batch.changes -= cur.rowcount
+    @staticmethod
+    def _needs_counts(batch: Staged) -> bool:
+        """Whether telling lost changes apart needs the collapsed batch counted: with deletes or
+        TOAST marks, how many of its rows the upsert and the delete should apply is unknown."""
+        return batch.table.conflict is not None and bool(batch.deletes or batch.unchanged_mask)
 
-    def _fill(self, cur: Cur, batch: Staged) -> None:
-        relation = batch.relation
-        for i, column in enumerate(relation.column_names):
-            if batch.unchanged_mask >> i & 1 and column in batch.table.columns:
-                cur.execute(q.fill_unchanged(batch.stage, batch.table, relation, column))
-
-    def _upsert(self, cur: Cur, batch: Staged, where: sql.Composable = q.NO_FILTER,
-                params: tuple[int, ...] = ()) -> None:
+    def _upserts(self, batch: Staged) -> list[sql.Composed]:
         table = batch.table
-        if batch.only_inserts and not params and self._insert_plainly(cur, batch):
-            return
+        if batch.only_inserts:
+            if self._upsert_only[table.oid] > 0:
+                self._upsert_only[table.oid] -= 1
+            else:
+                return [q.insert(batch.stage, table)]
+        statements = [q.upsert(batch.stage, table)]
+        if batch.unchanged_mask:
+            statements.append(q.partial_update(batch.stage, table, batch.relation))
+        return statements
+
+    def _refused_plain_insert(self, exc: pgerrors.Error, batches: list[Staged]) -> bool:
+        """Whether ``exc`` is a key of a batch of inserts already on the target: its table then
+        goes through the upsert and its rule, this flush and the next few."""
+        if not isinstance(exc, pgerrors.UniqueViolation):
+            return False
+        for batch in batches:
+            table = batch.table
+            if (batch.only_inserts and self._upsert_only[table.oid] == 0
+                    and exc.diag.schema_name == table.schema
+                    and exc.diag.table_name == table.name):
+                self._upsert_only[table.oid] = _UPSERT_ONLY_FLUSHES
+                return True
+        return False
+
+    def _fills(self, batch: Staged) -> list[sql.Composed]:
+        relation = batch.relation
+        return [q.fill_unchanged(batch.stage, batch.table, relation, column)
+                for i, column in enumerate(relation.column_names)
+                if batch.unchanged_mask >> i & 1 and column in batch.table.columns]
+
+    def _upsert(self, cur: Cur, batch: Staged, where: sql.Composable,
+                params: tuple[int, ...]) -> None:
+        table = batch.table
         if table.conflict is None:
             cur.execute(q.upsert(batch.stage, table, where), params)
             if batch.unchanged_mask:
                 cur.execute(q.partial_update(batch.stage, table, batch.relation, where), params)
             return
-        if batch.only_inserts and not params:
-            full, partial = batch.inserts, 0  # no duplicate keys and no TOAST marks to count
-        elif not (params or batch.deletes or batch.unchanged_mask):
-            # Collapsed, a batch without deletes or TOAST marks holds exactly the full rows.
-            full, partial = batch.changes, 0
-        else:
-            full, partial, _ = self._candidates(cur, batch, where, params)
+        full, partial, _ = self._candidates(cur, batch, where, params)
         applied = 0
         if full:
             cur.execute(q.upsert(batch.stage, table, where), params)
@@ -155,23 +250,6 @@ class Merger:
             applied += cur.rowcount
         if applied < full + partial:
             self._record_conflicts(cur, batch, "upsert", where, params)
-
-    def _insert_plainly(self, cur: Cur, batch: Staged) -> bool:
-        """Insert a batch of inserts without ON CONFLICT. False when a key is already on the
-        target: nothing was inserted, and the batch goes through the upsert and its rule."""
-        oid = batch.table.oid
-        if self._upsert_only[oid] > 0:
-            self._upsert_only[oid] -= 1
-            return False
-        cur.execute("SAVEPOINT cdcsync_insert")
-        try:
-            cur.execute(q.insert(batch.stage, batch.table))
-        except pgerrors.UniqueViolation:
-            cur.execute("ROLLBACK TO SAVEPOINT cdcsync_insert")
-            self._upsert_only[oid] = _UPSERT_ONLY_FLUSHES
-            return False
-        cur.execute("RELEASE SAVEPOINT cdcsync_insert")
-        return True
 
     def _delete(self, cur: Cur, batch: Staged, where: sql.Composable = q.NO_FILTER,
                 params: tuple[int, ...] = ()) -> None:
@@ -225,7 +303,8 @@ class Merger:
         2k log2(n) merges, where applying each change on its own costs n."""
         steps = self._steps(cur, batches)
         for batch in batches:
-            self._fill(cur, batch)
+            for statement in self._fills(batch):
+                cur.execute(statement)
         self._merge_run(cur, batches, steps)
         for batch in batches:
             cur.execute(q.drop_stage_index(batch.stage))

@@ -160,8 +160,9 @@ def upsert(name: str, table: TargetTable, where: sql.Composable = NO_FILTER) -> 
 
 
 def insert(name: str, table: TargetTable) -> sql.Composed:
-    """Insert every staged row, without ON CONFLICT: for a batch of inserts only, tried first in
-    a savepoint, since a plain insert costs the target less than an upsert's speculative one."""
+    """Insert every staged row, without ON CONFLICT: for a batch of inserts only, tried first
+    (the merge's savepoint undoes it if a key is already there), since a plain insert costs the
+    target less than an upsert's speculative one."""
     return sql.SQL("INSERT INTO {target} ({columns}) SELECT {values} FROM {stage} s").format(
         target=_target(table),
         columns=sql.SQL(", ").join(_ident(c) for c in table.columns),
