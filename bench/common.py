@@ -230,6 +230,12 @@ class Daemon:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=(self.workdir / "py-spy.log").open("ab"))
 
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise BenchError("the daemon was not started")
+        return self.proc.pid
+
     def ensure_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
             raise BenchError(f"cdcsync run exited with code {self.proc.returncode}:\n"

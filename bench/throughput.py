@@ -46,6 +46,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from bench import cpu
 from bench.common import (
     BenchError,
     Daemon,
@@ -88,6 +89,11 @@ class Drain:
     drain_seconds: float  # from the consumer holding its slot to drained
     peak_rss_mb: float | None = None
     verified: bool = False
+    cpu_s: dict[str, float] | None = None  # CPU seconds per process role (local servers only)
+
+    @property
+    def cpu_total(self) -> float | None:
+        return None if self.cpu_s is None else sum(self.cpu_s.values())
 
 
 @dataclass
@@ -334,9 +340,11 @@ def drain_native(srv: Servers, poller: Poller) -> Drain:
         conn.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(ident))
         try:
             held, finished = poller.wait(SUBSCRIPTION, applied, "the native subscription", alive)
+            used = (cpu.usage(cpu.native_pids(poller.source, conn, SUBSCRIPTION, SUBSCRIPTION))
+                    if srv.local else None)
         finally:
             conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
-    return Drain(finished - started, finished - held)
+    return Drain(finished - started, finished - held, cpu_s=used)
 
 
 def drain_cdcsync(srv: Servers, poller: Poller, config: dict[str, Any], workdir: Path,
@@ -354,10 +362,12 @@ def drain_cdcsync(srv: Servers, poller: Poller, config: dict[str, Any], workdir:
         with daemon:
             held, finished = poller.wait(slot, applied, f"cdcsync run ({decoder})",
                                          daemon.ensure_alive)
+            used = (cpu.usage(cpu.cdcsync_pids(poller.source, conn, daemon.pid, slot))
+                    if srv.local else None)
             code = daemon.stop()
         if code != 0:
             raise BenchError(f"cdcsync run exited with {code} after SIGTERM:\n{daemon.log_tail()}")
-    return Drain(finished - started, finished - held, peak_rss_mb=daemon.peak_rss_mb)
+    return Drain(finished - started, finished - held, peak_rss_mb=daemon.peak_rss_mb, cpu_s=used)
 
 
 def fingerprint(dsn: str) -> tuple[Any, ...]:
@@ -438,8 +448,20 @@ def summarise(results: Sequence[RunResult]) -> list[dict[str, Any]]:
             "cdcsync_peak_rss_mb": round(max(r.cdcsync[decoder].peak_rss_mb or 0.0
                                              for r in runs), 1),
             "verified": all(r.native.verified and r.cdcsync[decoder].verified for r in runs),
+            **_cpu_columns("native", [r.native for r in runs]),
+            **_cpu_columns("cdcsync", [r.cdcsync[decoder] for r in runs]),
         })
     return rows
+
+
+def _cpu_columns(consumer: str, drains: Sequence[Drain]) -> dict[str, Any]:
+    """Median CPU seconds of the drains, in all and per process role."""
+    measured = [d.cpu_s for d in drains if d.cpu_s is not None]
+    if not measured:
+        return {f"{consumer}_cpu_s": None, f"{consumer}_cpu_by_role": None}
+    return {f"{consumer}_cpu_s": round(median([sum(m.values()) for m in measured]), 2),
+            f"{consumer}_cpu_by_role": {role: round(median([m.get(role, 0.0) for m in measured]), 2)
+                                        for role in measured[0]}}
 
 
 COLUMNS = (
@@ -453,6 +475,8 @@ COLUMNS = (
     ("cdcsync_drain_s", "(drain)", "{:.2f}"),
     ("cdcsync_rows_per_s", "cdcsync rows/s", "{:,}"),
     ("ratio", "ratio", "{:.2f}"),
+    ("native_cpu_s", "native CPU s", "{}"),
+    ("cdcsync_cpu_s", "cdcsync CPU s", "{}"),
     ("cdcsync_peak_rss_mb", "peak RSS MB", "{:.0f}"),
     ("verified", "verified", "{}"),
 )
@@ -467,7 +491,9 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     lines.insert(1, "-" * len(lines[0]))
     notes = ("s: wall time from starting the consumer to drained; (drain): from the consumer "
              "holding its slot; rows/s from the wall time; ratio: cdcsync rows/s / native rows/s "
-             "(median of the per-run ratios); peak RSS: the cdcsync process (max over runs)")
+             "(median of the per-run ratios); CPU s: CPU seconds of the consumer's processes "
+             "(native: apply worker and walsender; cdcsync: daemon, its target connections and "
+             "walsender), local servers only; peak RSS: the cdcsync process (max over runs)")
     return "\n".join(lines) + "\n" + notes
 
 

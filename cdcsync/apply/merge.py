@@ -201,25 +201,35 @@ class Merger:
         return batch.table.conflict is not None and bool(batch.deletes or batch.unchanged_mask)
 
     def _upserts(self, batch: Staged) -> list[sql.Composed]:
-        table = batch.table
-        if batch.only_inserts:
-            if self._upsert_only[table.oid] > 0:
-                self._upsert_only[table.oid] -= 1
-            else:
-                return [q.insert(batch.stage, table)]
-        statements = [q.upsert(batch.stage, table)]
+        """The statements writing the batch's full and partial rows: inserts plainly while the
+        table has not lately refused a plain insert, everything else through the upsert."""
+        table, stage = batch.table, batch.stage
+        statements: list[sql.Composed] = []
+        if batch.inserts and self._may_insert_plainly(table.oid):
+            if batch.only_inserts:
+                return [q.insert(stage, table)]
+            statements += [q.insert(stage, table, q.op_is("I")),
+                           q.upsert(stage, table, q.op_is("U"))]
+        else:
+            statements.append(q.upsert(stage, table))
         if batch.unchanged_mask:
-            statements.append(q.partial_update(batch.stage, table, batch.relation))
+            statements.append(q.partial_update(stage, table, batch.relation))
         return statements
 
+    def _may_insert_plainly(self, oid: int) -> bool:
+        if self._upsert_only[oid] > 0:
+            self._upsert_only[oid] -= 1
+            return False
+        return True
+
     def _refused_plain_insert(self, exc: pgerrors.Error, batches: list[Staged]) -> bool:
-        """Whether ``exc`` is a key of a batch of inserts already on the target: its table then
-        goes through the upsert and its rule, this flush and the next few."""
+        """Whether ``exc`` is a plainly inserted key already on the target: its table then goes
+        through the upsert and its rule, this flush and the next few."""
         if not isinstance(exc, pgerrors.UniqueViolation):
             return False
         for batch in batches:
             table = batch.table
-            if (batch.only_inserts and self._upsert_only[table.oid] == 0
+            if (batch.inserts and self._upsert_only[table.oid] == 0
                     and exc.diag.schema_name == table.schema
                     and exc.diag.table_name == table.name):
                 self._upsert_only[table.oid] = _UPSERT_ONLY_FLUSHES

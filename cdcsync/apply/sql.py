@@ -159,15 +159,21 @@ def upsert(name: str, table: TargetTable, where: sql.Composable = NO_FILTER) -> 
     return statement
 
 
-def insert(name: str, table: TargetTable) -> sql.Composed:
-    """Insert every staged row, without ON CONFLICT: for a batch of inserts only, tried first
-    (the merge's savepoint undoes it if a key is already there), since a plain insert costs the
-    target less than an upsert's speculative one."""
-    return sql.SQL("INSERT INTO {target} ({columns}) SELECT {values} FROM {stage} s").format(
+def insert(name: str, table: TargetTable, where: sql.Composable = NO_FILTER) -> sql.Composed:
+    """Insert the staged rows ``where`` keeps, without ON CONFLICT: tried first for inserts (the
+    merge's savepoint undoes it if a key is already there), since a plain insert costs the target
+    about half of an upsert's speculative one."""
+    return sql.SQL("INSERT INTO {target} ({columns}) SELECT {values} FROM {stage} s "
+                   "WHERE true{where}").format(
         target=_target(table),
         columns=sql.SQL(", ").join(_ident(c) for c in table.columns),
         values=sql.SQL(", ").join(_typed("s", table, i) for i in range(len(table.columns))),
-        stage=_ident(name))
+        stage=_ident(name), where=where)
+
+
+def op_is(op: str) -> sql.Composed:
+    """Keeps the staged rows of one operation (I or U): a filter for the merge statements."""
+    return sql.SQL(" AND s.{} = {}").format(OP, sql.Literal(op))
 
 
 def partial_update(name: str, table: TargetTable, relation: Relation,

@@ -94,11 +94,18 @@ def test_verify_full_streams_over_tls(server: TlsServer) -> None:
                                    "WHERE id <= 10", "DELETE FROM t WHERE id > 490")
         wait_for(lambda: table_rows(server.dsn("src"), "public.t")
                  == table_rows(server.dsn("tgt"), "public.t"), runner=runner, what="converged")
-        with psycopg.connect(server.dsn("postgres")) as conn:
-            seen = conn.execute(
-                "SELECT a.backend_type, s.ssl FROM pg_stat_activity a "
-                "JOIN pg_stat_ssl s USING (pid) WHERE a.application_name LIKE 'cdcsync%'"
-            ).fetchall()
+        seen: list[tuple[str, bool]] = []
+
+        def streaming() -> bool:
+            # The snapshot alone may have converged the target before the stream started.
+            with psycopg.connect(server.dsn("postgres")) as conn:
+                seen[:] = conn.execute(
+                    "SELECT a.backend_type, s.ssl FROM pg_stat_activity a "
+                    "JOIN pg_stat_ssl s USING (pid) WHERE a.application_name LIKE 'cdcsync%'"
+                ).fetchall()
+            return any(kind == "walsender" for kind, _ in seen)
+
+        wait_for(streaming, runner=runner, what="the stream's walsender")
     assert ("walsender", True) in seen
     assert ("client backend", True) in seen
     assert all(ssl for _, ssl in seen), seen

@@ -1,0 +1,61 @@
+"""CPU seconds a consumer's processes used, read from ``/proc`` (local servers only).
+
+On a machine with few cores, wall time hides where the work goes: a consumer whose processes
+need more CPU seconds per change drains slower as soon as the cores are all busy, whatever it
+overlaps. Each process is read once the backlog is drained, while it still runs; every one of
+them was started for this drain, so its total is the drain's work (the daemon's includes its
+start-up).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_seconds(pid: int) -> float | None:
+    """User plus system CPU seconds of ``pid`` so far; None if it is gone or not readable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def walsender_pid(source: psycopg.Connection[Any], slot: str) -> int | None:
+    row = source.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                         (slot,)).fetchone()
+    return int(row[0]) if row and row[0] is not None else None
+
+
+def usage(pids: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds per role, summed over its processes."""
+    return {role: round(sum(s for pid in group if (s := process_seconds(pid)) is not None), 2)
+            for role, group in pids.items()}
+
+
+def native_pids(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
+                subscription: str, slot: str) -> dict[str, list[int]]:
+    """The subscription's apply worker on the target and its walsender on the source."""
+    rows = target.execute("SELECT pid FROM pg_stat_subscription WHERE subname = %s "
+                          "AND relid IS NULL AND pid IS NOT NULL", (subscription,)).fetchall()
+    sender = walsender_pid(source, slot)
+    return {"apply worker": [int(r[0]) for r in rows],
+            "walsender": [sender] if sender is not None else []}
+
+
+def cdcsync_pids(source: psycopg.Connection[Any], target: psycopg.Connection[Any],
+                 daemon_pid: int, slot: str) -> dict[str, list[int]]:
+    """The daemon, its target connections (all but ``target``'s own) and its walsender."""
+    rows = target.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                          "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                          ).fetchall()
+    sender = walsender_pid(source, slot)
+    return {"daemon": [daemon_pid], "target backends": [int(r[0]) for r in rows],
+            "walsender": [sender] if sender is not None else []}
