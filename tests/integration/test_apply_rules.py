@@ -91,6 +91,37 @@ def test_insert_losing_to_a_newer_target_row_is_logged(pair: DbPair) -> None:
     assert rows == [("upsert",)]
 
 
+def test_mixed_batch_inserting_keys_the_target_holds(pair: DbPair) -> None:
+    """A batch of inserts, an update and a delete whose plain inserts meet keys already on the
+    target (one newer, one older): the merge is redone with the upsert, the newer target row
+    wins and is logged, the older one is replaced, and the rest of the batch applies."""
+    execute(pair.source_dsn, "INSERT INTO customers VALUES (30, 'keep', 'k30@x', now()), "
+                             "(31, 'drop', 'd31@x', now())")
+    execute(pair.target_dsn, "INSERT INTO customers VALUES (30, 'keep', 'k30@x', now()), "
+                             "(31, 'drop', 'd31@x', now()), "
+                             "(32, 'target newer', 't32@x', now() + interval '1 day'), "
+                             "(33, 'target older', 't33@x', now() - interval '1 day')")
+    with running(settings_for(pair)) as runner:
+        execute(pair.source_dsn, """
+            BEGIN;
+            UPDATE customers SET name = 'kept', updated_at = now() WHERE id = 30;
+            DELETE FROM customers WHERE id = 31;
+            INSERT INTO customers VALUES (32, 'source', 's32@x', now()),
+                                         (33, 'source', 's33@x', now()),
+                                         (34, 'new', 'n34@x', now());
+            COMMIT;""")
+        wait_for(lambda: any(r[0] == 34 for r in table_rows(pair.target_dsn,
+                                                              "public.customers")),
+                 runner=runner, what="customer 34")
+    names = {r[0]: r[1] for r in table_rows(pair.target_dsn, "public.customers")
+             if 30 <= r[0] <= 34}
+    assert names == {30: "kept", 32: "target newer", 33: "source", 34: "new"}
+    with psycopg.connect(pair.target_dsn) as conn:
+        rows = conn.execute("SELECT key->>'id', operation FROM cdcsync.conflicts "
+                            "WHERE (key->>'id')::int BETWEEN 30 AND 34").fetchall()
+    assert rows == [("32", "upsert")]
+
+
 def test_insert_over_an_older_target_row_replaces_it(pair: DbPair) -> None:
     """An insert-only batch meeting an older row already on the target replaces it (the plain
     insert is refused and the batch goes through the rule), and later batches still apply."""
