@@ -330,8 +330,8 @@ class Merger:
         try:
             for batch in involved:
                 if not batch.only_inserts:
-                    cur.execute(q.keep_last_versions(batch.stage, batch.table,
-                                                     where + q.seq_between("later")), params * 2)
+                    cur.execute(q.keep_last_versions(batch.stage, batch.table, where,
+                                                     q.seq_between("later")), params * 2)
             for batch in involved:
                 self._upsert(cur, batch, where, params)
             for batch in reversed(involved):

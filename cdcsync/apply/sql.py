@@ -118,13 +118,20 @@ def fill_unchanged(name: str, table: TargetTable, relation: Relation,
              earlier_x=earlier("x"), moved_from=moved_from)
 
 
-def keep_last_versions(name: str, table: TargetTable,
-                       where: sql.Composable = NO_FILTER) -> sql.Composed:
-    """Delete every staged version of a key but the last one (among those ``where`` keeps)."""
-    return sql.SQL("DELETE FROM {stage} s USING {stage} later WHERE {match} "
-                   "AND s.{seq} < later.{seq}{where}").format(
-        stage=_ident(name), match=_key_match(table, "s", "later", typed=False), seq=SEQ,
-        where=where)
+def keep_last_versions(name: str, table: TargetTable, where: sql.Composable = NO_FILTER,
+                       among: sql.Composable = NO_FILTER) -> sql.Composed:
+    """Delete every staged version of a key but the last one: of the rows ``where`` keeps (alias
+    ``s``), among those ``among`` keeps (alias ``later``). Only keys staged more than once are
+    joined back, found by hashing rather than by sorting the stage: in most batches no key
+    repeats, and a sort compares text keys in the target's collation."""
+    keys = [_ident(table.columns[i]) for i in table.key]
+    later_keys = sql.SQL(", ").join(sql.SQL("later.{}").format(k) for k in keys)
+    return sql.SQL(
+        "DELETE FROM {stage} s USING (SELECT {later_keys}, max(later.{seq}) AS last "
+        "FROM {stage} later WHERE true{among} GROUP BY {later_keys} HAVING count(*) > 1) d "
+        "WHERE {match} AND s.{seq} < d.last{where}"
+    ).format(stage=_ident(name), later_keys=later_keys, seq=SEQ, among=among,
+             match=_key_match(table, "s", "d", typed=False), where=where)
 
 
 def count_candidates(name: str, where: sql.Composable = NO_FILTER) -> sql.Composed:

@@ -97,8 +97,9 @@ def test_mixed_batch_inserting_keys_the_target_holds(pair: DbPair) -> None:
     wins and is logged, the older one is replaced, and the rest of the batch applies."""
     execute(pair.source_dsn, "INSERT INTO customers VALUES (30, 'keep', 'k30@x', now()), "
                              "(31, 'drop', 'd31@x', now())")
-    execute(pair.target_dsn, "INSERT INTO customers VALUES (30, 'keep', 'k30@x', now()), "
-                             "(31, 'drop', 'd31@x', now()), "
+    execute(pair.target_dsn, "INSERT INTO customers VALUES "
+                             "(30, 'keep', 'k30@x', now() - interval '1 day'), "
+                             "(31, 'drop', 'd31@x', now() - interval '1 day'), "
                              "(32, 'target newer', 't32@x', now() + interval '1 day'), "
                              "(33, 'target older', 't33@x', now() - interval '1 day')")
     with running(settings_for(pair)) as runner:
