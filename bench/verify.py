@@ -9,10 +9,11 @@ rows compared per second (rows of both tables / time), and the source's buffer a
 two tables during the run (``pg_statio_user_tables``: heap and index blocks, hit or read) against
 one sequential read of each table (its heap pages). It also times one bare hashing pass: each
 table's count and xor of verify's own row hash over the whole table, on both servers at once,
-one process each (no parallel workers, like verify's first-level scan): the floor verify's design
-aims at, so the ratio of the two says what ranges and bisection add, whatever else is running on
-this machine. Finally one run with 100 rows changed on the target shows the cost of finding
-differences. Medians are over ``--repeat`` runs.
+with the same statement and session settings as verify's first pass over a table: the floor
+verify's design aims at, so the ratio of the two says what verify adds to hashing (connections,
+catalog look-ups, ranges and bisection), whatever else is running on this machine. Finally one
+run with 100 rows changed on the target shows the cost of finding differences. Medians are over
+``--repeat`` runs.
 
 Run: ``python -m bench.verify --rows 1000000 --repeat 5 [--json]``.
 """
@@ -88,10 +89,8 @@ def source_blocks(source: str) -> tuple[int, int]:
 
 def hashing_pass(settings: Settings) -> float:
     """Seconds for both servers, at once, to hash every row of each table once, with verify's
-    own row hash and connections but no ranges, one process each: the floor of a comparison."""
+    own row hash and connections but no ranges: the floor of a comparison."""
     with open_sides(settings) as sides:
-        for conn in (sides.source, sides.target):
-            conn.execute("SET max_parallel_workers_per_gather = 0")
         chosen = catalog.selected_tables(sides.source, settings.tables)
         specs = [table_spec(sides.source, sides.target, settings, t) for t in chosen]
         started = time.perf_counter()

@@ -1,9 +1,11 @@
 """Range hashing and bisection: from whole tables down to the keys that differ.
 
-A table is cut into key ranges whose boundaries come from a block sample of the source, in key
-order. Both servers summarise the same ranges at once (count and xor of row hashes). A range whose
-summaries differ is cut again, at every n-th key of its larger side, until it is small enough to
-list its keys with their row hashes and diff them.
+Both servers first summarise the whole table at once (count and xor of row hashes): one sequential
+scan each, so a table in sync costs one hashing pass on each side and nothing more (no sample, no
+ranges). Only a table whose summaries differ is cut into key ranges, whose boundaries come from a
+block sample of the source, in key order. A range whose summaries differ is cut again, at every
+n-th key of its larger side, until it is small enough to list its keys with their row hashes and
+diff them.
 
 While ``cdcsync run`` holds the slot, a difference may just be a change in flight. Each differing
 key is then read again on the source, the target's checkpoint is awaited past the source's WAL
@@ -75,6 +77,22 @@ class TableVerifier:
         bounds = [keys[len(keys) * i // count] for i in range(1, count)] if keys else []
         return _split(KeyRange(None, None), bounds)
 
+    def compare_table(self, progress: Progress | None = None) -> Outcome:
+        """Compare the whole table down to differing keys (see the module docstring)."""
+        whole = KeyRange(None, None)
+        ((src_count, src_hash, tgt_count, tgt_hash),) = self._summaries([whole])
+        if (src_count, src_hash) == (tgt_count, tgt_hash):
+            if progress is not None:
+                progress(1, 1)
+            return Outcome(src_count, Differences())
+        ranges = self.ranges()
+        if len(ranges) > 1:
+            return self.compare(ranges, progress)
+        if progress is not None:
+            progress(1, 1)
+        found = self._descend(whole, max(src_count, tgt_count), src_count >= tgt_count)
+        return Outcome(src_count, self._settled(found))
+
     def compare(self, ranges: Sequence[KeyRange], progress: Progress | None = None) -> Outcome:
         """Compare ``ranges`` (all of :meth:`ranges`, or some of them) down to differing keys."""
         rows = 0
@@ -93,9 +111,13 @@ class TableVerifier:
                                                   src_count >= tgt_count)
                 if progress is not None:
                     progress(start + offset, len(ranges))
+        return Outcome(rows, self._settled(found))
+
+    def _settled(self, found: Differences) -> Differences:
+        """``found`` without the changes that were in flight, if a consumer holds the slot."""
         if found.count and self.sides.streaming():
-            found = self._settle(found.keys())
-        return Outcome(rows, found)
+            return self._settle(found.keys())
+        return found
 
     def recheck(self, keys: Sequence[Key]) -> Differences:
         """Compare exactly ``keys`` again, past changes in flight if a consumer holds the slot."""
@@ -162,7 +184,7 @@ def verify_table(sides: Sides, spec: TableSpec, conf: VerifySettings,
                  progress: Progress | None = None) -> TableResult:
     started = time.monotonic()
     verifier = TableVerifier(sides, spec, conf)
-    outcome = verifier.compare(verifier.ranges(), progress)
+    outcome = verifier.compare_table(progress)
     return TableResult(
         source_table=spec.source_name, target_table=spec.target_name,
         key_columns=spec.key_columns, key_types=spec.key_types, rows_compared=outcome.rows,
