@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cdcsync.config import VerifySettings
 from cdcsync.keyrange import Key
@@ -213,5 +214,6 @@ def _split(key_range: KeyRange, bounds: Sequence[Key]) -> list[KeyRange]:
     return [KeyRange(lo, hi) for lo, hi in zip(lows, highs, strict=True)]
 
 
-def _hashes(rows: Sequence[tuple[object, ...]]) -> dict[Key, int]:
-    return {tuple(str(v) for v in r[:-1]): int(str(r[-1])) for r in rows}
+def _hashes(rows: Sequence[tuple[Any, ...]]) -> dict[Key, int]:
+    # Keys are read as text and hashes as bigint, so the rows hold str and int already.
+    return {r[:-1]: r[-1] for r in rows}
