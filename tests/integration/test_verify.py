@@ -214,6 +214,24 @@ def test_a_change_in_any_column_type_is_found(pair: DbPair) -> None:
         _copy(pair, "things", "things")
 
 
+def test_timestamptz_is_compared_exactly_at_its_extremes(dbpair_factory: Any) -> None:
+    """timestamptz values a microsecond apart, infinities swapped, or NULL against infinity
+    differ; equal values at both ends of the type's range and before 2000 do not."""
+    rows = ("INSERT INTO stamps VALUES (1, '2024-01-01 12:00:00.000001+00'), "
+            "(2, '1850-03-04 01:02:03.000001+00'), (3, 'infinity'), (4, '-infinity'), "
+            "(5, NULL), (6, '294276-12-31 23:59:59.999999+00'), (7, '4713-11-24 00:00+00 BC')")
+    with dbpair_factory("verify_stamps") as other:
+        for dsn in (other.source_dsn, other.target_dsn):
+            execute(dsn, "CREATE TABLE stamps (id int PRIMARY KEY, at timestamptz)", rows)
+        execute(other.target_dsn, f"ALTER DATABASE {other.target_db} SET timezone = 'Asia/Tokyo'",
+                "UPDATE stamps SET at = at + interval '1 microsecond' WHERE id = 1",
+                "UPDATE stamps SET at = '-infinity' WHERE id = 3",
+                "UPDATE stamps SET at = 'infinity' WHERE id = 5")
+        report = verify(settings_for(other, ("public.stamps",)))
+        assert report.tables[0].differences == Differences(differ=(("1",), ("3",), ("5",)))
+        assert report.tables[0].rows_compared == 7
+
+
 def test_verify_keys_checks_exactly_the_given_keys(pair: DbPair) -> None:
     """verify_keys reports which of the given keys differ, and nothing once they are repaired."""
     settings = settings_for(pair, TABLES, table=OVERRIDES)
