@@ -31,7 +31,7 @@ from cdcsync.verify.spec import TableSpec
 from cdcsync.verify.sql import KeyRange
 
 LEAF_ROWS = 5_000       # a range this small is compared key by key
-FANOUT = 16             # sub-ranges a differing range is cut into
+FANOUT = 32             # sub-ranges a differing range is cut into
 RANGES_PER_QUERY = 8    # first-level ranges summarised by one statement (a progress step)
 SAMPLE_PAGES_PER_RANGE = 8  # sampled source pages per first-level range
 
