@@ -9,10 +9,13 @@ rows compared per second (rows of both tables / time), and the source's buffer a
 two tables during the run (``pg_statio_user_tables``: heap and index blocks, hit or read) against
 one sequential read of each table (its heap pages). It also times one bare hashing pass: each
 table's count and xor of verify's own row hash over the whole table, on both servers at once,
-one process each (no parallel workers, like verify's first-level scan): the floor verify's design
-aims at, so the ratio of the two says what ranges and bisection add, whatever else is running on
-this machine. Finally one run with 100 rows changed on the target shows the cost of finding
-differences. Medians are over ``--repeat`` runs.
+with the same statement and session settings as verify's first pass over a table: the floor
+verify's design aims at, so the ratio of the two says what verify adds to hashing (connections,
+catalog look-ups, ranges and bisection), whatever else is running on this machine. Each run also
+times the command itself, ``cdcsync verify --json`` as a new process (interpreter start, imports,
+configuration), to show what a user waits for. Finally one run with 100 rows changed on the target
+shows the cost of finding differences. Medians are over ``--repeat`` runs; the load average
+before and after the series tells how busy the machine was.
 
 Run: ``python -m bench.verify --rows 1000000 --repeat 5 [--json]``.
 """
@@ -21,14 +24,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from bench.common import BenchError, connect, execute, median, recreate_database, servers
+from bench.common import (
+    BenchError,
+    connect,
+    execute,
+    median,
+    recreate_database,
+    servers,
+    to_toml,
+)
 from cdcsync.config import Settings
 from cdcsync.source import catalog
 from cdcsync.verify import sql as q
@@ -88,10 +103,8 @@ def source_blocks(source: str) -> tuple[int, int]:
 
 def hashing_pass(settings: Settings) -> float:
     """Seconds for both servers, at once, to hash every row of each table once, with verify's
-    own row hash and connections but no ranges, one process each: the floor of a comparison."""
+    own row hash and connections but no ranges: the floor of a comparison."""
     with open_sides(settings) as sides:
-        for conn in (sides.source, sides.target):
-            conn.execute("SET max_parallel_workers_per_gather = 0")
         chosen = catalog.selected_tables(sides.source, settings.tables)
         specs = [table_spec(sides.source, sides.target, settings, t) for t in chosen]
         started = time.perf_counter()
@@ -102,7 +115,19 @@ def hashing_pass(settings: Settings) -> float:
         return time.perf_counter() - started
 
 
-def run_once(settings: Settings, source: str, target: str) -> dict[str, Any]:
+def command_seconds(config: Path) -> float:
+    """Wall time of ``cdcsync verify --json`` as a new process, which must find the tables equal."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "cdcsync.cli", "--config", str(config), "verify",
+                           "--json"], capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise BenchError(f"cdcsync verify exited {done.returncode}: {done.stderr or done.stdout}")
+    return seconds
+
+
+def run_once(settings: Settings, source: str, target: str,
+             config: Path | None = None) -> dict[str, Any]:
     floor = hashing_pass(settings)
     before, pages = source_blocks(source)
     started = time.perf_counter()
@@ -115,7 +140,8 @@ def run_once(settings: Settings, source: str, target: str) -> dict[str, Any]:
     return {"seconds": seconds, "rows": rows, "rows_per_s": rows / seconds,
             "hashing_pass_seconds": floor, "verify_per_hashing_pass": seconds / floor,
             "source_blocks": after - before, "one_seq_read_blocks": pages,
-            "differences": sum(t.differences.count for t in report.tables)}
+            "differences": sum(t.differences.count for t in report.tables),
+            **({"command_seconds": command_seconds(config)} if config else {})}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -140,10 +166,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = Settings(tables=tuple(f"public.{t}" for t in TABLES),
                                 source={"dsn": source, "slot": "bench_verify"},
                                 target={"dsn": target})
+            load_before = os.getloadavg()[0]
             runs = []
-            for repetition in range(args.repeat):
-                runs.append(run_once(settings, source, target))
-                log(f"run {repetition + 1}: {runs[-1]}")
+            with tempfile.TemporaryDirectory(prefix="cdcsync-bench-verify-") as workdir:
+                config = Path(workdir) / "cdcsync.toml"
+                config.write_text(to_toml({"tables": list(settings.tables),
+                                           "source": {"dsn": source, "slot": "bench_verify"},
+                                           "target": {"dsn": target}}))
+                for repetition in range(args.repeat):
+                    runs.append(run_once(settings, source, target, config))
+                    log(f"run {repetition + 1}: {runs[-1]}")
+            load_after = os.getloadavg()[0]
             execute(target, "UPDATE orders SET amount = amount + 1 WHERE id % 10000 = 0")
             differing = run_once(settings, source, target)
             log(f"with {differing['differences']} differences: {differing}")
@@ -157,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "median_hashing_pass_seconds": median([r["hashing_pass_seconds"] for r in runs]),
         "median_verify_per_hashing_pass": median([r["verify_per_hashing_pass"] for r in runs]),
         "median_source_blocks": median([r["source_blocks"] for r in runs]),
+        "median_command_seconds": median([r["command_seconds"] for r in runs]),
+        "median_command_rows_per_s": median([r["rows"] / r["command_seconds"] for r in runs]),
+        "load_average_before": load_before, "load_average_after": load_after,
         "one_seq_read_blocks": runs[0]["one_seq_read_blocks"],
         "with_100_differences_seconds": differing["seconds"],
     }

@@ -1,9 +1,11 @@
 """Range hashing and bisection: from whole tables down to the keys that differ.
 
-A table is cut into key ranges whose boundaries come from a block sample of the source, in key
-order. Both servers summarise the same ranges at once (count and xor of row hashes). A range whose
-summaries differ is cut again, at every n-th key of its larger side, until it is small enough to
-list its keys with their row hashes and diff them.
+Both servers first summarise the whole table at once (count and xor of row hashes): one sequential
+scan each, so a table in sync costs one hashing pass on each side and nothing more (no sample, no
+ranges). Only a table whose summaries differ is cut into key ranges, whose boundaries come from a
+block sample of the source, in key order. A range whose summaries differ is cut again, at every
+n-th key of its larger side, until it is small enough to list its keys with their row hashes and
+diff them.
 
 While ``cdcsync run`` holds the slot, a difference may just be a change in flight. Each differing
 key is then read again on the source, the target's checkpoint is awaited past the source's WAL
@@ -17,6 +19,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cdcsync.config import VerifySettings
 from cdcsync.keyrange import Key
@@ -28,7 +31,7 @@ from cdcsync.verify.spec import TableSpec
 from cdcsync.verify.sql import KeyRange
 
 LEAF_ROWS = 5_000       # a range this small is compared key by key
-FANOUT = 16             # sub-ranges a differing range is cut into
+FANOUT = 32             # sub-ranges a differing range is cut into
 RANGES_PER_QUERY = 8    # first-level ranges summarised by one statement (a progress step)
 SAMPLE_PAGES_PER_RANGE = 8  # sampled source pages per first-level range
 
@@ -75,6 +78,22 @@ class TableVerifier:
         bounds = [keys[len(keys) * i // count] for i in range(1, count)] if keys else []
         return _split(KeyRange(None, None), bounds)
 
+    def compare_table(self, progress: Progress | None = None) -> Outcome:
+        """Compare the whole table down to differing keys (see the module docstring)."""
+        whole = KeyRange(None, None)
+        ((src_count, src_hash, tgt_count, tgt_hash),) = self._summaries([whole])
+        if (src_count, src_hash) == (tgt_count, tgt_hash):
+            if progress is not None:
+                progress(1, 1)
+            return Outcome(src_count, Differences())
+        ranges = self.ranges()
+        if len(ranges) > 1:
+            return self.compare(ranges, progress)
+        if progress is not None:
+            progress(1, 1)
+        found = self._descend(whole, max(src_count, tgt_count), src_count >= tgt_count)
+        return Outcome(src_count, self._settled(found))
+
     def compare(self, ranges: Sequence[KeyRange], progress: Progress | None = None) -> Outcome:
         """Compare ``ranges`` (all of :meth:`ranges`, or some of them) down to differing keys."""
         rows = 0
@@ -93,9 +112,13 @@ class TableVerifier:
                                                   src_count >= tgt_count)
                 if progress is not None:
                     progress(start + offset, len(ranges))
+        return Outcome(rows, self._settled(found))
+
+    def _settled(self, found: Differences) -> Differences:
+        """``found`` without the changes that were in flight, if a consumer holds the slot."""
         if found.count and self.sides.streaming():
-            found = self._settle(found.keys())
-        return Outcome(rows, found)
+            return self._settle(found.keys())
+        return found
 
     def recheck(self, keys: Sequence[Key]) -> Differences:
         """Compare exactly ``keys`` again, past changes in flight if a consumer holds the slot."""
@@ -162,7 +185,7 @@ def verify_table(sides: Sides, spec: TableSpec, conf: VerifySettings,
                  progress: Progress | None = None) -> TableResult:
     started = time.monotonic()
     verifier = TableVerifier(sides, spec, conf)
-    outcome = verifier.compare(verifier.ranges(), progress)
+    outcome = verifier.compare_table(progress)
     return TableResult(
         source_table=spec.source_name, target_table=spec.target_name,
         key_columns=spec.key_columns, key_types=spec.key_types, rows_compared=outcome.rows,
@@ -191,5 +214,6 @@ def _split(key_range: KeyRange, bounds: Sequence[Key]) -> list[KeyRange]:
     return [KeyRange(lo, hi) for lo, hi in zip(lows, highs, strict=True)]
 
 
-def _hashes(rows: Sequence[tuple[object, ...]]) -> dict[Key, int]:
-    return {tuple(str(v) for v in r[:-1]): int(str(r[-1])) for r in rows}
+def _hashes(rows: Sequence[tuple[Any, ...]]) -> dict[Key, int]:
+    # Keys are read as text and hashes as bigint, so the rows hold str and int already.
+    return {r[:-1]: r[-1] for r in rows}
