@@ -29,7 +29,7 @@ from psycopg_pool import ConnectionPool
 from cdcsync import checkpoint
 from cdcsync.apply import tables
 from cdcsync.apply.applier import Applier
-from cdcsync.backfill import source_rows, state
+from cdcsync.backfill import copy_format, copy_pipe, source_rows, state
 from cdcsync.backfill.progress import ProgressLine
 from cdcsync.config import Settings
 from cdcsync.dsn import with_session_options
@@ -40,7 +40,6 @@ from cdcsync.model import CopiedRows, Lsn, Relation, TargetTable
 from cdcsync.source import catalog
 
 Conn = psycopg.Connection[TupleRow]
-_REPORT_EVERY_ROWS = 10_000
 
 
 class Stopped(CdcsyncError):
@@ -186,7 +185,7 @@ class _Copier:
             state.set_state(tgt, slot, name, "copying", rows_copied=0, rows_estimate=estimate)
             tgt.commit()
             try:
-                rows = self._fill(src, tgt, relation, table)
+                rows, how = self._fill(src, tgt, relation, table)
             except Exception as exc:
                 tgt.rollback()
                 if not isinstance(exc, Stopped):
@@ -198,10 +197,13 @@ class _Copier:
                 raise
             state.set_state(tgt, slot, name, "ready", rows_copied=rows)
             tgt.commit()
-        event(logging.INFO, "table_copied", slot=slot, table=name, rows=rows)
+        event(logging.INFO, "table_copied", slot=slot, table=name, rows=rows, copy=how)
         return rows
 
-    def _fill(self, src: Conn, tgt: Conn, relation: Relation, table: TargetTable) -> int:
+    def _fill(self, src: Conn, tgt: Conn, relation: Relation,
+              table: TargetTable) -> tuple[int, str]:
+        """Copy the table; return the rows and how they went: a binary or text plain COPY, or
+        the merge."""
         target = sql.Identifier(table.schema, table.name)
         empty = tgt.execute(sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {})").format(
             target)).fetchone()
@@ -220,8 +222,8 @@ class _Copier:
                       table=relation.qualified, reason=str(exc).strip().splitlines()[0],
                       then="copying through the staging tables and the merge")
             with _source(self.settings, self.snapshot) as fresh:
-                return self._fill_merged(fresh, tgt, relation, table)
-        return self._fill_merged(src, tgt, relation, table)
+                return self._fill_merged(fresh, tgt, relation, table), "merge"
+        return self._fill_merged(src, tgt, relation, table), "merge"
 
     def _fill_merged(self, src: Conn, tgt: Conn, relation: Relation, table: TargetTable) -> int:
         """Rows already there, or a refused row: the merge applies the conflict rule and the
@@ -245,20 +247,22 @@ class _Copier:
                 return copied
             after = upto
 
-    def _fill_empty(self, src: Conn, tgt: Conn, relation: Relation, table: TargetTable) -> int:
-        moved = 0
+    def _fill_empty(self, src: Conn, tgt: Conn, relation: Relation,
+                    table: TargetTable) -> tuple[int, str]:
+        shown = 0
 
-        def on_row() -> None:
-            nonlocal moved
-            moved += 1
-            if moved % _REPORT_EVERY_ROWS == 0:
-                self._check_stop()
-                self.line.add(_REPORT_EVERY_ROWS)
+        def on_block(rows: int) -> None:
+            nonlocal shown
+            self._check_stop()
+            self.line.add(rows)
+            shown += rows
 
-        rows = source_rows.pipe(src, tgt, source_rows.plain_copy_out(relation, table),
-                                source_rows.plain_copy_in(table), on_row)
-        self.line.add(moved % _REPORT_EVERY_ROWS)
-        return rows
+        binary = copy_format.binary(tgt, relation, table)
+        rows = copy_pipe.pipe(src, tgt, source_rows.plain_copy_out(relation, table, binary=binary),
+                              source_rows.plain_copy_in(table, binary=binary), on_block)
+        # A binary COPY's trailer is one more message than its rows.
+        self.line.add(rows - shown)
+        return rows, "binary" if binary else "text"
 
     def _check_stop(self) -> None:
         if self.stop.is_set():

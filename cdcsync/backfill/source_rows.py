@@ -9,12 +9,11 @@ opaque bytes and are never parsed in Python.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
+from cdcsync.backfill import copy_pipe
 from cdcsync.errors import PrerequisiteError, ProtocolError
 from cdcsync.keyrange import Key, KeyOrder, Span, key_range
 from cdcsync.model import Lsn, Relation, TargetTable
@@ -124,38 +123,27 @@ def staged_copy(relation: Relation, table: TargetTable, order: KeyOrder, lsn: Ls
 
 def read_staged(conn: Conn, query: sql.Composed) -> tuple[bytes, int]:
     """Run a :func:`staged_copy`; return its rows without the COPY header and trailer."""
-    with conn.cursor() as cur:
-        with cur.copy(query) as copy:
-            data = b"".join(bytes(block) for block in copy)
-        rows = cur.rowcount
+    data, rows = copy_pipe.read(conn, query)
     if not data.startswith(COPY_HEADER) or not data.endswith(COPY_TRAILER):
         raise ProtocolError("the source returned an unexpected binary COPY stream")
     return data[len(COPY_HEADER):-len(COPY_TRAILER)], rows
 
 
-def plain_copy_out(relation: Relation, table: TargetTable) -> sql.Composed:
-    """The replicated columns of the whole table as text COPY, for a target known to be empty."""
+def plain_copy_out(relation: Relation, table: TargetTable, *, binary: bool) -> sql.Composed:
+    """The replicated columns of the whole table as COPY (see :mod:`.copy_format` for when
+    ``binary`` is safe), for a target known to be empty."""
     columns = [relation.columns[p].name for p in table.positions]
-    return sql.SQL("COPY {} ({}) TO STDOUT").format(
+    return sql.SQL("COPY {} ({}) TO STDOUT{}").format(
         sql.Identifier(relation.schema, relation.name),
-        sql.SQL(", ").join(sql.Identifier(c) for c in columns))
+        sql.SQL(", ").join(sql.Identifier(c) for c in columns), _format(binary))
 
 
-def plain_copy_in(table: TargetTable) -> sql.Composed:
-    return sql.SQL("COPY {} ({}) FROM STDIN").format(
+def plain_copy_in(table: TargetTable, *, binary: bool) -> sql.Composed:
+    return sql.SQL("COPY {} ({}) FROM STDIN{}").format(
         sql.Identifier(table.schema, table.name),
-        sql.SQL(", ").join(sql.Identifier(c) for c in table.columns))
+        sql.SQL(", ").join(sql.Identifier(c) for c in table.columns), _format(binary))
 
 
-def pipe(source: Conn, target: Conn, out: sql.Composed, into: sql.Composed,
-         on_row: Callable[[], None]) -> int:
-    """Stream a text COPY from the source into the target; return the rows moved."""
-    rows = 0
-    with (source.cursor() as src_cur, target.cursor() as tgt_cur,
-          src_cur.copy(out) as reader, tgt_cur.copy(into) as writer):
-        # A text COPY yields one row per read.
-        for row in reader:
-            writer.write(row)
-            rows += 1
-            on_row()
-    return rows
+def _format(binary: bool) -> sql.SQL:
+    return sql.SQL(" (FORMAT binary)" if binary else "")
+
