@@ -73,6 +73,19 @@ def test_a_pipe_of_many_blocks_copies_every_row_exactly(pair: DbPair,
     assert target.execute("SELECT count(*) FROM wide").fetchone() == (ROWS,)
 
 
+def test_the_copy_belongs_to_the_callers_transaction(pair: DbPair) -> None:
+    """As with psycopg's own copy(), a connection outside autocommit copies inside a
+    transaction that the caller ends: rolled back here, nothing stays."""
+    execute(pair.target_dsn, "TRUNCATE wide")
+    with psycopg.connect(pair.source_dsn) as source, psycopg.connect(pair.target_dsn) as target:
+        rows = copy_pipe.pipe(source, target, _out(), _out("COPY wide FROM STDIN"),
+                              lambda rows: None)
+        assert rows == ROWS
+        assert target.pgconn.transaction_status == pq.TransactionStatus.INTRANS
+        target.rollback()
+        assert target.execute("SELECT count(*) FROM wide").fetchone() == (0,)
+
+
 def test_a_row_the_target_refuses_raises_its_error_and_leaves_both_usable(
         conns: tuple[Conn, Conn]) -> None:
     source, target = conns
