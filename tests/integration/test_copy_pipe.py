@@ -111,6 +111,23 @@ def test_a_source_failing_mid_stream_fails_the_target_copy(conns: tuple[Conn, Co
     _usable(source, target, "wide")
 
 
+def test_a_source_connection_lost_mid_stream_is_an_operational_error(
+        pair: DbPair, conns: tuple[Conn, Conn]) -> None:
+    """Lost connections are what snapshot.py and resync.py retry: they must stay
+    OperationalError, and the target must be left ready for its rollback."""
+    source, target = conns
+    pid = source.info.backend_pid
+
+    def kill_source(rows: int) -> None:
+        execute(pair.source_dsn, f"SELECT pg_terminate_backend({pid})")
+
+    with pytest.raises(psycopg.OperationalError):
+        copy_pipe.pipe(source, target, _out(), _out("COPY wide FROM STDIN"), kill_source)
+    assert source.closed
+    target.execute("ROLLBACK TO SAVEPOINT before_copy")
+    assert target.execute("SELECT count(*) FROM wide").fetchone() == (0,)
+
+
 class _Stop(Exception):
     pass
 
