@@ -9,8 +9,10 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 # Text values cross from the source's output functions to the target's input functions; both ends
 # must agree on the ambiguous formats, as PostgreSQL's own subscriber arranges for itself.
 # wal2json cuts the first two characters off every bytea value, which only hex output survives.
+# Text passes through cdcsync as bytes, never decoded: with UTF8 on every connection each server
+# converts from and to its own encoding, so databases in different encodings work.
 SESSION_OPTIONS = ("-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 "
-                   "-c bytea_output=hex")
+                   "-c bytea_output=hex -c client_encoding=UTF8")
 
 _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*(?=@)", re.IGNORECASE)
 _KV_PASSWORD = re.compile(r"(?P<head>password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
