@@ -5,9 +5,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+COMPILED := $(VENV)/.compiled
 PG_PACKAGES := postgresql-15 postgresql-15-wal2json
 
-.PHONY: venv pg test demo check bench clean
+.PHONY: venv build pg test demo check bench clean
 
 venv: $(STAMP)
 
@@ -17,11 +18,31 @@ $(STAMP): pyproject.toml
 	  echo "Install python3.11 (or newer) and run: make PYTHON=python3.11 venv"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	@# Compiling waits for `make build`, which redoes it whenever a compiled module changes.
+	CDCSYNC_PURE_PYTHON=1 $(VENV)/bin/pip install --quiet -e '.[dev]'
 	@# pip byte-compiles what it installs, but not an editable project: without this, where
 	@# PYTHONDONTWRITEBYTECODE is set every start of cdcsync compiles it anew (about 0.25 s).
 	$(VENV)/bin/python -m compileall -q cdcsync
 	@touch $(STAMP)
+
+# The modules setup.py compiles with mypyc, built in place; an extension module shadows its .py,
+# so a stale one would run old code: any change under cdcsync/source/ builds them again.
+build: $(COMPILED)
+
+$(COMPILED): $(STAMP) setup.py $(wildcard cdcsync/source/*.py)
+	@if ! $(VENV)/bin/python -c 'import pathlib, shutil, sys, sysconfig; sys.exit(not (shutil.which("gcc") and pathlib.Path(sysconfig.get_paths()["include"], "Python.h").exists()))'; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "Installing gcc and python3-dev to compile the hot modules (best effort)"; \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y gcc python3-dev \
+	      || echo "warning: not installed; cdcsync runs as plain Python, about half as fast"; \
+	  else \
+	    echo "note: no gcc or Python headers; cdcsync runs as plain Python, about half as fast."; \
+	    echo "  To compile its hot modules: sudo apt-get install -y gcc python3-dev && make build"; \
+	  fi; \
+	fi
+	find cdcsync -name '*.so' -delete
+	$(VENV)/bin/pip install --quiet --no-build-isolation --no-deps -e .
+	@touch $@
 
 # The server binaries are required; wal2json is only used by some tests and demos, so best effort.
 pg:
@@ -42,10 +63,10 @@ pg:
 	    || echo "warning: could not install postgresql-15-wal2json; wal2json tests will fail or skip"; \
 	fi
 
-test: venv pg
+test: build pg
 	$(VENV)/bin/pytest -q tests
 
-demo: venv pg
+demo: build pg
 	$(VENV)/bin/cdcsync demo
 
 check: venv
@@ -53,9 +74,10 @@ check: venv
 	$(VENV)/bin/mypy cdcsync
 	$(VENV)/bin/hadolint Dockerfile
 
-bench: venv pg
+bench: build pg
 	$(VENV)/bin/python -m bench.throughput --scenario all
 
 clean:
+	find cdcsync -name '*.so' -delete
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

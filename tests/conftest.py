@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -22,10 +23,25 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow
 
+import cdcsync
 from cdcsync.localpg import LocalCluster, local_clusters
 
 SOURCE_DSN_ENV = "CDCSYNC_TEST_SOURCE_DSN"
 TARGET_DSN_ENV = "CDCSYNC_TEST_TARGET_DSN"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test old code: a module compiled in place (setup.py) shadows its source, so
+    an edit to the source runs only once it is compiled again."""
+    package = Path(cdcsync.__file__).parent
+    stale = [str(compiled.relative_to(package.parent))
+             for compiled in package.rglob("*.so")
+             if (source := compiled.with_name(compiled.name.split(".")[0] + ".py")).exists()
+             and source.stat().st_mtime > compiled.stat().st_mtime]
+    if stale:
+        pytest.exit(f"compiled modules older than their sources: {', '.join(stale)}; "
+                    "run `make build`",
+                    returncode=2)
 
 
 @dataclass(frozen=True)

@@ -216,7 +216,9 @@ class TransactionAssembler(Assembler):
         return []  # Origin and Type carry nothing cdcsync needs
 
     def _row_change(self, kind: int, payload: bytes) -> None:
-        building = self._building(_OID.unpack_from(payload, 1)[0], stage_rows)
+        # Byte shifts compile to native operations (see setup.py); a struct call would not.
+        oid = payload[1] << 24 | payload[2] << 16 | payload[3] << 8 | payload[4]
+        building = self._building(oid, stage_rows)
         if building is None:
             return
         seq = self._seq = self._seq + 1

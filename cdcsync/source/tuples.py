@@ -33,11 +33,7 @@ COPY_TRAILER: Final = struct.pack(">h", -1)
 _I16: Final = struct.Struct(">h")
 _I32: Final = struct.Struct(">i")
 _U32: Final = struct.Struct(">I")
-_SEQ: Final = struct.Struct(">iq")
-_LSN_FIELD: Final = struct.Struct(">iQ")
-_TIME_FIELD: Final = struct.Struct(">iq")
-_OP_FIELD: Final = {op: _I32.pack(1) + bytes([op]) for op in b"IUDM"}
-# Field count, then the sequence number, operation, LSN and commit time fields of _meta.
+# Field count, then the sequence number, operation, LSN and commit time fields.
 _META: Final = struct.Struct(">h" "iq" "iB" "iQ" "iq")
 _T, _N, _U = ord("t"), ord("n"), ord("u")
 
@@ -62,15 +58,16 @@ def stage_rows(relation: Relation, rows: Sequence[PendingRow]) -> tuple[bytes, i
 
 
 def _stage_rows(relation: Relation, rows: Sequence[PendingRow]) -> tuple[bytes, int]:
-    # Hot: every field goes into one flat list joined once, the metadata fields are packed by one
-    # struct call, and the mask field is replaced in place for the rare row with TOAST marks.
+    # Hot, and compiled by mypyc (see setup.py): lengths are read with byte shifts, which compile
+    # to native operations where a struct call stays a Python call (2x the time of the whole
+    # loop); the row is appended to one growing bytearray field by field (a list of small bytes
+    # joined at the end costs 40% more); the rare row with TOAST marks has its mask field
+    # overwritten in place (same length).
     width = len(relation.columns)
     fields = width + 5
     zero_mask = text_field(b"0" * width)
-    out: list[bytes] = []
-    append = out.append
+    out = bytearray()
     pack_meta = _META.pack
-    length = _U32.unpack_from
     text, null, unchanged = _T, _N, _U
     union = 0
     for payload, start, op, seq, lsn, commit_time in rows:
@@ -78,21 +75,23 @@ def _stage_rows(relation: Relation, rows: Sequence[PendingRow]) -> tuple[bytes, 
             raise ProtocolError(f"tuple of {relation.qualified} has "
                                 f"{_I16.unpack_from(payload, start)[0]} columns, "
                                 f"its Relation message {width}")
-        append(pack_meta(fields, 8, seq, 1, op, 8, lsn, 8, commit_time))
-        append(zero_mask)
+        out += pack_meta(fields, 8, seq, 1, op, 8, lsn, 8, commit_time)
+        mask_at = len(out) + 4
+        out += zero_mask
         off = start + 2
         mask = 0
         for i in range(width):
             kind = payload[off]
             if kind == text:
-                end = off + 5 + length(payload, off + 1)[0]
-                append(payload[off + 1 : end])
+                end = off + 5 + (payload[off + 1] << 24 | payload[off + 2] << 16
+                                 | payload[off + 3] << 8 | payload[off + 4])
+                out += payload[off + 1 : end]
                 off = end
             elif kind == null:
-                append(NULL)
+                out += NULL
                 off += 1
             elif kind == unchanged:
-                append(NULL)
+                out += NULL
                 mask |= 1 << i
                 off += 1
             else:
@@ -101,9 +100,9 @@ def _stage_rows(relation: Relation, rows: Sequence[PendingRow]) -> tuple[bytes, 
         if off > len(payload):
             raise ProtocolError(f"truncated tuple of {relation.qualified}")
         if mask:
-            out[-width - 1] = _mask_field(mask, width)
+            out[mask_at : mask_at + width] = _mask_text(mask, width)
             union |= mask
-    return b"".join(out), union
+    return bytes(out), union
 
 
 ValueRow = tuple[Sequence[Value], int, int, int, int]
@@ -114,41 +113,37 @@ column order, the operation, the sequence number, the commit LSN and commit time
 def stage_values(relation: Relation, rows: Sequence[ValueRow]) -> tuple[bytes, int]:
     """:func:`stage_rows` for rows already split into values."""
     width = len(relation.columns)
-    head = _I16.pack(width + 5)
+    fields = width + 5
     zero_mask = text_field(b"0" * width)
-    out: list[bytes] = []
+    out = bytearray()
+    pack_meta = _META.pack
+    pack_length = _I32.pack
     union = 0
     for values, op, seq, lsn, commit_time in rows:
         if len(values) != width:
             raise ProtocolError(f"row of {relation.qualified} has {len(values)} values, "
                                 f"its relation {width} columns")
-        parts = _meta(head, seq, op, lsn, commit_time, mask=zero_mask)
-        append = parts.append
+        out += pack_meta(fields, 8, seq, 1, op, 8, lsn, 8, commit_time)
+        mask_at = len(out) + 4
+        out += zero_mask
         mask = 0
         for i, value in enumerate(values):
             if type(value) is bytes:
-                append(_I32.pack(len(value)))
-                append(value)
+                out += pack_length(len(value))
+                out += value
             elif value is None:
-                append(NULL)
+                out += NULL
             else:
-                append(NULL)
+                out += NULL
                 mask |= 1 << i
         if mask:
-            parts[5] = _mask_field(mask, width)
+            out[mask_at : mask_at + width] = _mask_text(mask, width)
             union |= mask
-        out.append(b"".join(parts))
-    return b"".join(out), union
+    return bytes(out), union
 
 
-def _meta(head: bytes, seq: int, op: int, lsn: int, commit_time: int, *,
-          mask: bytes) -> list[bytes]:
-    return [head, _SEQ.pack(8, seq), _OP_FIELD[op], _LSN_FIELD.pack(8, lsn),
-            _TIME_FIELD.pack(8, commit_time), mask]
-
-
-def _mask_field(mask: int, width: int) -> bytes:
-    return text_field("".join("1" if mask >> i & 1 else "0" for i in range(width)).encode())
+def _mask_text(mask: int, width: int) -> bytes:
+    return "".join("1" if mask >> i & 1 else "0" for i in range(width)).encode()
 
 
 def key_values(relation: Relation, buf: bytes, off: int, key: tuple[int, ...]) -> tuple[bytes, ...]:
