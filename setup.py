@@ -19,6 +19,7 @@ from setuptools import setup
 
 HOT_MODULES = [
     "cdcsync/source/pgoutput.py",
+    "cdcsync/source/replication.py",
     "cdcsync/source/tuples.py",
     "cdcsync/source/transactions.py",
     "cdcsync/source/wal2json_assembler.py",
