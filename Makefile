@@ -70,7 +70,7 @@ demo: build pg
 	$(VENV)/bin/cdcsync demo
 
 check: venv
-	$(VENV)/bin/ruff check cdcsync tests bench
+	$(VENV)/bin/ruff check cdcsync tests bench setup.py
 	$(VENV)/bin/mypy cdcsync
 	$(VENV)/bin/hadolint Dockerfile
 
