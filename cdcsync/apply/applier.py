@@ -118,6 +118,13 @@ class Applier:
             stage = q.stage_name(table, rows.relation)
             pending = self._pending[table.oid] = Staged(table, rows.relation, stage)
         pending.rows.extend(rows.rows)
+        if pending.keys is None or rows.keys is None:
+            pending.keys = None
+            pending.repeats = True
+        else:
+            staged = len(pending.keys) + rows.inserts + rows.updates + rows.deletes
+            pending.keys |= rows.keys
+            pending.repeats = pending.repeats or len(pending.keys) < staged
         pending.only_inserts = pending.only_inserts and not (rows.updates or rows.deletes)
         pending.inserts += rows.inserts
         pending.changes += rows.inserts + rows.updates + rows.deletes

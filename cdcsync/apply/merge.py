@@ -55,6 +55,10 @@ class Staged:
     changes: int = 0
     deletes: int = 0
     unchanged_mask: int = 0
+    # The keys staged so far while every chunk said which (TableRows.keys), else None; and
+    # whether some key was staged twice: without that, the collapse has nothing to drop.
+    keys: set[bytes] | None = field(default_factory=set)
+    repeats: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +171,7 @@ class Merger:
             oid = batch.table.oid
             for statement in self._fills(batch):
                 script.add(statement)
-            if not batch.only_inserts:
+            if batch.repeats and not batch.only_inserts:
                 collapsed[oid] = script.add(q.keep_last_versions(batch.stage, batch.table))
             if self._needs_counts(batch):
                 counted[oid] = script.add(q.count_candidates(batch.stage))

@@ -31,7 +31,7 @@ from cdcsync.model import (
     TxnStart,
 )
 from cdcsync.source import pgoutput
-from cdcsync.source.tuples import key_values, stage_rows
+from cdcsync.source.tuples import key_of, stage_rows
 
 Resolver = Callable[[Relation], TargetTable | None]
 Stager = Callable[[Relation, Sequence[Any]], tuple[bytes, int]]
@@ -223,30 +223,34 @@ class TransactionAssembler(Assembler):
             return
         seq = self._seq = self._seq + 1
         lsn, commit_time = self._txn
+        key = building.table.source_key
+        rows, keys = building.rows, building.keys
         if kind == _I:
-            building.rows.append((payload, 6, _I, seq, lsn, commit_time))
+            rows.append((payload, 6, _I, seq, lsn, commit_time))
+            keys.add(key_of(payload, 6, key))
             building.inserts += 1
         elif kind == _D:
-            building.rows.append((payload, 6, _D, seq, lsn, commit_time))
+            rows.append((payload, 6, _D, seq, lsn, commit_time))
+            keys.add(key_of(payload, 6, key))
             building.deletes += 1
         else:
             marker = payload[5]
             off = 6
             if marker in (_K, _O):
                 off = _skip_tuple(payload, 6) + 1
-                table = building.table
-                if marker == _K or (key_values(building.relation, payload, 6, table.source_key)
-                                    != key_values(building.relation, payload, off,
-                                                  table.source_key)):
+                old = key_of(payload, 6, key)
+                if marker == _K or old != key_of(payload, off, key):
                     # The key changed: the old key goes, as a move (a delete) right before the
                     # new row, which may take unchanged TOASTed values from it.
-                    building.rows.append((payload, 6, _M, seq, lsn, commit_time))
+                    rows.append((payload, 6, _M, seq, lsn, commit_time))
+                    keys.add(old)
                     building.deletes += 1
                     seq = self._seq = seq + 1
                     self._rows += 1
             elif marker != _N:
                 raise ProtocolError(f"unexpected tuple marker {chr(marker)!r} in an Update")
-            building.rows.append((payload, off, _U, seq, lsn, commit_time))
+            rows.append((payload, off, _U, seq, lsn, commit_time))
+            keys.add(key_of(payload, off, key))
             building.updates += 1
         self._rows += 1
         self._bytes += len(payload)
@@ -263,11 +267,13 @@ class _Building:
     inserts: int = 0
     updates: int = 0
     deletes: int = 0
+    # The keys the rows change (see TableRows.keys); wal2json's assembler leaves it empty.
+    keys: set[bytes] = field(default_factory=set)
 
     def staged(self) -> TableRows:
         blob, unchanged = self.stager(self.relation, self.rows)
         return TableRows(self.relation, self.table, [blob], self.inserts, self.updates,
-                         self.deletes, unchanged)
+                         self.deletes, unchanged, self.keys if self.keys else None)
 
 
 def _skip_tuple(buf: bytes, off: int) -> int:

@@ -32,7 +32,6 @@ COPY_TRAILER: Final = struct.pack(">h", -1)
 
 _I16: Final = struct.Struct(">h")
 _I32: Final = struct.Struct(">i")
-_U32: Final = struct.Struct(">I")
 # Field count, then the sequence number, operation, LSN and commit time fields.
 _META: Final = struct.Struct(">h" "iq" "iB" "iQ" "iq")
 _T, _N, _U = ord("t"), ord("n"), ord("u")
@@ -146,17 +145,17 @@ def _mask_text(mask: int, width: int) -> bytes:
     return "".join("1" if mask >> i & 1 else "0" for i in range(width)).encode()
 
 
-def key_values(relation: Relation, buf: bytes, off: int, key: tuple[int, ...]) -> tuple[bytes, ...]:
-    """The raw fields of the ``key`` columns of the tuple at ``buf[off]`` (to compare keys)."""
+def key_of(buf: bytes, off: int, key: tuple[int, ...]) -> bytes:
+    """The ``key`` columns of the tuple at ``buf[off]``, their raw fields side by side: equal
+    exactly when the keys are, since every field carries its kind and length."""
     off += 2
-    fields: list[bytes] = []
-    for _ in range(len(relation.columns)):
-        kind = buf[off]
-        if kind == _T:
-            end = off + 5 + _U32.unpack_from(buf, off + 1)[0]
-            fields.append(buf[off + 1 : end])
-            off = end
+    found = b""
+    for i in range(max(key) + 1):
+        start = off
+        if buf[off] == _T:
+            off += 5 + (buf[off + 1] << 24 | buf[off + 2] << 16 | buf[off + 3] << 8 | buf[off + 4])
         else:
-            fields.append(b"")
             off += 1
-    return tuple(fields[i] for i in key)
+        if i in key:
+            found += buf[start:off]
+    return found

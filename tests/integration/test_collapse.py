@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from cdcsync import admin
@@ -75,3 +77,22 @@ def test_replica_identity_full_updates_and_deletes(pair: DbPair) -> None:
           "UPDATE full_ident SET v = 'w' WHERE id <= 2",
           "UPDATE full_ident SET id = 50 WHERE id = 3",
           "DELETE FROM full_ident WHERE id = 4")
+
+
+def test_keys_changed_twice_are_collapsed_not_replayed(pair: DbPair,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The reader tells the applier which keys a batch changes more than once, and only then is
+    the batch collapsed: keys changed twice in one transaction and across two are merged in
+    bulk (without the collapse the upsert meets one key twice and the batch is replayed in
+    source order)."""
+    _sync(pair, "INSERT INTO docs VALUES (1020, 'first', 'x', now())")
+    caplog.set_level(logging.INFO, logger="cdcsync")
+    _sync(pair, """
+        BEGIN;
+        UPDATE docs SET status = 'b' WHERE id = 1020;
+        UPDATE docs SET status = 'c' WHERE id = 1020;
+        INSERT INTO docs VALUES (1021, 'new', 'y', now());
+        COMMIT;
+        UPDATE docs SET status = 'd' WHERE id = 1021;""")
+    replays = [r for r in caplog.records if r.getMessage() == "batch_replayed_in_source_order"]
+    assert not replays
