@@ -163,3 +163,19 @@ def test_row_change_outside_transaction_is_refused() -> None:
     assembler.feed(RAW[2])
     with pytest.raises(ProtocolError, match="outside a transaction"):
         assembler.feed(RAW[3])
+
+
+def test_keys_name_each_staged_rows_key_once() -> None:
+    """A chunk's keys are its staged rows' key fields, each once: as many keys as rows exactly
+    when no key repeats (the applier collapses only otherwise)."""
+    for table, rows in _chunks(feed_all(TransactionAssembler(Lsn(0), target_for), RAW)):
+        assert table.keys is not None
+        key = table.target.key[0]
+        fields = [f[len(META_COLUMNS) + key] for f in rows]
+        assert len(table.keys) == len(set(fields))
+        assert {k[5:] for k in table.keys} == set(fields)  # kind byte and length, then the value
+
+
+def _chunks(items: list[object]) -> list[tuple[TableRows, list[tuple[bytes | None, ...]]]]:
+    return [(t, [row for blob in t.rows for row in parse_copy_rows(blob)])
+            for i in items if isinstance(i, ChangeChunk) for t in i.tables]
