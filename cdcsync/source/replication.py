@@ -15,6 +15,7 @@ import select
 import struct
 import time
 from collections.abc import Iterator
+from typing import Final
 
 import psycopg
 from psycopg import pq
@@ -24,11 +25,13 @@ from cdcsync.dsn import with_session_options
 from cdcsync.errors import ConnectionLost, PrerequisiteError
 from cdcsync.model import PG_EPOCH, ZERO_LSN, Lsn
 
-_XLOG_HEADER = struct.Struct(">cQQq")  # 'w', data start, WAL end, send time
-_KEEPALIVE = struct.Struct(">cQqB")  # 'k', WAL end, send time, reply requested
-_STATUS = struct.Struct(">cQQQqB")  # 'r', written, flushed, applied, client time, reply requested
-_W, _K = ord("w"), ord("k")
-_PG_EPOCH_UNIX_US = int(PG_EPOCH.timestamp()) * 1_000_000
+_XLOG_HEADER: Final = struct.Struct(">cQQq")  # 'w', data start, WAL end, send time
+_KEEPALIVE: Final = struct.Struct(">cQqB")  # 'k', WAL end, send time, reply requested
+# 'r', written, flushed, applied, client time, reply requested
+_STATUS: Final = struct.Struct(">cQQQqB")
+_W: Final = ord("w")
+_K: Final = ord("k")
+_PG_EPOCH_UNIX_US: Final = int(PG_EPOCH.timestamp()) * 1_000_000
 
 
 def _now_pg_us() -> int:
@@ -46,7 +49,7 @@ class ReplicationStream:
         self._confirmed = Lsn(0)
         self._reported = Lsn(0)
         self._sent_end = Lsn(0)
-        self._last = b""
+        self._last: bytes | memoryview = b""
         self._last_status = 0.0
 
     @property
@@ -108,13 +111,14 @@ class ReplicationStream:
                 continue
             if nbytes < 0:
                 raise self._ended()
-            message = bytes(data)
-            kind = message[0]
+            kind = data[0]
             if kind == _W:
-                self._last = message
-                yield message[_XLOG_HEADER.size :]
+                # libpq's buffer itself is kept for last_start (each message gets its own), so
+                # the payload is the only copy made.
+                self._last = data
+                yield bytes(data[_XLOG_HEADER.size :])
             elif kind == _K:
-                _, sent_end, _, reply = _KEEPALIVE.unpack_from(message)
+                _, sent_end, _, reply = _KEEPALIVE.unpack_from(data)
                 self._sent_end = Lsn(max(self._sent_end, sent_end))
                 if reply:
                     self.send_status()

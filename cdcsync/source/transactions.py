@@ -14,7 +14,7 @@ import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from cdcsync.errors import ProtocolError
 from cdcsync.model import (
@@ -36,10 +36,15 @@ from cdcsync.source.tuples import key_of, stage_rows
 Resolver = Callable[[Relation], TargetTable | None]
 Stager = Callable[[Relation, Sequence[Any]], tuple[bytes, int]]
 
-_OID = struct.Struct(">I")
-_MICROSECOND = dt.timedelta(microseconds=1)
-_I, _U, _D, _M = ord("I"), ord("U"), ord("D"), ord("M")
-_K, _O, _N = ord("K"), ord("O"), ord("N")
+_OID: Final = struct.Struct(">I")
+_MICROSECOND: Final = dt.timedelta(microseconds=1)
+_I: Final = ord("I")
+_U: Final = ord("U")
+_D: Final = ord("D")
+_M: Final = ord("M")
+_K: Final = ord("K")
+_O: Final = ord("O")
+_N: Final = ord("N")
 
 
 class Assembler(ABC):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 from cdcsync.errors import ProtocolError
 from cdcsync.model import UNCHANGED, ZERO_LSN, Column, Lsn, Relation, StreamItem, Value
@@ -24,7 +25,10 @@ from cdcsync.source.tuples import stage_values
 Describer = Callable[[str, str], Relation | None]
 """The source catalog's current description of ``schema, table``, or None if it is gone."""
 
-_I, _U, _D, _M = ord("I"), ord("U"), ord("D"), ord("M")
+_I: Final = ord("I")
+_U: Final = ord("U")
+_D: Final = ord("D")
+_M: Final = ord("M")
 # wal2json gives no OIDs; tables the catalog no longer knows are numbered above every OID.
 _FIRST_LOCAL_ID = 1 << 32
 

@@ -26,7 +26,7 @@ from cdcsync.model import (
 )
 from cdcsync.source import pgoutput
 from cdcsync.source.transactions import TransactionAssembler
-from cdcsync.source.tuples import META_COLUMNS
+from cdcsync.source.tuples import META_COLUMNS, key_of
 
 RAW = [bytes.fromhex(m["hex"]) for m in json.loads(
     (Path(__file__).parent / "data" / "pgoutput_capture.json").read_text())]
@@ -179,3 +179,27 @@ def test_keys_name_each_staged_rows_key_once() -> None:
 def _chunks(items: list[object]) -> list[tuple[TableRows, list[tuple[bytes | None, ...]]]]:
     return [(t, [row for blob in t.rows for row in parse_copy_rows(blob)])
             for i in items if isinstance(i, ChangeChunk) for t in i.tables]
+
+
+def _tuple(*fields: bytes | None) -> bytes:
+    out = struct.pack(">h", len(fields))
+    for value in fields:
+        out += b"n" if value is None else b"t" + struct.pack(">i", len(value)) + value
+    return out
+
+
+@pytest.mark.parametrize(("key", "expected_fields"), [
+    ((0,), [b"ab"]),
+    ((2,), [b"123"]),
+    ((3,), [None]),
+    ((0, 2), [b"ab", b"123"]),
+    ((2, 0), [b"ab", b"123"]),
+])
+def test_key_of_is_the_key_columns_raw_fields(key: tuple[int, ...],
+                                             expected_fields: list[bytes | None]) -> None:
+    buf = b"xyz" + _tuple(b"ab", None, b"123", None, b"tail")
+    want = b"".join(b"n" if f is None else b"t" + struct.pack(">i", len(f)) + f
+                    for f in expected_fields)
+    assert key_of(buf, 3, key) == want
+    other = b"xyz" + _tuple(b"ab", None, b"124", None, b"")
+    assert (key_of(buf, 3, key) == key_of(other, 3, key)) == (2 not in key)
