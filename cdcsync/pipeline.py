@@ -126,15 +126,17 @@ class Reader(threading.Thread):
         self._last_idle_advance = 0.0
 
     def run(self) -> None:
+        # Bound once: this loop runs for every message of the stream.
+        halted, read, feed, last_start = (self.halt.is_set, self.stream.read,
+                                          self.assembler.feed, self._last_start)
         try:
-            while not self.halt.is_set():
-                for payload in self.stream.read(0.2):
-                    items = self.assembler.feed(payload, self._last_start)
-                    for item in items:
+            while not halted():
+                for payload in read(0.2):
+                    for item in feed(payload, last_start):
                         if isinstance(item, TxnStart):
                             self._open_txn = item.final_lsn
                         self._put(item)
-                    if self.halt.is_set():
+                    if halted():
                         return
                 self._advance_when_idle()
                 self._feedback()

@@ -37,6 +37,8 @@ Resolver = Callable[[Relation], TargetTable | None]
 Stager = Callable[[Relation, Sequence[Any]], tuple[bytes, int]]
 
 _OID: Final = struct.Struct(">I")
+# What most messages complete: shared, where a new empty list per row change is measurable.
+_NOTHING: Final[tuple[StreamItem, ...]] = ()
 _MICROSECOND: Final = dt.timedelta(microseconds=1)
 _I: Final = ord("I")
 _U: Final = ord("U")
@@ -78,7 +80,7 @@ class Assembler(ABC):
         return self._in_txn
 
     def feed(self, payload: bytes, lsn: Lsn | Callable[[], Lsn] | None = None
-             ) -> list[StreamItem]:
+             ) -> Sequence[StreamItem]:
         """Consume one message; return the items it completes (often none).
 
         ``lsn`` is where the message starts in the WAL, or how to find it (decoding it for
@@ -94,7 +96,7 @@ class Assembler(ABC):
                                     "moved past it") from exc
 
     @abstractmethod
-    def _feed(self, payload: bytes) -> list[StreamItem]:
+    def _feed(self, payload: bytes) -> Sequence[StreamItem]:
         """Decode one message of the plugin (errors without the LSN: :meth:`feed` adds it)."""
 
     def _building(self, oid: int, stager: Stager) -> _Building | None:
@@ -193,20 +195,20 @@ class Assembler(ABC):
 class TransactionAssembler(Assembler):
     """The :class:`Assembler` for pgoutput messages."""
 
-    def _feed(self, payload: bytes) -> list[StreamItem]:
+    def _feed(self, payload: bytes) -> Sequence[StreamItem]:
         kind = payload[0] if payload else -1
         if kind in (_I, _U, _D):
             if not self._in_txn:
                 raise ProtocolError(f"{chr(kind)} message outside a transaction")
             if self._skipping:
-                return []
+                return _NOTHING
             try:
                 self._row_change(kind, payload)
             except (IndexError, struct.error, KeyError, ValueError) as exc:
                 raise ProtocolError(f"malformed {chr(kind)} message: {exc!r}") from None
             if self._chunk_full():
                 return self._opened([self._take_chunk()])
-            return []
+            return _NOTHING
         message = pgoutput.decode(payload)
         if isinstance(message, Relation):
             return self._relation(message)

@@ -12,7 +12,7 @@ it and keeps rows of each version apart.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -81,7 +81,7 @@ class Wal2jsonAssembler(Assembler):
         self._truncating: list[int] = []
         self._truncate_lsn = ZERO_LSN
 
-    def _feed(self, payload: bytes) -> list[StreamItem]:
+    def _feed(self, payload: bytes) -> Sequence[StreamItem]:
         message = wal2json.decode(payload)
         if isinstance(message, wal2json.TableTruncate):
             return self._table_truncate(message)
