@@ -1,0 +1,24 @@
+"""The ``cdcsync`` entry point: pause the garbage collector, then run :mod:`cdcsync.commands`.
+
+Nothing heavy is imported here, so that every import of a command (psycopg, pydantic, the
+daemon) runs with the collector paused; :mod:`cdcsync.commands` resumes it once the command's
+modules are in (see :mod:`cdcsync.coldstart`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from cdcsync import coldstart
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    coldstart.pause()
+    from cdcsync import commands  # noqa: PLC0415 (after the pause: see the module docstring)
+
+    return commands.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
