@@ -278,9 +278,13 @@ def prepare(settings: Settings, pool: ConnectionPool, stop: threading.Event,
     names = selected(settings)
     initial = settings.snapshot.mode == "initial"
     with pool.connection() as conn:
-        state.register(conn, slot, names, "pending" if initial else "ready")
-        conn.commit()
-        states = state.load(conn, slot)
+        # One round trip: a target far away pays each one at every start.
+        with conn.pipeline():
+            state.register(conn, slot, names, "pending" if initial else "ready")
+            conn.commit()
+            loaded = conn.execute(state.load_query(slot))
+            conn.commit()
+        states = state.from_rows(loaded.fetchall())
         if not initial:
             return
         if needed(states, names):
