@@ -46,15 +46,7 @@ def install_metadata(conn: psycopg.Connection[TupleRow]) -> None:
 
 
 def load(conn: psycopg.Connection[TupleRow], slot: str) -> Checkpoint | None:
-    return from_row(load_cursor(conn, slot).fetchone())
-
-
-def load_cursor(conn: psycopg.Connection[TupleRow], slot: str) -> psycopg.Cursor[TupleRow]:
-    """The read of :func:`load`, for a caller that fetches its row later (in a pipeline)."""
-    return conn.execute(_LOAD, (slot,))
-
-
-def from_row(row: TupleRow | None) -> Checkpoint | None:
+    row = conn.execute(_LOAD, (slot,)).fetchone()
     if row is None:
         return None
     commit_time = row[1] if isinstance(row[1], dt.datetime) else None

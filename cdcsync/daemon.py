@@ -27,8 +27,9 @@ from cdcsync.pipeline import Pipeline, Progress, open_target_pool
 from cdcsync.source import catalog
 
 
-def preflight(settings: Settings) -> None:
-    """Fail fast, with the fix, on what no retry would cure.
+def preflight(settings: Settings) -> bool:
+    """Fail fast, with the fix, on what no retry would cure; return whether another process
+    holds the slot's lock (this one starts as its standby).
 
     The target is asked everything it is asked here in two round trips (a target far away pays
     each one at every start): the lock's holder, the metadata schema and the copy states, then
@@ -57,6 +58,7 @@ def preflight(settings: Settings) -> None:
             f"replication slot {slot!r} does not exist on the source",
             fix="run `cdcsync setup` first",
         )
+    return standby
 
 
 def _alerter(settings: Settings) -> Alerter:
@@ -100,8 +102,8 @@ def run(settings: Settings, stop: threading.Event | None = None,
     lock.open_ahead()
     coldstart.import_ahead("cdcsync.jobs")
     try:
-        preflight(settings)
-        _contend(settings, stop, metrics, health, lock)
+        standby = preflight(settings)
+        _contend(settings, stop, metrics, health, lock, standby=standby)
     finally:
         lock.release()
         server.close()
@@ -109,8 +111,11 @@ def run(settings: Settings, stop: threading.Event | None = None,
 
 
 def _contend(settings: Settings, stop: threading.Event, metrics: Metrics, health: Health,
-             lock: SlotLock) -> None:
+             lock: SlotLock, *, standby: bool) -> None:
     """Alternate between standby and active terms until ``stop``.
+
+    Unless it starts as a standby, the first term's pool opens its connections while the lock
+    is asked for.
 
     The jobs and the alerter live as long as the process, so an alert raised while the target
     was down (and the lock with it) gets its recovery once this process streams again.
@@ -120,26 +125,30 @@ def _contend(settings: Settings, stop: threading.Event, metrics: Metrics, health
     progress = Progress()
     jobs = Jobs(settings, progress, metrics, health, _alerter(settings))
     jobs.start()
+    ahead = None if standby else open_target_pool(settings)
     try:
         # A term as the active process ends on stop or when the lock is lost; then this
         # process waits as a standby again.
         while (term := lock.acquire()) is not None:
+            pool, ahead = ahead or open_target_pool(settings), None
             try:
-                _stream(settings, term, progress, metrics, health)
+                _stream(settings, term, pool, progress, metrics=metrics, health=health)
             finally:
                 if stop.is_set():
                     health.set_state("stopping")
                 lock.release()
     finally:
+        if ahead is not None:
+            ahead.close(timeout=2)
         jobs.close()
         lock.release()
         alerts.flush()
 
 
-def _stream(settings: Settings, term: threading.Event, progress: Progress, metrics: Metrics,
-            health: Health) -> None:
-    """One term as the active process: copy what needs copying, stream until ``term`` is set."""
-    pool = open_target_pool(settings)
+def _stream(settings: Settings, term: threading.Event, pool: ConnectionPool,
+            progress: Progress, *, metrics: Metrics, health: Health) -> None:
+    """One term as the active process: copy what needs copying, stream until ``term`` is set;
+    then close ``pool``."""
     resyncer = Resyncer(settings, pool, lambda: progress.checkpoint, term)
     try:
         if not _prepare_copies(settings, pool, term, health):

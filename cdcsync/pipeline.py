@@ -24,7 +24,7 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
-from cdcsync import checkpoint
+from cdcsync import checkpoint, roundtrip
 from cdcsync.apply import tables
 from cdcsync.apply.applier import Applier
 from cdcsync.config import Settings
@@ -237,10 +237,8 @@ class Pipeline:
     def _stream_once(self) -> None:
         slot = self.settings.source.slot
         with self.pool.connection() as conn:
-            with conn.pipeline():  # the transaction's BEGIN, the read and its COMMIT at once
-                loaded = checkpoint.load_cursor(conn, slot)
-                conn.commit()
-            saved = checkpoint.from_row(loaded.fetchone())
+            with roundtrip.autocommit(conn):
+                saved = checkpoint.load(conn, slot)
             start = self._resume_position(saved)
             self.progress.checkpoint = start
             stream = ReplicationStream(self.settings.source.dsn.get_secret_value(), slot,

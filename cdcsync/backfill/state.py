@@ -55,6 +55,20 @@ def restart(conn: Conn, slot: str) -> None:
                  "AND state IN ('queued', 'running')", (slot,))
 
 
+def register_and_load(conn: Conn, slot: str, tables: list[str],
+                      state: TableStateName) -> dict[str, TableState]:
+    """:func:`register`, then :func:`load`: one simple query, so in one round trip and one
+    transaction when ``conn`` is in autocommit."""
+    cur = conn.execute(sql.Composed([
+        sql.SQL("INSERT INTO cdcsync.table_state (slot, table_name, state) "
+                "SELECT {}, unnest({}::text[]), {} ON CONFLICT DO NOTHING;").format(
+            slot, tables, state),
+        load_query(slot),
+    ]))
+    cur.nextset()
+    return from_rows(cur.fetchall())
+
+
 def load_query(slot: str) -> sql.Composed:
     """The query :func:`from_rows` reads, values included (it can travel with others)."""
     return sql.SQL("SELECT table_name, state, rows_copied, rows_estimate, reason, fix "
