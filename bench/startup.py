@@ -19,7 +19,8 @@ free. Medians are printed.
 commit, its compiled modules built or copied in), alternating with this one, so that before and
 after are compared in the same run on a shared machine.
 
-Run: ``python -m bench.startup [--starts 7] [--delay-ms 0 10]`` (under ``flock``, see BRIEF).
+Run: ``python -m bench.startup [--starts 7] [--delay-ms 0 10] [--baseline DIR]``, alone on the
+machine (the figures are wall-clock times).
 """
 
 from __future__ import annotations
