@@ -15,9 +15,12 @@ from cdcsync import coldstart
 
 def main(argv: Sequence[str] | None = None) -> int:
     coldstart.pause()
-    from cdcsync import commands  # noqa: PLC0415 (after the pause: see the module docstring)
+    try:
+        from cdcsync import commands  # noqa: PLC0415 (after the pause: see the module docstring)
 
-    return commands.main(argv)
+        return commands.main(argv)
+    finally:
+        coldstart.load()  # the collector back on where the command never got to it (--help)
 
 
 if __name__ == "__main__":
