@@ -6,15 +6,14 @@ the result is handed to whatever needs it. Tests build :class:`Settings` directl
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cdcsync.errors import ConfigError
 
@@ -170,44 +169,23 @@ class Settings(BaseModel):
         return TableOverride(name=qualified)
 
 
-_PREFIX = "CDCSYNC_"
+class _Environment(BaseSettings):
+    """The ``CDCSYNC_<SECTION>__<KEY>`` overrides, as raw data for :class:`Settings`."""
 
+    model_config = SettingsConfigDict(env_prefix="CDCSYNC_", env_nested_delimiter="__",
+                                      extra="ignore")
 
-def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The ``CDCSYNC_<SECTION>__<KEY>`` overrides (names in any case) as raw data for
-    :class:`Settings`, which validates them like the file's keys. A section can also be given
-    whole in JSON (``CDCSYNC_SOURCE``), and so must a list (``CDCSYNC_TABLES``). Variables that
-    name no setting (``CDCSYNC_CONFIG``) are not read.
-
-    Read here rather than with pydantic-settings: its import cost every start about 40 ms."""
-    overrides: dict[str, Any] = {}
-    keys: list[tuple[list[str], str]] = []
-    for name, value in environ.items():
-        if not name.upper().startswith(_PREFIX):
-            continue
-        path = name[len(_PREFIX):].lower().split("__")
-        field = Settings.model_fields.get(path[0])
-        if field is None:
-            continue
-        if len(path) > 1:
-            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-                keys.append((path, value))
-            continue
-        try:
-            overrides[path[0]] = json.loads(value)
-        except ValueError:
-            # The value is not echoed: a section given whole may hold a DSN and its password.
-            example = '["public.*"]' if path[0] == "tables" else '{"key": "value"}'
-            raise ConfigError(f"{name} is not valid JSON",
-                              fix=f"give it in JSON, for example {example}") from None
-    for path, value in sorted(keys):
-        node = overrides
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[path[-1]] = value
-    return overrides
+    tables: list[str] | None = None
+    table: list[dict[str, Any]] | None = None
+    source: dict[str, Any] = {}
+    target: dict[str, Any] = {}
+    apply: dict[str, Any] = {}
+    snapshot: dict[str, Any] = {}
+    retention: dict[str, Any] = {}
+    http: dict[str, Any] = {}
+    alerts: dict[str, Any] = {}
+    log: dict[str, Any] = {}
+    verify: dict[str, Any] = {}
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -239,7 +217,8 @@ def load_settings(path: Path | None) -> Settings:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}", fix="correct the syntax") from exc
     try:
-        return Settings(**_merge(data, environment_overrides(os.environ)))
+        overrides = _Environment().model_dump(exclude_defaults=True)
+        return Settings(**_merge(data, overrides))
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, path)) from None
 

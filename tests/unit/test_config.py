@@ -111,25 +111,3 @@ def test_settings_built_in_code_ignore_the_environment(monkeypatch: pytest.Monke
     monkeypatch.setenv("CDCSYNC_SOURCE__DSN", "host=elsewhere")
     settings = Settings(tables=("a.b",), source={"dsn": "host=here"}, target={"dsn": "x"})
     assert settings.source.dsn.get_secret_value() == "host=here"
-
-
-def test_environment_sections_whole_or_by_key(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """A section given whole in JSON, a key of it in any case, and a JSON list all apply."""
-    monkeypatch.setenv("CDCSYNC_TARGET", '{"dsn": "host=t", "pool_size": 3}')
-    monkeypatch.setenv("cdcsync_target__pool_size", "5")
-    monkeypatch.setenv("CDCSYNC_TABLES", '["public.only"]')
-    monkeypatch.setenv("CDCSYNC_PURE_PYTHON", "1")  # names no setting: not read
-    settings = load_settings(_write(tmp_path, GOOD))
-    assert settings.target.dsn.get_secret_value() == "host=t"
-    assert settings.target.pool_size == 5
-    assert settings.tables == ("public.only",)
-
-
-def test_environment_json_error_names_the_variable(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """A variable that must be JSON and is not is named, its value (a secret?) is not."""
-    monkeypatch.setenv("CDCSYNC_SOURCE", "dsn=host=x password=s3cret")
-    with pytest.raises(ConfigError, match="CDCSYNC_SOURCE is not valid JSON") as caught:
-        load_settings(_write(tmp_path, GOOD))
-    assert "s3cret" not in str(caught.value)
