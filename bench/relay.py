@@ -6,20 +6,23 @@ chunk does not wait for an earlier one's delay to end), so the relay adds latenc
 bandwidth limit: a round trip through it costs ``2 * delay_s`` more, as on a long link.
 
 ``Relay`` runs its own event loop on a daemon thread: ``with Relay(port) as relay:`` then connect
-to ``relay.port`` on 127.0.0.1 instead of ``port``.
+to ``relay.port`` on 127.0.0.1 instead of ``port``. ``round_trips`` counts, over every
+connection, the times the server answered after the client had sent: what each would cost on a
+real link (connecting, authenticating and every query not pipelined with another).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from contextlib import suppress
 
 CHUNK = 256 * 1024
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                delay_s: float) -> None:
+                delay_s: float, on_data: Callable[[], None]) -> None:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
@@ -37,6 +40,7 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     sender = asyncio.create_task(deliver())
     try:
         while data := await reader.read(CHUNK):
+            on_data()
             queue.put_nowait((loop.time() + delay_s, data))
     except OSError:
         pass
@@ -52,6 +56,7 @@ class Relay:
     def __init__(self, port: int, delay_s: float) -> None:
         self.target_port, self.delay_s = port, delay_s
         self.port = 0
+        self.round_trips = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"relay-{port}", daemon=True)
@@ -63,8 +68,22 @@ class Relay:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(_pump(reader, up_writer, self.delay_s),
-                             _pump(up_reader, writer, self.delay_s), return_exceptions=True)
+        # Both pumps run on this loop's thread: no lock needed.
+        awaiting = False
+
+        def sent() -> None:
+            nonlocal awaiting
+            awaiting = True
+
+        def answered() -> None:
+            nonlocal awaiting
+            if awaiting:
+                awaiting = False
+                self.round_trips += 1
+
+        await asyncio.gather(_pump(reader, up_writer, self.delay_s, sent),
+                             _pump(up_reader, writer, self.delay_s, answered),
+                             return_exceptions=True)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)

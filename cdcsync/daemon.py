@@ -11,16 +11,15 @@ from types import FrameType
 
 from psycopg_pool import ConnectionPool
 
-from cdcsync import __version__, alerts, checkpoint, leader, prerequisites
+from cdcsync import __version__, alerts, coldstart, leader, prerequisites
 from cdcsync.admin import connect
 from cdcsync.alerts import Alerter, Thresholds
-from cdcsync.backfill import snapshot, state
+from cdcsync.backfill import snapshot
 from cdcsync.backfill.resync import Resyncer
 from cdcsync.config import Settings
 from cdcsync.errors import PrerequisiteError, is_transient
 from cdcsync.health import Health, HttpServer
-from cdcsync.jobs import Jobs
-from cdcsync.leader import METADATA_LOCK_KEY, SlotLock
+from cdcsync.leader import SlotLock
 from cdcsync.logs import event
 from cdcsync.metrics import Metrics
 from cdcsync.notify import Notifier, SystemdReporter
@@ -28,32 +27,38 @@ from cdcsync.pipeline import Pipeline, Progress, open_target_pool
 from cdcsync.source import catalog
 
 
-def preflight(settings: Settings) -> None:
-    """Fail fast, with the fix, on what no retry would cure."""
+def preflight(settings: Settings) -> bool:
+    """Fail fast, with the fix, on what no retry would cure; return whether another process
+    holds the slot's lock (this one starts as its standby).
+
+    The target is asked everything it is asked here in two round trips (a target far away pays
+    each one at every start): the lock's holder, the metadata schema and the copy states, then
+    the columns of every target table."""
+    slot = settings.source.slot
     with connect(settings.target.dsn.get_secret_value(), "target") as tgt:
-        standby = leader.lock_holder(tgt, settings.source.slot) is not None
-    with connect(settings.source.dsn.get_secret_value(), "source") as src:
-        slot_missing = catalog.slot_info(src, settings.source.slot) is None
-        selected = prerequisites.check_source(src, settings, standby=standby)
-        names = [t.source for t in selected]
-    with connect(settings.target.dsn.get_secret_value(), "target") as tgt:
-        row = tgt.execute("SELECT to_regclass('cdcsync.checkpoint') IS NOT NULL").fetchone()
-        if not row or not row[0]:
-            raise PrerequisiteError("the target has no cdcsync schema", fix="run `cdcsync setup`")
-        # An active process and its standby start together: one installs, the other waits.
-        with tgt.transaction():
-            tgt.execute("SELECT pg_advisory_xact_lock(%s)", (METADATA_LOCK_KEY,))
-            checkpoint.install_metadata(tgt)
+        known: prerequisites.TargetState | PrerequisiteError
+        try:
+            known = prerequisites.target_state(tgt, slot)
+            standby = known.standby
+        except PrerequisiteError as exc:
+            # Refused only after the source's checks, whose failures come first.
+            known, standby = exc, leader.lock_holder(tgt, slot) is not None
+        with connect(settings.source.dsn.get_secret_value(), "source") as src:
+            slot_missing = catalog.slot_info(src, slot) is None
+            selected = prerequisites.check_source(src, settings, standby=standby)
+        if isinstance(known, PrerequisiteError):
+            raise known
         # The initial snapshot re-creates the slot; a crash in between leaves none, which the
         # next snapshot attempt cures by itself.
         fresh = (settings.snapshot.mode == "initial"
-                 and snapshot.needed(state.load(tgt, settings.source.slot), names))
+                 and snapshot.needed(known.states, [t.source for t in selected]))
         prerequisites.check_target(tgt, settings, selected)
     if slot_missing and not fresh:
         raise PrerequisiteError(
-            f"replication slot {settings.source.slot!r} does not exist on the source",
+            f"replication slot {slot!r} does not exist on the source",
             fix="run `cdcsync setup` first",
         )
+    return standby
 
 
 def _alerter(settings: Settings) -> Alerter:
@@ -91,45 +96,59 @@ def run(settings: Settings, stop: threading.Event | None = None,
         health.watch(SystemdReporter(notifier, lambda: health.lag_seconds))
     server = HttpServer(settings.http.listen, metrics, health)
     server.start()
+    lock = SlotLock(settings.target.dsn.get_secret_value(), slot, health, stop)
+    # The checks wait on both databases: meanwhile, the lock's connection opens and the
+    # periodic jobs' modules (the scheduler, the verifier) load, each on a thread of its own.
+    lock.open_ahead()
+    coldstart.import_ahead("cdcsync.jobs")
     try:
-        preflight(settings)
-        _contend(settings, stop, metrics, health)
+        standby = preflight(settings)
+        _contend(settings, stop, metrics, health, lock, standby=standby)
     finally:
+        lock.release()
         server.close()
     event(logging.INFO, "stopped", slot=slot)
 
 
-def _contend(settings: Settings, stop: threading.Event, metrics: Metrics,
-             health: Health) -> None:
+def _contend(settings: Settings, stop: threading.Event, metrics: Metrics, health: Health,
+             lock: SlotLock, *, standby: bool) -> None:
     """Alternate between standby and active terms until ``stop``.
+
+    Unless it starts as a standby, the first term's pool opens its connections while the lock
+    is asked for.
 
     The jobs and the alerter live as long as the process, so an alert raised while the target
     was down (and the lock with it) gets its recovery once this process streams again.
     """
+    from cdcsync.jobs import Jobs  # noqa: PLC0415 (loaded ahead by run)
+
     progress = Progress()
     jobs = Jobs(settings, progress, metrics, health, _alerter(settings))
     jobs.start()
-    lock = SlotLock(settings.target.dsn.get_secret_value(), settings.source.slot, health, stop)
+    ahead = None if standby else open_target_pool(settings)
     try:
         # A term as the active process ends on stop or when the lock is lost; then this
         # process waits as a standby again.
         while (term := lock.acquire()) is not None:
+            pool, ahead = ahead or open_target_pool(settings), None
             try:
-                _stream(settings, term, progress, metrics, health)
+                _stream(settings, term, pool, progress, metrics=metrics, health=health)
             finally:
                 if stop.is_set():
                     health.set_state("stopping")
                 lock.release()
     finally:
+        if ahead is not None:
+            ahead.close(timeout=2)
         jobs.close()
         lock.release()
         alerts.flush()
 
 
-def _stream(settings: Settings, term: threading.Event, progress: Progress, metrics: Metrics,
-            health: Health) -> None:
-    """One term as the active process: copy what needs copying, stream until ``term`` is set."""
-    pool = open_target_pool(settings)
+def _stream(settings: Settings, term: threading.Event, pool: ConnectionPool,
+            progress: Progress, *, metrics: Metrics, health: Health) -> None:
+    """One term as the active process: copy what needs copying, stream until ``term`` is set;
+    then close ``pool``."""
     resyncer = Resyncer(settings, pool, lambda: progress.checkpoint, term)
     try:
         if not _prepare_copies(settings, pool, term, health):

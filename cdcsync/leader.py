@@ -17,6 +17,7 @@ host that vanished without closing its connection is released in about 15 s, not
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -26,6 +27,7 @@ import time
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
@@ -47,7 +49,7 @@ SELECT a.application_name, a.pid, host(a.client_addr)
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.classid = %s::bigint::oid AND l.objid = %s::bigint::oid
+  AND l.classid = {classid}::bigint::oid AND l.objid = {objid}::bigint::oid
 """
 
 
@@ -90,10 +92,16 @@ class Holder:
         return f"{self.application_name or '(no application_name)'}{where}"
 
 
+def holder_query(slot: str) -> sql.Composed:
+    """The query naming who holds ``slot``'s lock, values included: it can travel with others
+    in one round trip."""
+    classid, objid = _key_halves(lock_key(slot))
+    return sql.SQL(_HOLDER).format(classid=classid, objid=objid)
+
+
 def lock_holder(conn: Conn, slot: str) -> Holder | None:
     """Who holds ``slot``'s lock on the target this connection points at, if anyone."""
-    classid, objid = _key_halves(lock_key(slot))
-    row = conn.execute(_HOLDER, (classid, objid)).fetchone()
+    row = conn.execute(holder_query(slot)).fetchone()
     return None if row is None else Holder(str(row[0] or ""), int(row[1]), row[2])
 
 
@@ -121,6 +129,24 @@ class SlotLock:
         self._keeper: threading.Thread | None = None
         self._term: threading.Event | None = None
         self._lost = False
+        self._opening: threading.Thread | None = None
+
+    def open_ahead(self) -> None:
+        """Open the lock's connection on a thread of its own, while the caller does something
+        else; :meth:`acquire` then only asks for the lock. A failure here is left for
+        :meth:`acquire` to meet again, and report."""
+        self._opening = threading.Thread(target=self._open_quietly, name="cdcsync-lock-open",
+                                         daemon=True)
+        self._opening.start()
+
+    def _open_quietly(self) -> None:
+        with contextlib.suppress(psycopg.Error):
+            self._conn = psycopg.connect(self._dsn, autocommit=True)
+
+    def _opened(self) -> None:
+        opening, self._opening = self._opening, None
+        if opening is not None:
+            opening.join()
 
     def acquire(self) -> threading.Event | None:
         """Wait as a standby until the lock is ours; return an event set when it is lost or on
@@ -144,6 +170,7 @@ class SlotLock:
         return None
 
     def _try(self) -> bool:
+        self._opened()
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = psycopg.connect(self._dsn, autocommit=True)
@@ -202,6 +229,7 @@ class SlotLock:
         self._close()
 
     def _close(self) -> None:
+        self._opened()
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()

@@ -24,7 +24,7 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
-from cdcsync import checkpoint
+from cdcsync import checkpoint, roundtrip
 from cdcsync.apply import tables
 from cdcsync.apply.applier import Applier
 from cdcsync.config import Settings
@@ -85,10 +85,13 @@ def pgoutput_options(publication: str) -> dict[str, str]:
 
 
 def open_target_pool(settings: Settings) -> ConnectionPool:
-    """The target pool shared by the applier and every other user of the target."""
+    """The target pool shared by the applier and every other user of the target.
+
+    Two connections from the start, opened side by side: the copies' queue (the resyncer) takes
+    one as the stream starts, and the applier would otherwise wait for a second to be opened."""
     return ConnectionPool(
         with_session_options(settings.target.dsn.get_secret_value(), "cdcsync"),
-        min_size=1,
+        min_size=2,
         max_size=settings.target.pool_size,
         check=ConnectionPool.check_connection,
         name="cdcsync-target",
@@ -236,8 +239,8 @@ class Pipeline:
     def _stream_once(self) -> None:
         slot = self.settings.source.slot
         with self.pool.connection() as conn:
-            saved = checkpoint.load(conn, slot)
-            conn.commit()
+            with roundtrip.autocommit(conn):
+                saved = checkpoint.load(conn, slot)
             start = self._resume_position(saved)
             self.progress.checkpoint = start
             stream = ReplicationStream(self.settings.source.dsn.get_secret_value(), slot,

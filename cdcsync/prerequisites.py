@@ -14,7 +14,9 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
+from cdcsync import checkpoint, leader
 from cdcsync.apply import drift
+from cdcsync.backfill import state
 from cdcsync.config import Settings
 from cdcsync.errors import PrerequisiteError
 from cdcsync.source import catalog
@@ -24,10 +26,61 @@ Conn = psycopg.Connection[TupleRow]
 # A cdcsync killed a moment ago leaves its walsender for as long as the server takes to notice.
 SLOT_RELEASE_WAIT_S = 5.0
 
+# The columns of several tables in one round trip; a table that does not exist has none.
 _COLUMNS_SQL = """
-SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
-WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum
+SELECT t.name, a.attname::text, format_type(a.atttypid, a.atttypmod)
+FROM unnest(%s::text[]) t(name)
+JOIN pg_attribute a ON a.attrelid = to_regclass(t.name) AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY t.name, a.attnum
 """
+_NO_SCHEMA = "cdcsync: the target has no cdcsync schema"
+_REFUSE_WITHOUT_SCHEMA = f"""
+DO $$ BEGIN
+    IF to_regclass('cdcsync.checkpoint') IS NULL THEN RAISE EXCEPTION '{_NO_SCHEMA}'; END IF;
+END $$;
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class TargetState:
+    """What ``run`` needs to know of the target before it streams."""
+
+    standby: bool  # another process holds the slot's lock: this one will wait as its standby
+    states: dict[str, state.TableState]
+
+
+def target_state(tgt: Conn, slot: str) -> TargetState:
+    """Who holds the slot's lock, then (under the metadata lock, so that an active process and
+    its standby starting together do not both install) the metadata schema brought up to date
+    and the tables' copy states: one round trip, a single implicit transaction. A target without
+    the schema is refused, not given one: that is `cdcsync setup`'s to do."""
+    query = sql.Composed([
+        sql.SQL("SELECT EXISTS ({});").format(leader.holder_query(slot)),
+        sql.SQL(_REFUSE_WITHOUT_SCHEMA),
+        sql.SQL("SELECT pg_advisory_xact_lock({});").format(leader.METADATA_LOCK_KEY),
+        sql.SQL(checkpoint.metadata_sql()),
+        sql.SQL(";"),
+        state.load_query(slot),
+    ])
+    try:
+        cur = tgt.execute(query)
+    except psycopg.errors.RaiseException as exc:
+        if exc.diag.message_primary != _NO_SCHEMA:
+            raise
+        raise PrerequisiteError("the target has no cdcsync schema",
+                                fix="run `cdcsync setup`") from None
+    row = cur.fetchone()
+    while cur.nextset():
+        pass
+    return TargetState(standby=bool(row and row[0]), states=state.from_rows(cur.fetchall()))
+
+
+def table_columns(conn: Conn, tables: list[str]) -> dict[str, list[tuple[str, str]]]:
+    """Each table's columns (name, type) in order, by quoted name; absent when it has none."""
+    columns: dict[str, list[tuple[str, str]]] = {}
+    for name, column, type_ in conn.execute(_COLUMNS_SQL, (tables,)).fetchall():
+        columns.setdefault(str(name), []).append((str(column), str(type_)))
+    return columns
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +120,12 @@ def check_source(src: Conn, settings: Settings, *, standby: bool = False) -> lis
             f"publication {publication!r} does not publish {', '.join(missing)}, which "
             "`tables` selects: their changes would never arrive",
             fix="run `cdcsync setup` to update the publication")
+    quoted = [t.identifier.as_string(src) for t in chosen]
+    found = table_columns(src, quoted)
     selected = []
-    for table in chosen:
+    for table, name in zip(chosen, quoted, strict=True):
         override = settings.override_for(table.qualified)
-        columns = [(str(r[0]), str(r[1])) for r in src.execute(
-            _COLUMNS_SQL, (table.identifier.as_string(src),)).fetchall()]
+        columns = found.get(name, [])
         selected.append(Selected(table.qualified, override.target or table.qualified,
                                  tuple(c for c in columns
                                        if c[0] not in override.exclude_columns)))
@@ -90,10 +144,10 @@ def _published_in_parts(src: Conn, publication: str, table: catalog.SourceTable)
 
 def check_target(tgt: Conn, settings: Settings, selected: list[Selected]) -> None:
     """Every target table exists; under ``schema_changes = "halt"`` it has every column too."""
-    for table in selected:
-        schema, _, name = table.target.partition(".")
-        identifier = sql.Identifier(schema, name).as_string(tgt)
-        columns = {str(r[0]) for r in tgt.execute(_COLUMNS_SQL, (identifier,)).fetchall()}
+    quoted = [sql.Identifier(*t.target.split(".", 1)).as_string(tgt) for t in selected]
+    found = table_columns(tgt, quoted)
+    for table, identifier in zip(selected, quoted, strict=True):
+        columns = {c[0] for c in found.get(identifier, [])}
         if not columns:
             raise PrerequisiteError(
                 f"target table {table.target} does not exist (source {table.source})",

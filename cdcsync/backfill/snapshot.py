@@ -26,7 +26,7 @@ from psycopg import pq, sql
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
-from cdcsync import checkpoint
+from cdcsync import checkpoint, roundtrip
 from cdcsync.apply import tables
 from cdcsync.apply.applier import Applier
 from cdcsync.backfill import copy_format, copy_pipe, source_rows, state
@@ -278,9 +278,9 @@ def prepare(settings: Settings, pool: ConnectionPool, stop: threading.Event,
     names = selected(settings)
     initial = settings.snapshot.mode == "initial"
     with pool.connection() as conn:
-        state.register(conn, slot, names, "pending" if initial else "ready")
-        conn.commit()
-        states = state.load(conn, slot)
+        with roundtrip.autocommit(conn):
+            states = state.register_and_load(conn, slot, names,
+                                             "pending" if initial else "ready")
         if not initial:
             return
         if needed(states, names):

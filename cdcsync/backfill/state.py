@@ -40,9 +40,9 @@ class Request:
 
 def register(conn: Conn, slot: str, tables: list[str], state: TableStateName) -> None:
     """Give tables without a state the given one; tables already known keep theirs."""
-    for table in tables:
-        conn.execute("INSERT INTO cdcsync.table_state (slot, table_name, state) VALUES "
-                     "(%s, %s, %s) ON CONFLICT DO NOTHING", (slot, table, state))
+    conn.execute("INSERT INTO cdcsync.table_state (slot, table_name, state) "
+                 "SELECT %s, unnest(%s::text[]), %s ON CONFLICT DO NOTHING",
+                 (slot, tables, state))
 
 
 def restart(conn: Conn, slot: str) -> None:
@@ -55,12 +55,34 @@ def restart(conn: Conn, slot: str) -> None:
                  "AND state IN ('queued', 'running')", (slot,))
 
 
-def load(conn: Conn, slot: str) -> dict[str, TableState]:
-    rows = conn.execute("SELECT table_name, state, rows_copied, rows_estimate, reason, fix "
-                        "FROM cdcsync.table_state WHERE slot = %s ORDER BY 1", (slot,)).fetchall()
+def register_and_load(conn: Conn, slot: str, tables: list[str],
+                      state: TableStateName) -> dict[str, TableState]:
+    """:func:`register`, then :func:`load`: one simple query, so in one round trip and one
+    transaction when ``conn`` is in autocommit."""
+    cur = conn.execute(sql.Composed([
+        sql.SQL("INSERT INTO cdcsync.table_state (slot, table_name, state) "
+                "SELECT {}, unnest({}::text[]), {} ON CONFLICT DO NOTHING;").format(
+            slot, tables, state),
+        load_query(slot),
+    ]))
+    cur.nextset()
+    return from_rows(cur.fetchall())
+
+
+def load_query(slot: str) -> sql.Composed:
+    """The query :func:`from_rows` reads, values included (it can travel with others)."""
+    return sql.SQL("SELECT table_name, state, rows_copied, rows_estimate, reason, fix "
+                   "FROM cdcsync.table_state WHERE slot = {} ORDER BY 1").format(slot)
+
+
+def from_rows(rows: list[TupleRow]) -> dict[str, TableState]:
     return {str(r[0]): TableState(str(r[0]), str(r[1]), int(r[2]),
                                   int(r[3]) if r[3] is not None else None,
                                   r[4], r[5]) for r in rows}
+
+
+def load(conn: Conn, slot: str) -> dict[str, TableState]:
+    return from_rows(conn.execute(load_query(slot)).fetchall())
 
 
 def set_state(conn: Conn, slot: str, table: str, state: TableStateName, *,
