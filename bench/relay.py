@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 CHUNK = 256 * 1024
 
@@ -30,12 +31,18 @@ class Link:
     """One relayed connection: how many times its client spoke after the server answered."""
 
     waits: int = 0
+    # When each wait began (time.monotonic()).
+    times: list[float] = field(default_factory=list)
     _answered: bool = True
 
     def from_client(self) -> None:
         if self._answered:
             self.waits += 1
+            self.times.append(time.monotonic())
             self._answered = False
+
+    def waits_between(self, start: float, end: float) -> int:
+        return sum(start <= t <= end for t in self.times)
 
     def from_server(self) -> None:
         self._answered = True

@@ -171,7 +171,7 @@ class Applier:
         started = time.perf_counter()
         batch = Staged(table, copied.relation, window.chunk_stage_name(table, copied.relation),
                          [copied.data], inserts=copied.rows)
-        script = self._script([batch])
+        script = self._script([batch], windowed=False)
         dropped = None if name is None else script.add(window.drop_changed(batch.stage, name,
                                                                            table))
         self._merger.add_merge(script, [batch])
@@ -327,16 +327,16 @@ class Applier:
             event(logging.WARNING, "column_added", slot=self.slot, table=table.source_name,
                   column=name, type=type_name)
 
-    def _script(self, batches: list[Staged]) -> Script:
+    def _script(self, batches: list[Staged], *, windowed: bool = True) -> Script:
         """A script opening the transaction if none is open, then copying ``batches`` into their
-        stages."""
+        stages; ``windowed``, recording their keys in the open windows of their tables."""
         script = Script()
         if self.conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
             script.add(plan.BEGIN)
         for batch in batches:
             plan.stage(script, batch, create=batch.stage not in self._stages,
                        truncate=batch.stage in self._dirty,
-                       window_name=self._windows.get(batch.table.oid))
+                       window_name=self._windows.get(batch.table.oid) if windowed else None)
             self._stages.add(batch.stage)
             self._dirty.add(batch.stage)
         return script
