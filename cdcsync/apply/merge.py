@@ -2,7 +2,7 @@
 
 A flush is merged in bulk: TOASTed values an update did not resend are filled, every version of a
 key but the last is dropped, then one upsert, one partial update and one delete per table, parents
-before children, all sent in one round trip (a target across a WAN pays for each). If the target
+before children, all in the flush's one query (:mod:`cdcsync.apply.script`). If the target
 refuses the merged batch, the batch is merged again in runs of consecutive changes in source
 order, halving every run the target refuses: an order-sensitive batch (a unique value moving
 between rows) then succeeds, and a change the target rejects on its own is pinned down exactly,
