@@ -49,12 +49,21 @@ def _port(dsn: str) -> int:
 
 
 def _checkpoint_writes(dsn: str) -> int:
-    """Batches (and idle advances) committed: each updates the checkpoint row once."""
-    time.sleep(1.0)  # the daemon's backends flush their statistics as they exit
+    """Batches (and idle advances) committed: each updates the checkpoint row once. The daemon's
+    backends report their statistics as they exit, later on a loaded machine: read until the
+    count holds still."""
+    seen = -1
     with connect(dsn) as conn:
-        row = conn.execute("SELECT n_tup_upd FROM pg_stat_user_tables "
-                           "WHERE relid = 'cdcsync.checkpoint'::regclass").fetchone()
-    return int(row[0]) if row else 0
+        for _ in range(20):
+            time.sleep(0.5)
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            row = conn.execute("SELECT n_tup_upd FROM pg_stat_user_tables "
+                               "WHERE relid = 'cdcsync.checkpoint'::regclass").fetchone()
+            count = int(row[0]) if row else 0
+            if count == seen:
+                break
+            seen = count
+    return seen
 
 
 def run_once(srv: Servers, args: argparse.Namespace, repetition: int, workdir: Path,
