@@ -141,7 +141,7 @@ def start_once(srv: Servers, relay: Relay, workdir: Path, timeout: float,
     log = workdir / f"run-{time.monotonic_ns()}.log"
     with connect(srv.source(SOURCE_DB)) as src:
         wait_until(lambda: not _slot_active(src), timeout=timeout, what="the slot to be free")
-        relay.round_trips = 0
+        trips_before = relay.round_trips
         cmd = [sys.executable, "-m", "cdcsync.cli", "--config", str(path), "run"]
         env = {**os.environ, "PYTHONPATH": str(tree)} if tree else None
         with log.open("wb") as out:
@@ -160,7 +160,7 @@ def start_once(srv: Servers, relay: Relay, workdir: Path, timeout: float,
                 return _streaming_at(log) is not None
 
             wait_until(streaming, timeout=timeout, what="cdcsync run to stream", interval=0.005)
-            cpu, trips = _cpu_s(proc.pid), relay.round_trips
+            cpu, trips = _cpu_s(proc.pid), relay.round_trips - trips_before
             at = _streaming_at(log)
             assert at is not None
             if not held:

@@ -13,7 +13,9 @@ Then the same backlog (bench.throughput's ``mix`` scenario: inserts, updates, de
 ``--txn-rows``-change transactions) is drained by each consumer alone, one after the other, the
 order alternating between repetitions; both targets are compared with the source afterwards.
 Rates are from starting the consumer (the daemon's startup crosses the link too); the drain
-seconds count from the consumer holding its slot.
+seconds count from the consumer holding its slot. The relay counts the waits of cdcsync's applier
+connection (its busiest one) while the backlog drains (from holding the slot to the last
+checkpoint), divided by the batches committed (the checkpoint's updates).
 
 Run: ``python -m bench.wan [--rows 100000] [--txn-rows 100] [--delay-ms 10] [--repeat 1]``.
 """
@@ -24,6 +26,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,24 @@ def _via(dsn: str, relay: Relay) -> str:
 
 def _port(dsn: str) -> int:
     return int(str(conninfo_to_dict(dsn).get("port", 5432)))
+
+
+def _checkpoint_writes(dsn: str) -> int:
+    """Batches (and idle advances) committed: each updates the checkpoint row once. The daemon's
+    backends report their statistics as they exit, later on a loaded machine: read until the
+    count holds still."""
+    seen = -1
+    with connect(dsn) as conn:
+        for _ in range(20):
+            time.sleep(0.5)
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            row = conn.execute("SELECT n_tup_upd FROM pg_stat_user_tables "
+                               "WHERE relid = 'cdcsync.checkpoint'::regclass").fetchone()
+            count = int(row[0]) if row else 0
+            if count == seen:
+                break
+            seen = count
+    return seen
 
 
 def run_once(srv: Servers, args: argparse.Namespace, repetition: int, workdir: Path,
@@ -66,11 +87,19 @@ def run_once(srv: Servers, args: argparse.Namespace, repetition: int, workdir: P
     order = ["native", "cdcsync"] if repetition % 2 == 0 else ["cdcsync", "native"]
     seconds: dict[str, float] = {}
     drains: dict[str, float] = {}
+    waits = batches = 0
     try:
         for consumer in order:
             tp.log(f"[wan #{repetition + 1}] draining with {consumer} through the relay")
-            drain = (tp.drain_native(srv, poller) if consumer == "native"
-                     else tp.drain_cdcsync(srv, poller, config, workdir, None))
+            if consumer == "native":
+                drain = tp.drain_native(srv, poller)
+            else:
+                first, started = len(to_target.links), time.monotonic()
+                drain = tp.drain_cdcsync(srv, poller, config, workdir, None)
+                finished = started + drain.seconds
+                waits = max(link.waits_between(finished - drain.drain_seconds, finished)
+                            for link in to_target.links[first:])
+                batches = _checkpoint_writes(srv.target(tp.CDCSYNC_DB))
             seconds[consumer] = drain.seconds
             drains[consumer] = drain.drain_seconds
     finally:
@@ -79,6 +108,9 @@ def run_once(srv: Servers, args: argparse.Namespace, repetition: int, workdir: P
                 and tp.fingerprint(srv.target(tp.CDCSYNC_DB)) == expected)
     result = {"changes": load.changes, "transactions": len(load.transactions),
               "order": " then ".join(order), "verified": verified,
+              "cdcsync_batches": batches, "cdcsync_applier_waits": waits,
+              "cdcsync_waits_per_batch": round(waits / max(batches, 1), 2),
+              "ratio": round(seconds["native"] / seconds["cdcsync"], 2),
               **{f"{c}_s": round(s, 2) for c, s in seconds.items()},
               **{f"{c}_drain_s": round(s, 2) for c, s in drains.items()},
               **{f"{c}_rows_per_s": round(load.changes / s) for c, s in seconds.items()}}
@@ -119,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cdcsync_rows_per_s": median([r["cdcsync_rows_per_s"] for r in runs]),
         "native_drain_s": median([r["native_drain_s"] for r in runs]),
         "cdcsync_drain_s": median([r["cdcsync_drain_s"] for r in runs]),
+        "ratio": median([r["ratio"] for r in runs]),
+        "cdcsync_waits_per_batch": median([r["cdcsync_waits_per_batch"] for r in runs]),
         "verified": all(r["verified"] for r in runs),
     }
     print(json.dumps({"summary": summary, "runs": runs}, indent=2) if args.json else
@@ -126,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{len(runs)} run(s): native {summary['native_rows_per_s']:,.0f} rows/s, cdcsync "
           f"{summary['cdcsync_rows_per_s']:,.0f} rows/s (from start; from holding the slot: "
           f"native {summary['native_drain_s']:.2f} s, cdcsync {summary['cdcsync_drain_s']:.2f} s),"
+          f" ratio in-run {summary['ratio']:.2f}, cdcsync's applier waited "
+          f"{summary['cdcsync_waits_per_batch']:.2f} times per committed batch,"
           f" targets equal the source: "
           f"{summary['verified']}")
     return 0 if summary["verified"] else 2

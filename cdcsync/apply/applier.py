@@ -18,13 +18,15 @@ from dataclasses import dataclass
 
 import psycopg
 from psycopg import errors as pgerrors
-from psycopg import sql
+from psycopg import pq, sql
 from psycopg.rows import TupleRow
 
 from cdcsync import checkpoint
+from cdcsync.apply import script as plan
 from cdcsync.apply import sql as q
 from cdcsync.apply import tables, window
-from cdcsync.apply.merge import Merger, Staged
+from cdcsync.apply.merge import Merger
+from cdcsync.apply.script import Script, Staged
 from cdcsync.config import Settings
 from cdcsync.errors import ApplyError, SchemaMismatch
 from cdcsync.keyrange import KeyOrder, Span
@@ -38,7 +40,6 @@ from cdcsync.model import (
     Truncate,
     TxnEnd,
 )
-from cdcsync.source.tuples import COPY_HEADER, COPY_TRAILER
 
 Conn = psycopg.Connection[TupleRow]
 Cur = psycopg.Cursor[TupleRow]
@@ -75,6 +76,9 @@ class Applier:
         self._windows: dict[int, str] = {}
         self._pending_rows = 0
         self._pending_bytes = 0
+        # What was pending when the open source transaction began (see _own_batch_full).
+        self._carried_rows = 0
+        self._carried_bytes = 0
         self._in_txn = False
         self._last_end: TxnEnd | None = None
         self.opened_at: float | None = None
@@ -96,6 +100,7 @@ class Applier:
         if self.opened_at is None:
             self.opened_at = time.monotonic()
         self._in_txn = True
+        self._carried_rows, self._carried_bytes = self._pending_rows, self._pending_bytes
 
     def add(self, chunk: ChangeChunk) -> None:
         if not self._in_txn:
@@ -105,7 +110,7 @@ class Applier:
         self._pending_rows += chunk.rows
         self._rows += chunk.rows
         self._pending_bytes += chunk.size_bytes
-        if self.batch_full():
+        if self._own_batch_full():
             self._flush()
 
     def _stage_rows(self, rows: TableRows) -> None:
@@ -127,7 +132,6 @@ class Applier:
             pending.repeats = pending.repeats or len(pending.keys) < staged
         pending.only_inserts = pending.only_inserts and not (rows.updates or rows.deletes)
         pending.inserts += rows.inserts
-        pending.changes += rows.inserts + rows.updates + rows.deletes
         pending.deletes += rows.deletes
         pending.unchanged_mask |= rows.unchanged_mask
         name = table.source_name
@@ -143,6 +147,15 @@ class Applier:
     def batch_full(self) -> bool:
         limits = self.settings.apply
         return self._pending_rows >= limits.max_rows or self._pending_bytes >= limits.max_bytes
+
+    def _own_batch_full(self) -> bool:
+        """Whether the open source transaction alone fills a batch: only such a transaction is
+        merged in several flushes. A smaller one that tips the batch over its limits is merged
+        with it at its end, when the pipeline commits the full batch: a flush of its own would
+        cost a wait, and what is pending stays under twice the limits."""
+        limits = self.settings.apply
+        return (self._pending_rows - self._carried_rows >= limits.max_rows
+                or self._pending_bytes - self._carried_bytes >= limits.max_bytes)
 
     def open_window(self, table: TargetTable) -> None:
         """A resync chunk's low watermark: from here on, record every key the stream changes."""
@@ -171,17 +184,24 @@ class Applier:
         started = time.perf_counter()
         batch = Staged(table, copied.relation, window.chunk_stage_name(table, copied.relation),
                          [copied.data], inserts=copied.rows)
-        with self.conn.cursor() as cur:
-            self._copy(cur, batch)
-            if name is not None:
-                cur.execute(window.drop_changed(batch.stage, name, table))
-                batch.inserts -= cur.rowcount
-            self._merger.flush(cur, [batch], cyclic=False)
-            deleted = 0
-            if delete_missing:
-                cur.execute(window.delete_missing(batch.stage, name, table, order, span,
-                                                  condition=condition))
-                deleted = cur.rowcount
+        script = self._script([batch], windowed=False)
+        dropped = None if name is None else script.add(window.drop_changed(batch.stage, name,
+                                                                           table))
+        self._merger.add_merge(script, [batch])
+        missing = (window.delete_missing(batch.stage, name, table, order, span,
+                                         condition=condition) if delete_missing else None)
+        removed = None if missing is None else script.add(missing)
+        rowcounts, refused = self._merger.run(self.conn, script)
+        if dropped is not None:
+            batch.inserts -= rowcounts[dropped]
+        deleted = 0
+        if refused is not None:
+            with self.conn.cursor() as cur:
+                self._merger.recover(cur, [batch], refused)
+                if missing is not None:
+                    deleted = cur.execute(missing).rowcount
+        elif removed is not None:
+            deleted = rowcounts[removed]
         self._busy_s += time.perf_counter() - started
         self._applied[(table.source_name, "copy")] += batch.inserts
         if deleted:
@@ -208,14 +228,12 @@ class Applier:
         end = self._last_end
         if end is None or self._in_txn:
             raise ApplyError("commit requested in the middle of a source transaction")
-        self._flush()
         started = time.perf_counter()
         if save_checkpoint:
-            # The checkpoint and the COMMIT in one query: one round trip fewer per batch.
-            with self.conn.cursor() as cur:
-                cur.execute(sql.SQL("{}; COMMIT").format(
-                    checkpoint.save_statement(self.slot, end.end_lsn, end.commit_time)))
+            # The checkpoint and the COMMIT travel with the last flush: no round trip of their own.
+            self._flush(checkpoint.save_statement(self.slot, end.end_lsn, end.commit_time))
         else:
+            self._flush()
             self.conn.commit()
         conflicts, dead_letters = self._merger.take_counts()
         done = Committed(end.end_lsn, end.commit_time, self._transactions, self._rows,
@@ -228,9 +246,7 @@ class Applier:
         """Checkpoint a position that holds no change of ours (nothing may be pending)."""
         if self.has_uncommitted or self._in_txn:
             raise ApplyError("idle advance requested with changes pending")
-        with self.conn.cursor() as cur:
-            checkpoint.save(cur, self.slot, lsn, None)
-        self.conn.commit()
+        self._flush(checkpoint.save_statement(self.slot, lsn, None))
         return lsn
 
     def rollback(self) -> None:
@@ -251,34 +267,53 @@ class Applier:
         self._applied = Counter()
         self._merger.take_counts()  # what a rolled-back transaction counted never happened
         self._dirty.clear()
-        self._pending_rows = 0
-        self._pending_bytes = 0
+        self._pending_rows = self._carried_rows = 0
+        self._pending_bytes = self._carried_bytes = 0
         self._in_txn = False
         self._last_end = None
         self.opened_at = None
 
-    def _flush(self) -> None:
-        if not self._pending:
+    def _flush(self, save: sql.Composed | None = None) -> None:
+        """Merge what is pending; with ``save`` (a checkpoint statement), then commit with it."""
+        if not self._pending and save is None:
             return
         started = time.perf_counter()
         try:
-            self._flush_pending()
+            self._flush_pending(save)
         finally:
             self._busy_s += time.perf_counter() - started
 
-    def _flush_pending(self) -> None:
+    def _flush_pending(self, save: sql.Composed | None) -> None:
+        """One query for the whole flush (see :mod:`cdcsync.apply.script`); the fallbacks, when
+        the target refuses the merged batch, cost round trips of their own."""
         pending, self._pending = self._pending, {}
         self._pending_rows = self._pending_bytes = 0
-        order, cyclic = self._order(pending.keys())
+        self._carried_rows = self._carried_bytes = 0
+        order, cyclic = self._order(pending.keys()) if pending else ([], set())
         batches = [pending[oid] for oid in order]
+        in_order = bool(cyclic & pending.keys())
         with self.conn.cursor() as cur:
             for batch in batches:
                 self._add_columns(cur, batch.table)
-                self._copy(cur, batch)
-                name = self._windows.get(batch.table.oid)
-                if name is not None:
-                    cur.execute(window.record_keys(name, batch.stage, batch.table))
-            self._merger.flush(cur, batches, cyclic=bool(cyclic & pending.keys()))
+        script = self._script(batches)
+        if batches and not in_order:
+            self._merger.add_merge(script, batches)
+        settled = not in_order
+        if save is not None and settled:
+            plan.commit(script, save)
+        _, refused = self._merger.run(self.conn, script)
+        if settled and refused is None:
+            return
+        with self.conn.cursor() as cur:
+            if in_order:
+                # Tables in a foreign-key cycle go straight to source order.
+                self._merger.replay(cur, batches)
+            elif refused is not None:
+                self._merger.recover(cur, batches, refused)
+            if save is not None:
+                cur.execute(save)
+        if save is not None:
+            self.conn.commit()
 
     def _order(self, oids: Iterable[int]) -> tuple[list[int], set[int]]:
         key = frozenset(oids)
@@ -306,12 +341,16 @@ class Applier:
             event(logging.WARNING, "column_added", slot=self.slot, table=table.source_name,
                   column=name, type=type_name)
 
-    def _copy(self, cur: Cur, batch: Staged) -> None:
-        if batch.stage not in self._stages:
-            cur.execute(q.create_stage(batch.stage, batch.relation))
+    def _script(self, batches: list[Staged], *, windowed: bool = True) -> Script:
+        """A script opening the transaction if none is open, then copying ``batches`` into their
+        stages; ``windowed``, recording their keys in the open windows of their tables."""
+        script = Script()
+        if self.conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
+            script.add(plan.BEGIN)
+        for batch in batches:
+            plan.stage(script, batch, create=batch.stage not in self._stages,
+                       truncate=batch.stage in self._dirty,
+                       window_name=self._windows.get(batch.table.oid) if windowed else None)
             self._stages.add(batch.stage)
-        if batch.stage in self._dirty:
-            cur.execute(q.truncate_stage(batch.stage))
-        self._dirty.add(batch.stage)
-        with cur.copy(q.copy_into(batch.stage)) as copy:
-            copy.write(b"".join((COPY_HEADER, *batch.rows, COPY_TRAILER)))
+            self._dirty.add(batch.stage)
+        return script

@@ -2,7 +2,7 @@
 
 A flush is merged in bulk: TOASTed values an update did not resend are filled, every version of a
 key but the last is dropped, then one upsert, one partial update and one delete per table, parents
-before children, all sent in one round trip (a target across a WAN pays for each). If the target
+before children, all in the flush's one query (:mod:`cdcsync.apply.script`). If the target
 refuses the merged batch, the batch is merged again in runs of consecutive changes in source
 order, halving every run the target refuses: an order-sensitive batch (a unique value moving
 between rows) then succeeds, and a change the target rejects on its own is pinned down exactly,
@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import psycopg
 from psycopg import errors as pgerrors
 from psycopg import sql
 from psycopg.rows import TupleRow
 
+from cdcsync import libpq
+from cdcsync.apply import script as plan
 from cdcsync.apply import sql as q
+from cdcsync.apply.script import Script, Staged
 from cdcsync.errors import ApplyError
 from cdcsync.logs import event
-from cdcsync.model import Relation, TargetTable
+from cdcsync.model import TargetTable
 
+Conn = psycopg.Connection[TupleRow]
 Cur = psycopg.Cursor[TupleRow]
 
 # Errors a merged batch can raise although applying its changes in source order would succeed:
@@ -40,58 +44,6 @@ _ROW_ERROR_CLASSES = ("22", "23", "P0")
 # go straight to the upsert: a table the stream keeps re-inserting into (a resync over existing
 # rows) does not pay for a refused plain insert every flush.
 _UPSERT_ONLY_FLUSHES = 32
-
-
-@dataclass(slots=True)
-class Staged:
-    """Everything staged for one target table since the last flush."""
-
-    table: TargetTable
-    relation: Relation
-    stage: str
-    rows: list[bytes] = field(default_factory=list)
-    only_inserts: bool = True
-    inserts: int = 0
-    changes: int = 0
-    deletes: int = 0
-    unchanged_mask: int = 0
-    # The keys staged so far while every chunk said which (TableRows.keys), else None; and
-    # whether some key was staged twice: without that, the collapse has nothing to drop.
-    keys: set[bytes] | None = field(default_factory=set)
-    repeats: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class _Result:
-    rowcount: int
-    row: tuple[int, ...] | None
-
-
-class _Script:
-    """Statements sent together as one simple query, so they cost one round trip; the first
-    to fail stops the rest and raises."""
-
-    def __init__(self) -> None:
-        self._statements: list[sql.Composable] = []
-
-    def add(self, statement: sql.Composable) -> int:
-        """Append ``statement``; the index of its result."""
-        self._statements.append(statement)
-        return len(self._statements) - 1
-
-    def run(self, cur: Cur) -> list[_Result]:
-        """Each statement's row count and, for a query, its first row."""
-        cur.execute(sql.SQL("; ").join(self._statements), prepare=False)
-        results: list[_Result] = []
-        while True:
-            row = cur.fetchone() if cur.description is not None else None
-            results.append(_Result(cur.rowcount, None if row is None else tuple(row)))
-            if not cur.nextset():
-                break
-        if len(results) != len(self._statements):
-            raise ApplyError(f"the target answered {len(results)} of the "
-                             f"{len(self._statements)} merge statements sent together")
-        return results
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,88 +73,48 @@ class Merger:
         self.conflicts, self.dead_letters = Counter(), Counter()
         return counts
 
-    def flush(self, cur: Cur, batches: list[Staged], *, cyclic: bool) -> None:
-        """Merge ``batches`` (copied into their stages, in foreign-key order) in bulk; if the
-        target refuses, fall back to source order. Tables in a foreign-key cycle go straight to
-        source order."""
-        if cyclic:
-            self._replay(cur, batches)
-            return
-        refused = self._attempt(cur, batches)
-        if refused is not None and self._refused_plain_insert(refused, batches):
-            refused = self._attempt(cur, batches)
-        if refused is not None:
-            # Merged in ever shorter runs of consecutive changes in source order, an
-            # order-sensitive batch succeeds, and any other failure is pinned to the exact
-            # change (set aside, or named).
-            event(logging.INFO if isinstance(refused, _ORDER_SENSITIVE) else logging.WARNING,
-                  "batch_replayed_in_source_order", slot=self.slot,
-                  rows=sum(len(b.rows) for b in batches), reason=str(refused).splitlines()[0])
-            self._split(cur, batches)
+    def add_merge(self, script: Script, batches: list[Staged]) -> None:
+        """Append the bulk merge of ``batches`` (copied into their stages, in foreign-key order)
+        and the recording of the changes the conflict rule turns down."""
+        plan.merge(script, batches, {b.table.oid: self._upserts(b) for b in batches})
 
-    def _attempt(self, cur: Cur, batches: list[Staged]) -> pgerrors.Error | None:
-        """Merge in bulk and record the changes the conflict rule turned down; if the target
-        refuses, roll the merge back and say why."""
-        try:
-            lost = self._merge(cur, batches)
-        except pgerrors.Error as exc:
-            if isinstance(exc, psycopg.OperationalError):
-                raise
-            # The staged rows are back as they were copied.
-            cur.execute("ROLLBACK TO SAVEPOINT cdcsync_flush")
-            return exc
-        for batch, operation in lost:
-            self._record_conflicts(cur, batch, operation, q.NO_FILTER, ())
-        return None
+    def run(self, conn: Conn, script: Script) -> tuple[list[int], pgerrors.Error | None]:
+        """Run ``script`` as one query and count the conflicts it recorded; each statement's
+        affected rows, up to a failure. If the target refused its merge, roll back to the
+        merge's savepoint (the staged rows are back as they were copied) and say why; any other
+        failure raises."""
+        outcome = libpq.run_script(conn, script.render(conn), script.copies)
+        for index, rows in enumerate(outcome.rowcounts):
+            if index in script.conflicts and rows > 0:
+                name, operation = script.conflicts[index]
+                self.conflicts[name] += rows
+                event(logging.INFO, "conflicts_recorded", slot=self.slot, table=name,
+                      operation=operation, rows=rows)
+        error = outcome.error
+        if error is None:
+            return outcome.rowcounts, None
+        if (not isinstance(error, pgerrors.Error) or isinstance(error, psycopg.OperationalError)
+                or not script.refused(len(outcome.rowcounts))):
+            raise error
+        conn.execute(plan.ROLLBACK_TO)
+        return outcome.rowcounts, error
 
-    def _merge(self, cur: Cur, batches: list[Staged]) -> list[tuple[Staged, str]]:
-        """The whole bulk merge in one round trip: in a savepoint, collapse each batch, then
-        upserts parents first and deletes children first (parents' rows must exist before
-        children reference them, children must be gone before their parents are deleted).
-        Says which batch and operation lost changes to the conflict rule, as the row counts
-        tell."""
-        script = _Script()
-        script.add(sql.SQL("SAVEPOINT cdcsync_flush"))
-        collapsed: dict[int, int] = {}
-        counted: dict[int, int] = {}
-        upserted: dict[int, list[int]] = {}
-        deleted: dict[int, int] = {}
-        for batch in batches:
-            oid = batch.table.oid
-            for statement in self._fills(batch):
-                script.add(statement)
-            if batch.repeats and not batch.only_inserts:
-                collapsed[oid] = script.add(q.keep_last_versions(batch.stage, batch.table))
-            if self._needs_counts(batch):
-                counted[oid] = script.add(q.count_candidates(batch.stage))
-        for batch in batches:
-            upserted[batch.table.oid] = [script.add(s) for s in self._upserts(batch)]
-        for batch in reversed(batches):
-            if batch.deletes:
-                deleted[batch.table.oid] = script.add(q.delete(batch.stage, batch.table))
-        script.add(sql.SQL("RELEASE SAVEPOINT cdcsync_flush"))
-        results = script.run(cur)
-        lost: list[tuple[Staged, str]] = []
-        for batch in batches:
-            oid = batch.table.oid
-            if oid in collapsed:
-                batch.changes -= results[collapsed[oid]].rowcount
-            counts = results[counted[oid]].row if oid in counted else None
-            table = batch.table
-            if table.conflict is not None:
-                full, partial = (counts[0], counts[1]) if counts else (batch.changes, 0)
-                if sum(results[i].rowcount for i in upserted[oid]) < full + partial:
-                    lost.append((batch, "upsert"))
-            if (oid in deleted and table.conflict_is_time and counts
-                    and results[deleted[oid]].rowcount < counts[2]):
-                lost.append((batch, "delete"))
-        return lost
-
-    @staticmethod
-    def _needs_counts(batch: Staged) -> bool:
-        """Whether telling lost changes apart needs the collapsed batch counted: with deletes or
-        TOAST marks, how many of its rows the upsert and the delete should apply is unknown."""
-        return batch.table.conflict is not None and bool(batch.deletes or batch.unchanged_mask)
+    def recover(self, cur: Cur, batches: list[Staged], refused: pgerrors.Error) -> None:
+        """The target refused the bulk merge of ``batches``: merge them again with the upsert if
+        a plainly inserted key was already there; else, merged in ever shorter runs of
+        consecutive changes in source order, an order-sensitive batch succeeds, and any other
+        failure is pinned to the exact change (set aside, or named)."""
+        if self._refused_plain_insert(refused, batches):
+            script = Script()
+            self.add_merge(script, batches)
+            _, again = self.run(cur.connection, script)
+            if again is None:
+                return
+            refused = again
+        event(logging.INFO if isinstance(refused, _ORDER_SENSITIVE) else logging.WARNING,
+              "batch_replayed_in_source_order", slot=self.slot,
+              rows=sum(len(b.rows) for b in batches), reason=str(refused).splitlines()[0])
+        self._split(cur, batches)
 
     def _upserts(self, batch: Staged) -> list[sql.Composed]:
         """The statements writing the batch's full and partial rows: inserts plainly while the
@@ -239,12 +151,6 @@ class Merger:
                 self._upsert_only[table.oid] = _UPSERT_ONLY_FLUSHES
                 return True
         return False
-
-    def _fills(self, batch: Staged) -> list[sql.Composed]:
-        relation = batch.relation
-        return [q.fill_unchanged(batch.stage, batch.table, relation, column)
-                for i, column in enumerate(relation.column_names)
-                if batch.unchanged_mask >> i & 1 and column in batch.table.columns]
 
     def _upsert(self, cur: Cur, batch: Staged, where: sql.Composable,
                 params: tuple[int, ...]) -> None:
@@ -304,7 +210,7 @@ class Merger:
         steps.sort(key=lambda step: step.seq)
         return steps
 
-    def _replay(self, cur: Cur, batches: list[Staged]) -> None:
+    def replay(self, cur: Cur, batches: list[Staged]) -> None:
         """Apply every staged row on its own, in source order, with the same statements."""
         for step in self._steps(cur, batches):
             self._replay_one(cur, step)
@@ -317,7 +223,7 @@ class Merger:
         2k log2(n) merges, where applying each change on its own costs n."""
         steps = self._steps(cur, batches)
         for batch in batches:
-            for statement in self._fills(batch):
+            for statement in plan.fills(batch):
                 cur.execute(statement)
         self._merge_run(cur, batches, steps)
         for batch in batches:

@@ -72,12 +72,27 @@ def _key_match(table: TargetTable, left: str, right: str, *, typed: bool = True)
     return sql.SQL(" AND ").join(pairs)
 
 
-def _rule(table: TargetTable, incoming: sql.Composable) -> sql.Composed:
-    """The conflict rule: the incoming change wins when its value is >= the target's (ties too)."""
+def _rule(table: TargetTable, incoming: sql.Composable, operation: str) -> sql.Composed:
+    """The conflict rule: the incoming change wins when its value is >= the target's (ties too).
+    A change it turns down sets the transaction's :func:`lost_mark` of the operation."""
     assert table.conflict is not None
     current = sql.SQL("t.{}").format(_ident(table.columns[table.conflict]))
-    return sql.SQL("({current} IS NULL OR {current} <= {incoming})").format(
-        current=current, incoming=incoming)
+    return sql.SQL("(CASE WHEN {current} IS NULL OR {current} <= {incoming} THEN true "
+                   "ELSE set_config({mark}, 'on', true) IS NULL END)").format(
+        current=current, incoming=incoming, mark=sql.Literal(lost_mark(table, operation)))
+
+
+def lost_mark(table: TargetTable, operation: str) -> str:
+    """The setting the conflict rule turns on, for the rest of the transaction, when it turns
+    down a change of ``operation`` (upsert, delete) to ``table``."""
+    return f"cdcsync.lost_{table.oid}_{operation}"
+
+
+def lost_marked(table: TargetTable, operation: str) -> sql.Composed:
+    """Keeps staged rows only if the rule turned down a change of ``operation`` to ``table``: a
+    condition on no row, so the planner decides it once and skips the statement otherwise."""
+    return sql.SQL(" AND current_setting({}, true) = 'on'").format(
+        sql.Literal(lost_mark(table, operation)))
 
 
 def _unchanged(relation: Relation, column: str) -> sql.Composed:
@@ -162,7 +177,7 @@ def upsert(name: str, table: TargetTable, where: sql.Composable = NO_FILTER) -> 
     statement += sql.SQL("DO UPDATE SET {}").format(sets)
     if table.conflict is not None:
         incoming = sql.SQL("EXCLUDED.{}").format(_ident(table.columns[table.conflict]))
-        statement += sql.SQL(" WHERE {}").format(_rule(table, incoming))
+        statement += sql.SQL(" WHERE {}").format(_rule(table, incoming, "upsert"))
     return statement
 
 
@@ -196,7 +211,8 @@ def partial_update(name: str, table: TargetTable, relation: Relation,
     ).format(target=_target(table), sets=sets, stage=_ident(name), op=OP, u=UNCHANGED,
              match=_key_match(table, "t", "s"), where=where)
     if table.conflict is not None:
-        statement += sql.SQL(" AND {}").format(_rule(table, _typed("s", table, table.conflict)))
+        statement += sql.SQL(" AND {}").format(
+            _rule(table, _typed("s", table, table.conflict), "upsert"))
     return statement
 
 
@@ -208,7 +224,7 @@ def delete(name: str, table: TargetTable, where: sql.Composable = NO_FILTER) -> 
         where=where)
     if table.conflict_is_time:
         statement += sql.SQL(" AND {}").format(
-            _rule(table, sql.SQL("s.{}").format(COMMIT_TIME)))
+            _rule(table, sql.SQL("s.{}").format(COMMIT_TIME), "delete"))
     return statement
 
 

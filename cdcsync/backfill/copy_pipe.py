@@ -23,6 +23,8 @@ import psycopg
 from psycopg import errors, pq, sql
 from psycopg.rows import TupleRow
 
+from cdcsync import libpq
+
 Conn = psycopg.Connection[TupleRow]
 
 BLOCK_BYTES = 512 * 1024
@@ -46,7 +48,7 @@ def pipe(source: Conn, target: Conn, out: sql.Composable, into: sql.Composable,
             raise
         try:
             _transfer(source.pgconn, target.pgconn, on_block)
-            failed = _error_of(source, _results(source.pgconn, None))
+            failed = _error_of(source, libpq.results(source.pgconn, None))
         except BaseException:
             _abandon_in(target, b"cdcsync abandoned the copy")
             _abandon_out(source)
@@ -71,14 +73,14 @@ def read(conn: Conn, query: sql.Composable) -> tuple[bytes, int]:
                 if size > 0:
                     received += data
                 elif size == 0:
-                    _readable(pgconn)
+                    libpq.readable(pgconn)
                     pgconn.consume_input()
                 else:
                     break
         except BaseException:
             _abandon_out(conn)
             raise
-        results = _results(pgconn, None)
+        results = libpq.results(pgconn, None)
         failed = _error_of(conn, results)
         if failed is not None:
             raise failed
@@ -121,14 +123,10 @@ def _transfer(src: pq.abc.PGconn, tgt: pq.abc.PGconn, on_block: Callable[[int], 
 def _put(tgt: pq.abc.PGconn, block: bytearray, *, finish: bool) -> None:
     """Queue ``block``; libpq's buffer holds at most one block besides it."""
     if finish:
-        _flush(tgt)
+        libpq.flush(tgt)
     while not tgt.put_copy_data(block):
-        _writable(tgt)
+        libpq.writable(tgt)
 
-
-def _flush(pgconn: pq.abc.PGconn, timeout: float | None = None) -> None:
-    while pgconn.flush():
-        _writable(pgconn, timeout)
 
 
 def _begin(conn: Conn) -> None:
@@ -141,15 +139,12 @@ def _begin(conn: Conn) -> None:
 def _start(conn: Conn, query: sql.Composable, expected: pq.ExecStatus) -> None:
     pgconn = conn.pgconn
     pgconn.send_query(query.as_bytes(conn))
-    _flush(pgconn)
-    while pgconn.is_busy():
-        _readable(pgconn)
-        pgconn.consume_input()
-    result = pgconn.get_result()
+    libpq.flush(pgconn)
+    result = libpq.next_result(pgconn)
     if result is None:
         raise psycopg.OperationalError("the server sent no result for a COPY")
     if result.status != expected:
-        rest = _results(pgconn, None)
+        rest = libpq.results(pgconn, None)
         raise _error_of(conn, [result, *rest]) or psycopg.ProgrammingError(
             f"expected {expected.name} from a COPY, got {pq.ExecStatus(result.status).name}")
 
@@ -157,9 +152,9 @@ def _start(conn: Conn, query: sql.Composable, expected: pq.ExecStatus) -> None:
 def _end_in(conn: Conn) -> pq.abc.PGresult:
     pgconn = conn.pgconn
     while not pgconn.put_copy_end(None):
-        _writable(pgconn)
-    _flush(pgconn)
-    results = _results(pgconn, None)
+        libpq.writable(pgconn)
+    libpq.flush(pgconn)
+    results = libpq.results(pgconn, None)
     failed = _error_of(conn, results)
     if failed is not None:
         raise failed
@@ -174,9 +169,9 @@ def _abandon_in(conn: Conn, reason: bytes) -> None:
         return
     with suppress(psycopg.Error):
         while not pgconn.put_copy_end(reason):
-            _writable(pgconn, _ABANDON_TIMEOUT_S)
-        _flush(pgconn, _ABANDON_TIMEOUT_S)
-        _results(pgconn, _ABANDON_TIMEOUT_S)
+            libpq.writable(pgconn, _ABANDON_TIMEOUT_S)
+        libpq.flush(pgconn, _ABANDON_TIMEOUT_S)
+        libpq.results(pgconn, _ABANDON_TIMEOUT_S)
 
 
 def _abandon_out(conn: Conn) -> None:
@@ -189,22 +184,9 @@ def _abandon_out(conn: Conn) -> None:
         conn.cancel_safe(timeout=_ABANDON_TIMEOUT_S)
         while (nbytes := pgconn.get_copy_data(1)[0]) >= 0:
             if nbytes == 0:
-                _readable(pgconn, _ABANDON_TIMEOUT_S)
+                libpq.readable(pgconn, _ABANDON_TIMEOUT_S)
                 pgconn.consume_input()
-        _results(pgconn, _ABANDON_TIMEOUT_S)
-
-
-def _results(pgconn: pq.abc.PGconn, timeout: float | None) -> list[pq.abc.PGresult]:
-    """Every result of the current command, up to libpq's end marker."""
-    results: list[pq.abc.PGresult] = []
-    while True:
-        while pgconn.is_busy():
-            _readable(pgconn, timeout)
-            pgconn.consume_input()
-        result = pgconn.get_result()
-        if result is None:
-            return results
-        results.append(result)
+        libpq.results(pgconn, _ABANDON_TIMEOUT_S)
 
 
 def _error_of(conn: Conn, results: list[pq.abc.PGresult]) -> psycopg.Error | None:
@@ -215,12 +197,3 @@ def _error_of(conn: Conn, results: list[pq.abc.PGresult]) -> psycopg.Error | Non
         return psycopg.OperationalError("the server sent no result for a COPY")
     return None
 
-
-def _readable(pgconn: pq.abc.PGconn, timeout: float | None = None) -> None:
-    if not select.select([pgconn.socket], [], [], timeout)[0]:
-        raise psycopg.OperationalError(f"the server sent nothing for {timeout} s during a COPY")
-
-
-def _writable(pgconn: pq.abc.PGconn, timeout: float | None = None) -> None:
-    if not select.select([], [pgconn.socket], [], timeout)[1]:
-        raise psycopg.OperationalError(f"the server took nothing for {timeout} s during a COPY")

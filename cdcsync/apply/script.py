@@ -1,0 +1,140 @@
+"""A flush of the applier as one simple query, so a batch costs the target two round trips. Pure.
+
+``BEGIN; [CREATE TEMP stage | TRUNCATE stage;] COPY stage FROM STDIN; [window keys;] SAVEPOINT;
+merge statements; RELEASE; conflict records; [checkpoint; COMMIT]`` travels at once: the server
+answers up to the COPY (one wait), takes the staged rows, runs the rest (the second wait). Each
+further table's COPY costs one more wait. Nothing in the script needs an answer to an earlier
+statement: the conflict rule marks a change it turns down (:func:`cdcsync.apply.sql.lost_mark`),
+and the statement recording conflicts runs only where a mark is set. The server stops at the
+first failing statement; :meth:`Script.refused` tells whether that was the merge (the batch goes
+to the fallbacks, from the savepoint) or anything else (the error stands).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+
+from cdcsync.apply import sql as q
+from cdcsync.apply import window
+from cdcsync.model import Relation, TargetTable
+from cdcsync.source.tuples import COPY_HEADER, COPY_TRAILER
+
+BEGIN = sql.SQL("BEGIN")
+COMMIT = sql.SQL("COMMIT")
+SAVEPOINT = sql.SQL("SAVEPOINT cdcsync_flush")
+RELEASE = sql.SQL("RELEASE SAVEPOINT cdcsync_flush")
+ROLLBACK_TO = sql.SQL("ROLLBACK TO SAVEPOINT cdcsync_flush")
+
+
+@dataclass(slots=True)
+class Staged:
+    """Everything staged for one target table since the last flush."""
+
+    table: TargetTable
+    relation: Relation
+    stage: str
+    rows: list[bytes] = field(default_factory=list)
+    only_inserts: bool = True
+    inserts: int = 0
+    deletes: int = 0
+    unchanged_mask: int = 0
+    # The keys staged so far while every chunk said which (TableRows.keys), else None; and
+    # whether some key was staged twice: without that, the collapse has nothing to drop.
+    keys: set[bytes] | None = field(default_factory=set)
+    repeats: bool = False
+
+
+@dataclass(slots=True)
+class Script:
+    """Statements to send as one query, the data of each COPY in it, and what their results
+    mean."""
+
+    statements: list[sql.Composable] = field(default_factory=list)
+    copies: list[bytes] = field(default_factory=list)
+    # Statement index -> (source table name, operation) of each conflict-recording statement.
+    conflicts: dict[int, tuple[str, str]] = field(default_factory=dict)
+    # Indexes of the statements inside the merge's savepoint.
+    merge: range = range(0)
+
+    def add(self, statement: sql.Composable) -> int:
+        self.statements.append(statement)
+        return len(self.statements) - 1
+
+    def refused(self, failed: int) -> bool:
+        """Whether the statement at ``failed`` is part of the merge: the target refused the
+        merged batch, and rolling back to the savepoint undoes just that."""
+        return failed in self.merge
+
+    def render(self, conn: psycopg.Connection[TupleRow]) -> bytes:
+        return b"; ".join(s.as_bytes(conn) for s in self.statements)
+
+
+def stage(script: Script, batch: Staged, *, create: bool, truncate: bool,
+          window_name: str | None) -> None:
+    """Copy ``batch`` into its stage (made or emptied first); record its keys in the window of
+    a resync chunk being read."""
+    if create:
+        script.add(q.create_stage(batch.stage, batch.relation))
+    if truncate:
+        script.add(q.truncate_stage(batch.stage))
+    script.add(q.copy_into(batch.stage))
+    script.copies.append(b"".join((COPY_HEADER, *batch.rows, COPY_TRAILER)))
+    if window_name is not None:
+        script.add(window.record_keys(window_name, batch.stage, batch.table))
+
+
+def merge(script: Script, batches: list[Staged], upserts: dict[int, list[sql.Composed]]) -> None:
+    """The bulk merge of ``batches`` (in foreign-key order) in a savepoint: marks cleared, TOAST
+    values filled, every version of a key but the last dropped, then ``upserts`` (per table oid)
+    parents first and deletes children first (parents' rows must exist before children reference
+    them, children must be gone before their parents are deleted). After it, the changes the
+    conflict rule turned down are recorded, for the tables where it marked one."""
+    first = script.add(SAVEPOINT)
+    marks = [q.lost_mark(b.table, op) for b in batches for op in _ruled(b)]
+    if marks:
+        # Marks set earlier in this transaction (a fallback, an earlier flush) say nothing here.
+        script.add(sql.SQL("SELECT {}").format(sql.SQL(", ").join(
+            sql.SQL("set_config({}, 'off', true)").format(sql.Literal(m)) for m in marks)))
+    for batch in batches:
+        for statement in fills(batch):
+            script.add(statement)
+        if batch.repeats and not batch.only_inserts:
+            script.add(q.keep_last_versions(batch.stage, batch.table))
+    for batch in batches:
+        for statement in upserts[batch.table.oid]:
+            script.add(statement)
+    for batch in reversed(batches):
+        if batch.deletes:
+            script.add(q.delete(batch.stage, batch.table))
+    script.merge = range(first + 1, script.add(RELEASE))
+    for batch in batches:
+        for operation in _ruled(batch):
+            index = script.add(q.record_conflicts(batch.stage, batch.table, operation,
+                                                  q.lost_marked(batch.table, operation)))
+            script.conflicts[index] = (batch.table.source_name, operation)
+
+
+def _ruled(batch: Staged) -> list[str]:
+    """The operations of ``batch`` the conflict rule can turn down."""
+    table = batch.table
+    if table.conflict is None:
+        return []
+    return ["upsert", "delete"] if batch.deletes and table.conflict_is_time else ["upsert"]
+
+
+def fills(batch: Staged) -> list[sql.Composed]:
+    """The statements giving rows that left TOASTed columns unchanged their values."""
+    relation = batch.relation
+    return [q.fill_unchanged(batch.stage, batch.table, relation, column)
+            for i, column in enumerate(relation.column_names)
+            if batch.unchanged_mask >> i & 1 and column in batch.table.columns]
+
+
+def commit(script: Script, save: sql.Composable) -> None:
+    """End the script with ``save`` (the checkpoint) and the COMMIT."""
+    script.add(save)
+    script.add(COMMIT)

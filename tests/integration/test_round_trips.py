@@ -1,0 +1,84 @@
+"""How often the applier waits for the target, counted by the WAN bench's relay: a batch of one
+table is one query with its COPY in the middle, so it costs two waits, conflicts included."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import TupleRow
+
+from bench.relay import Link, Relay
+from cdcsync import checkpoint
+from cdcsync.apply import tables
+from cdcsync.apply.applier import Applier
+from cdcsync.model import ChangeChunk, Column, Lsn, Relation, TableRows, TxnEnd
+from cdcsync.source.tuples import stage_values
+from tests.conftest import DbPair
+from tests.harness import execute, settings_for
+
+TABLE = "CREATE TABLE items (id int PRIMARY KEY, qty int NOT NULL, updated_at timestamptz)"
+RELATION = Relation(16384, "public", "items", "d", (
+    Column("id", 23, -1, True), Column("qty", 23, -1, False),
+    Column("updated_at", 1184, -1, False)))
+EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+NOW = dt.datetime.now(dt.UTC)
+
+
+@pytest.fixture(scope="module")
+def relayed(dbpair: DbPair) -> Iterator[tuple[psycopg.Connection[TupleRow], Link]]:
+    """A target connection through the relay, and the relay's count of its waits."""
+    execute(dbpair.target_dsn, TABLE)
+    with psycopg.connect(dbpair.target_dsn, autocommit=True) as conn:
+        checkpoint.install_metadata(conn)
+    port = int(str(conninfo_to_dict(dbpair.target_dsn)["port"]))
+    with Relay(port, 0.0) as relay, psycopg.connect(make_conninfo(
+            dbpair.target_dsn, host="127.0.0.1", port=relay.port)) as conn:
+        yield conn, relay.links[0]
+
+
+def _chunk(applier: Applier, rows: list[tuple[int, int, str]], lsn: int) -> ChangeChunk:
+    """Inserts then updates of ``(id, qty, op)``, all stamped now."""
+    target = tables.resolve(applier.conn, applier.settings, RELATION)
+    micros = (NOW - EPOCH) // dt.timedelta(microseconds=1)
+    staged, _ = stage_values(RELATION, [
+        ((str(key).encode(), str(qty).encode(), NOW.isoformat().encode()), ord(op), seq, lsn,
+         micros) for seq, (key, qty, op) in enumerate(rows)])
+    table_rows = TableRows(RELATION, target, [staged], inserts=sum(op == "I" for *_, op in rows),
+                           updates=sum(op == "U" for *_, op in rows))
+    return ChangeChunk((table_rows,), len(rows), len(staged))
+
+
+def _batch(applier: Applier, rows: list[tuple[int, int, str]], lsn: int) -> None:
+    applier.start()
+    applier.add(_chunk(applier, rows, lsn))
+    applier.end(TxnEnd(Lsn(lsn), NOW))
+
+
+def test_one_table_batch_costs_two_waits(
+        dbpair: DbPair, relayed: tuple[psycopg.Connection[TupleRow], Link]) -> None:
+    """A one-table batch of inserts and updates, one of which loses to a newer target row, costs
+    2 waits with its conflict recorded and checkpoint committed; an idle advance costs 1."""
+    conn, link = relayed
+    applier = Applier(conn, settings_for(dbpair))
+    _batch(applier, [(1, 1, "I"), (2, 2, "I"), (3, 3, "I")], 0x1000)
+    applier.commit()  # the first batch also reads the table's foreign keys, once
+    execute(dbpair.target_dsn, "UPDATE items SET updated_at = now() + interval '1 day' "
+                               "WHERE id = 3")
+    _batch(applier, [(1, 10, "U"), (3, 30, "U"), (4, 4, "I")], 0x2000)
+    before = link.waits
+    done = applier.commit()
+    assert link.waits - before <= 2
+    assert done.conflicts == {"public.items": 1}
+    before = link.waits
+    applier.advance(Lsn(0x3000))
+    assert link.waits - before == 1
+    with psycopg.connect(dbpair.target_dsn) as check:
+        assert check.execute("SELECT id, qty FROM items ORDER BY id").fetchall() == [
+            (1, 10), (2, 2), (3, 3), (4, 4)]
+        assert check.execute("SELECT lsn::text FROM cdcsync.checkpoint").fetchall() == [
+            ("0/3000",)]
+        assert check.execute("SELECT count(*) FROM cdcsync.conflicts").fetchone() == (1,)
