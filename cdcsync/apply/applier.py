@@ -78,7 +78,6 @@ class Applier:
         self._pending_bytes = 0
         # What was pending when the open source transaction began (see _own_batch_full).
         self._carried_rows = 0
-        self._carried_bytes = 0
         self._in_txn = False
         self._last_end: TxnEnd | None = None
         self.opened_at: float | None = None
@@ -100,7 +99,7 @@ class Applier:
         if self.opened_at is None:
             self.opened_at = time.monotonic()
         self._in_txn = True
-        self._carried_rows, self._carried_bytes = self._pending_rows, self._pending_bytes
+        self._carried_rows = self._pending_rows
 
     def add(self, chunk: ChangeChunk) -> None:
         if not self._in_txn:
@@ -149,13 +148,13 @@ class Applier:
         return self._pending_rows >= limits.max_rows or self._pending_bytes >= limits.max_bytes
 
     def _own_batch_full(self) -> bool:
-        """Whether the open source transaction alone fills a batch: only such a transaction is
-        merged in several flushes. A smaller one that tips the batch over its limits is merged
-        with it at its end, when the pipeline commits the full batch: a flush of its own would
-        cost a wait, and what is pending stays under twice the limits."""
+        """Whether to flush before the open source transaction ends: when it alone fills
+        ``max_rows``, or when the batch reaches ``max_bytes``, the bound on memory. A smaller
+        transaction that tips the batch over ``max_rows`` is merged with it at its end, when the
+        pipeline commits the full batch: a flush of its own would cost a wait."""
         limits = self.settings.apply
         return (self._pending_rows - self._carried_rows >= limits.max_rows
-                or self._pending_bytes - self._carried_bytes >= limits.max_bytes)
+                or self._pending_bytes >= limits.max_bytes)
 
     def open_window(self, table: TargetTable) -> None:
         """A resync chunk's low watermark: from here on, record every key the stream changes."""
@@ -268,7 +267,7 @@ class Applier:
         self._merger.take_counts()  # what a rolled-back transaction counted never happened
         self._dirty.clear()
         self._pending_rows = self._carried_rows = 0
-        self._pending_bytes = self._carried_bytes = 0
+        self._pending_bytes = 0
         self._in_txn = False
         self._last_end = None
         self.opened_at = None
@@ -287,8 +286,7 @@ class Applier:
         """One query for the whole flush (see :mod:`cdcsync.apply.script`); the fallbacks, when
         the target refuses the merged batch, cost round trips of their own."""
         pending, self._pending = self._pending, {}
-        self._pending_rows = self._pending_bytes = 0
-        self._carried_rows = self._carried_bytes = 0
+        self._pending_rows = self._pending_bytes = self._carried_rows = 0
         order, cyclic = self._order(pending.keys()) if pending else ([], set())
         batches = [pending[oid] for oid in order]
         in_order = bool(cyclic & pending.keys())
