@@ -151,6 +151,11 @@ class Wal2jsonAssembler(Assembler):
         if not complete and known.positions(shape) is not None and (
                 not identity or known.positions(identity) is not None):
             return known, items
+        types = dict(shape)
+        for n, oid in identity:
+            if types.get(n, oid) != oid:
+                raise ProtocolError(f"column {n!r} of {change.schema}.{change.table} has type OID "
+                                    f"{types[n]} in the new row and {oid} in the old key")
         relation = known.relation
         key = wal2json.key_names(change)
         if complete:

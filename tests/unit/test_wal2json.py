@@ -217,8 +217,20 @@ def test_well_formed_json_of_the_wrong_shape_raises_protocol_error(data: st.Data
     assert_reader_refuses(index, json.dumps(message).encode())
 
 
-def assert_reader_refuses(index: int, damaged: bytes) -> None:
-    """Feed the capture up to ``index`` with ``damaged`` in its place through the reader."""
+def test_update_whose_new_row_and_old_key_disagree_on_a_type_is_refused() -> None:
+    """Found by the test above: the new row's first column with type OID 0, the old key's not."""
+    index, message = next((i, m) for i, m in enumerate(map(orjson.loads, JSON))
+                          if m["action"] == "U" and m.get("identity"))
+    message["columns"][0]["typeoid"] = 0
+    error = assert_reader_refuses(index, json.dumps(message).encode())
+    assert error is not None
+    key_type = message["identity"][0]["typeoid"]
+    assert f"type OID 0 in the new row and {key_type} in the old key" in str(error)
+
+
+def assert_reader_refuses(index: int, damaged: bytes) -> BaseException | None:
+    """Feed the capture up to ``index`` with ``damaged`` in its place through the reader;
+    return the reader's error, which must be a ProtocolError naming the LSN."""
     lsns = [Lsn.parse(m["lsn"]) for m in CAPTURED]
     payloads = [(lsns[i], JSON[i]) for i in range(index)] + [(lsns[index], damaged)]
     stream = CapturedStream(payloads)
@@ -229,3 +241,4 @@ def assert_reader_refuses(index: int, damaged: bytes) -> None:
     if reader.error is not None:
         assert isinstance(reader.error, ProtocolError), repr(reader.error)
         assert str(reader.error).startswith(f"at LSN {lsns[index]}: ")
+    return reader.error
