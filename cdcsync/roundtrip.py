@@ -18,9 +18,10 @@ from psycopg.rows import TupleRow
 @contextmanager
 def autocommit(conn: psycopg.Connection[TupleRow]) -> Iterator[psycopg.Connection[TupleRow]]:
     """``conn``, idle, in autocommit for the block; as it was afterwards."""
+    was = conn.autocommit
     conn.autocommit = True
     try:
         yield conn
     finally:
         if not conn.closed:
-            conn.autocommit = False
+            conn.autocommit = was

@@ -40,9 +40,13 @@ class Request:
 
 def register(conn: Conn, slot: str, tables: list[str], state: TableStateName) -> None:
     """Give tables without a state the given one; tables already known keep theirs."""
-    conn.execute("INSERT INTO cdcsync.table_state (slot, table_name, state) "
-                 "SELECT %s, unnest(%s::text[]), %s ON CONFLICT DO NOTHING",
-                 (slot, tables, state))
+    conn.execute(_register_query(slot, tables, state))
+
+
+def _register_query(slot: str, tables: list[str], state: TableStateName) -> sql.Composed:
+    return sql.SQL("INSERT INTO cdcsync.table_state (slot, table_name, state) "
+                   "SELECT {}, unnest({}::text[]), {} ON CONFLICT DO NOTHING").format(
+        slot, tables, state)
 
 
 def restart(conn: Conn, slot: str) -> None:
@@ -59,12 +63,8 @@ def register_and_load(conn: Conn, slot: str, tables: list[str],
                       state: TableStateName) -> dict[str, TableState]:
     """:func:`register`, then :func:`load`: one simple query, so in one round trip and one
     transaction when ``conn`` is in autocommit."""
-    cur = conn.execute(sql.Composed([
-        sql.SQL("INSERT INTO cdcsync.table_state (slot, table_name, state) "
-                "SELECT {}, unnest({}::text[]), {} ON CONFLICT DO NOTHING;").format(
-            slot, tables, state),
-        load_query(slot),
-    ]))
+    cur = conn.execute(sql.SQL("{}; {}").format(_register_query(slot, tables, state),
+                                                load_query(slot)))
     cur.nextset()
     return from_rows(cur.fetchall())
 

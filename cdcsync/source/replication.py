@@ -21,6 +21,7 @@ import psycopg
 from psycopg import pq
 from psycopg.rows import TupleRow
 
+from cdcsync import libpq
 from cdcsync.dsn import with_session_options
 from cdcsync.errors import ConnectionLost, PrerequisiteError
 from cdcsync.model import PG_EPOCH, ZERO_LSN, Lsn
@@ -139,8 +140,7 @@ class ReplicationStream:
         message = _STATUS.pack(b"r", lsn, lsn, lsn, _now_pg_us(), 0)
         try:
             pgconn.put_copy_data(message)
-            while pgconn.flush() == 1:
-                select.select([], [pgconn.socket], [], 1.0)
+            libpq.flush(pgconn)
         except psycopg.Error as exc:
             raise ConnectionLost(f"cannot send a status update: {exc}") from exc
         self._last_status = time.monotonic()
