@@ -82,3 +82,40 @@ def test_one_table_batch_costs_two_waits(
         assert check.execute("SELECT lsn::text FROM cdcsync.checkpoint").fetchall() == [
             ("0/3000",)]
         assert check.execute("SELECT count(*) FROM cdcsync.conflicts").fetchone() == (1,)
+
+
+def test_a_transaction_crossing_max_rows_joins_the_batch_max_bytes_flushes(
+        dbpair: DbPair, relayed: tuple[psycopg.Connection[TupleRow], Link]) -> None:
+    """A small transaction that tips the batch over ``max_rows`` is merged with it at commit
+    (no flush of its own while it is added); one that tips it over ``max_bytes`` is flushed
+    right away, though it alone fills neither limit: staged memory stays bounded."""
+    conn, link = relayed
+    by_rows = Applier(conn, settings_for(dbpair, apply={"max_rows": 4}))
+    _batch(by_rows, [(11, 1, "I"), (12, 1, "I"), (13, 1, "I")], 0x4000)
+    crossing = _chunk(by_rows, [(14, 1, "I"), (15, 1, "I")], 0x5000)
+    by_rows.start()
+    before = link.waits
+    by_rows.add(crossing)
+    assert link.waits == before
+    by_rows.end(TxnEnd(Lsn(0x5000), NOW))
+    assert by_rows.batch_full()
+    by_rows.commit()
+
+    by_bytes = Applier(conn, settings_for(dbpair, apply={"max_bytes": 1024}))
+    first = _chunk(by_bytes, [(20 + i, 1, "I") for i in range(6)], 0x6000)
+    second = _chunk(by_bytes, [(40 + i, 1, "I") for i in range(6)], 0x7000)
+    assert first.size_bytes < 1024 and second.size_bytes < 1024
+    assert first.size_bytes + second.size_bytes >= 1024
+    by_bytes.start()
+    by_bytes.add(first)
+    by_bytes.end(TxnEnd(Lsn(0x6000), NOW))
+    by_bytes.start()
+    before = link.waits
+    by_bytes.add(second)
+    assert link.waits > before
+    by_bytes.end(TxnEnd(Lsn(0x7000), NOW))
+    by_bytes.commit()
+    with psycopg.connect(dbpair.target_dsn) as check:
+        assert check.execute("SELECT count(*) FROM items WHERE id >= 11").fetchone() == (17,)
+        assert check.execute("SELECT lsn::text FROM cdcsync.checkpoint").fetchall() == [
+            ("0/7000",)]
