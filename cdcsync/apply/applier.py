@@ -44,6 +44,10 @@ from cdcsync.model import (
 Conn = psycopg.Connection[TupleRow]
 Cur = psycopg.Cursor[TupleRow]
 
+# Client encodings (Python's names) that never put COPY's delimiters or backslash inside a
+# multibyte character: batches of inserts are copied straight into their tables only in these.
+_STRAIGHT_ENCODINGS = frozenset({"utf-8", "ascii"})
+
 
 @dataclass(slots=True)
 class Committed:
@@ -293,6 +297,10 @@ class Applier:
         with self.conn.cursor() as cur:
             for batch in batches:
                 self._add_columns(cur, batch.table)
+        if not in_order:
+            straight = self.conn.info.encoding in _STRAIGHT_ENCODINGS
+            for batch in batches:
+                batch.direct = straight and self._copies_straight(batch)
         script = self._script(batches)
         if batches and not in_order:
             self._merger.add_merge(script, batches)
@@ -307,11 +315,28 @@ class Applier:
                 # Tables in a foreign-key cycle go straight to source order.
                 self._merger.replay(cur, batches)
             elif refused is not None:
+                self._stage_straight(batches)
                 self._merger.recover(cur, batches, refused)
             if save is not None:
                 cur.execute(save)
         if save is not None:
             self.conn.commit()
+
+    def _copies_straight(self, batch: Staged) -> bool:
+        """Whether to COPY ``batch`` straight into its table (:func:`plan.copy_straight`):
+        inserts alone, all values sent, no resync window to record keys in (it reads them from
+        the stage), and a table that has not lately refused a plain insert."""
+        return (batch.only_inserts and batch.inserts > 0 and not batch.unchanged_mask
+                and batch.table.oid not in self._windows
+                and self._merger.inserts_plainly(batch.table.oid))
+
+    def _stage_straight(self, batches: list[Staged]) -> None:
+        """Stage the batches the refused merge copied straight: the fallbacks read the stage."""
+        straight = [b for b in batches if b.direct]
+        for batch in straight:
+            batch.direct = False
+        if straight:
+            self._merger.run(self.conn, self._script(straight))
 
     def _order(self, oids: Iterable[int]) -> tuple[list[int], set[int]]:
         key = frozenset(oids)
@@ -346,6 +371,8 @@ class Applier:
         if self.conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
             script.add(plan.BEGIN)
         for batch in batches:
+            if batch.direct:
+                continue
             plan.stage(script, batch, create=batch.stage not in self._stages,
                        truncate=batch.stage in self._dirty,
                        window_name=self._windows.get(batch.table.oid) if windowed else None)

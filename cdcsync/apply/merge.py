@@ -76,7 +76,13 @@ class Merger:
     def add_merge(self, script: Script, batches: list[Staged]) -> None:
         """Append the bulk merge of ``batches`` (copied into their stages, in foreign-key order)
         and the recording of the changes the conflict rule turns down."""
-        plan.merge(script, batches, {b.table.oid: self._upserts(b) for b in batches})
+        plan.merge(script, batches,
+                   {b.table.oid: self._upserts(b) for b in batches if not b.direct})
+
+    def inserts_plainly(self, oid: int) -> bool:
+        """Whether inserts into the table go in without ON CONFLICT (a plain INSERT, or a COPY
+        straight into it): yes unless it lately refused one."""
+        return self._upsert_only[oid] == 0
 
     def run(self, conn: Conn, script: Script) -> tuple[list[int], pgerrors.Error | None]:
         """Run ``script`` as one query and count the conflicts it recorded; each statement's

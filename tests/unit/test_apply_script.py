@@ -8,7 +8,7 @@ from cdcsync import checkpoint
 from cdcsync.apply import script as plan
 from cdcsync.apply import sql as q
 from cdcsync.model import Column, Lsn, Relation, TargetTable
-from cdcsync.source.tuples import COPY_HEADER, COPY_TRAILER
+from cdcsync.source.tuples import COPY_HEADER, COPY_TRAILER, stage_values
 
 RELATION = Relation(1, "public", "items", "d", (
     Column("id", 23, -1, True), Column("qty", 23, -1, False),
@@ -89,3 +89,24 @@ def test_parents_upsert_first_children_delete_first_and_deletes_are_ruled() -> N
         ("public.child", "delete"), ("public.child", "upsert"),
         ("public.parent", "delete"), ("public.parent", "upsert")]
     assert len(script.copies) == 2
+
+
+def test_a_batch_copied_straight_sits_in_foreign_key_order_and_records_nothing() -> None:
+    """A parent's batch of inserts copied straight into its table comes before the child's
+    upsert, inside the savepoint, with its rows as text COPY; it has no marks or records (a key
+    already there fails the COPY, and the fallbacks take over)."""
+    parent = plan.Staged(_table(1, "parent"), RELATION, "unused", [stage_values(RELATION, [
+        ((b"1", b"5", b"2026-12-05 00:00:00+00"), ord("I"), 0, 0x10, 0)])[0]], inserts=1,
+        direct=True)
+    child = _staged(_table(2, "child"))
+    script = plan.Script()
+    plan.stage(script, child, create=False, truncate=False, window_name=None)
+    plan.merge(script, [parent, child], _upserts(child))
+    texts = [_text(s) for s in script.statements]
+    assert [t.split(" ")[0] for t in texts] == [
+        "COPY", "SAVEPOINT", "SELECT", "COPY", "INSERT", "RELEASE", "INSERT"]
+    assert texts[3] == 'COPY "public"."parent" ("id", "qty", "updated_at") FROM STDIN'
+    assert script.copies[1] == b"1\t5\t2026-12-05 00:00:00+00\n"
+    assert "lost_1" not in texts[2]
+    assert list(script.conflicts.values()) == [("public.child", "upsert")]
+    assert [i for i in range(len(texts)) if script.refused(i)] == [2, 3, 4]
