@@ -173,59 +173,43 @@ def text_rows(chunks: Sequence[bytes], width: int, positions: Sequence[int]) -> 
     Values are the source's text output already, so only COPY's delimiters and backslash are
     escaped; NULL is ``\\N``. Valid where the client encoding never uses those bytes inside a
     multibyte character (UTF-8 and the single-byte encodings)."""
+    every = len(positions) == width
     wanted = bytearray(width)
     for position in positions:
         wanted[position] = 1
+    # The metadata fields have fixed sizes: the mask's length is the width.
+    meta = _META.size + 4 + width
     out = bytearray()
     for chunk in chunks:
         off = 0
         size = len(chunk)
         while off < size:
-            off += 2
-            for _ in range(5):
-                off = _binary_field_end(chunk, off)
-            first = True
+            off += meta
             for i in range(width):
                 length = (chunk[off] << 24 | chunk[off + 1] << 16 | chunk[off + 2] << 8
                           | chunk[off + 3])
                 off += 4
                 if length == 0xFFFFFFFF:
-                    length = 0
-                    value_end = off
-                    is_null = True
-                else:
-                    value_end = off + length
-                    is_null = False
-                if wanted[i]:
-                    if not first:
-                        out += b"\t"
-                    first = False
-                    if is_null:
-                        out += b"\\N"
-                    else:
-                        _escape_into(out, chunk, off, value_end)
-                off = value_end
-            out += b"\n"
+                    if every or wanted[i]:
+                        out += b"\\N\t"
+                    continue
+                end = off + length
+                if every or wanted[i]:
+                    # Most values hold none of the four bytes: a native scan, then one slice.
+                    run = off
+                    for j in range(off, end):
+                        c = chunk[j]
+                        if (c <= _CR or c == _BACKSLASH) and c in (_BACKSLASH, _TAB, _LF, _CR):
+                            out += chunk[run:j]
+                            out += _ESCAPES[c]
+                            run = j + 1
+                    out += chunk[run:end]
+                    out += b"\t"
+                off = end
+            out[-1] = _LF  # the row's last tab
         if off != size:
             raise ProtocolError("a staged row runs past the end of its chunk")
     return bytes(out)
-
-
-def _binary_field_end(buf: bytes, off: int) -> int:
-    length = buf[off] << 24 | buf[off + 1] << 16 | buf[off + 2] << 8 | buf[off + 3]
-    return off + 4 if length == 0xFFFFFFFF else off + 4 + length
-
-
-def _escape_into(out: bytearray, buf: bytes, start: int, end: int) -> None:
-    # Most values hold none of the four bytes: one native scan, then one slice.
-    run = start
-    for i in range(start, end):
-        c = buf[i]
-        if c in (_BACKSLASH, _TAB, _LF, _CR):
-            out += buf[run:i]
-            out += _ESCAPES[c]
-            run = i + 1
-    out += buf[run:end]
 
 
 def _mask_text(mask: int, width: int) -> bytes:
