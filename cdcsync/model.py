@@ -143,10 +143,9 @@ class TableRows:
     updates: int = 0
     deletes: int = 0
     unchanged_mask: int = 0
-    # The distinct keys the rows change, as raw fields, and those it changes more than once
-    # (versions to collapse); None when the decoder does not say.
+    # The distinct keys the rows change, as raw fields, or None when the decoder does not say:
+    # fewer keys than rows means some key changes more than once and versions need collapsing.
     keys: set[bytes] | None = None
-    repeated: set[bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True)

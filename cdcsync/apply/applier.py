@@ -40,7 +40,6 @@ from cdcsync.model import (
     Truncate,
     TxnEnd,
 )
-from cdcsync.source.tuples import split_inserts, text_rows
 
 Conn = psycopg.Connection[TupleRow]
 Cur = psycopg.Cursor[TupleRow]
@@ -127,15 +126,13 @@ class Applier:
             stage = q.stage_name(table, rows.relation)
             pending = self._pending[table.oid] = Staged(table, rows.relation, stage)
         pending.rows.extend(rows.rows)
-        if pending.keys is None or pending.repeated is None or rows.keys is None:
-            pending.keys = pending.repeated = None
+        if pending.keys is None or rows.keys is None:
+            pending.keys = None
             pending.repeats = True
         else:
-            pending.repeated |= pending.keys & rows.keys
-            if rows.repeated:
-                pending.repeated |= rows.repeated
+            staged = len(pending.keys) + rows.inserts + rows.updates + rows.deletes
             pending.keys |= rows.keys
-            pending.repeats = bool(pending.repeated)
+            pending.repeats = pending.repeats or len(pending.keys) < staged
         pending.only_inserts = pending.only_inserts and not (rows.updates or rows.deletes)
         pending.inserts += rows.inserts
         pending.deletes += rows.deletes
@@ -300,9 +297,10 @@ class Applier:
         with self.conn.cursor() as cur:
             for batch in batches:
                 self._add_columns(cur, batch.table)
-        if not in_order and self.conn.info.encoding in _STRAIGHT_ENCODINGS:
+        if not in_order:
+            straight = self.conn.info.encoding in _STRAIGHT_ENCODINGS
             for batch in batches:
-                self._plan_straight(batch)
+                batch.direct = straight and self._copies_straight(batch)
         script = self._script(batches)
         if batches and not in_order:
             self._merger.add_merge(script, batches)
@@ -324,33 +322,19 @@ class Applier:
         if save is not None:
             self.conn.commit()
 
-    def _plan_straight(self, batch: Staged) -> None:
-        """Pick the inserts of ``batch`` to COPY straight into its table
-        (:func:`plan.copy_straight`): all of a batch of inserts alone; in a mixed batch, those
-        of keys nothing else in the batch touches (their order against the other rows does not
-        matter). Not while a resync window reads the table's keys from the stage, nor for a
-        table that lately refused a plain insert."""
-        table = batch.table
-        if (not batch.inserts or table.oid in self._windows
-                or not self._merger.inserts_plainly(table.oid)):
-            return
-        width = len(batch.relation.columns)
-        if batch.only_inserts:
-            batch.straight = text_rows(batch.rows, width, table.positions)
-            batch.inserts_straight = batch.inserts
-        elif batch.repeated is not None:
-            straight, rest, inserts = split_inserts(batch.rows, width, table.positions,
-                                                    table.source_key, batch.repeated)
-            if inserts:
-                batch.straight, batch.rest = straight, [rest]
-                batch.inserts_straight = inserts
+    def _copies_straight(self, batch: Staged) -> bool:
+        """Whether to COPY ``batch`` straight into its table (:func:`plan.copy_straight`):
+        inserts alone, all values sent, no resync window to record keys in (it reads them from
+        the stage), and a table that has not lately refused a plain insert."""
+        return (batch.only_inserts and batch.inserts > 0 and not batch.unchanged_mask
+                and batch.table.oid not in self._windows
+                and self._merger.inserts_plainly(batch.table.oid))
 
     def _stage_straight(self, batches: list[Staged]) -> None:
-        """Stage every row of the batches whose inserts the refused merge copied straight: the
-        fallbacks read the stage."""
+        """Stage the batches the refused merge copied straight: the fallbacks read the stage."""
         straight = [b for b in batches if b.direct]
         for batch in straight:
-            batch.straight, batch.rest, batch.inserts_straight = None, [], 0
+            batch.direct = False
         if straight:
             self._merger.run(self.conn, self._script(straight))
 
@@ -387,7 +371,7 @@ class Applier:
         if self.conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
             script.add(plan.BEGIN)
         for batch in batches:
-            if batch.unstaged:
+            if batch.direct:
                 continue
             plan.stage(script, batch, create=batch.stage not in self._stages,
                        truncate=batch.stage in self._dirty,

@@ -77,7 +77,7 @@ class Merger:
         """Append the bulk merge of ``batches`` (copied into their stages, in foreign-key order)
         and the recording of the changes the conflict rule turns down."""
         plan.merge(script, batches,
-                   {b.table.oid: self._upserts(b) for b in batches if not b.unstaged})
+                   {b.table.oid: self._upserts(b) for b in batches if not b.direct})
 
     def inserts_plainly(self, oid: int) -> bool:
         """Whether inserts into the table go in without ON CONFLICT (a plain INSERT, or a COPY
@@ -127,7 +127,7 @@ class Merger:
         table has not lately refused a plain insert, everything else through the upsert."""
         table, stage = batch.table, batch.stage
         statements: list[sql.Composed] = []
-        if batch.inserts > batch.inserts_straight and self._may_insert_plainly(table.oid):
+        if batch.inserts and self._may_insert_plainly(table.oid):
             if batch.only_inserts:
                 return [q.insert(stage, table)]
             statements += [q.insert(stage, table, q.op_is("I")),

@@ -231,14 +231,14 @@ class TransactionAssembler(Assembler):
         seq = self._seq = self._seq + 1
         lsn, commit_time = self._txn
         key = building.table.source_key
-        rows = building.rows
+        rows, keys = building.rows, building.keys
         if kind == _I:
             rows.append((payload, 6, _I, seq, lsn, commit_time))
-            building.touch(key_of(payload, 6, key))
+            keys.add(key_of(payload, 6, key))
             building.inserts += 1
         elif kind == _D:
             rows.append((payload, 6, _D, seq, lsn, commit_time))
-            building.touch(key_of(payload, 6, key))
+            keys.add(key_of(payload, 6, key))
             building.deletes += 1
         else:
             marker = payload[5]
@@ -250,14 +250,14 @@ class TransactionAssembler(Assembler):
                     # The key changed: the old key goes, as a move (a delete) right before the
                     # new row, which may take unchanged TOASTed values from it.
                     rows.append((payload, 6, _M, seq, lsn, commit_time))
-                    building.touch(old)
+                    keys.add(old)
                     building.deletes += 1
                     seq = self._seq = seq + 1
                     self._rows += 1
             elif marker != _N:
                 raise ProtocolError(f"unexpected tuple marker {chr(marker)!r} in an Update")
             rows.append((payload, off, _U, seq, lsn, commit_time))
-            building.touch(key_of(payload, off, key))
+            keys.add(key_of(payload, off, key))
             building.updates += 1
         self._rows += 1
         self._bytes += len(payload)
@@ -274,23 +274,13 @@ class _Building:
     inserts: int = 0
     updates: int = 0
     deletes: int = 0
-    # The keys the rows change, and those changed more than once (see TableRows.keys);
-    # wal2json's assembler leaves both empty.
+    # The keys the rows change (see TableRows.keys); wal2json's assembler leaves it empty.
     keys: set[bytes] = field(default_factory=set)
-    repeated: set[bytes] = field(default_factory=set)
-
-    def touch(self, key: bytes) -> None:
-        if key in self.keys:
-            self.repeated.add(key)
-        else:
-            self.keys.add(key)
 
     def staged(self) -> TableRows:
         blob, unchanged = self.stager(self.relation, self.rows)
-        known = bool(self.keys)
         return TableRows(self.relation, self.table, [blob], self.inserts, self.updates,
-                         self.deletes, unchanged, self.keys if known else None,
-                         self.repeated if known else None)
+                         self.deletes, unchanged, self.keys if self.keys else None)
 
 
 def _skip_tuple(buf: bytes, off: int) -> int:

@@ -46,11 +46,6 @@ _BACKSLASH: Final = ord("\\")
 _TAB: Final = ord("\t")
 _LF: Final = ord("\n")
 _CR: Final = ord("\r")
-_I: Final = ord("I")
-# Where a staged row's operation byte is: after the field count and the sequence number field.
-_OP_AT: Final = _META_HEAD.size + _SEQ.size + 4
-# A NULL key column as key_of gives it: pgoutput's kind byte alone.
-_NULL_KEY: Final = b"n"
 _ESCAPES: Final = {_BACKSLASH: b"\\\\", _TAB: b"\\t", _LF: b"\\n", _CR: b"\\r"}
 
 
@@ -178,109 +173,43 @@ def text_rows(chunks: Sequence[bytes], width: int, positions: Sequence[int]) -> 
     Values are the source's text output already, so only COPY's delimiters and backslash are
     escaped; NULL is ``\\N``. Valid where the client encoding never uses those bytes inside a
     multibyte character (UTF-8 and the single-byte encodings)."""
-    wanted = _wanted(width, positions)
+    every = len(positions) == width
+    wanted = bytearray(width)
+    for position in positions:
+        wanted[position] = 1
+    # The metadata fields have fixed sizes: the mask's length is the width.
+    meta = _META.size + 4 + width
     out = bytearray()
     for chunk in chunks:
         off = 0
         size = len(chunk)
         while off < size:
-            off = _text_row(out, chunk, off, wanted)
+            off += meta
+            for i in range(width):
+                length = (chunk[off] << 24 | chunk[off + 1] << 16 | chunk[off + 2] << 8
+                          | chunk[off + 3])
+                off += 4
+                if length == 0xFFFFFFFF:
+                    if every or wanted[i]:
+                        out += b"\\N\t"
+                    continue
+                end = off + length
+                if every or wanted[i]:
+                    # Most values hold none of the four bytes: a native scan, then one slice.
+                    run = off
+                    for j in range(off, end):
+                        c = chunk[j]
+                        if (c <= _CR or c == _BACKSLASH) and c in (_BACKSLASH, _TAB, _LF, _CR):
+                            out += chunk[run:j]
+                            out += _ESCAPES[c]
+                            run = j + 1
+                    out += chunk[run:end]
+                    out += b"\t"
+                off = end
+            out[-1] = _LF  # the row's last tab
         if off != size:
             raise ProtocolError("a staged row runs past the end of its chunk")
     return bytes(out)
-
-
-def split_inserts(chunks: Sequence[bytes], width: int, positions: Sequence[int],
-                  key: Sequence[int], repeated: set[bytes]) -> tuple[bytes, bytes, int]:
-    """Split staged rows in two: the inserts of keys not in ``repeated`` (raw key fields, as
-    :func:`key_of` gives them), as :func:`text_rows` makes them; and every other row, staged as
-    it was. Also return how many went to the first. An insert of a key nothing else in the
-    batch touches can go straight into the target table whatever the other rows do."""
-    wanted = _wanted(width, positions)
-    one_key = key[0] if len(key) == 1 else -1
-    text = bytearray()
-    rest = bytearray()
-    inserts = 0
-    for chunk in chunks:
-        off = 0
-        size = len(chunk)
-        while off < size:
-            row = off
-            if chunk[row + _OP_AT] != _I:
-                off = _row_end(chunk, row, width)
-                rest += chunk[row:off]
-                continue
-            found = b""
-            off = row + _META.size + 4 + width
-            for i in range(width):
-                end = _binary_field_end(chunk, off)
-                if i == one_key or (one_key < 0 and i in key):
-                    found += _NULL_KEY if end == off + 4 and _is_null(chunk, off) else (
-                        b"t" + chunk[off:end])
-                off = end
-            if found in repeated:
-                rest += chunk[row:off]
-            else:
-                _text_row(text, chunk, row, wanted)
-                inserts += 1
-        if off != size:
-            raise ProtocolError("a staged row runs past the end of its chunk")
-    return bytes(text), bytes(rest), inserts
-
-
-def _wanted(width: int, positions: Sequence[int]) -> bytearray:
-    wanted = bytearray(width)
-    for position in positions:
-        wanted[position] = 1
-    return wanted
-
-
-def _text_row(out: bytearray, chunk: bytes, off: int, wanted: bytearray) -> int:
-    """Append the staged row at ``chunk[off]`` as a text COPY row of its ``wanted`` columns;
-    return where the next row starts."""
-    width = len(wanted)
-    # The metadata fields have fixed sizes: the mask's length is the width.
-    off += _META.size + 4 + width
-    for i in range(width):
-        length = chunk[off] << 24 | chunk[off + 1] << 16 | chunk[off + 2] << 8 | chunk[off + 3]
-        off += 4
-        if length == 0xFFFFFFFF:
-            if wanted[i]:
-                out += b"\\N\t"
-            continue
-        end = off + length
-        if wanted[i]:
-            # Most values hold none of the four bytes: a native scan, then one slice.
-            run = off
-            for j in range(off, end):
-                c = chunk[j]
-                if (c <= _CR or c == _BACKSLASH) and c in (_BACKSLASH, _TAB, _LF, _CR):
-                    out += chunk[run:j]
-                    out += _ESCAPES[c]
-                    run = j + 1
-            out += chunk[run:end]
-            out += b"\t"
-        off = end
-    out[-1] = _LF  # the row's last tab
-    return off
-
-
-def _row_end(chunk: bytes, off: int, width: int) -> int:
-    off += _META.size + 4 + width
-    for _ in range(width):
-        off = _binary_field_end(chunk, off)
-    return off
-
-
-def _binary_field_end(buf: bytes, off: int) -> int:
-    if _is_null(buf, off):
-        return off + 4
-    return off + 4 + (buf[off] << 24 | buf[off + 1] << 16 | buf[off + 2] << 8 | buf[off + 3])
-
-
-def _is_null(buf: bytes, off: int) -> bool:
-    return buf[off] == 0xFF and buf[off + 1] == 0xFF and buf[off + 2] == 0xFF and (
-        buf[off + 3] == 0xFF)
 
 
 def _mask_text(mask: int, width: int) -> bytes:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
-from typing import Any
 
 import psycopg
 import pytest
@@ -14,12 +13,10 @@ from psycopg.rows import TupleRow
 
 from bench.relay import Link, Relay
 from cdcsync import checkpoint
-from cdcsync.apply import applier as applier_module
 from cdcsync.apply import sql as q
 from cdcsync.apply import tables
 from cdcsync.apply.applier import Applier
 from cdcsync.model import ChangeChunk, Column, Lsn, Relation, TableRows, TxnEnd
-from cdcsync.source import tuples
 from cdcsync.source.tuples import stage_values
 from tests.conftest import DbPair
 from tests.harness import execute, settings_for
@@ -162,53 +159,3 @@ def test_a_batch_of_inserts_is_copied_straight_into_its_table(
             (1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 60)]
         assert check.execute("SELECT lsn::text FROM cdcsync.checkpoint").fetchall() == [
             ("0/A000",)]
-
-
-def test_a_mixed_batch_copies_inserts_of_keys_changed_once_straight(
-        dbpair: DbPair, relayed: tuple[psycopg.Connection[TupleRow], Link],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """In a batch mixing inserts, updates and deletes, the inserts of keys nothing else touches
-    go straight in and the rest through the stage: the target ends as the source. When one of
-    them meets a newer row on the target, the whole batch is staged and the rule decides."""
-    straight: list[int] = []
-
-    def counted(*args: Any) -> tuple[bytes, bytes, int]:
-        split = tuples.split_inserts(*args)
-        straight.append(split[2])
-        return split
-
-    monkeypatch.setattr(applier_module, "split_inserts", counted)
-    execute(dbpair.target_dsn, "CREATE TABLE mixed (id int PRIMARY KEY, qty int NOT NULL, "
-                               "updated_at timestamptz)",
-            "INSERT INTO mixed VALUES (11, 110, now() + interval '1 day'), "
-            "(12, 12, now() - interval '1 day'), (13, 13, now() - interval '1 day')")
-    relation = Relation(16386, "public", "mixed", "d", RELATION.columns)
-    conn, _ = relayed
-    applier = Applier(conn, settings_for(dbpair))
-    target = tables.resolve(conn, applier.settings, relation)
-    micros = (NOW - EPOCH) // dt.timedelta(microseconds=1)
-
-    def txn(changes: list[tuple[int, int, str]], lsn: int) -> None:
-        staged, _ = stage_values(relation, [
-            ((str(key).encode(), str(qty).encode(), NOW.isoformat().encode()), ord(op),
-             lsn + seq, lsn, micros) for seq, (key, qty, op) in enumerate(changes)])
-        keys = [b"t" + len(str(k)).to_bytes(4, "big") + str(k).encode() for k, _, _ in changes]
-        applier.start()
-        applier.add(ChangeChunk((TableRows(
-            relation, target, [staged], sum(op == "I" for *_, op in changes),
-            sum(op == "U" for *_, op in changes), sum(op == "D" for *_, op in changes),
-            keys=set(keys), repeated={k for k in keys if keys.count(k) > 1}),),
-            len(changes), len(staged)))
-        applier.end(TxnEnd(Lsn(lsn), NOW))
-
-    txn([(1, 1, "I"), (2, 2, "I"), (12, 120, "U"), (13, 0, "D")], 0xB000)
-    txn([(3, 3, "I"), (1, 10, "U")], 0xB100)
-    assert applier.commit().conflicts == {}
-    txn([(11, 111, "I"), (20, 20, "I"), (12, 121, "U")], 0xC000)
-    assert applier.commit().conflicts == {"public.mixed": 1}
-    assert straight == [2, 2]  # 2 and 3 (1 is updated too), then 11 and 20
-    with psycopg.connect(dbpair.target_dsn) as check:
-        assert check.execute("SELECT id, qty FROM mixed ORDER BY id").fetchall() == [
-            (1, 10), (2, 2), (3, 3), (11, 110), (12, 121), (20, 20)]
-        assert check.execute("SELECT lsn::text FROM cdcsync.checkpoint").fetchall() == [
-            ("0/C000",)]

@@ -8,7 +8,7 @@ from cdcsync import checkpoint
 from cdcsync.apply import script as plan
 from cdcsync.apply import sql as q
 from cdcsync.model import Column, Lsn, Relation, TargetTable
-from cdcsync.source.tuples import COPY_HEADER, COPY_TRAILER
+from cdcsync.source.tuples import COPY_HEADER, COPY_TRAILER, stage_values
 
 RELATION = Relation(1, "public", "items", "d", (
     Column("id", 23, -1, True), Column("qty", 23, -1, False),
@@ -95,8 +95,9 @@ def test_a_batch_copied_straight_sits_in_foreign_key_order_and_records_nothing()
     """A parent's batch of inserts copied straight into its table comes before the child's
     upsert, inside the savepoint, with its rows as text COPY; it has no marks or records (a key
     already there fails the COPY, and the fallbacks take over)."""
-    parent = plan.Staged(_table(1, "parent"), RELATION, "unused", [b"staged row"], inserts=1,
-                         straight=b"1\t5\t2026-12-05 00:00:00+00\n", inserts_straight=1)
+    parent = plan.Staged(_table(1, "parent"), RELATION, "unused", [stage_values(RELATION, [
+        ((b"1", b"5", b"2026-12-05 00:00:00+00"), ord("I"), 0, 0x10, 0)])[0]], inserts=1,
+        direct=True)
     child = _staged(_table(2, "child"))
     script = plan.Script()
     plan.stage(script, child, create=False, truncate=False, window_name=None)

@@ -174,8 +174,6 @@ def test_keys_name_each_staged_rows_key_once() -> None:
         fields = [f[len(META_COLUMNS) + key] for f in rows]
         assert len(table.keys) == len(set(fields))
         assert {k[5:] for k in table.keys} == set(fields)  # kind byte and length, then the value
-        assert table.repeated is not None
-        assert {k[5:] for k in table.repeated} == {f for f in fields if fields.count(f) > 1}
 
 
 def _chunks(items: list[object]) -> list[tuple[TableRows, list[tuple[bytes | None, ...]]]]:
