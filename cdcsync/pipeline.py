@@ -133,14 +133,19 @@ class Reader(threading.Thread):
         halted, read, feed, last_start = (self.halt.is_set, self.stream.read,
                                           self.assembler.feed, self._last_start)
         try:
+            # Most messages complete no item: the loop costs them a call and a test. A halt is
+            # seen after each hand-off (a wait there gives up on it) and after each read, which
+            # returns after at most one wait on the socket.
             while not halted():
                 for payload in read(0.2):
-                    for item in feed(payload, last_start):
-                        if isinstance(item, TxnStart):
-                            self._open_txn = item.final_lsn
-                        self._put(item)
-                    if halted():
-                        return
+                    items = feed(payload, last_start)
+                    if items:
+                        for item in items:
+                            if isinstance(item, TxnStart):
+                                self._open_txn = item.final_lsn
+                            self._put(item)
+                        if halted():
+                            return
                 self._advance_when_idle()
                 self._feedback()
         except SchemaMismatch as exc:
