@@ -190,7 +190,7 @@ class Applier:
         script = self._script([batch], windowed=False)
         dropped = None if name is None else script.add(window.drop_changed(batch.stage, name,
                                                                            table))
-        self._merger.add_merge(script, [batch])
+        self._merger.add_merge(script, [batch], self.conn)
         missing = (window.delete_missing(batch.stage, name, table, order, span,
                                          condition=condition) if delete_missing else None)
         removed = None if missing is None else script.add(missing)
@@ -303,7 +303,7 @@ class Applier:
                 batch.direct = straight and self._copies_straight(batch)
         script = self._script(batches)
         if batches and not in_order:
-            self._merger.add_merge(script, batches)
+            self._merger.add_merge(script, batches, self.conn)
         settled = not in_order
         if save is not None and settled:
             plan.commit(script, save)

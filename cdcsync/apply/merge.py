@@ -24,7 +24,7 @@ from psycopg.rows import TupleRow
 from cdcsync import libpq
 from cdcsync.apply import script as plan
 from cdcsync.apply import sql as q
-from cdcsync.apply.script import Script, Staged
+from cdcsync.apply.script import Rendered, Script, Staged
 from cdcsync.errors import ApplyError
 from cdcsync.logs import event
 from cdcsync.model import TargetTable
@@ -44,6 +44,15 @@ _ROW_ERROR_CLASSES = ("22", "23", "P0")
 # go straight to the upsert: a table the stream keeps re-inserting into (a resync over existing
 # rows) does not pay for a refused plain insert every flush.
 _UPSERT_ONLY_FLUSHES = 32
+# Rendered merges kept (see Merger.add_merge); a stream's flushes take few shapes, so reaching
+# this means shapes that do not repeat (many tables): start again rather than grow.
+_SHAPES_KEPT = 256
+
+
+def _shape(batch: Staged) -> tuple[object, ...]:
+    """What the merge statements of ``batch`` depend on."""
+    return (batch.table, batch.relation, batch.stage, batch.only_inserts, batch.deletes > 0,
+            batch.repeats, batch.unchanged_mask, batch.direct)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +75,7 @@ class Merger:
         self.conflicts: Counter[str] = Counter()
         self.dead_letters: Counter[str] = Counter()
         self._upsert_only: Counter[int] = Counter()
+        self._merges: dict[tuple[object, ...], Rendered] = {}
 
     def take_counts(self) -> tuple[Counter[str], Counter[str]]:
         """The conflicts and dead letters counted since the last call, per table."""
@@ -73,11 +83,24 @@ class Merger:
         self.conflicts, self.dead_letters = Counter(), Counter()
         return counts
 
-    def add_merge(self, script: Script, batches: list[Staged]) -> None:
+    def add_merge(self, script: Script, batches: list[Staged], conn: Conn) -> None:
         """Append the bulk merge of ``batches`` (copied into their stages, in foreign-key order)
-        and the recording of the changes the conflict rule turns down."""
-        plan.merge(script, batches,
-                   {b.table.oid: self._upserts(b) for b in batches if not b.direct})
+        and the recording of the changes the conflict rule turns down; rendered once per shape
+        of flush (the tables, what their batches hold, the statements chosen for them)."""
+        plainly = {b.table.oid: bool(b.inserts) and self._may_insert_plainly(b.table.oid)
+                   for b in batches if not b.direct}
+        key = (conn.info.encoding, tuple(_shape(b) for b in batches), tuple(plainly.items()))
+        part = self._merges.get(key)
+        if part is None:
+            fresh = Script()
+            plan.merge(fresh, batches, {b.table.oid: self._upserts(b, plainly[b.table.oid])
+                                        for b in batches if not b.direct})
+            part = fresh.rendered(conn)
+            if len(self._merges) >= _SHAPES_KEPT:
+                self._merges.clear()
+            self._merges[key] = part
+        script.splice(part)
+        script.copies.extend(plan.straight_copies(batches))
 
     def inserts_plainly(self, oid: int) -> bool:
         """Whether inserts into the table go in without ON CONFLICT (a plain INSERT, or a COPY
@@ -112,7 +135,7 @@ class Merger:
         failure is pinned to the exact change (set aside, or named)."""
         if self._refused_plain_insert(refused, batches):
             script = Script()
-            self.add_merge(script, batches)
+            self.add_merge(script, batches, cur.connection)
             _, again = self.run(cur.connection, script)
             if again is None:
                 return
@@ -122,12 +145,12 @@ class Merger:
               rows=sum(len(b.rows) for b in batches), reason=str(refused).splitlines()[0])
         self._split(cur, batches)
 
-    def _upserts(self, batch: Staged) -> list[sql.Composed]:
-        """The statements writing the batch's full and partial rows: inserts plainly while the
-        table has not lately refused a plain insert, everything else through the upsert."""
+    def _upserts(self, batch: Staged, plainly: bool) -> list[sql.Composed]:
+        """The statements writing the batch's full and partial rows: inserts ``plainly`` (the
+        table has not lately refused a plain insert), everything else through the upsert."""
         table, stage = batch.table, batch.stage
         statements: list[sql.Composed] = []
-        if batch.inserts and self._may_insert_plainly(table.oid):
+        if plainly:
             if batch.only_inserts:
                 return [q.insert(stage, table)]
             statements += [q.insert(stage, table, q.op_is("I")),

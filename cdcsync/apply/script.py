@@ -57,7 +57,8 @@ class Script:
     """Statements to send as one query, the data of each COPY in it, and what their results
     mean."""
 
-    statements: list[sql.Composable] = field(default_factory=list)
+    # Statements still to render, or rendered already (a merge reused, see Rendered).
+    statements: list[sql.Composable | bytes] = field(default_factory=list)
     copies: list[bytes] = field(default_factory=list)
     # Statement index -> (source table name, operation) of each conflict-recording statement.
     conflicts: dict[int, tuple[str, str]] = field(default_factory=dict)
@@ -68,13 +69,40 @@ class Script:
         self.statements.append(statement)
         return len(self.statements) - 1
 
+    def rendered(self, conn: psycopg.Connection[TupleRow]) -> Rendered:
+        """This script's statements as bytes, with what their results mean, to splice into
+        later scripts."""
+        return Rendered(tuple(self._bytes(s, conn) for s in self.statements), self.merge,
+                        dict(self.conflicts))
+
+    def splice(self, part: Rendered) -> None:
+        """Append ``part``'s statements; its merge and conflict records become this script's."""
+        first = len(self.statements)
+        self.statements.extend(part.statements)
+        self.merge = range(first + part.merge.start, first + part.merge.stop)
+        self.conflicts.update({first + i: what for i, what in part.conflicts.items()})
+
     def refused(self, failed: int) -> bool:
         """Whether the statement at ``failed`` is part of the merge: the target refused the
         merged batch, and rolling back to the savepoint undoes just that."""
         return failed in self.merge
 
     def render(self, conn: psycopg.Connection[TupleRow]) -> bytes:
-        return b"; ".join(s.as_bytes(conn) for s in self.statements)
+        return b"; ".join(self._bytes(s, conn) for s in self.statements)
+
+    @staticmethod
+    def _bytes(statement: sql.Composable | bytes, conn: psycopg.Connection[TupleRow]) -> bytes:
+        return statement if isinstance(statement, bytes) else statement.as_bytes(conn)
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """A merge rendered once: building and rendering the statements of a flush cost about a
+    millisecond, paid at every commit of a steady stream, where a flush's shape repeats."""
+
+    statements: tuple[bytes, ...]
+    merge: range
+    conflicts: dict[int, tuple[str, str]]
 
 
 def stage(script: Script, batch: Staged, *, create: bool, truncate: bool,
@@ -129,10 +157,15 @@ def copy_straight(script: Script, batch: Staged) -> None:
     """COPY the batch's rows (inserts only) into the target table itself, in text format: about
     40% cheaper for the target than the staging COPY and an INSERT ... SELECT casting every value.
     Like the plain insert it stands for, it fails if a key is already there; the merge's
-    savepoint then undoes it and the batch is staged for the fallbacks."""
-    table = batch.table
-    script.add(q.copy_text_into(table))
-    script.copies.append(text_rows(batch.rows, len(batch.relation.columns), table.positions))
+    savepoint then undoes it and the batch is staged for the fallbacks. The rows are the
+    script's to add (:func:`straight_copies`): the statement is reused, the rows are not."""
+    script.add(q.copy_text_into(batch.table))
+
+
+def straight_copies(batches: list[Staged]) -> list[bytes]:
+    """The data of the merge's COPY statements straight into tables, in their order."""
+    return [text_rows(b.rows, len(b.relation.columns), b.table.positions)
+            for b in batches if b.direct]
 
 
 def _ruled(batch: Staged) -> list[str]:

@@ -13,9 +13,12 @@ from psycopg.rows import TupleRow
 
 from bench.relay import Link, Relay
 from cdcsync import checkpoint
+from cdcsync.apply import script as plan
 from cdcsync.apply import sql as q
 from cdcsync.apply import tables
 from cdcsync.apply.applier import Applier
+from cdcsync.apply.merge import Merger
+from cdcsync.apply.script import Script, Staged
 from cdcsync.model import ChangeChunk, Column, Lsn, Relation, TableRows, TxnEnd
 from cdcsync.source.tuples import stage_values
 from tests.conftest import DbPair
@@ -159,3 +162,31 @@ def test_a_batch_of_inserts_is_copied_straight_into_its_table(
             (1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 60)]
         assert check.execute("SELECT lsn::text FROM cdcsync.checkpoint").fetchall() == [
             ("0/A000",)]
+
+
+def test_a_merge_is_rendered_once_per_shape_of_flush(
+        dbpair: DbPair, relayed: tuple[psycopg.Connection[TupleRow], Link]) -> None:
+    """Flushes of one shape reuse the rendered merge, wherever it lands in the script (its
+    savepoint and conflict records follow); another shape gets its own statements."""
+    conn, _ = relayed
+    merger = Merger("slot", "halt")
+    table = tables.resolve(conn, settings_for(dbpair), RELATION)
+
+    def script_for(*, begin: bool, deletes: int) -> Script:
+        batch = Staged(table, RELATION, q.stage_name(table, RELATION), [b""],
+                       only_inserts=False, inserts=1, deletes=deletes)
+        script = Script()
+        if begin:
+            script.add(plan.BEGIN)
+        merger.add_merge(script, [batch], conn)
+        return script
+
+    first = script_for(begin=True, deletes=0)
+    again = script_for(begin=False, deletes=0)
+    other = script_for(begin=True, deletes=1)
+    assert all(a is b for a, b in zip(again.statements, first.statements[1:], strict=True))
+    assert first.merge == range(again.merge.start + 1, again.merge.stop + 1)
+    assert first.conflicts == {i + 1: what for i, what in again.conflicts.items()}
+    assert first.conflicts  # the table has a conflict column: its records are indexed
+    assert b'DELETE FROM "public"."items"' in other.render(conn)
+    assert b'DELETE FROM "public"."items"' not in first.render(conn)
