@@ -40,12 +40,14 @@ from cdcsync.model import (
     Truncate,
     TxnEnd,
 )
+from cdcsync.source.tuples import COMPILED
 
 Conn = psycopg.Connection[TupleRow]
 Cur = psycopg.Cursor[TupleRow]
 
 # Client encodings (Python's names) that never put COPY's delimiters or backslash inside a
-# multibyte character: batches of inserts are copied straight into their tables only in these.
+# multibyte character: batches of inserts are copied straight into their tables only in these,
+# and only where the rows' conversion runs compiled (as Python it costs more than it saves).
 _STRAIGHT_ENCODINGS = frozenset({"utf-8", "ascii"})
 
 
@@ -298,7 +300,7 @@ class Applier:
             for batch in batches:
                 self._add_columns(cur, batch.table)
         if not in_order:
-            straight = self.conn.info.encoding in _STRAIGHT_ENCODINGS
+            straight = COMPILED and self.conn.info.encoding in _STRAIGHT_ENCODINGS
             for batch in batches:
                 batch.direct = straight and self._copies_straight(batch)
         script = self._script(batches)

@@ -24,6 +24,10 @@ from typing import Final
 from cdcsync.errors import ProtocolError
 from cdcsync.model import Relation, Value
 
+# Whether this module runs compiled (mypyc builds it into a shared object): the text COPY rows
+# of text_rows cost about 1 µs a row compiled and 13 µs as Python, where a COPY straight into
+# the target saves the target about 3.5 µs a row.
+COMPILED: Final = not __file__.endswith(".py")
 META_COLUMNS: Final = ("_cdcsync_seq", "_cdcsync_op", "_cdcsync_lsn", "_cdcsync_commit_time",
                        "_cdcsync_unchanged")
 NULL: Final = b"\xff\xff\xff\xff"

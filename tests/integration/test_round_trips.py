@@ -20,6 +20,7 @@ from cdcsync.apply.applier import Applier
 from cdcsync.apply.merge import Merger
 from cdcsync.apply.script import Script, Staged
 from cdcsync.model import ChangeChunk, Column, Lsn, Relation, TableRows, TxnEnd
+from cdcsync.source import tuples
 from cdcsync.source.tuples import stage_values
 from tests.conftest import DbPair
 from tests.harness import execute, settings_for
@@ -130,7 +131,8 @@ def test_a_transaction_crossing_max_rows_joins_the_batch_max_bytes_flushes(
 def test_a_batch_of_inserts_is_copied_straight_into_its_table(
         dbpair: DbPair, relayed: tuple[psycopg.Connection[TupleRow], Link]) -> None:
     """Inserts alone skip the stage (none is created) in two waits; when one meets a newer row
-    already on the target, the batch is staged after all and goes through the rule."""
+    already on the target, the batch is staged after all and goes through the rule. As Python
+    (no compiled modules) they are staged: converting them would cost more than it saves."""
     execute(dbpair.target_dsn, "CREATE TABLE straight (id int PRIMARY KEY, qty int NOT NULL, "
                                "updated_at timestamptz)")
     relation = Relation(16385, "public", "straight", "d", RELATION.columns)
@@ -151,7 +153,7 @@ def test_a_batch_of_inserts_is_copied_straight_into_its_table(
     before = link.waits
     applier.commit()
     assert link.waits - before <= 2
-    assert staged_tables() == 0
+    assert staged_tables() == (0 if tuples.COMPILED else 1)
     execute(dbpair.target_dsn, "INSERT INTO straight VALUES (6, 60, now() + interval '1 day')")
     _batch(applier, [(5, 5, "I"), (6, 6, "I")], 0xA000, relation)
     done = applier.commit()
