@@ -165,11 +165,16 @@ def count_candidates(name: str, where: sql.Composable = NO_FILTER) -> sql.Compos
 
 
 def upsert(name: str, table: TargetTable, where: sql.Composable = NO_FILTER) -> sql.Composed:
-    """Insert the full staged rows, or update the existing row when the conflict rule allows."""
+    """Insert the full staged rows, or update the existing row when the conflict rule allows.
+
+    ``OVERRIDING SYSTEM VALUE`` here and in :func:`insert`: a target made from the source's
+    schema dump keeps its ``GENERATED ALWAYS AS IDENTITY`` keys, which refuse a plain INSERT of
+    the source's values (COPY takes them as they are); on other tables it changes nothing."""
     non_key = [c for i, c in enumerate(table.columns) if i not in table.key]
     statement = sql.SQL(
-        "INSERT INTO {target} AS t ({columns}) SELECT {values} FROM {stage} s "
-        "WHERE s.{op} IN ('I', 'U') AND strpos(s.{u}, '1') = 0{where} ON CONFLICT ({keys}) "
+        "INSERT INTO {target} AS t ({columns}) OVERRIDING SYSTEM VALUE SELECT {values} "
+        "FROM {stage} s WHERE s.{op} IN ('I', 'U') AND strpos(s.{u}, '1') = 0{where} "
+        "ON CONFLICT ({keys}) "
     ).format(
         target=_target(table),
         columns=sql.SQL(", ").join(_ident(c) for c in table.columns),
@@ -191,8 +196,8 @@ def insert(name: str, table: TargetTable, where: sql.Composable = NO_FILTER) -> 
     """Insert the staged rows ``where`` keeps, without ON CONFLICT: tried first for inserts (the
     merge's savepoint undoes it if a key is already there), since a plain insert costs the target
     about half of an upsert's speculative one."""
-    return sql.SQL("INSERT INTO {target} ({columns}) SELECT {values} FROM {stage} s "
-                   "WHERE true{where}").format(
+    return sql.SQL("INSERT INTO {target} ({columns}) OVERRIDING SYSTEM VALUE SELECT {values} "
+                   "FROM {stage} s WHERE true{where}").format(
         target=_target(table),
         columns=sql.SQL(", ").join(_ident(c) for c in table.columns),
         values=sql.SQL(", ").join(_typed("s", table, i) for i in range(len(table.columns))),

@@ -192,3 +192,23 @@ def test_a_merge_is_rendered_once_per_shape_of_flush(
     assert first.conflicts  # the table has a conflict column: its records are indexed
     assert b'DELETE FROM "public"."items"' in other.render(conn)
     assert b'DELETE FROM "public"."items"' not in first.render(conn)
+
+
+def test_a_target_key_generated_always_as_identity_takes_the_source_values(
+        dbpair: DbPair, relayed: tuple[psycopg.Connection[TupleRow], Link]) -> None:
+    """A target made from the source's schema dump keeps ``GENERATED ALWAYS AS IDENTITY``, which
+    refuses a plain INSERT of a value: inserts, the upsert of a mixed batch and a key already
+    there all apply the source's keys."""
+    execute(dbpair.target_dsn, "CREATE TABLE dumped (id int GENERATED ALWAYS AS IDENTITY "
+                               "PRIMARY KEY, qty int NOT NULL, updated_at timestamptz)",
+            "INSERT INTO dumped (qty, updated_at) VALUES (70, now() - interval '1 day')")
+    relation = Relation(16387, "public", "dumped", "d", RELATION.columns)
+    conn, _ = relayed
+    applier = Applier(conn, settings_for(dbpair))
+    _batch(applier, [(5, 5, "I"), (6, 6, "I")], 0xD000, relation)
+    applier.commit()
+    _batch(applier, [(7, 7, "I"), (5, 50, "U"), (1, 10, "I")], 0xE000, relation)
+    applier.commit()
+    with psycopg.connect(dbpair.target_dsn) as check:
+        assert check.execute("SELECT id, qty FROM dumped ORDER BY id").fetchall() == [
+            (1, 10), (5, 50), (6, 6), (7, 7)]
