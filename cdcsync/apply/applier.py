@@ -80,6 +80,8 @@ class Applier:
         # Target table oid -> the temp table recording the keys the stream changes while a
         # resync chunk of that table is read (between its low and high watermarks).
         self._windows: dict[int, str] = {}
+        # Target table oid -> whether row-level security applies to the applier's role there.
+        self._row_secured: dict[int, bool] = {}
         self._pending_rows = 0
         self._pending_bytes = 0
         # What was pending when the open source transaction began (see _own_batch_full).
@@ -330,7 +332,17 @@ class Applier:
         the stage), and a table that has not lately refused a plain insert."""
         return (batch.only_inserts and batch.inserts > 0 and not batch.unchanged_mask
                 and batch.table.oid not in self._windows
-                and self._merger.inserts_plainly(batch.table.oid))
+                and self._merger.inserts_plainly(batch.table.oid)
+                and not self._row_security(batch.table))
+
+    def _row_security(self, table: TargetTable) -> bool:
+        """Whether row-level security applies to this connection's role on ``table``: COPY FROM
+        refuses such a table where INSERT may pass its policies (asked once per table)."""
+        active = self._row_secured.get(table.oid)
+        if active is None:
+            row = self.conn.execute(q.row_security_active(table)).fetchone()
+            active = self._row_secured[table.oid] = bool(row and row[0])
+        return active
 
     def _stage_straight(self, batches: list[Staged]) -> None:
         """Stage the batches the refused merge copied straight: the fallbacks read the stage."""

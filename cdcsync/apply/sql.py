@@ -68,6 +68,11 @@ def copy_text_into(table: TargetTable) -> sql.Composed:
         _target(table), sql.SQL(", ").join(_ident(c) for c in table.columns))
 
 
+def row_security_active(table: TargetTable) -> sql.Composed:
+    return sql.SQL("SELECT row_security_active({})").format(
+        sql.Literal(_target(table).as_string(None)))
+
+
 def _key_match(table: TargetTable, left: str, right: str, *, typed: bool = True) -> sql.Composed:
     if typed:
         pairs = (sql.SQL("{}.{} = {}").format(_ident(left), _ident(table.columns[i]),

@@ -212,3 +212,33 @@ def test_a_target_key_generated_always_as_identity_takes_the_source_values(
     with psycopg.connect(dbpair.target_dsn) as check:
         assert check.execute("SELECT id, qty FROM dumped ORDER BY id").fetchall() == [
             (1, 10), (5, 50), (6, 6), (7, 7)]
+
+
+@pytest.mark.usefixtures("relayed")  # it installs the metadata schema
+def test_a_table_under_row_level_security_is_not_copied_straight(
+        dbpair: DbPair, caplog: pytest.LogCaptureFixture) -> None:
+    """COPY FROM refuses a table whose row-level security applies to the role, even where its
+    policies let INSERT through: such a table's inserts are staged from the start, never
+    refused and replayed."""
+    execute(dbpair.target_dsn,
+            "CREATE TABLE secured (id int PRIMARY KEY, qty int NOT NULL, updated_at timestamptz)",
+            "CREATE ROLE rls_apply LOGIN PASSWORD 'rls-apply'",
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON secured TO rls_apply",
+            "GRANT USAGE ON SCHEMA cdcsync TO rls_apply",
+            "GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA cdcsync TO rls_apply",
+            "ALTER TABLE secured ENABLE ROW LEVEL SECURITY",
+            "CREATE POLICY apply_all ON secured TO rls_apply USING (true) WITH CHECK (true)")
+    relation = Relation(16388, "public", "secured", "d", RELATION.columns)
+    try:
+        with psycopg.connect(make_conninfo(dbpair.target_dsn, user="rls_apply",
+                                           password="rls-apply")) as conn:
+            applier = Applier(conn, settings_for(dbpair))
+            _batch(applier, [(1, 1, "I"), (2, 2, "I")], 0xF000, relation)
+            applier.commit()
+        with psycopg.connect(dbpair.target_dsn) as check:
+            assert check.execute("SELECT id, qty FROM secured ORDER BY id").fetchall() == [
+                (1, 1), (2, 2)]
+        assert "batch_replayed_in_source_order" not in caplog.text
+    finally:
+        execute(dbpair.target_dsn, "DROP TABLE secured", "DROP OWNED BY rls_apply",
+                "DROP ROLE rls_apply")
