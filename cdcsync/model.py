@@ -107,6 +107,9 @@ class TargetTable:
     # Columns new on the source, as (name, type): the applier adds them to the target table in
     # the target transaction that first applies rows of this relation.
     add_columns: tuple[tuple[str, str], ...] = ()
+    # Whether row-level security applies to the applying role there: COPY FROM refuses such a
+    # table even where INSERT passes its policies.
+    row_security: bool = False
 
     @property
     def qualified(self) -> str:

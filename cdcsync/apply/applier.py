@@ -80,8 +80,6 @@ class Applier:
         # Target table oid -> the temp table recording the keys the stream changes while a
         # resync chunk of that table is read (between its low and high watermarks).
         self._windows: dict[int, str] = {}
-        # Target table oid -> whether row-level security applies to the applier's role there.
-        self._row_secured: dict[int, bool] = {}
         self._pending_rows = 0
         self._pending_bytes = 0
         # What was pending when the open source transaction began (see _own_batch_full).
@@ -329,20 +327,12 @@ class Applier:
     def _copies_straight(self, batch: Staged) -> bool:
         """Whether to COPY ``batch`` straight into its table (:func:`plan.copy_straight`):
         inserts alone, all values sent, no resync window to record keys in (it reads them from
-        the stage), and a table that has not lately refused a plain insert."""
+        the stage), a table that has not lately refused a plain insert, and no row-level security
+        for the applying role (COPY FROM refuses it)."""
         return (batch.only_inserts and batch.inserts > 0 and not batch.unchanged_mask
                 and batch.table.oid not in self._windows
                 and self._merger.inserts_plainly(batch.table.oid)
-                and not self._row_security(batch.table))
-
-    def _row_security(self, table: TargetTable) -> bool:
-        """Whether row-level security applies to this connection's role on ``table``: COPY FROM
-        refuses such a table where INSERT may pass its policies (asked once per table)."""
-        active = self._row_secured.get(table.oid)
-        if active is None:
-            row = self.conn.execute(q.row_security_active(table)).fetchone()
-            active = self._row_secured[table.oid] = bool(row and row[0])
-        return active
+                and not batch.table.row_security)
 
     def _stage_straight(self, batches: list[Staged]) -> None:
         """Stage the batches the refused merge copied straight: the fallbacks read the stage."""

@@ -34,6 +34,10 @@ def _target(table: TargetTable) -> sql.Identifier:
     return sql.Identifier(table.schema, table.name)
 
 
+def _columns(table: TargetTable) -> sql.Composed:
+    return sql.SQL(", ").join(_ident(c) for c in table.columns)
+
+
 def _typed(alias: str, table: TargetTable, i: int) -> sql.Composed:
     return sql.SQL("{}.{}::{}").format(_ident(alias), _ident(table.columns[i]),
                                         sql.SQL(table.types[i]))
@@ -64,13 +68,7 @@ def copy_into(name: str) -> sql.Composed:
 
 def copy_text_into(table: TargetTable) -> sql.Composed:
     """COPY rows straight into the target table: its replicated columns, text format."""
-    return sql.SQL("COPY {} ({}) FROM STDIN").format(
-        _target(table), sql.SQL(", ").join(_ident(c) for c in table.columns))
-
-
-def row_security_active(table: TargetTable) -> sql.Composed:
-    return sql.SQL("SELECT row_security_active({})").format(
-        sql.Literal(_target(table).as_string(None)))
+    return sql.SQL("COPY {} ({}) FROM STDIN").format(_target(table), _columns(table))
 
 
 def _key_match(table: TargetTable, left: str, right: str, *, typed: bool = True) -> sql.Composed:
@@ -182,7 +180,7 @@ def upsert(name: str, table: TargetTable, where: sql.Composable = NO_FILTER) -> 
         "ON CONFLICT ({keys}) "
     ).format(
         target=_target(table),
-        columns=sql.SQL(", ").join(_ident(c) for c in table.columns),
+        columns=_columns(table),
         values=sql.SQL(", ").join(_typed("s", table, i) for i in range(len(table.columns))),
         stage=_ident(name), op=OP, u=UNCHANGED, where=where,
         keys=sql.SQL(", ").join(_ident(table.columns[i]) for i in table.key),
@@ -204,7 +202,7 @@ def insert(name: str, table: TargetTable, where: sql.Composable = NO_FILTER) -> 
     return sql.SQL("INSERT INTO {target} ({columns}) OVERRIDING SYSTEM VALUE SELECT {values} "
                    "FROM {stage} s WHERE true{where}").format(
         target=_target(table),
-        columns=sql.SQL(", ").join(_ident(c) for c in table.columns),
+        columns=_columns(table),
         values=sql.SQL(", ").join(_typed("s", table, i) for i in range(len(table.columns))),
         stage=_ident(name), where=where)
 

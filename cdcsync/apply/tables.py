@@ -20,7 +20,7 @@ from cdcsync.model import Relation, TargetTable
 _TIME_TYPES = ("timestamp with time zone", "timestamp without time zone")
 
 _COLUMNS_SQL = """
-SELECT c.oid, a.attname, format_type(a.atttypid, a.atttypmod)
+SELECT c.oid, a.attname, format_type(a.atttypid, a.atttypmod), row_security_active(c.oid)
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -117,6 +117,7 @@ def resolve(conn: psycopg.Connection[TupleRow], settings: Settings, relation: Re
         conflict=conflict,
         conflict_is_time=conflict is not None and types[conflict] in _TIME_TYPES,
         add_columns=added,
+        row_security=bool(rows[0][3]),
     )
 
 
