@@ -149,6 +149,9 @@ class TableRows:
     # The distinct keys the rows change, as raw fields, or None when the decoder does not say:
     # fewer keys than rows means some key changes more than once and versions need collapsing.
     keys: set[bytes] | None = None
+    # Rows of inserts alone as text COPY rows of the target's columns, made by the reader, so
+    # that a batch copied straight into its table costs the applier no conversion; else None.
+    text: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

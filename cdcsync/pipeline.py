@@ -26,7 +26,7 @@ from psycopg_pool import ConnectionPool
 
 from cdcsync import checkpoint, roundtrip
 from cdcsync.apply import tables
-from cdcsync.apply.applier import Applier
+from cdcsync.apply.applier import Applier, copies_straight
 from cdcsync.config import Settings
 from cdcsync.dsn import with_session_options
 from cdcsync.errors import (
@@ -250,7 +250,7 @@ class Pipeline:
             self.progress.checkpoint = start
             stream = ReplicationStream(self.settings.source.dsn.get_secret_value(), slot,
                                        status_interval_s=self.settings.source.status_interval_s)
-            assembler = self._assembler(start)
+            assembler = self._assembler(start, texts=copies_straight(conn))
             stream.start(start, self._options())
             items: Handoff[Item] = Handoff(HANDOFF_BYTES, _item_bytes)
             reader = Reader(stream, assembler, items)
@@ -283,12 +283,14 @@ class Pipeline:
             return wal2json.options(self.settings.tables)
         return pgoutput_options(self.settings.source.publication)
 
-    def _assembler(self, start: Lsn) -> Assembler:
-        limits = {"chunk_rows": min(5000, self.settings.apply.max_rows),
-                  "chunk_bytes": min(8 << 20, self.settings.apply.max_bytes)}
+    def _assembler(self, start: Lsn, *, texts: bool) -> Assembler:
+        chunk_rows = min(5000, self.settings.apply.max_rows)
+        chunk_bytes = min(8 << 20, self.settings.apply.max_bytes)
         if self.settings.source.decoder == "wal2json":
-            return Wal2jsonAssembler(start, self._resolver(), self._describe, **limits)
-        return TransactionAssembler(start, self._resolver(), **limits)
+            return Wal2jsonAssembler(start, self._resolver(), self._describe,
+                                     chunk_rows=chunk_rows, chunk_bytes=chunk_bytes, texts=texts)
+        return TransactionAssembler(start, self._resolver(), chunk_rows=chunk_rows,
+                                    chunk_bytes=chunk_bytes, texts=texts)
 
     def _describe(self, schema: str, name: str) -> Relation | None:
         """The source catalog's description of a table wal2json names (once per table and run)."""

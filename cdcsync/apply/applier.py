@@ -51,6 +51,11 @@ Cur = psycopg.Cursor[TupleRow]
 _STRAIGHT_ENCODINGS = frozenset({"utf-8", "ascii"})
 
 
+def copies_straight(conn: Conn) -> bool:
+    """Whether batches of inserts may be copied straight into their tables over ``conn``."""
+    return COMPILED and conn.info.encoding in _STRAIGHT_ENCODINGS
+
+
 @dataclass(slots=True)
 class Committed:
     """What one target commit applied; counts cover only what that commit made durable."""
@@ -127,6 +132,8 @@ class Applier:
         if pending is None:
             stage = q.stage_name(table, rows.relation)
             pending = self._pending[table.oid] = Staged(table, rows.relation, stage)
+        if rows.text is not None and len(pending.texts) == len(pending.rows):
+            pending.texts.append(rows.text)
         pending.rows.extend(rows.rows)
         if pending.keys is None or rows.keys is None:
             pending.keys = None
@@ -300,7 +307,7 @@ class Applier:
             for batch in batches:
                 self._add_columns(cur, batch.table)
         if not in_order:
-            straight = COMPILED and self.conn.info.encoding in _STRAIGHT_ENCODINGS
+            straight = copies_straight(self.conn)
             for batch in batches:
                 batch.direct = straight and self._copies_straight(batch)
         script = self._script(batches)

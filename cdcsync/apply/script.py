@@ -40,6 +40,8 @@ class Staged:
     relation: Relation
     stage: str
     rows: list[bytes] = field(default_factory=list)
+    # The text COPY rows the reader made of each chunk in rows, while every chunk had them.
+    texts: list[bytes] = field(default_factory=list)
     only_inserts: bool = True
     inserts: int = 0
     deletes: int = 0
@@ -164,7 +166,8 @@ def copy_straight(script: Script, batch: Staged) -> None:
 
 def straight_copies(batches: list[Staged]) -> list[bytes]:
     """The data of the merge's COPY statements straight into tables, in their order."""
-    return [text_rows(b.rows, len(b.relation.columns), b.table.positions)
+    return [b"".join(b.texts) if len(b.texts) == len(b.rows)
+            else text_rows(b.rows, len(b.relation.columns), b.table.positions)
             for b in batches if b.direct]
 
 

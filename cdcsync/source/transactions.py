@@ -31,7 +31,7 @@ from cdcsync.model import (
     TxnStart,
 )
 from cdcsync.source import pgoutput
-from cdcsync.source.tuples import key_of, stage_rows
+from cdcsync.source.tuples import key_of, stage_rows, text_rows
 
 Resolver = Callable[[Relation], TargetTable | None]
 Stager = Callable[[Relation, Sequence[Any]], tuple[bytes, int]]
@@ -58,9 +58,13 @@ class Assembler(ABC):
     """
 
     def __init__(self, skip_before: Lsn, resolve: Resolver, *, chunk_rows: int = 5000,
-                 chunk_bytes: int = 8 << 20) -> None:
+                 chunk_bytes: int = 8 << 20, texts: bool = False) -> None:
         self.skip_before = skip_before
         self._resolve = resolve
+        # Whether chunks of inserts also carry their text COPY rows (TableRows.text): only where
+        # the applier may copy them straight into their tables (see Applier), as converting
+        # them is most of the work of that copy.
+        self._texts = texts
         self._chunk_rows = chunk_rows
         self._chunk_bytes = chunk_bytes
         self._relations: dict[int, tuple[Relation, TargetTable | None]] = {}
@@ -184,8 +188,12 @@ class Assembler(ABC):
         return self._opened(items)
 
     def _take_chunk(self) -> ChangeChunk:
-        tables = tuple(b.staged() for b in self._pending.values())
-        chunk = ChangeChunk(tables, self._rows, self._bytes)
+        tables = tuple(b.staged(self._texts) for b in self._pending.values())
+        size = self._bytes
+        for rows in tables:
+            if rows.text is not None:
+                size += len(rows.text)
+        chunk = ChangeChunk(tables, self._rows, size)
         self._pending = {}
         self._rows = 0
         self._bytes = 0
@@ -277,10 +285,14 @@ class _Building:
     # The keys the rows change (see TableRows.keys); wal2json's assembler leaves it empty.
     keys: set[bytes] = field(default_factory=set)
 
-    def staged(self) -> TableRows:
+    def staged(self, texts: bool) -> TableRows:
         blob, unchanged = self.stager(self.relation, self.rows)
-        return TableRows(self.relation, self.table, [blob], self.inserts, self.updates,
-                         self.deletes, unchanged, self.keys if self.keys else None)
+        text = None
+        table = self.table
+        if texts and self.inserts and not (self.updates or self.deletes or table.row_security):
+            text = text_rows((blob,), len(self.relation.columns), table.positions)
+        return TableRows(self.relation, table, [blob], self.inserts, self.updates,
+                         self.deletes, unchanged, self.keys if self.keys else None, text)
 
 
 def _skip_tuple(buf: bytes, off: int) -> int:

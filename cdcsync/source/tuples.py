@@ -50,6 +50,10 @@ _BACKSLASH: Final = ord("\\")
 _TAB: Final = ord("\t")
 _LF: Final = ord("\n")
 _CR: Final = ord("\r")
+_TAB_BYTE: Final = b"\t"
+_LF_BYTE: Final = b"\n"
+_CR_BYTE: Final = b"\r"
+_BACKSLASH_BYTE: Final = b"\\"
 _ESCAPES: Final = {_BACKSLASH: b"\\\\", _TAB: b"\\t", _LF: b"\\n", _CR: b"\\r"}
 
 
@@ -181,39 +185,60 @@ def text_rows(chunks: Sequence[bytes], width: int, positions: Sequence[int]) -> 
     wanted = bytearray(width)
     for position in positions:
         wanted[position] = 1
-    # The metadata fields have fixed sizes: the mask's length is the width.
-    meta = _META.size + 4 + width
     out = bytearray()
     for chunk in chunks:
-        off = 0
-        size = len(chunk)
-        while off < size:
-            off += meta
-            for i in range(width):
-                length = (chunk[off] << 24 | chunk[off + 1] << 16 | chunk[off + 2] << 8
-                          | chunk[off + 3])
-                off += 4
-                if length == 0xFFFFFFFF:
-                    if every or wanted[i]:
-                        out += b"\\N\t"
-                    continue
-                end = off + length
+        start = len(out)
+        rows, nulls = _text_chunk(out, chunk, width, wanted, every, escape=False)
+        # Values rarely hold a delimiter or a backslash: copied as they are, the rows then hold
+        # exactly one tab between fields, one newline per row, no CR, and a backslash only in
+        # each NULL's \\N. Counted by C scans of the output, that proves no value needed
+        # escaping; otherwise the chunk is done again, escaping byte by byte.
+        fields = len(positions)
+        if (out.count(_TAB_BYTE, start) != rows * (fields - 1)
+                or out.count(_LF_BYTE, start) != rows or out.find(_CR_BYTE, start) >= 0
+                or out.count(_BACKSLASH_BYTE, start) != nulls):
+            del out[start:]
+            _text_chunk(out, chunk, width, wanted, every, escape=True)
+    return bytes(out)
+
+
+def _text_chunk(out: bytearray, chunk: bytes, width: int, wanted: bytearray, every: bool, *,
+                escape: bool) -> tuple[int, int]:
+    """Append the rows of ``chunk`` to ``out``, escaping values if ``escape``; count its rows
+    and NULLs."""
+    meta = _META.size + 4 + width
+    off = 0
+    size = len(chunk)
+    rows = nulls = 0
+    while off < size:
+        off += meta
+        for i in range(width):
+            length = (chunk[off] << 24 | chunk[off + 1] << 16 | chunk[off + 2] << 8
+                      | chunk[off + 3])
+            off += 4
+            if length == 0xFFFFFFFF:
                 if every or wanted[i]:
-                    # Most values hold none of the four bytes: a native scan, then one slice.
-                    run = off
+                    out += b"\\N\t"
+                    nulls += 1
+                continue
+            end = off + length
+            if every or wanted[i]:
+                run = off
+                if escape:
                     for j in range(off, end):
                         c = chunk[j]
                         if (c <= _CR or c == _BACKSLASH) and c in (_BACKSLASH, _TAB, _LF, _CR):
                             out += chunk[run:j]
                             out += _ESCAPES[c]
                             run = j + 1
-                    out += chunk[run:end]
-                    out += b"\t"
-                off = end
-            out[-1] = _LF  # the row's last tab
-        if off != size:
-            raise ProtocolError("a staged row runs past the end of its chunk")
-    return bytes(out)
+                out += chunk[run:end]
+                out += b"\t"
+            off = end
+        out[-1] = _LF  # the row's last tab
+        rows += 1
+    if off != size:
+        raise ProtocolError("a staged row runs past the end of its chunk")
+    return rows, nulls
 
 
 def _mask_text(mask: int, width: int) -> bytes:

@@ -73,8 +73,9 @@ class Wal2jsonAssembler(Assembler):
     """The :class:`Assembler` for wal2json ``format-version 2`` messages."""
 
     def __init__(self, skip_before: Lsn, resolve: Resolver, describe: Describer, *,
-                 chunk_rows: int = 5000, chunk_bytes: int = 8 << 20) -> None:
-        super().__init__(skip_before, resolve, chunk_rows=chunk_rows, chunk_bytes=chunk_bytes)
+                 chunk_rows: int = 5000, chunk_bytes: int = 8 << 20, texts: bool = False) -> None:
+        super().__init__(skip_before, resolve, chunk_rows=chunk_rows, chunk_bytes=chunk_bytes,
+                         texts=texts)
         self._describe = describe
         self._tables: dict[tuple[str, str], _Table] = {}
         self._next_id = _FIRST_LOCAL_ID

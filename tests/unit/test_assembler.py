@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -26,7 +27,7 @@ from cdcsync.model import (
 )
 from cdcsync.source import pgoutput
 from cdcsync.source.transactions import TransactionAssembler
-from cdcsync.source.tuples import META_COLUMNS, key_of
+from cdcsync.source.tuples import META_COLUMNS, key_of, text_rows
 
 RAW = [bytes.fromhex(m["hex"]) for m in json.loads(
     (Path(__file__).parent / "data" / "pgoutput_capture.json").read_text())]
@@ -174,6 +175,35 @@ def test_keys_name_each_staged_rows_key_once() -> None:
         fields = [f[len(META_COLUMNS) + key] for f in rows]
         assert len(table.keys) == len(set(fields))
         assert {k[5:] for k in table.keys} == set(fields)  # kind byte and length, then the value
+
+
+def test_chunks_of_inserts_carry_their_text_rows_when_asked() -> None:
+    """Asked for texts, a chunk's rows of a table holding inserts alone come with their text COPY
+    rows of the target's columns (the applier's straight COPY sends them as they are); rows with
+    an update or a delete, a table under row-level security, or no asking: none."""
+    def narrowed(relation: Relation) -> TargetTable:
+        table = target_for(relation)  # one column left out of the target, where there are two
+        return dataclasses.replace(table, positions=table.positions[:1] + table.positions[2:])
+
+    tables = [t for i in feed_all(TransactionAssembler(Lsn(0), narrowed, chunk_rows=2,
+                                                       texts=True), RAW)
+              if isinstance(i, ChangeChunk) for t in i.tables]
+    texted = [t for t in tables if t.text is not None]
+    assert texted and len(texted) < len(tables)
+    for table in tables:
+        if table.inserts and not (table.updates or table.deletes):
+            assert table.text == text_rows(table.rows, len(table.relation.columns),
+                                           table.target.positions)
+            assert table.text.count(b"\n") == table.inserts
+        else:
+            assert table.text is None
+
+    def secured(relation: Relation) -> TargetTable:
+        return dataclasses.replace(target_for(relation), row_security=True)
+
+    for resolve, texts in ((target_for, False), (secured, True)):
+        items = feed_all(TransactionAssembler(Lsn(0), resolve, chunk_rows=2, texts=texts), RAW)
+        assert all(t.text is None for i in items if isinstance(i, ChangeChunk) for t in i.tables)
 
 
 def _chunks(items: list[object]) -> list[tuple[TableRows, list[tuple[bytes | None, ...]]]]:

@@ -31,3 +31,16 @@ def test_rows_of_several_chunks_follow_each_other() -> None:
     second = _staged((b"2", b"y", b"z" * 3000, None))
     assert text_rows([first, second], 4, (0, 1, 2, 3)) == (
         b"1\tx\tmulti\xc3\xa9byte\tt\n" + b"2\ty\t" + b"z" * 3000 + b"\t\\N\n")
+
+
+def test_each_byte_to_escape_is_caught_alone_in_its_chunk() -> None:
+    """Chunks are first copied unescaped and checked by counting delimiters and backslashes:
+    one such byte in one value of a chunk (beside NULLs, whose \\N holds a backslash too) must
+    still send that chunk through the escaping, and the plain chunks around it stay as they are."""
+    for raw, escaped in ((b"\t", b"\\t"), (b"\n", b"\\n"), (b"\r", b"\\r"), (b"\\", b"\\\\")):
+        plain = _staged((b"1", None, b"ok", b"t"))
+        special = _staged((b"2", None, b"a" + raw + b"b", None), (b"3", b"s", b"c", b"d"))
+        assert text_rows([plain, special, plain], 4, (0, 1, 2, 3)) == (
+            b"1\t\\N\tok\tt\n"
+            b"2\t\\N\ta" + escaped + b"b\t\\N\n3\ts\tc\td\n"
+            b"1\t\\N\tok\tt\n"), raw
