@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
@@ -152,6 +153,16 @@ class TableRows:
     # Rows of inserts alone as text COPY rows of the target's columns, made by the reader, so
     # that a batch copied straight into its table costs the applier no conversion; else None.
     text: bytes | None = None
+    # Where the reader made the text instead of staging the rows, how to stage them, for the
+    # batches that are not copied straight after all (see staged); rows is empty until then.
+    unstaged: Callable[[], tuple[bytes, int]] | None = None
+
+    def staged(self) -> list[bytes]:
+        """The staged rows, staged now if the reader only made their text."""
+        if self.unstaged is not None:
+            self.rows.append(self.unstaged()[0])
+            self.unstaged = None
+        return self.rows
 
 
 @dataclass(frozen=True, slots=True)

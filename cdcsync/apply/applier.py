@@ -132,9 +132,7 @@ class Applier:
         if pending is None:
             stage = q.stage_name(table, rows.relation)
             pending = self._pending[table.oid] = Staged(table, rows.relation, stage)
-        if rows.text is not None and len(pending.texts) == len(pending.rows):
-            pending.texts.append(rows.text)
-        pending.rows.extend(rows.rows)
+        pending.chunks.append(rows)
         if pending.keys is None or rows.keys is None:
             pending.keys = None
             pending.repeats = True
@@ -195,7 +193,8 @@ class Applier:
                 return None
         started = time.perf_counter()
         batch = Staged(table, copied.relation, window.chunk_stage_name(table, copied.relation),
-                         [copied.data], inserts=copied.rows)
+                       [TableRows(copied.relation, table, [copied.data], copied.rows)],
+                       inserts=copied.rows)
         script = self._script([batch], windowed=False)
         dropped = None if name is None else script.add(window.drop_changed(batch.stage, name,
                                                                            table))

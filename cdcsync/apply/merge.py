@@ -142,7 +142,7 @@ class Merger:
             refused = again
         event(logging.INFO if isinstance(refused, _ORDER_SENSITIVE) else logging.WARNING,
               "batch_replayed_in_source_order", slot=self.slot,
-              rows=sum(len(b.rows) for b in batches), reason=str(refused).splitlines()[0])
+              rows=sum(b.changes for b in batches), reason=str(refused).splitlines()[0])
         self._split(cur, batches)
 
     def _upserts(self, batch: Staged, plainly: bool) -> list[sql.Composed]:

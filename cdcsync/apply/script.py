@@ -22,7 +22,7 @@ from psycopg.rows import TupleRow
 
 from cdcsync.apply import sql as q
 from cdcsync.apply import window
-from cdcsync.model import Relation, TargetTable
+from cdcsync.model import Relation, TableRows, TargetTable
 from cdcsync.source.tuples import COPY_HEADER, COPY_TRAILER, text_rows
 
 BEGIN = sql.SQL("BEGIN")
@@ -39,9 +39,8 @@ class Staged:
     table: TargetTable
     relation: Relation
     stage: str
-    rows: list[bytes] = field(default_factory=list)
-    # The text COPY rows the reader made of each chunk in rows, while every chunk had them.
-    texts: list[bytes] = field(default_factory=list)
+    # The chunks' rows of this table, in source order.
+    chunks: list[TableRows] = field(default_factory=list)
     only_inserts: bool = True
     inserts: int = 0
     deletes: int = 0
@@ -52,6 +51,22 @@ class Staged:
     repeats: bool = False
     # Copied straight into the target table in the merge, not staged (see copy_straight).
     direct: bool = False
+
+    @property
+    def changes(self) -> int:
+        return sum(c.inserts + c.updates + c.deletes for c in self.chunks)
+
+    def staged_rows(self) -> list[bytes]:
+        """The staged rows of every chunk (see :mod:`cdcsync.source.tuples`)."""
+        return [rows for chunk in self.chunks for rows in chunk.staged()]
+
+    def as_text(self) -> bytes:
+        """The rows (inserts alone) as text COPY rows of the target's columns: as the reader
+        made them, or converted from the staged rows where it did not."""
+        texts = [chunk.text for chunk in self.chunks if chunk.text is not None]
+        if len(texts) == len(self.chunks):
+            return b"".join(texts)
+        return text_rows(self.staged_rows(), len(self.relation.columns), self.table.positions)
 
 
 @dataclass(slots=True)
@@ -116,7 +131,7 @@ def stage(script: Script, batch: Staged, *, create: bool, truncate: bool,
     if truncate:
         script.add(q.truncate_stage(batch.stage))
     script.add(q.copy_into(batch.stage))
-    script.copies.append(b"".join((COPY_HEADER, *batch.rows, COPY_TRAILER)))
+    script.copies.append(b"".join((COPY_HEADER, *batch.staged_rows(), COPY_TRAILER)))
     if window_name is not None:
         script.add(window.record_keys(window_name, batch.stage, batch.table))
 
@@ -166,9 +181,7 @@ def copy_straight(script: Script, batch: Staged) -> None:
 
 def straight_copies(batches: list[Staged]) -> list[bytes]:
     """The data of the merge's COPY statements straight into tables, in their order."""
-    return [b"".join(b.texts) if len(b.texts) == len(b.rows)
-            else text_rows(b.rows, len(b.relation.columns), b.table.positions)
-            for b in batches if b.direct]
+    return [b.as_text() for b in batches if b.direct]
 
 
 def _ruled(batch: Staged) -> list[str]:

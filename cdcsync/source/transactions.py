@@ -14,6 +14,7 @@ import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final
 
 from cdcsync.errors import ProtocolError
@@ -31,10 +32,12 @@ from cdcsync.model import (
     TxnStart,
 )
 from cdcsync.source import pgoutput
-from cdcsync.source.tuples import key_of, stage_rows, text_rows
+from cdcsync.source.tuples import key_of, payload_text_rows, stage_rows, text_rows
 
 Resolver = Callable[[Relation], TargetTable | None]
 Stager = Callable[[Relation, Sequence[Any]], tuple[bytes, int]]
+# Rows of inserts, unstaged, as text COPY rows of the columns at the given positions.
+Texter = Callable[[Relation, Sequence[Any], Sequence[int]], bytes]
 
 _OID: Final = struct.Struct(">I")
 # What most messages complete: shared, where a new empty list per row change is measurable.
@@ -103,14 +106,15 @@ class Assembler(ABC):
     def _feed(self, payload: bytes) -> Sequence[StreamItem]:
         """Decode one message of the plugin (errors without the LSN: :meth:`feed` adds it)."""
 
-    def _building(self, oid: int, stager: Stager) -> _Building | None:
+    def _building(self, oid: int, stager: Stager, texter: Texter | None = None
+                  ) -> _Building | None:
         """Where the open chunk collects rows of relation ``oid``; None when not selected."""
         building = self._pending.get(oid)
         if building is None:
             relation, table = self._relations[oid]
             if table is None:
                 return None
-            building = self._pending[oid] = _Building(relation, table, stager)
+            building = self._pending[oid] = _Building(relation, table, stager, texter)
         return building
 
     def _chunk_full(self) -> bool:
@@ -233,7 +237,7 @@ class TransactionAssembler(Assembler):
     def _row_change(self, kind: int, payload: bytes) -> None:
         # Byte shifts compile to native operations (see setup.py); a struct call would not.
         oid = payload[1] << 24 | payload[2] << 16 | payload[3] << 8 | payload[4]
-        building = self._building(oid, stage_rows)
+        building = self._building(oid, stage_rows, payload_text_rows)
         if building is None:
             return
         seq = self._seq = self._seq + 1
@@ -278,6 +282,8 @@ class _Building:
     relation: Relation
     table: TargetTable
     stager: Stager
+    # Makes the text of rows of inserts without staging them, where the decoder has one.
+    texter: Texter | None
     rows: list[Any] = field(default_factory=list)
     inserts: int = 0
     updates: int = 0
@@ -286,13 +292,20 @@ class _Building:
     keys: set[bytes] = field(default_factory=set)
 
     def staged(self, texts: bool) -> TableRows:
-        blob, unchanged = self.stager(self.relation, self.rows)
-        text = None
-        table = self.table
+        relation, table, keys = self.relation, self.table, self.keys if self.keys else None
         if texts and self.inserts and not (self.updates or self.deletes or table.row_security):
-            text = text_rows((blob,), len(self.relation.columns), table.positions)
-        return TableRows(self.relation, table, [blob], self.inserts, self.updates,
-                         self.deletes, unchanged, self.keys if self.keys else None, text)
+            if self.texter is not None:
+                # Most such rows are copied straight into their table: staging them as well
+                # would double the reader's work; the applier stages the others (TableRows).
+                text = self.texter(relation, self.rows, table.positions)
+                return TableRows(relation, table, [], self.inserts, keys=keys, text=text,
+                                 unstaged=partial(self.stager, relation, self.rows))
+            blob, _ = self.stager(relation, self.rows)
+            return TableRows(relation, table, [blob], self.inserts, keys=keys,
+                             text=text_rows((blob,), len(relation.columns), table.positions))
+        blob, unchanged = self.stager(relation, self.rows)
+        return TableRows(relation, table, [blob], self.inserts, self.updates, self.deletes,
+                         unchanged, keys)
 
 
 def _skip_tuple(buf: bytes, off: int) -> int:

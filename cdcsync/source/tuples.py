@@ -181,31 +181,55 @@ def text_rows(chunks: Sequence[bytes], width: int, positions: Sequence[int]) -> 
     Values are the source's text output already, so only COPY's delimiters and backslash are
     escaped; NULL is ``\\N``. Valid where the client encoding never uses those bytes inside a
     multibyte character (UTF-8 and the single-byte encodings)."""
-    every = len(positions) == width
-    wanted = bytearray(width)
-    for position in positions:
-        wanted[position] = 1
+    wanted = _wanted(width, positions)
     out = bytearray()
     for chunk in chunks:
         start = len(out)
-        rows, nulls = _text_chunk(out, chunk, width, wanted, every, escape=False)
-        # Values rarely hold a delimiter or a backslash: copied as they are, the rows then hold
-        # exactly one tab between fields, one newline per row, no CR, and a backslash only in
-        # each NULL's \\N. Counted by C scans of the output, that proves no value needed
-        # escaping; otherwise the chunk is done again, escaping byte by byte.
-        fields = len(positions)
-        if (out.count(_TAB_BYTE, start) != rows * (fields - 1)
-                or out.count(_LF_BYTE, start) != rows or out.find(_CR_BYTE, start) >= 0
-                or out.count(_BACKSLASH_BYTE, start) != nulls):
+        rows, nulls = _text_chunk(out, chunk, width, wanted, escape=False)
+        if not _unescaped_is_right(out, start, rows, len(positions), nulls):
             del out[start:]
-            _text_chunk(out, chunk, width, wanted, every, escape=True)
+            _text_chunk(out, chunk, width, wanted, escape=True)
     return bytes(out)
 
 
-def _text_chunk(out: bytearray, chunk: bytes, width: int, wanted: bytearray, every: bool, *,
+def payload_text_rows(relation: Relation, rows: Sequence[PendingRow],
+                      positions: Sequence[int]) -> bytes:
+    """:func:`text_rows` of inserts still in their pgoutput messages, which the reader converts
+    without staging them first (see TableRows.text)."""
+    width = len(relation.columns)
+    wanted = _wanted(width, positions)
+    out = bytearray()
+    try:
+        count, nulls = _text_payloads(out, relation, rows, wanted, escape=False)
+        if not _unescaped_is_right(out, 0, count, len(positions), nulls):
+            out = bytearray()
+            _text_payloads(out, relation, rows, wanted, escape=True)
+    except (IndexError, struct.error) as exc:
+        raise ProtocolError(f"truncated tuple of {relation.qualified} ({exc})") from None
+    return bytes(out)
+
+
+def _wanted(width: int, positions: Sequence[int]) -> bytearray:
+    """A flag per column: 1 where it is among ``positions``."""
+    wanted = bytearray(width)
+    for position in positions:
+        wanted[position] = 1
+    return wanted
+
+
+def _unescaped_is_right(out: bytearray, start: int, rows: int, fields: int, nulls: int) -> bool:
+    # Values rarely hold a delimiter or a backslash, so rows are first written with values as
+    # they are. Then they hold exactly one tab between fields, one newline per row, no CR, and a
+    # backslash only in each NULL's \\N: counted by C scans of the output, that proves no value
+    # needed escaping; otherwise the rows are written again, escaping byte by byte.
+    return (out.count(_TAB_BYTE, start) == rows * (fields - 1)
+            and out.count(_LF_BYTE, start) == rows and out.find(_CR_BYTE, start) < 0
+            and out.count(_BACKSLASH_BYTE, start) == nulls)
+
+
+def _text_chunk(out: bytearray, chunk: bytes, width: int, wanted: bytearray, *,
                 escape: bool) -> tuple[int, int]:
-    """Append the rows of ``chunk`` to ``out``, escaping values if ``escape``; count its rows
-    and NULLs."""
+    """Append the staged rows of ``chunk`` to ``out``; count its rows and NULLs."""
     meta = _META.size + 4 + width
     off = 0
     size = len(chunk)
@@ -217,28 +241,69 @@ def _text_chunk(out: bytearray, chunk: bytes, width: int, wanted: bytearray, eve
                       | chunk[off + 3])
             off += 4
             if length == 0xFFFFFFFF:
-                if every or wanted[i]:
+                if wanted[i]:
                     out += b"\\N\t"
                     nulls += 1
                 continue
             end = off + length
-            if every or wanted[i]:
-                run = off
-                if escape:
-                    for j in range(off, end):
-                        c = chunk[j]
-                        if (c <= _CR or c == _BACKSLASH) and c in (_BACKSLASH, _TAB, _LF, _CR):
-                            out += chunk[run:j]
-                            out += _ESCAPES[c]
-                            run = j + 1
-                out += chunk[run:end]
-                out += b"\t"
+            if wanted[i]:
+                _put_value(out, chunk, off, end, escape)
             off = end
         out[-1] = _LF  # the row's last tab
         rows += 1
     if off != size:
         raise ProtocolError("a staged row runs past the end of its chunk")
     return rows, nulls
+
+
+def _text_payloads(out: bytearray, relation: Relation, rows: Sequence[PendingRow],
+                   wanted: bytearray, *, escape: bool) -> tuple[int, int]:
+    """Append the tuples of ``rows`` to ``out``; count the rows and NULLs."""
+    width = len(relation.columns)
+    text, null = _T, _N
+    nulls = 0
+    for payload, start, _op, _seq, _lsn, _commit_time in rows:
+        if payload[start] << 8 | payload[start + 1] != width:
+            raise ProtocolError(f"tuple of {relation.qualified} has "
+                                f"{_I16.unpack_from(payload, start)[0]} columns, "
+                                f"its Relation message {width}")
+        off = start + 2
+        for i in range(width):
+            kind = payload[off]
+            if kind == text:
+                end = off + 5 + (payload[off + 1] << 24 | payload[off + 2] << 16
+                                 | payload[off + 3] << 8 | payload[off + 4])
+                if wanted[i]:
+                    _put_value(out, payload, off + 5, end, escape)
+                off = end
+            elif kind == null:
+                if wanted[i]:
+                    out += b"\\N\t"
+                    nulls += 1
+                off += 1
+            else:
+                raise ProtocolError(f"unexpected column kind {chr(kind)!r} in an insert into "
+                                    f"{relation.qualified}")
+        if off > len(payload):
+            raise ProtocolError(f"truncated tuple of {relation.qualified}")
+        out[-1] = _LF
+    return len(rows), nulls
+
+
+def _put_value(out: bytearray, buf: bytes, off: int, end: int, escape: bool) -> None:
+    """Append ``buf[off:end]`` and a tab; with ``escape``, COPY's delimiters and backslash in it
+    escaped."""
+    run = off
+    if escape:
+        # Most values hold none of the four bytes: a native scan, then one slice.
+        for j in range(off, end):
+            c = buf[j]
+            if (c <= _CR or c == _BACKSLASH) and c in (_BACKSLASH, _TAB, _LF, _CR):
+                out += buf[run:j]
+                out += _ESCAPES[c]
+                run = j + 1
+    out += buf[run:end]
+    out += b"\t"
 
 
 def _mask_text(mask: int, width: int) -> bytes:

@@ -175,8 +175,9 @@ def test_a_merge_is_rendered_once_per_shape_of_flush(
     table = tables.resolve(conn, settings_for(dbpair), RELATION)
 
     def script_for(*, begin: bool, deletes: int) -> Script:
-        batch = Staged(table, RELATION, q.stage_name(table, RELATION), [b""],
-                       only_inserts=False, inserts=1, deletes=deletes)
+        batch = Staged(table, RELATION, q.stage_name(table, RELATION),
+                       [TableRows(RELATION, table, [b""])], only_inserts=False, inserts=1,
+                       deletes=deletes)
         script = Script()
         if begin:
             script.add(plan.BEGIN)

@@ -7,7 +7,7 @@ from psycopg import sql
 from cdcsync import checkpoint
 from cdcsync.apply import script as plan
 from cdcsync.apply import sql as q
-from cdcsync.model import Column, Lsn, Relation, TargetTable
+from cdcsync.model import Column, Lsn, Relation, TableRows, TargetTable
 from cdcsync.source.tuples import COPY_HEADER, COPY_TRAILER, stage_values
 
 RELATION = Relation(1, "public", "items", "d", (
@@ -22,7 +22,8 @@ def _table(oid: int, name: str, *, conflict: int | None = 2) -> TargetTable:
 
 
 def _staged(table: TargetTable, *, deletes: int = 0) -> plan.Staged:
-    return plan.Staged(table, RELATION, q.stage_name(table, RELATION), [b"row1", b"row2"],
+    chunks = [TableRows(RELATION, table, [b"row1"]), TableRows(RELATION, table, [b"row2"])]
+    return plan.Staged(table, RELATION, q.stage_name(table, RELATION), chunks,
                        only_inserts=False, inserts=1, deletes=deletes)
 
 
@@ -95,9 +96,11 @@ def test_a_batch_copied_straight_sits_in_foreign_key_order_and_records_nothing()
     """A parent's batch of inserts copied straight into its table comes before the child's
     upsert, inside the savepoint, with its rows as text COPY; it has no marks or records (a key
     already there fails the COPY, and the fallbacks take over)."""
-    parent = plan.Staged(_table(1, "parent"), RELATION, "unused", [stage_values(RELATION, [
-        ((b"1", b"5", b"2026-12-05 00:00:00+00"), ord("I"), 0, 0x10, 0)])[0]], inserts=1,
-        direct=True)
+    rows = stage_values(RELATION, [((b"1", b"5", b"2026-12-05 00:00:00+00"), ord("I"), 0, 0x10,
+                                    0)])[0]
+    parent = plan.Staged(_table(1, "parent"), RELATION, "unused",
+                         [TableRows(RELATION, _table(1, "parent"), [rows], 1)], inserts=1,
+                         direct=True)
     child = _staged(_table(2, "child"))
     script = plan.Script()
     plan.stage(script, child, create=False, truncate=False, window_name=None)

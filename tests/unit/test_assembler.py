@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -178,32 +179,38 @@ def test_keys_name_each_staged_rows_key_once() -> None:
 
 
 def test_chunks_of_inserts_carry_their_text_rows_when_asked() -> None:
-    """Asked for texts, a chunk's rows of a table holding inserts alone come with their text COPY
-    rows of the target's columns (the applier's straight COPY sends them as they are); rows with
-    an update or a delete, a table under row-level security, or no asking: none."""
+    """Asked for texts, a chunk's rows of a table holding inserts alone come as text COPY rows of
+    the target's columns (the applier's straight COPY sends them as they are), staged only when
+    asked (for a batch that is not copied straight), then exactly as without texts; rows with
+    an update or a delete, a table under row-level security, or no asking: staged, no text."""
     def narrowed(relation: Relation) -> TargetTable:
         table = target_for(relation)  # one column left out of the target, where there are two
         return dataclasses.replace(table, positions=table.positions[:1] + table.positions[2:])
 
-    tables = [t for i in feed_all(TransactionAssembler(Lsn(0), narrowed, chunk_rows=2,
-                                                       texts=True), RAW)
-              if isinstance(i, ChangeChunk) for t in i.tables]
-    texted = [t for t in tables if t.text is not None]
-    assert texted and len(texted) < len(tables)
-    for table in tables:
+    def tables(resolve: Callable[[Relation], TargetTable], *, texts: bool) -> list[TableRows]:
+        items = feed_all(TransactionAssembler(Lsn(0), resolve, chunk_rows=2, texts=texts), RAW)
+        return [t for i in items if isinstance(i, ChangeChunk) for t in i.tables]
+
+    plain, texted = tables(narrowed, texts=False), tables(narrowed, texts=True)
+    assert len(plain) == len(texted)
+    inserts_alone = 0
+    for staged_rows, table in zip(plain, texted, strict=True):
         if table.inserts and not (table.updates or table.deletes):
-            assert table.text == text_rows(table.rows, len(table.relation.columns),
+            inserts_alone += 1
+            assert table.rows == []
+            assert table.text == text_rows(staged_rows.rows, len(table.relation.columns),
                                            table.target.positions)
             assert table.text.count(b"\n") == table.inserts
         else:
             assert table.text is None
+        assert table.staged() == staged_rows.rows
+    assert 0 < inserts_alone < len(texted)
 
     def secured(relation: Relation) -> TargetTable:
         return dataclasses.replace(target_for(relation), row_security=True)
 
     for resolve, texts in ((target_for, False), (secured, True)):
-        items = feed_all(TransactionAssembler(Lsn(0), resolve, chunk_rows=2, texts=texts), RAW)
-        assert all(t.text is None for i in items if isinstance(i, ChangeChunk) for t in i.tables)
+        assert all(t.text is None and t.rows for t in tables(resolve, texts=texts))
 
 
 def _chunks(items: list[object]) -> list[tuple[TableRows, list[tuple[bytes | None, ...]]]]:

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cdcsync.errors import ProtocolError
 from cdcsync.model import Column, Relation
-from cdcsync.source.tuples import stage_values, text_rows
+from cdcsync.source.tuples import payload_text_rows, stage_rows, stage_values, text_rows
 
 RELATION = Relation(1, "public", "notes", "d", (
     Column("id", 23, -1, True), Column("secret", 25, -1, False), Column("body", 25, -1, False),
@@ -44,3 +51,31 @@ def test_each_byte_to_escape_is_caught_alone_in_its_chunk() -> None:
             b"1\t\\N\tok\tt\n"
             b"2\t\\N\ta" + escaped + b"b\t\\N\n3\ts\tc\td\n"
             b"1\t\\N\tok\tt\n"), raw
+
+
+def _insert(*values: bytes | None) -> bytes:
+    """A pgoutput Insert message of RELATION."""
+    out = b"I" + struct.pack(">I", RELATION.oid) + b"N" + struct.pack(">h", len(values))
+    for value in values:
+        out += b"n" if value is None else b"t" + struct.pack(">i", len(value)) + value
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(*[st.one_of(st.none(), st.binary(max_size=12),
+                                      st.sampled_from([b"\t", b"\n", b"\r", b"\\", b"\\N"]))
+                            for _ in range(4)]), min_size=1, max_size=6),
+       st.sampled_from([(0, 1, 2, 3), (0, 2, 3), (1,)]))
+def test_inserts_still_in_their_messages_give_the_same_text(
+        values: list[tuple[bytes | None, ...]], positions: tuple[int, ...]) -> None:
+    """The reader's text of unstaged inserts equals the text of the same rows staged."""
+    rows = [(_insert(*row), 6, ord("I"), seq, 0x10, 0) for seq, row in enumerate(values)]
+    staged, _ = stage_rows(RELATION, rows)
+    assert payload_text_rows(RELATION, rows, positions) == text_rows([staged], 4, positions)
+
+
+def test_an_insert_with_an_unchanged_value_is_refused() -> None:
+    """Only an update leaves a value unchanged: in an insert it means a damaged stream."""
+    payload = _insert(b"1", b"x", b"y", b"z")[:-6] + b"u"
+    with pytest.raises(ProtocolError, match="unexpected column kind 'u'"):
+        payload_text_rows(RELATION, [(payload, 6, ord("I"), 0, 0x10, 0)], (0, 1, 2, 3))
