@@ -95,9 +95,7 @@ def _stage_rows(relation: Relation, rows: Sequence[PendingRow]) -> tuple[bytes, 
     union = 0
     for payload, start, op, seq, lsn, commit_time in rows:
         if payload[start] << 8 | payload[start + 1] != width:
-            raise ProtocolError(f"tuple of {relation.qualified} has "
-                                f"{_I16.unpack_from(payload, start)[0]} columns, "
-                                f"its Relation message {width}")
+            raise _width_error(relation, payload, start)
         if tails_of != (lsn, commit_time):
             tails = {}
             tails_of = (lsn, commit_time)
@@ -264,9 +262,7 @@ def _text_payloads(out: bytearray, relation: Relation, rows: Sequence[PendingRow
     nulls = 0
     for payload, start, _op, _seq, _lsn, _commit_time in rows:
         if payload[start] << 8 | payload[start + 1] != width:
-            raise ProtocolError(f"tuple of {relation.qualified} has "
-                                f"{_I16.unpack_from(payload, start)[0]} columns, "
-                                f"its Relation message {width}")
+            raise _width_error(relation, payload, start)
         off = start + 2
         for i in range(width):
             kind = payload[off]
@@ -304,6 +300,12 @@ def _put_value(out: bytearray, buf: bytes, off: int, end: int, escape: bool) -> 
                 run = j + 1
     out += buf[run:end]
     out += b"\t"
+
+
+def _width_error(relation: Relation, payload: bytes, start: int) -> ProtocolError:
+    return ProtocolError(f"tuple of {relation.qualified} has "
+                         f"{_I16.unpack_from(payload, start)[0]} columns, "
+                         f"its Relation message {len(relation.columns)}")
 
 
 def _mask_text(mask: int, width: int) -> bytes:
