@@ -10,10 +10,8 @@ the collector back on.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import importlib
-import threading
 
 _paused = False
 
@@ -35,16 +33,3 @@ def load(*modules: str) -> None:
         gc.freeze()
         gc.enable()
         _paused = False
-
-
-def import_ahead(name: str) -> None:
-    """Import ``name`` on a thread of its own, while the caller waits on the network; a later
-    ``import`` of it waits for that thread (Python's module lock) and fails as it would have."""
-    threading.Thread(target=_import_quietly, args=(name,), name=f"cdcsync-import-{name}",
-                     daemon=True).start()
-
-
-def _import_quietly(name: str) -> None:
-    # The caller's own import raises the same error, where it is handled.
-    with contextlib.suppress(Exception):
-        importlib.import_module(name)

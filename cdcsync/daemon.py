@@ -7,11 +7,13 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING, Protocol
 
 from psycopg_pool import ConnectionPool
 
-from cdcsync import __version__, alerts, coldstart, leader, prerequisites
+from cdcsync import __version__, alerts, leader, prerequisites
 from cdcsync.admin import connect
 from cdcsync.alerts import Alerter, Thresholds
 from cdcsync.backfill import snapshot
@@ -25,6 +27,9 @@ from cdcsync.metrics import Metrics
 from cdcsync.notify import Notifier, SystemdReporter
 from cdcsync.pipeline import Pipeline, Progress, open_target_pool
 from cdcsync.source import catalog
+
+if TYPE_CHECKING:
+    from cdcsync.jobs import Jobs
 
 
 def preflight(settings: Settings) -> bool:
@@ -97,10 +102,8 @@ def run(settings: Settings, stop: threading.Event | None = None,
     server = HttpServer(settings.http.listen, metrics, health)
     server.start()
     lock = SlotLock(settings.target.dsn.get_secret_value(), slot, health, stop)
-    # The checks wait on both databases: meanwhile, the lock's connection opens and the
-    # periodic jobs' modules (the scheduler, the verifier) load, each on a thread of its own.
+    # The checks wait on both databases: meanwhile, the lock's connection opens.
     lock.open_ahead()
-    coldstart.import_ahead("cdcsync.jobs")
     try:
         standby = preflight(settings)
         _contend(settings, stop, metrics, health, lock, standby=standby)
@@ -120,11 +123,16 @@ def _contend(settings: Settings, stop: threading.Event, metrics: Metrics, health
     The jobs and the alerter live as long as the process, so an alert raised while the target
     was down (and the lock with it) gets its recovery once this process streams again.
     """
-    from cdcsync.jobs import Jobs  # noqa: PLC0415 (loaded ahead by run)
-
     progress = Progress()
-    jobs = Jobs(settings, progress, metrics, health, _alerter(settings))
-    jobs.start()
+    alerter = _alerter(settings)
+
+    def make_jobs() -> Jobs:
+        from cdcsync.jobs import Jobs  # noqa: PLC0415 (see JobsOnceSettled)
+
+        return Jobs(settings, progress, metrics, health, alerter)
+
+    jobs = JobsOnceSettled(make_jobs)
+    health.watch(jobs)
     ahead = None if standby else open_target_pool(settings)
     try:
         # A term as the active process ends on stop or when the lock is lost; then this
@@ -199,6 +207,55 @@ class _StandbyGauge:
 
     def beat(self) -> None:
         """Beats say nothing about the role."""
+
+
+class Startable(Protocol):
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JobsOnceSettled:
+    """Starts the periodic jobs (:mod:`cdcsync.jobs`) on a thread of their own when the process
+    first leaves the starting state: streaming, snapshotting, standing by or reconnecting.
+
+    Importing the scheduler and the verifier and the jobs' first run cost about 0.1 CPU second,
+    which the start of the stream used to wait for (``bench/startup.py``: 0.86 -> 0.77 s)."""
+
+    def __init__(self, make: Callable[[], Startable]) -> None:
+        self._make = make
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._jobs: Startable | None = None
+        self._closed = False
+
+    def state_changed(self, state: str, reason: str | None) -> None:
+        with self._lock:
+            if self._thread is not None or self._closed or state == "starting":
+                return
+            self._thread = threading.Thread(target=self._start, name="cdcsync-jobs-start",
+                                            daemon=True)
+        self._thread.start()
+
+    def beat(self) -> None:
+        """Beats change nothing here."""
+
+    def _start(self) -> None:
+        jobs = self._make()
+        jobs.start()
+        with self._lock:
+            self._jobs = jobs
+            if not self._closed:
+                return
+        jobs.close()
+
+    def close(self) -> None:
+        """Stop the jobs, if started; jobs still starting stop once they have."""
+        with self._lock:
+            self._closed = True
+            jobs = self._jobs
+        if jobs is not None:
+            jobs.close()
 
 
 class DaemonThread(threading.Thread):
