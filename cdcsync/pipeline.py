@@ -57,7 +57,7 @@ from cdcsync.source.replication import ReplicationStream
 from cdcsync.source.transactions import Assembler, Resolver, TransactionAssembler
 from cdcsync.source.wal2json_assembler import Wal2jsonAssembler
 
-# What the reader may run ahead of the applier, in staged bytes of changes.
+# What the reader may run ahead of the applier, in bytes of changes (ChangeChunk.size_bytes).
 HANDOFF_BYTES = 16 << 20
 # What an item without rows (a transaction's start or end, a message) counts for.
 _ITEM_BYTES = 64
