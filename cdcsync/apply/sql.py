@@ -38,6 +38,11 @@ def _columns(table: TargetTable) -> sql.Composed:
     return sql.SQL(", ").join(_ident(c) for c in table.columns)
 
 
+def _staged_values(table: TargetTable) -> sql.Composed:
+    """The stage's columns cast to the target's types, in the target's column order."""
+    return sql.SQL(", ").join(_typed("s", table, i) for i in range(len(table.columns)))
+
+
 def _typed(alias: str, table: TargetTable, i: int) -> sql.Composed:
     return sql.SQL("{}.{}::{}").format(_ident(alias), _ident(table.columns[i]),
                                         sql.SQL(table.types[i]))
@@ -181,7 +186,7 @@ def upsert(name: str, table: TargetTable, where: sql.Composable = NO_FILTER) -> 
     ).format(
         target=_target(table),
         columns=_columns(table),
-        values=sql.SQL(", ").join(_typed("s", table, i) for i in range(len(table.columns))),
+        values=_staged_values(table),
         stage=_ident(name), op=OP, u=UNCHANGED, where=where,
         keys=sql.SQL(", ").join(_ident(table.columns[i]) for i in table.key),
     )
@@ -203,7 +208,7 @@ def insert(name: str, table: TargetTable, where: sql.Composable = NO_FILTER) -> 
                    "FROM {stage} s WHERE true{where}").format(
         target=_target(table),
         columns=_columns(table),
-        values=sql.SQL(", ").join(_typed("s", table, i) for i in range(len(table.columns))),
+        values=_staged_values(table),
         stage=_ident(name), where=where)
 
 
