@@ -35,6 +35,7 @@ class SourceSettings(_Section):
     slot: str = "cdcsync"
     publication: str = "cdcsync"
     decoder: Literal["pgoutput", "wal2json"] = "pgoutput"
+    binary: bool = True
     status_interval_s: float = Field(default=10.0, gt=0, le=60)
     heartbeat_interval_s: float = Field(default=10.0, ge=0)
 

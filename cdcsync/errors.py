@@ -58,6 +58,10 @@ class ConnectionLost(CdcsyncError):
     """A database connection was lost."""
 
 
+class TextNeeded(CdcsyncError):
+    """A relation of the binary stream has a column whose values must travel as text."""
+
+
 class VerifyError(CdcsyncError):
     """verify could not finish the comparison."""
 

@@ -111,6 +111,11 @@ class TargetTable:
     # Whether row-level security applies to the applying role there: COPY FROM refuses such a
     # table even where INSERT passes its policies.
     row_security: bool = False
+    # Where the stream carries this relation's values in binary (pgoutput's binary mode): the
+    # source's type of every relation column, which its staging table takes; else None. A
+    # replicated column has the same type on the target (a differing one halts: schema drift),
+    # so binary rows of inserts go straight into the target table too.
+    binary_types: tuple[str, ...] | None = None
 
     @property
     def qualified(self) -> str:
@@ -150,9 +155,12 @@ class TableRows:
     # The distinct keys the rows change, as raw fields, or None when the decoder does not say:
     # fewer keys than rows means some key changes more than once and versions need collapsing.
     keys: set[bytes] | None = None
-    # Rows of inserts alone as text COPY rows of the target's columns, made by the reader, so
-    # that a batch copied straight into its table costs the applier no conversion; else None.
+    # Rows of inserts alone as COPY rows of the target's columns (text, or binary where the
+    # values are), made by the reader, so that a batch copied straight into its table costs the
+    # applier no conversion; else None.
     text: bytes | None = None
+    # Whether the values are in their binary form (see TargetTable.binary_types).
+    binary: bool = False
     # Where the reader made the text instead of staging the rows, how to stage them, for the
     # batches that are not copied straight after all (see staged); rows is empty until then.
     unstaged: Callable[[], tuple[bytes, int]] | None = None

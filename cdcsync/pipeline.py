@@ -10,6 +10,7 @@ checkpoint with jittered exponential backoff.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import queue
@@ -34,6 +35,7 @@ from cdcsync.errors import (
     ConnectionLost,
     PrerequisiteError,
     SchemaMismatch,
+    TextNeeded,
     is_transient,
 )
 from cdcsync.handoff import Handoff
@@ -55,6 +57,7 @@ from cdcsync.model import (
 from cdcsync.source import catalog, wal2json
 from cdcsync.source.replication import ReplicationStream
 from cdcsync.source.transactions import Assembler, Resolver, TransactionAssembler
+from cdcsync.source.tuples import BINARY_TYPES
 from cdcsync.source.wal2json_assembler import Wal2jsonAssembler
 
 # What the reader may run ahead of the applier, in bytes of changes (ChangeChunk.size_bytes).
@@ -80,8 +83,11 @@ def _item_bytes(item: Item) -> int:
     return item.size_bytes if isinstance(item, ChangeChunk) else _ITEM_BYTES
 
 
-def pgoutput_options(publication: str) -> dict[str, str]:
-    return {"proto_version": "1", "publication_names": f'"{publication}"', "messages": "true"}
+def pgoutput_options(publication: str, *, binary: bool = False) -> dict[str, str]:
+    options = {"proto_version": "1", "publication_names": f'"{publication}"', "messages": "true"}
+    if binary:
+        options["binary"] = "true"
+    return options
 
 
 def open_target_pool(settings: Settings) -> ConnectionPool:
@@ -98,6 +104,18 @@ def open_target_pool(settings: Settings) -> ConnectionPool:
         open=True,
         timeout=10.0,
     )
+
+
+def binary_types(table: TargetTable, relation: Relation,
+                 source_types: list[str]) -> TargetTable:
+    """``table`` for a stream of binary values, whose staging table takes the source's types. A
+    column of a type whose binary form is not the same everywhere (see :data:`BINARY_TYPES`)
+    stops the stream (TextNeeded): it starts again in text."""
+    for column, type_name in zip(relation.columns, source_types, strict=True):
+        if column.type_oid not in BINARY_TYPES:
+            raise TextNeeded(f"column {column.name} of {relation.qualified} is of type "
+                             f"{type_name}, whose values cdcsync streams as text")
+    return dataclasses.replace(table, binary_types=tuple(source_types))
 
 
 @dataclass
@@ -204,6 +222,9 @@ class Pipeline:
         # attempt notes where, a second one applies up to there and then halts.
         self._halt_at: tuple[Lsn, SchemaMismatch] | None = None
         self._drained = False
+        # pgoutput's binary mode, until a relation turns up whose values must travel as text
+        # (see _binary_types): the stream then starts again from the checkpoint, in text.
+        self._binary = settings.source.binary and settings.source.decoder == "pgoutput"
 
     def run(self) -> None:
         """Stream until stopped; retry transient failures, raise everything else."""
@@ -216,6 +237,11 @@ class Pipeline:
             except Exception as exc:
                 if self._halt_at is not None and not self._drained:
                     self._drained = True
+                    continue
+                if isinstance(exc, TextNeeded) and self._binary:
+                    self._binary = False
+                    event(logging.INFO, "stream_in_text", slot=self.settings.source.slot,
+                          reason=exc.message)
                     continue
                 self.metrics.set_up(False)
                 self.metrics.error(type(exc).__name__)
@@ -250,15 +276,17 @@ class Pipeline:
             self.progress.checkpoint = start
             stream = ReplicationStream(self.settings.source.dsn.get_secret_value(), slot,
                                        status_interval_s=self.settings.source.status_interval_s)
-            assembler = self._assembler(start, texts=copies_straight(conn))
-            stream.start(start, self._options())
+            binary = self._binary
+            assembler = self._assembler(start, texts=copies_straight(conn), binary=binary)
+            stream.start(start, self._options(binary))
             items: Handoff[Item] = Handoff(HANDOFF_BYTES, _item_bytes)
             reader = Reader(stream, assembler, items)
             reader.start()
             applier = Applier(conn, self.settings)
             self.health.set_state("streaming")
             self.metrics.set_up(True)
-            event(logging.INFO, "streaming", slot=slot, lsn=str(start))
+            event(logging.INFO, "streaming", slot=slot, lsn=str(start),
+                  values="binary" if binary else "text")
             clean = False
             try:
                 self._apply_loop(reader, applier, items)
@@ -278,19 +306,19 @@ class Pipeline:
                 event(logging.INFO, "stream_closed", slot=slot, lsn=str(self.progress.checkpoint),
                       skipped_transactions=assembler.skipped_transactions)
 
-    def _options(self) -> dict[str, str]:
+    def _options(self, binary: bool) -> dict[str, str]:
         if self.settings.source.decoder == "wal2json":
             return wal2json.options(self.settings.tables)
-        return pgoutput_options(self.settings.source.publication)
+        return pgoutput_options(self.settings.source.publication, binary=binary)
 
-    def _assembler(self, start: Lsn, *, texts: bool) -> Assembler:
+    def _assembler(self, start: Lsn, *, texts: bool, binary: bool) -> Assembler:
         chunk_rows = min(5000, self.settings.apply.max_rows)
         chunk_bytes = min(8 << 20, self.settings.apply.max_bytes)
         if self.settings.source.decoder == "wal2json":
-            return Wal2jsonAssembler(start, self._resolver(), self._describe,
+            return Wal2jsonAssembler(start, self._resolver(False), self._describe,
                                      chunk_rows=chunk_rows, chunk_bytes=chunk_bytes, texts=texts)
-        return TransactionAssembler(start, self._resolver(), chunk_rows=chunk_rows,
-                                    chunk_bytes=chunk_bytes, texts=texts)
+        return TransactionAssembler(start, self._resolver(binary), chunk_rows=chunk_rows,
+                                    chunk_bytes=chunk_bytes, texts=texts, binary=binary)
 
     def _describe(self, schema: str, name: str) -> Relation | None:
         """The source catalog's description of a table wal2json names (once per table and run)."""
@@ -301,8 +329,9 @@ class Pipeline:
         except psycopg.OperationalError as exc:
             raise ConnectionLost(f"cannot reach the source: {exc}") from exc
 
-    def _resolver(self) -> Resolver:
-        """Relation -> target table, on a pool connection of its own (called by the reader)."""
+    def _resolver(self, binary: bool) -> Resolver:
+        """Relation -> target table, on a pool connection of its own (called by the reader);
+        ``binary``, with the types its values stream in (see :func:`binary_types`)."""
         warned: set[str] = set()
 
         def resolve(relation: Relation) -> TargetTable | None:
@@ -321,7 +350,7 @@ class Pipeline:
                 table = tables.resolve(conn, self.settings, relation, source_types=source_types,
                                        previous=self._relations.get(relation.oid))
             self._relations[relation.oid] = relation
-            return table
+            return binary_types(table, relation, source_types) if binary else table
 
         return resolve
 

@@ -126,12 +126,14 @@ class Applier:
     def _stage_rows(self, rows: TableRows) -> None:
         table = rows.target
         pending = self._pending.get(table.oid)
-        if pending is not None and pending.relation != rows.relation:
+        if pending is not None and (pending.relation != rows.relation
+                                    or pending.binary != rows.binary):
             self._flush()  # the column list changed: rows of each version go to its own stage
             pending = None
         if pending is None:
-            stage = q.stage_name(table, rows.relation)
-            pending = self._pending[table.oid] = Staged(table, rows.relation, stage)
+            stage = q.stage_name(table, rows.relation, binary=rows.binary)
+            pending = self._pending[table.oid] = Staged(table, rows.relation, stage,
+                                                        binary=rows.binary)
         pending.chunks.append(rows)
         if pending.keys is None or rows.keys is None:
             pending.keys = None
@@ -333,12 +335,14 @@ class Applier:
     def _copies_straight(self, batch: Staged) -> bool:
         """Whether to COPY ``batch`` straight into its table (:func:`plan.copy_straight`):
         inserts alone, all values sent, no resync window to record keys in (it reads them from
-        the stage), a table that has not lately refused a plain insert, and no row-level security
-        for the applying role (COPY FROM refuses it)."""
+        the stage), a table that has not lately refused a plain insert, no row-level security
+        for the applying role (COPY FROM refuses it), and binary values only where the reader
+        made their rows."""
         return (batch.only_inserts and batch.inserts > 0 and not batch.unchanged_mask
                 and batch.table.oid not in self._windows
                 and self._merger.inserts_plainly(batch.table.oid)
-                and not batch.table.row_security)
+                and not batch.table.row_security
+                and (not batch.binary or batch.straight_rows))
 
     def _stage_straight(self, batches: list[Staged]) -> None:
         """Stage the batches the refused merge copied straight: the fallbacks read the stage."""

@@ -51,6 +51,9 @@ class Staged:
     repeats: bool = False
     # Copied straight into the target table in the merge, not staged (see copy_straight).
     direct: bool = False
+    # Whether the values are binary: the stage has the source's types (TargetTable.binary_types)
+    # and a straight COPY is in binary format.
+    binary: bool = False
 
     @property
     def changes(self) -> int:
@@ -60,10 +63,19 @@ class Staged:
         """The staged rows of every chunk (see :mod:`cdcsync.source.tuples`)."""
         return [rows for chunk in self.chunks for rows in chunk.staged()]
 
+    @property
+    def straight_rows(self) -> bool:
+        """Whether the reader made the COPY rows of every chunk (binary values are copied
+        straight only then)."""
+        return all(chunk.text is not None for chunk in self.chunks)
+
     def as_text(self) -> bytes:
-        """The rows (inserts alone) as text COPY rows of the target's columns: as the reader
-        made them, or converted from the staged rows where it did not."""
+        """The COPY data of the rows (inserts alone) for the target's columns: as the reader
+        made them (binary ones with the header and trailer of binary COPY), or, text ones,
+        converted from the staged rows where it did not."""
         texts = [chunk.text for chunk in self.chunks if chunk.text is not None]
+        if self.binary:
+            return b"".join((COPY_HEADER, *texts, COPY_TRAILER))
         if len(texts) == len(self.chunks):
             return b"".join(texts)
         return text_rows(self.staged_rows(), len(self.relation.columns), self.table.positions)
@@ -127,7 +139,8 @@ def stage(script: Script, batch: Staged, *, create: bool, truncate: bool,
     """Copy ``batch`` into its stage (made or emptied first); record its keys in the window of
     a resync chunk being read."""
     if create:
-        script.add(q.create_stage(batch.stage, batch.relation))
+        script.add(q.create_stage(batch.stage, batch.relation,
+                                  batch.table.binary_types if batch.binary else None))
     if truncate:
         script.add(q.truncate_stage(batch.stage))
     script.add(q.copy_into(batch.stage))
@@ -176,7 +189,7 @@ def copy_straight(script: Script, batch: Staged) -> None:
     Like the plain insert it stands for, it fails if a key is already there; the merge's
     savepoint then undoes it and the batch is staged for the fallbacks. The rows are the
     script's to add (:func:`straight_copies`): the statement is reused, the rows are not."""
-    script.add(q.copy_text_into(batch.table))
+    script.add(q.copy_text_into(batch.table, binary=batch.binary))
 
 
 def straight_copies(batches: list[Staged]) -> list[bytes]:
@@ -195,7 +208,9 @@ def _ruled(batch: Staged) -> list[str]:
 def fills(batch: Staged) -> list[sql.Composed]:
     """The statements giving rows that left TOASTed columns unchanged their values."""
     relation = batch.relation
-    return [q.fill_unchanged(batch.stage, batch.table, relation, column)
+    types = batch.table.binary_types if batch.binary else None
+    return [q.fill_unchanged(batch.stage, batch.table, relation, column,
+                             types[i] if types else "text")
             for i, column in enumerate(relation.column_names)
             if batch.unchanged_mask >> i & 1 and column in batch.table.columns]
 

@@ -48,17 +48,25 @@ def _typed(alias: str, table: TargetTable, i: int) -> sql.Composed:
                                         sql.SQL(table.types[i]))
 
 
-def stage_name(table: TargetTable, relation: Relation) -> str:
-    """A temp table name unique to the target table and the relation's column list."""
-    digest = zlib.crc32("\0".join(relation.column_names).encode()) & 0xFFFFFFFF
+def stage_name(table: TargetTable, relation: Relation, *, binary: bool = False) -> str:
+    """A temp table name unique to the target table, the relation's column list and, for binary
+    values, their types (a connection of the pool keeps its temp tables across streams)."""
+    parts = relation.column_names
+    if binary and table.binary_types:
+        parts += (":binary", *table.binary_types)
+    digest = zlib.crc32("\0".join(parts).encode()) & 0xFFFFFFFF
     return f"cdcsync_stage_{table.oid}_{digest:08x}"
 
 
-def create_stage(name: str, relation: Relation) -> sql.Composed:
-    types = ("bigint", "text", "pg_lsn", "timestamptz", "text")
+def create_stage(name: str, relation: Relation, types: tuple[str, ...] | None = None
+                 ) -> sql.Composed:
+    """The staging table: the relation's columns as ``text``, or of ``types`` (binary values)."""
+    meta = ("bigint", "text", "pg_lsn", "timestamptz", "text")
     columns = [sql.SQL("{} {}").format(_ident(c), sql.SQL(t))
-               for c, t in zip(META_COLUMNS, types, strict=True)]
-    columns += [sql.SQL("{} text").format(_ident(c)) for c in relation.column_names]
+               for c, t in zip(META_COLUMNS, meta, strict=True)]
+    columns += [sql.SQL("{} {}").format(_ident(c), sql.SQL(t))
+                for c, t in zip(relation.column_names,
+                                types or ("text",) * len(relation.columns), strict=True)]
     return sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
         _ident(name), sql.SQL(", ").join(columns))
 
@@ -71,9 +79,11 @@ def copy_into(name: str) -> sql.Composed:
     return sql.SQL("COPY {} FROM STDIN (FORMAT binary)").format(_ident(name))
 
 
-def copy_text_into(table: TargetTable) -> sql.Composed:
-    """COPY rows straight into the target table: its replicated columns, text format."""
-    return sql.SQL("COPY {} ({}) FROM STDIN").format(_target(table), _columns(table))
+def copy_text_into(table: TargetTable, *, binary: bool = False) -> sql.Composed:
+    """COPY rows straight into the target table: its replicated columns, text format (or
+    binary)."""
+    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(_target(table), _columns(table))
+    return statement + sql.SQL(" (FORMAT binary)") if binary else statement
 
 
 def _key_match(table: TargetTable, left: str, right: str, *, typed: bool = True) -> sql.Composed:
@@ -114,12 +124,12 @@ def _unchanged(relation: Relation, column: str) -> sql.Composed:
     return sql.SQL("substr(s.{}, {}, 1) = '1'").format(UNCHANGED, sql.Literal(position))
 
 
-def fill_unchanged(name: str, table: TargetTable, relation: Relation,
-                   column: str) -> sql.Composed:
+def fill_unchanged(name: str, table: TargetTable, relation: Relation, column: str,
+                   stage_type: str = "text") -> sql.Composed:
     """Give rows that left ``column`` unchanged its value: from the latest earlier version of the
     key in the batch that carried it or, for an update that moved the key, from the moved row
-    (its earlier version in the batch, else the target). Rows with neither keep the mark: the
-    target row they update has the value."""
+    (its earlier version in the batch, else the target, cast to the stage's ``stage_type``).
+    Rows with neither keep the mark: the target row they update has the value."""
     stage = _ident(name)
     position = sql.Literal(relation.column_names.index(column) + 1)
     col = _ident(column)
@@ -133,9 +143,10 @@ def fill_unchanged(name: str, table: TargetTable, relation: Relation,
                  seq=SEQ, alias=_ident(alias), op=OP, u=UNCHANGED, pos=position)
 
     moved_from = sql.SQL(
-        "SELECT coalesce(({earlier_m}), (SELECT ARRAY[t.{col}::text] FROM {target} t "
+        "SELECT coalesce(({earlier_m}), (SELECT ARRAY[t.{col}::{stage_type}] FROM {target} t "
         "WHERE {match})) FROM {stage} m WHERE m.{seq} = x.{seq} - 1 AND m.{op} = 'M'"
-    ).format(earlier_m=earlier("m"), col=col, target=_target(table),
+    ).format(earlier_m=earlier("m"), col=col, stage_type=sql.SQL(stage_type),
+             target=_target(table),
              match=_key_match(table, "t", "m"), stage=stage, seq=SEQ, op=OP)
     return sql.SQL(
         "UPDATE {stage} s SET {col} = f.v[1], "
@@ -263,7 +274,7 @@ def record_conflicts(name: str, table: TargetTable, operation: str,
     else:
         selected = sql.SQL("s.{} IN ('I', 'U')").format(OP)
         incoming = _typed("s", table, table.conflict)
-        incoming_text = sql.SQL("s.{}").format(column)
+        incoming_text = sql.SQL("s.{}::text").format(column)
     key = sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(
         sql.SQL("{}, t.{}").format(sql.Literal(table.columns[i]), _ident(table.columns[i]))
         for i in table.key))
@@ -318,7 +329,7 @@ def record_dead_letter(name: str, table: TargetTable, relation: Relation, seq: i
     def as_object(columns: list[str]) -> sql.Composed:
         return sql.SQL("jsonb_object(ARRAY[{}]::text[], ARRAY[{}]::text[])").format(
             sql.SQL(", ").join(sql.Literal(c) for c in columns),
-            sql.SQL(", ").join(sql.SQL("s.{}").format(_ident(c)) for c in columns))
+            sql.SQL(", ").join(sql.SQL("s.{}::text").format(_ident(c)) for c in columns))
 
     names = sql.SQL(", ").join(sql.Literal(c) for c in relation.column_names)
     return sql.SQL(

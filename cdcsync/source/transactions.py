@@ -32,7 +32,13 @@ from cdcsync.model import (
     TxnStart,
 )
 from cdcsync.source import pgoutput
-from cdcsync.source.tuples import key_of, payload_text_rows, stage_rows, text_rows
+from cdcsync.source.tuples import (
+    key_of,
+    payload_binary_rows,
+    payload_text_rows,
+    stage_rows,
+    text_rows,
+)
 
 Resolver = Callable[[Relation], TargetTable | None]
 Stager = Callable[[Relation, Sequence[Any]], tuple[bytes, int]]
@@ -61,13 +67,16 @@ class Assembler(ABC):
     """
 
     def __init__(self, skip_before: Lsn, resolve: Resolver, *, chunk_rows: int = 5000,
-                 chunk_bytes: int = 8 << 20, texts: bool = False) -> None:
+                 chunk_bytes: int = 8 << 20, texts: bool = False, binary: bool = False) -> None:
         self.skip_before = skip_before
         self._resolve = resolve
         # Whether chunks of inserts also carry their text COPY rows (TableRows.text): only where
         # the applier may copy them straight into their tables (see Applier), as converting
         # them is most of the work of that copy.
         self._texts = texts
+        # Whether the stream carries values in binary (pgoutput's binary mode); the resolver
+        # has then made sure every relation's types allow it (TargetTable.binary_types).
+        self._binary = binary
         self._chunk_rows = chunk_rows
         self._chunk_bytes = chunk_bytes
         self._relations: dict[int, tuple[Relation, TargetTable | None]] = {}
@@ -114,7 +123,8 @@ class Assembler(ABC):
             relation, table = self._relations[oid]
             if table is None:
                 return None
-            building = self._pending[oid] = _Building(relation, table, stager, texter)
+            building = self._pending[oid] = _Building(relation, table, stager, texter,
+                                                      self._binary)
         return building
 
     def _chunk_full(self) -> bool:
@@ -237,7 +247,8 @@ class TransactionAssembler(Assembler):
     def _row_change(self, kind: int, payload: bytes) -> None:
         # Byte shifts compile to native operations (see setup.py); a struct call would not.
         oid = payload[1] << 24 | payload[2] << 16 | payload[3] << 8 | payload[4]
-        building = self._building(oid, stage_rows, payload_text_rows)
+        building = self._building(oid, stage_rows,
+                                  payload_binary_rows if self._binary else payload_text_rows)
         if building is None:
             return
         seq = self._seq = self._seq + 1
@@ -284,6 +295,8 @@ class _Building:
     stager: Stager
     # Makes the text of rows of inserts without staging them, where the decoder has one.
     texter: Texter | None
+    # Whether the values are binary (the texter then makes binary COPY rows).
+    binary: bool = False
     rows: list[Any] = field(default_factory=list)
     inserts: int = 0
     updates: int = 0
@@ -293,7 +306,14 @@ class _Building:
 
     def staged(self, texts: bool) -> TableRows:
         relation, table, keys = self.relation, self.table, self.keys if self.keys else None
-        if texts and self.inserts and not (self.updates or self.deletes or table.row_security):
+        binary = self.binary
+        straight = texts and self.inserts and not (self.updates or self.deletes
+                                                   or table.row_security)
+        if straight and binary and self.texter is not None:
+            text = self.texter(relation, self.rows, table.positions)
+            return TableRows(relation, table, [], self.inserts, keys=keys, text=text,
+                             binary=True, unstaged=partial(self.stager, relation, self.rows))
+        if straight and not binary:
             if self.texter is not None:
                 # Most such rows are copied straight into their table: staging them as well
                 # would double the reader's work; the applier stages the others (TableRows).
@@ -305,7 +325,7 @@ class _Building:
                              text=text_rows((blob,), len(relation.columns), table.positions))
         blob, unchanged = self.stager(relation, self.rows)
         return TableRows(relation, table, [blob], self.inserts, self.updates, self.deletes,
-                         unchanged, keys)
+                         unchanged, keys, binary=binary)
 
 
 def _skip_tuple(buf: bytes, off: int) -> int:

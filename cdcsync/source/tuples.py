@@ -5,7 +5,10 @@ payload bytes) and rows already split into values (:func:`stage_values`, for wal
 
 A pgoutput text column is a kind byte followed by a 4-byte length and the text; a binary COPY
 field of a ``text`` column is that same length and text. Converting a row is therefore dropping one
-byte per column, and no value is ever parsed in Python: the target's input functions do it.
+byte per column, and no value is ever parsed in Python: the target's input functions do it. In
+pgoutput's binary mode a column is a kind byte, a length and the type's binary form: the binary
+COPY field of a column of that type, so staging it is the same byte dropped (the staging table
+then has the source's types, see :data:`BINARY_TYPES`).
 
 Every staged row starts with the columns of :data:`META_COLUMNS`, followed by the relation's
 columns in order: a sequence number (bigint), the operation (text), the commit LSN (pg_lsn) and
@@ -44,6 +47,7 @@ _META_HEAD: Final = struct.Struct(">hi")
 _SEQ: Final = struct.Struct(">q")
 _META_TAIL: Final = struct.Struct(">iB" "iQ" "iq")
 _T: Final = ord("t")
+_B: Final = ord("b")
 _N: Final = ord("n")
 _U: Final = ord("u")
 _BACKSLASH: Final = ord("\\")
@@ -60,6 +64,17 @@ _ESCAPES: Final = {_BACKSLASH: b"\\\\", _TAB: b"\\t", _LF: b"\\n", _CR: b"\\r"}
 def text_field(value: bytes) -> bytes:
     return _I32.pack(len(value)) + value
 
+
+# Built-in types (OIDs, equal on every server) whose binary form holds no OID and no setting of
+# the server, and their arrays (whose binary form names the element type, built in too): only
+# relations whose every column has one of them are streamed in binary. Enums, domains,
+# composites and other user-defined types carry OIDs that differ between databases.
+BINARY_TYPES: Final = frozenset({
+    16, 17, 18, 19, 20, 21, 23, 25, 26, 114, 650, 700, 701, 829, 869, 1042, 1043, 1082, 1083,
+    1114, 1184, 1186, 1266, 1700, 2950, 3802,
+    1000, 1001, 1002, 1003, 1005, 1007, 1009, 1014, 1015, 1016, 1021, 1022, 1028, 199, 651,
+    1040, 1041, 1115, 1182, 1183, 1185, 1187, 1231, 1270, 2951, 3807,
+})
 
 PendingRow = tuple[bytes, int, int, int, int, int]
 """One row change as the reader keeps it until its chunk is staged: the message payload, the
@@ -91,7 +106,7 @@ def _stage_rows(relation: Relation, rows: Sequence[PendingRow]) -> tuple[bytes, 
     # sequence number is packed once per operation and transaction instead.
     tails: dict[int, bytes] = {}
     tails_of = (-1, -1)
-    text, null, unchanged = _T, _N, _U
+    text, binary, null, unchanged = _T, _B, _N, _U
     union = 0
     for payload, start, op, seq, lsn, commit_time in rows:
         if payload[start] << 8 | payload[start + 1] != width:
@@ -111,7 +126,7 @@ def _stage_rows(relation: Relation, rows: Sequence[PendingRow]) -> tuple[bytes, 
         mask = 0
         for i in range(width):
             kind = payload[off]
-            if kind == text:
+            if kind in (text, binary):
                 end = off + 5 + (payload[off + 1] << 24 | payload[off + 2] << 16
                                  | payload[off + 3] << 8 | payload[off + 4])
                 out += payload[off + 1 : end]
@@ -125,7 +140,7 @@ def _stage_rows(relation: Relation, rows: Sequence[PendingRow]) -> tuple[bytes, 
                 off += 1
             else:
                 raise ProtocolError(f"unexpected column kind {chr(kind)!r} in a tuple of "
-                                    f"{relation.qualified} (cdcsync streams text values)")
+                                    f"{relation.qualified}")
         if off > len(payload):
             raise ProtocolError(f"truncated tuple of {relation.qualified}")
         if mask:
@@ -204,6 +219,48 @@ def payload_text_rows(relation: Relation, rows: Sequence[PendingRow],
             _text_payloads(out, relation, rows, wanted, escape=True)
     except (IndexError, struct.error) as exc:
         raise ProtocolError(f"truncated tuple of {relation.qualified} ({exc})") from None
+    return bytes(out)
+
+
+def payload_binary_rows(relation: Relation, rows: Sequence[PendingRow],
+                        positions: Sequence[int]) -> bytes:
+    """Binary COPY rows (no header) of the columns at ``positions`` of inserts still in their
+    pgoutput messages, in binary mode: each field is the message's own, its kind byte dropped."""
+    try:
+        return _binary_payloads(relation, rows, _wanted(len(relation.columns), positions),
+                                len(positions))
+    except (IndexError, struct.error) as exc:
+        raise ProtocolError(f"truncated tuple of {relation.qualified} ({exc})") from None
+
+
+def _binary_payloads(relation: Relation, rows: Sequence[PendingRow], wanted: bytes,
+                     fields: int) -> bytes:
+    width = len(relation.columns)
+    head = _I16.pack(fields)
+    binary, null = _B, _N
+    out = bytearray()
+    for payload, start, _op, _seq, _lsn, _commit_time in rows:
+        if payload[start] << 8 | payload[start + 1] != width:
+            raise _width_error(relation, payload, start)
+        off = start + 2
+        out += head
+        for i in range(width):
+            kind = payload[off]
+            if kind == binary:
+                end = off + 5 + (payload[off + 1] << 24 | payload[off + 2] << 16
+                                 | payload[off + 3] << 8 | payload[off + 4])
+                if wanted[i]:
+                    out += payload[off + 1 : end]
+                off = end
+            elif kind == null:
+                if wanted[i]:
+                    out += NULL
+                off += 1
+            else:
+                raise ProtocolError(f"unexpected column kind {chr(kind)!r} in an insert into "
+                                    f"{relation.qualified}")
+        if off > len(payload):
+            raise ProtocolError(f"truncated tuple of {relation.qualified}")
     return bytes(out)
 
 
@@ -332,7 +389,7 @@ def key_of(buf: bytes, off: int, key: tuple[int, ...]) -> bytes:
 
 
 def _field_end(buf: bytes, off: int) -> int:
-    if buf[off] == _T:
+    if buf[off] in (_T, _B):
         return off + 5 + (buf[off + 1] << 24 | buf[off + 2] << 16 | buf[off + 3] << 8
                           | buf[off + 4])
     return off + 1
