@@ -59,7 +59,8 @@ def test_binary_values_are_staged_as_they_came() -> None:
 def test_straight_rows_hold_the_target_columns_in_binary() -> None:
     """The rows copied straight carry the target's columns only (here without `note`), NULLs as
     length -1."""
-    rows = [(_insert(1, b"x", 5), 6, ord("I"), 1, 0, 0), (_insert(2, None, 6), 6, ord("I"), 2, 0, 0)]
+    rows = [(_insert(1, b"x", 5), 6, ord("I"), 1, 0, 0),
+            (_insert(2, None, 6), 6, ord("I"), 2, 0, 0)]
     assert _copy_rows(payload_binary_rows(RELATION, rows, (0, 2))) == [
         [struct.pack(">q", 1), struct.pack(">q", 5)], [struct.pack(">q", 2), struct.pack(">q", 6)]]
     assert _copy_rows(payload_binary_rows(RELATION, rows[1:], (1,))) == [[None]]
@@ -105,7 +106,7 @@ def test_the_assembler_marks_binary_chunks_and_makes_their_straight_rows() -> No
         struct.pack(">q", 1), b"x", struct.pack(">q", 5)]
     update = (b"U" + struct.pack(">I", RELATION.oid) + b"N"
               + _tuple((b"b", struct.pack(">q", 1)), (b"b", b"y"), (b"b", struct.pack(">q", 6))))
-    mixed = [c for m in _messages(_insert(2, b"z", 7), update) for c in assembler.feed(m)
-             if hasattr(c, "tables")][0].tables[0]
+    mixed = next(c for m in _messages(_insert(2, b"z", 7), update) for c in assembler.feed(m)
+                 if hasattr(c, "tables")).tables[0]
     assert mixed.binary and mixed.text is None and mixed.updates == 1
     assert [r[1] for r in _copy_rows(mixed.rows[0])] == [b"I", b"U"]
