@@ -223,7 +223,7 @@ class Pipeline:
         self._halt_at: tuple[Lsn, SchemaMismatch] | None = None
         self._drained = False
         # pgoutput's binary mode, until a relation turns up whose values must travel as text
-        # (see _binary_types): the stream then starts again from the checkpoint, in text.
+        # (see binary_types): the stream then starts again from the checkpoint, in text.
         self._binary = settings.source.binary and settings.source.decoder == "pgoutput"
 
     def run(self) -> None:

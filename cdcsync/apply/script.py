@@ -69,7 +69,7 @@ class Staged:
         straight only then)."""
         return all(chunk.text is not None for chunk in self.chunks)
 
-    def as_text(self) -> bytes:
+    def straight_data(self) -> bytes:
         """The COPY data of the rows (inserts alone) for the target's columns: as the reader
         made them (binary ones with the header and trailer of binary COPY), or, text ones,
         converted from the staged rows where it did not."""
@@ -194,7 +194,7 @@ def copy_straight(script: Script, batch: Staged) -> None:
 
 def straight_copies(batches: list[Staged]) -> list[bytes]:
     """The data of the merge's COPY statements straight into tables, in their order."""
-    return [b.as_text() for b in batches if b.direct]
+    return [b.straight_data() for b in batches if b.direct]
 
 
 def _ruled(batch: Staged) -> list[str]:

@@ -235,6 +235,8 @@ def payload_binary_rows(relation: Relation, rows: Sequence[PendingRow],
 
 def _binary_payloads(relation: Relation, rows: Sequence[PendingRow], wanted: bytes,
                      fields: int) -> bytes:
+    # The walk of _text_payloads, written out again: a walker shared by both, calling back per
+    # field, would cost a call per value in the reader's hottest loop.
     width = len(relation.columns)
     head = _I16.pack(fields)
     binary, null = _B, _N
