@@ -143,3 +143,27 @@ def test_binary_can_be_turned_off(pair: DbPair, caplog: pytest.LogCaptureFixture
         execute(pair.source_dsn, "INSERT INTO widened VALUES (2000, 3, 'text')")
         wait_for(converged(pair, ["public.widened"]), runner=runner, what="the insert")
     assert [f["values"] for f in _fields(caplog, "streaming")] == ["text"]
+
+
+def test_a_column_of_another_type_added_mid_stream_sends_it_back_to_text(
+        pair: DbPair, caplog: pytest.LogCaptureFixture) -> None:
+    """An ALTER TABLE adding an enum column to a table already streamed in binary: the next
+    Relation message stops the binary stream; in text the column is added on the target and the
+    rows before and after the change arrive."""
+    execute(pair.source_dsn, "CREATE TYPE size AS ENUM ('s', 'm', 'l')")
+    execute(pair.target_dsn, "CREATE TYPE size AS ENUM ('s', 'm', 'l')")
+    settings = settings_for(pair, tables=("public.widened",))
+    caplog.set_level(logging.INFO, logger="cdcsync")
+    with running(settings) as runner:
+        execute(pair.source_dsn, "INSERT INTO widened VALUES (3000, 1, 'binary')")
+        wait_for(converged(pair, ["public.widened"]), runner=runner, what="the binary insert")
+        execute(pair.source_dsn, "ALTER TABLE widened ADD COLUMN fit size",
+                "INSERT INTO widened VALUES (3001, 2, 'text', 'm')",
+                "UPDATE widened SET fit = 'l' WHERE k = 3000")
+        wait_for(converged(pair, ["public.widened"]), runner=runner, what="the rows after")
+    assert [f["values"] for f in _fields(caplog, "streaming")] == ["binary", "text"]
+    assert "size" in _fields(caplog, "stream_in_text")[0]["reason"]
+    with psycopg.connect(pair.target_dsn) as conn:
+        fits = conn.execute("SELECT k, fit::text FROM widened WHERE k >= 3000 ORDER BY k"
+                            ).fetchall()
+    assert fits == [(3000, "l"), (3001, "m")]
