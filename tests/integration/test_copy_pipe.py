@@ -142,8 +142,13 @@ def test_a_caller_stopping_mid_stream_abandons_both_copies(conns: tuple[Conn, Co
         if len(seen) == 3:
             raise _Stop
 
+    # 20 times the table, keys kept distinct: far more than the sockets between the two hold,
+    # so the source is still sending when the caller stops (6 MB could all be sent by then on
+    # a loaded machine, and a finished COPY has nothing left to cancel).
+    many = _out("COPY (SELECT w.id + k * 100000, w.qty, w.note, w.at FROM generate_series(0, 19) "
+                "k CROSS JOIN LATERAL (SELECT * FROM wide) w) TO STDOUT")
     with pytest.raises(_Stop):
-        copy_pipe.pipe(source, target, _out(), _out("COPY wide FROM STDIN"), stop_at_third)
+        copy_pipe.pipe(source, target, many, _out("COPY wide FROM STDIN"), stop_at_third)
     assert len(seen) == 3
     assert source.pgconn.transaction_status == pq.TransactionStatus.INERROR, "not cancelled"
     source.rollback()

@@ -10,6 +10,7 @@ from cdcsync.errors import ProtocolError
 from cdcsync.model import Column, Lsn, Relation, TargetTable
 from cdcsync.source.transactions import TransactionAssembler
 from cdcsync.source.tuples import META_COLUMNS, key_of, payload_binary_rows, stage_rows
+from tests.unit.test_assembler import parse_copy_rows
 
 RELATION = Relation(16400, "public", "events", "d", (
     Column("id", 20, -1, True), Column("note", 25, -1, False), Column("at", 1184, -1, False)))
@@ -31,28 +32,13 @@ def _insert(key: int, note: bytes | None, at: int) -> bytes:
                      (b"b", note), (b"b", struct.pack(">q", at))))
 
 
-def _copy_rows(blob: bytes) -> list[list[bytes | None]]:
-    rows, off = [], 0
-    while off < len(blob):
-        (count,) = struct.unpack_from(">h", blob, off)
-        off += 2
-        row: list[bytes | None] = []
-        for _ in range(count):
-            (size,) = struct.unpack_from(">i", blob, off)
-            off += 4
-            row.append(None if size < 0 else blob[off:off + size])
-            off += max(size, 0)
-        rows.append(row)
-    return rows
-
-
 def test_binary_values_are_staged_as_they_came() -> None:
     """A binary field is the binary COPY field of its type: staged with its kind byte dropped,
     exactly as a text field is."""
     payload = _insert(7, b"hello", 1 << 40)
     staged, mask = stage_rows(RELATION, [(payload, 6, ord("I"), 1, 0x10, 0)])
-    row = _copy_rows(staged)[0]
-    assert row[len(META_COLUMNS):] == [struct.pack(">q", 7), b"hello", struct.pack(">q", 1 << 40)]
+    row = parse_copy_rows(staged)[0]
+    assert row[len(META_COLUMNS):] == (struct.pack(">q", 7), b"hello", struct.pack(">q", 1 << 40))
     assert mask == 0
 
 
@@ -61,9 +47,9 @@ def test_straight_rows_hold_the_target_columns_in_binary() -> None:
     length -1."""
     rows = [(_insert(1, b"x", 5), 6, ord("I"), 1, 0, 0),
             (_insert(2, None, 6), 6, ord("I"), 2, 0, 0)]
-    assert _copy_rows(payload_binary_rows(RELATION, rows, (0, 2))) == [
-        [struct.pack(">q", 1), struct.pack(">q", 5)], [struct.pack(">q", 2), struct.pack(">q", 6)]]
-    assert _copy_rows(payload_binary_rows(RELATION, rows[1:], (1,))) == [[None]]
+    assert parse_copy_rows(payload_binary_rows(RELATION, rows, (0, 2))) == [
+        (struct.pack(">q", 1), struct.pack(">q", 5)), (struct.pack(">q", 2), struct.pack(">q", 6))]
+    assert parse_copy_rows(payload_binary_rows(RELATION, rows[1:], (1,))) == [(None,)]
 
 
 def test_a_text_or_unchanged_field_is_refused_in_straight_binary_rows() -> None:
@@ -101,12 +87,12 @@ def test_the_assembler_marks_binary_chunks_and_makes_their_straight_rows() -> No
                if hasattr(c, "tables")]
     rows = inserts[0].tables[0]
     assert rows.binary and rows.rows == []
-    assert _copy_rows(rows.text or b"") == [[struct.pack(">q", 1), struct.pack(">q", 5)]]
-    assert _copy_rows(rows.staged()[0])[0][len(META_COLUMNS):] == [
-        struct.pack(">q", 1), b"x", struct.pack(">q", 5)]
+    assert parse_copy_rows(rows.text or b"") == [(struct.pack(">q", 1), struct.pack(">q", 5))]
+    assert parse_copy_rows(rows.staged()[0])[0][len(META_COLUMNS):] == (
+        struct.pack(">q", 1), b"x", struct.pack(">q", 5))
     update = (b"U" + struct.pack(">I", RELATION.oid) + b"N"
               + _tuple((b"b", struct.pack(">q", 1)), (b"b", b"y"), (b"b", struct.pack(">q", 6))))
     mixed = next(c for m in _messages(_insert(2, b"z", 7), update) for c in assembler.feed(m)
                  if hasattr(c, "tables")).tables[0]
     assert mixed.binary and mixed.text is None and mixed.updates == 1
-    assert [r[1] for r in _copy_rows(mixed.rows[0])] == [b"I", b"U"]
+    assert [r[1] for r in parse_copy_rows(mixed.rows[0])] == [b"I", b"U"]
