@@ -189,7 +189,7 @@ def copy_straight(script: Script, batch: Staged) -> None:
     Like the plain insert it stands for, it fails if a key is already there; the merge's
     savepoint then undoes it and the batch is staged for the fallbacks. The rows are the
     script's to add (:func:`straight_copies`): the statement is reused, the rows are not."""
-    script.add(q.copy_text_into(batch.table, binary=batch.binary))
+    script.add(q.copy_straight_into(batch.table, binary=batch.binary))
 
 
 def straight_copies(batches: list[Staged]) -> list[bytes]:

@@ -79,7 +79,7 @@ def copy_into(name: str) -> sql.Composed:
     return sql.SQL("COPY {} FROM STDIN (FORMAT binary)").format(_ident(name))
 
 
-def copy_text_into(table: TargetTable, *, binary: bool = False) -> sql.Composed:
+def copy_straight_into(table: TargetTable, *, binary: bool = False) -> sql.Composed:
     """COPY rows straight into the target table: its replicated columns, text format (or
     binary)."""
     statement = sql.SQL("COPY {} ({}) FROM STDIN").format(_target(table), _columns(table))

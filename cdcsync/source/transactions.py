@@ -42,7 +42,7 @@ from cdcsync.source.tuples import (
 
 Resolver = Callable[[Relation], TargetTable | None]
 Stager = Callable[[Relation, Sequence[Any]], tuple[bytes, int]]
-# Rows of inserts, unstaged, as text COPY rows of the columns at the given positions.
+# Rows of inserts, unstaged, as COPY rows (text, or binary) of the columns at the given positions.
 Texter = Callable[[Relation, Sequence[Any], Sequence[int]], bytes]
 
 _OID: Final = struct.Struct(">I")
@@ -217,6 +217,13 @@ class Assembler(ABC):
 class TransactionAssembler(Assembler):
     """The :class:`Assembler` for pgoutput messages."""
 
+    def __init__(self, skip_before: Lsn, resolve: Resolver, *, chunk_rows: int = 5000,
+                 chunk_bytes: int = 8 << 20, texts: bool = False, binary: bool = False) -> None:
+        super().__init__(skip_before, resolve, chunk_rows=chunk_rows, chunk_bytes=chunk_bytes,
+                         texts=texts, binary=binary)
+        # Chosen once: every row change passes it on.
+        self._texter: Texter = payload_binary_rows if binary else payload_text_rows
+
     def _feed(self, payload: bytes) -> Sequence[StreamItem]:
         kind = payload[0] if payload else -1
         if kind in (_I, _U, _D):
@@ -247,8 +254,7 @@ class TransactionAssembler(Assembler):
     def _row_change(self, kind: int, payload: bytes) -> None:
         # Byte shifts compile to native operations (see setup.py); a struct call would not.
         oid = payload[1] << 24 | payload[2] << 16 | payload[3] << 8 | payload[4]
-        building = self._building(oid, stage_rows,
-                                  payload_binary_rows if self._binary else payload_text_rows)
+        building = self._building(oid, stage_rows, self._texter)
         if building is None:
             return
         seq = self._seq = self._seq + 1
@@ -309,17 +315,13 @@ class _Building:
         binary = self.binary
         straight = texts and self.inserts and not (self.updates or self.deletes
                                                    or table.row_security)
-        if straight and binary and self.texter is not None:
+        if straight and self.texter is not None:
+            # Most such rows are copied straight into their table: staging them as well would
+            # double the reader's work; the applier stages the others (TableRows).
             text = self.texter(relation, self.rows, table.positions)
             return TableRows(relation, table, [], self.inserts, keys=keys, text=text,
-                             binary=True, unstaged=partial(self.stager, relation, self.rows))
+                             binary=binary, unstaged=partial(self.stager, relation, self.rows))
         if straight and not binary:
-            if self.texter is not None:
-                # Most such rows are copied straight into their table: staging them as well
-                # would double the reader's work; the applier stages the others (TableRows).
-                text = self.texter(relation, self.rows, table.positions)
-                return TableRows(relation, table, [], self.inserts, keys=keys, text=text,
-                                 unstaged=partial(self.stager, relation, self.rows))
             blob, _ = self.stager(relation, self.rows)
             return TableRows(relation, table, [blob], self.inserts, keys=keys,
                              text=text_rows((blob,), len(relation.columns), table.positions))
