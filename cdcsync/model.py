@@ -164,6 +164,9 @@ class TableRows:
     # Where the reader made the text instead of staging the rows, how to stage them, for the
     # batches that are not copied straight after all (see staged); rows is empty until then.
     unstaged: Callable[[], tuple[bytes, int]] | None = None
+    # Where the rows are inserts alone and keys is None, how to make their keys: the applier
+    # needs them only when changes of other kinds join them in a batch.
+    keyer: Callable[[], set[bytes]] | None = None
 
     def staged(self) -> list[bytes]:
         """The staged rows, staged now if the reader only made their text."""

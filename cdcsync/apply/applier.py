@@ -135,14 +135,8 @@ class Applier:
             pending = self._pending[table.oid] = Staged(table, rows.relation, stage,
                                                         binary=rows.binary)
         pending.chunks.append(rows)
-        if pending.keys is None or rows.keys is None:
-            pending.keys = None
-            pending.repeats = True
-        else:
-            staged = len(pending.keys) + rows.inserts + rows.updates + rows.deletes
-            pending.keys |= rows.keys
-            pending.repeats = pending.repeats or len(pending.keys) < staged
         pending.only_inserts = pending.only_inserts and not (rows.updates or rows.deletes)
+        pending.add_keys(rows)
         pending.inserts += rows.inserts
         pending.deletes += rows.deletes
         pending.unchanged_mask |= rows.unchanged_mask

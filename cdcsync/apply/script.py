@@ -49,11 +49,31 @@ class Staged:
     # whether some key was staged twice: without that, the collapse has nothing to drop.
     keys: set[bytes] | None = field(default_factory=set)
     repeats: bool = False
+    # Chunks of inserts alone whose keys are made only if a change of another kind joins them.
+    unkeyed: list[TableRows] = field(default_factory=list)
     # Copied straight into the target table in the merge, not staged (see copy_straight).
     direct: bool = False
     # Whether the values are binary: the stage has the source's types (TargetTable.binary_types)
     # and a straight COPY is in binary format.
     binary: bool = False
+
+    def add_keys(self, rows: TableRows) -> None:
+        """Count the keys of ``rows``, a chunk just added, towards :attr:`repeats`."""
+        if self.keys is None:
+            return
+        if rows.keys is None and rows.keyer is None:
+            self.keys = None
+            self.repeats = True
+            return
+        if rows.keyer is not None and self.only_inserts:
+            self.unkeyed.append(rows)
+            return
+        for chunk in (*self.unkeyed, rows):
+            keys = chunk.keyer() if chunk.keyer is not None else chunk.keys or set()
+            staged = len(self.keys) + chunk.inserts + chunk.updates + chunk.deletes
+            self.keys |= keys
+            self.repeats = self.repeats or len(self.keys) < staged
+        self.unkeyed.clear()
 
     @property
     def changes(self) -> int:

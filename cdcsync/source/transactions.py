@@ -115,8 +115,8 @@ class Assembler(ABC):
     def _feed(self, payload: bytes) -> Sequence[StreamItem]:
         """Decode one message of the plugin (errors without the LSN: :meth:`feed` adds it)."""
 
-    def _building(self, oid: int, stager: Stager, texter: Texter | None = None
-                  ) -> _Building | None:
+    def _building(self, oid: int, stager: Stager, texter: Texter | None = None, *,
+                  keyed: bool = True) -> _Building | None:
         """Where the open chunk collects rows of relation ``oid``; None when not selected."""
         building = self._pending.get(oid)
         if building is None:
@@ -124,7 +124,7 @@ class Assembler(ABC):
             if table is None:
                 return None
             building = self._pending[oid] = _Building(relation, table, stager, texter,
-                                                      self._binary)
+                                                      self._binary, keyed=keyed)
         return building
 
     def _chunk_full(self) -> bool:
@@ -254,7 +254,7 @@ class TransactionAssembler(Assembler):
     def _row_change(self, kind: int, payload: bytes) -> None:
         # Byte shifts compile to native operations (see setup.py); a struct call would not.
         oid = payload[1] << 24 | payload[2] << 16 | payload[3] << 8 | payload[4]
-        building = self._building(oid, stage_rows, self._texter)
+        building = self._building(oid, stage_rows, self._texter, keyed=False)
         if building is None:
             return
         seq = self._seq = self._seq + 1
@@ -263,9 +263,15 @@ class TransactionAssembler(Assembler):
         rows, keys = building.rows, building.keys
         if kind == _I:
             rows.append((payload, 6, _I, seq, lsn, commit_time))
-            keys.add(key_of(payload, 6, key))
+            if building.keyed:
+                keys.add(key_of(payload, 6, key))
             building.inserts += 1
-        elif kind == _D:
+            self._rows += 1
+            self._bytes += len(payload)
+            return
+        if not building.keyed:
+            building.key_inserts()
+        if kind == _D:
             rows.append((payload, 6, _D, seq, lsn, commit_time))
             keys.add(key_of(payload, 6, key))
             building.deletes += 1
@@ -309,25 +315,43 @@ class _Building:
     deletes: int = 0
     # The keys the rows change (see TableRows.keys); wal2json's assembler leaves it empty.
     keys: set[bytes] = field(default_factory=set)
+    # False while the keys of the rows, inserts alone so far, are still to make: pgoutput's
+    # are made once a change of another kind joins them, or by the applier where it needs
+    # them (TableRows.keyer), as inserts alone have nothing to collapse.
+    keyed: bool = True
+
+    def key_inserts(self) -> None:
+        """Add the keys of the rows so far (inserts alone) to keys; keep them from now on."""
+        self.keys |= _insert_keys(self.rows, self.table.source_key)
+        self.keyed = True
 
     def staged(self, texts: bool) -> TableRows:
-        relation, table, keys = self.relation, self.table, self.keys if self.keys else None
+        relation, table = self.relation, self.table
         binary = self.binary
         straight = texts and self.inserts and not (self.updates or self.deletes
                                                    or table.row_security)
         if straight and self.texter is not None:
             # Most such rows are copied straight into their table: staging them as well would
-            # double the reader's work; the applier stages the others (TableRows).
+            # double the reader's work; the applier stages the others (TableRows), and makes
+            # their keys only where it needs them.
             text = self.texter(relation, self.rows, table.positions)
-            return TableRows(relation, table, [], self.inserts, keys=keys, text=text,
-                             binary=binary, unstaged=partial(self.stager, relation, self.rows))
+            return TableRows(relation, table, [], self.inserts, text=text, binary=binary,
+                             unstaged=partial(self.stager, relation, self.rows),
+                             keyer=partial(_insert_keys, self.rows, table.source_key))
+        blob, unchanged = self.stager(relation, self.rows)
+        if not self.keyed:
+            self.key_inserts()  # of rows the stager has found whole
+        keys = self.keys if self.keys else None
         if straight and not binary:
-            blob, _ = self.stager(relation, self.rows)
             return TableRows(relation, table, [blob], self.inserts, keys=keys,
                              text=text_rows((blob,), len(relation.columns), table.positions))
-        blob, unchanged = self.stager(relation, self.rows)
         return TableRows(relation, table, [blob], self.inserts, self.updates, self.deletes,
                          unchanged, keys, binary=binary)
+
+
+def _insert_keys(rows: list[Any], key: tuple[int, ...]) -> set[bytes]:
+    """The keys of ``rows``, row changes of inserts (see TransactionAssembler._row_change)."""
+    return {key_of(row[0], 6, key) for row in rows}
 
 
 def _skip_tuple(buf: bytes, off: int) -> int:

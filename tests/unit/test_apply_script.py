@@ -114,3 +114,36 @@ def test_a_batch_copied_straight_sits_in_foreign_key_order_and_records_nothing()
     assert "lost_1" not in texts[2]
     assert list(script.conflicts.values()) == [("public.child", "upsert")]
     assert [i for i in range(len(texts)) if script.refused(i)] == [2, 3, 4]
+
+
+def test_keys_of_inserts_alone_are_made_once_other_changes_join_them() -> None:
+    """A batch of inserts alone never makes their keys (nothing to collapse); once a chunk with
+    updates or deletes joins it, every chunk's keys count, and a key staged twice across them
+    means versions to collapse."""
+    table = _table(1, "items")
+    made: list[int] = []
+
+    def inserts(*keys: bytes) -> TableRows:
+        def keyer() -> set[bytes]:
+            made.append(len(keys))
+            return set(keys)
+        return TableRows(RELATION, table, [], inserts=len(keys), keyer=keyer)
+
+    def batch(*chunks: TableRows) -> plan.Staged:
+        staged = plan.Staged(table, RELATION, q.stage_name(table, RELATION))
+        for chunk in chunks:
+            staged.chunks.append(chunk)
+            staged.only_inserts = staged.only_inserts and not (chunk.updates or chunk.deletes)
+            staged.add_keys(chunk)
+        return staged
+
+    alone = batch(inserts(b"1", b"2"), inserts(b"3"))
+    assert made == [] and not alone.repeats
+    updated = batch(inserts(b"1", b"2"), TableRows(RELATION, table, [], updates=1, keys={b"2"}))
+    assert made == [2] and updated.repeats and updated.keys == {b"1", b"2"}
+    distinct = batch(inserts(b"1"), TableRows(RELATION, table, [], deletes=1, keys={b"5"}),
+                     inserts(b"6", b"7"))
+    assert made == [2, 1, 2] and not distinct.repeats
+    assert distinct.keys == {b"1", b"5", b"6", b"7"}
+    unknown = batch(inserts(b"1"), TableRows(RELATION, table, [], updates=1))
+    assert unknown.keys is None and unknown.repeats

@@ -33,6 +33,9 @@ from cdcsync.source.tuples import META_COLUMNS, key_of, text_rows
 RAW = [bytes.fromhex(m["hex"]) for m in json.loads(
     (Path(__file__).parent / "data" / "pgoutput_capture.json").read_text())]
 
+# A transaction of the capture's first two inserts and a later update of their table.
+MIXED = [*RAW[:5], RAW[7], RAW[5]]
+
 
 def target_for(relation: Relation) -> TargetTable:
     key = tuple(i for i, c in enumerate(relation.columns) if c.is_key)[:1] or (0,)
@@ -170,7 +173,8 @@ def test_row_change_outside_transaction_is_refused() -> None:
 def test_keys_name_each_staged_rows_key_once() -> None:
     """A chunk's keys are its staged rows' key fields, each once: as many keys as rows exactly
     when no key repeats (the applier collapses only otherwise)."""
-    for table, rows in _chunks(feed_all(TransactionAssembler(Lsn(0), target_for), RAW)):
+    for table, rows in _chunks(feed_all(TransactionAssembler(Lsn(0), target_for),
+                                        [*RAW, *MIXED])):
         assert table.keys is not None
         key = table.target.key[0]
         fields = [f[len(META_COLUMNS) + key] for f in rows]
@@ -211,6 +215,31 @@ def test_chunks_of_inserts_carry_their_text_rows_when_asked() -> None:
 
     for resolve, texts in ((target_for, False), (secured, True)):
         assert all(t.text is None and t.rows for t in tables(resolve, texts=texts))
+
+
+def test_keys_of_inserts_alone_are_made_when_asked() -> None:
+    """Rows of inserts alone made into text rows carry no keys but how to make them (the
+    applier needs them only if changes of other kinds join them), and those are the keys of
+    the same rows staged without texts; every other chunk carries its keys, those of its
+    inserts included."""
+    payloads = [*RAW, *MIXED]
+
+    def tables(*, texts: bool) -> list[TableRows]:
+        items = feed_all(TransactionAssembler(Lsn(0), target_for, texts=texts), payloads)
+        return [t for i in items if isinstance(i, ChangeChunk) for t in i.tables]
+
+    keyed, texted = tables(texts=False), tables(texts=True)
+    made = 0
+    for plain, table in zip(keyed, texted, strict=True):
+        assert plain.keys is not None and plain.keyer is None
+        if table.text is not None:
+            made += 1
+            assert table.keys is None and table.keyer is not None
+            assert table.keyer() == plain.keys
+        else:
+            assert table.keyer is None and table.keys == plain.keys
+    assert 0 < made < len(texted)
+    assert any(t.inserts and (t.updates or t.deletes) for t in texted)
 
 
 def _chunks(items: list[object]) -> list[tuple[TableRows, list[tuple[bytes | None, ...]]]]:
