@@ -27,7 +27,6 @@ from cdcsync.metrics import Metrics
 from cdcsync.model import Lsn
 from cdcsync.pipeline import Progress
 from cdcsync.source import catalog
-from cdcsync.verify.job import ScheduledVerify
 
 HEARTBEAT_PREFIX = "cdcsync.heartbeat"
 
@@ -54,6 +53,10 @@ class Jobs:
             self._scheduler.add_job(self.heartbeat, "interval", seconds=interval,
                                     id="heartbeat", max_instances=1, coalesce=True)
         if self.settings.verify.interval_s > 0:
+            # Imported only when scheduled (off by default): the jobs load while a backlog may
+            # be draining, and the verifier's modules cost about 20 ms of CPU.
+            from cdcsync.verify.job import ScheduledVerify  # noqa: PLC0415
+
             self._scheduler.add_job(ScheduledVerify(self.settings, self.metrics).run, "interval",
                                     seconds=self.settings.verify.interval_s, id="verify",
                                     max_instances=1, coalesce=True)
