@@ -261,17 +261,14 @@ class TransactionAssembler(Assembler):
         lsn, commit_time = self._txn
         key = building.table.source_key
         rows, keys = building.rows, building.keys
+        if kind != _I and not building.keyed:
+            building.key_inserts()
         if kind == _I:
             rows.append((payload, 6, _I, seq, lsn, commit_time))
             if building.keyed:
                 keys.add(key_of(payload, 6, key))
             building.inserts += 1
-            self._rows += 1
-            self._bytes += len(payload)
-            return
-        if not building.keyed:
-            building.key_inserts()
-        if kind == _D:
+        elif kind == _D:
             rows.append((payload, 6, _D, seq, lsn, commit_time))
             keys.add(key_of(payload, 6, key))
             building.deletes += 1
