@@ -76,6 +76,9 @@ BINARY_TYPES: Final = frozenset({
     1040, 1041, 1115, 1182, 1183, 1185, 1187, 1231, 1270, 2951, 3807,
 })
 
+# Where the tuple of an Insert message starts: after "I", the relation's OID and "N".
+INSERT_TUPLE: Final = 6
+
 PendingRow = tuple[bytes, int, int, int, int, int]
 """One row change as the reader keeps it until its chunk is staged: the message payload, the
 offset of the tuple in it, the operation (``ord`` of I, U, D or M), the sequence number, and the
@@ -205,43 +208,45 @@ def text_rows(chunks: Sequence[bytes], width: int, positions: Sequence[int]) -> 
     return bytes(out)
 
 
-def payload_text_rows(relation: Relation, rows: Sequence[PendingRow],
+def payload_text_rows(relation: Relation, payloads: Sequence[bytes],
                       positions: Sequence[int]) -> bytes:
-    """:func:`text_rows` of inserts still in their pgoutput messages, which the reader converts
-    without staging them first (see TableRows.text)."""
+    """:func:`text_rows` of inserts still in their pgoutput messages (``payloads``), which the
+    reader converts without staging them first (see TableRows.text)."""
     width = len(relation.columns)
     wanted = _wanted(width, positions)
     out = bytearray()
     try:
-        count, nulls = _text_payloads(out, relation, rows, wanted, escape=False)
+        count, nulls = _text_payloads(out, relation, payloads, wanted, escape=False)
         if not _unescaped_is_right(out, 0, count, len(positions), nulls):
             out = bytearray()
-            _text_payloads(out, relation, rows, wanted, escape=True)
+            _text_payloads(out, relation, payloads, wanted, escape=True)
     except (IndexError, struct.error) as exc:
         raise ProtocolError(f"truncated tuple of {relation.qualified} ({exc})") from None
     return bytes(out)
 
 
-def payload_binary_rows(relation: Relation, rows: Sequence[PendingRow],
+def payload_binary_rows(relation: Relation, payloads: Sequence[bytes],
                         positions: Sequence[int]) -> bytes:
     """Binary COPY rows (no header) of the columns at ``positions`` of inserts still in their
-    pgoutput messages, in binary mode: each field is the message's own, its kind byte dropped."""
+    pgoutput messages (``payloads``), in binary mode: each field is the message's own, its kind
+    byte dropped."""
     try:
-        return _binary_payloads(relation, rows, _wanted(len(relation.columns), positions),
+        return _binary_payloads(relation, payloads, _wanted(len(relation.columns), positions),
                                 len(positions))
     except (IndexError, struct.error) as exc:
         raise ProtocolError(f"truncated tuple of {relation.qualified} ({exc})") from None
 
 
-def _binary_payloads(relation: Relation, rows: Sequence[PendingRow], wanted: bytes,
+def _binary_payloads(relation: Relation, payloads: Sequence[bytes], wanted: bytes,
                      fields: int) -> bytes:
     # The walk of _text_payloads, written out again: a walker shared by both, calling back per
     # field, would cost a call per value in the reader's hottest loop.
     width = len(relation.columns)
     head = _I16.pack(fields)
     binary, null = _B, _N
+    start = INSERT_TUPLE
     out = bytearray()
-    for payload, start, _op, _seq, _lsn, _commit_time in rows:
+    for payload in payloads:
         if payload[start] << 8 | payload[start + 1] != width:
             raise _width_error(relation, payload, start)
         off = start + 2
@@ -314,13 +319,15 @@ def _text_chunk(out: bytearray, chunk: bytes, width: int, wanted: bytes, *,
     return rows, nulls
 
 
-def _text_payloads(out: bytearray, relation: Relation, rows: Sequence[PendingRow],
+def _text_payloads(out: bytearray, relation: Relation, payloads: Sequence[bytes],
                    wanted: bytes, *, escape: bool) -> tuple[int, int]:
-    """Append the tuples of ``rows`` to ``out``; count the rows and NULLs."""
+    """Append the tuples of the Insert messages ``payloads`` to ``out``; count the rows and
+    NULLs."""
     width = len(relation.columns)
     text, null = _T, _N
+    start = INSERT_TUPLE
     nulls = 0
-    for payload, start, _op, _seq, _lsn, _commit_time in rows:
+    for payload in payloads:
         if payload[start] << 8 | payload[start + 1] != width:
             raise _width_error(relation, payload, start)
         off = start + 2
@@ -343,7 +350,7 @@ def _text_payloads(out: bytearray, relation: Relation, rows: Sequence[PendingRow
         if off > len(payload):
             raise ProtocolError(f"truncated tuple of {relation.qualified}")
         out[-1] = _LF
-    return len(rows), nulls
+    return len(payloads), nulls
 
 
 def _put_value(out: bytearray, buf: bytes, off: int, end: int, escape: bool) -> None:

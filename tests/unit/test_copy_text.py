@@ -69,13 +69,14 @@ def _insert(*values: bytes | None) -> bytes:
 def test_inserts_still_in_their_messages_give_the_same_text(
         values: list[tuple[bytes | None, ...]], positions: tuple[int, ...]) -> None:
     """The reader's text of unstaged inserts equals the text of the same rows staged."""
-    rows = [(_insert(*row), 6, ord("I"), seq, 0x10, 0) for seq, row in enumerate(values)]
-    staged, _ = stage_rows(RELATION, rows)
-    assert payload_text_rows(RELATION, rows, positions) == text_rows([staged], 4, positions)
+    payloads = [_insert(*row) for row in values]
+    staged, _ = stage_rows(RELATION, [(p, 6, ord("I"), seq, 0x10, 0)
+                                      for seq, p in enumerate(payloads)])
+    assert payload_text_rows(RELATION, payloads, positions) == text_rows([staged], 4, positions)
 
 
 def test_an_insert_with_an_unchanged_value_is_refused() -> None:
     """Only an update leaves a value unchanged: in an insert it means a damaged stream."""
     payload = _insert(b"1", b"x", b"y", b"z")[:-6] + b"u"
     with pytest.raises(ProtocolError, match="unexpected column kind 'u'"):
-        payload_text_rows(RELATION, [(payload, 6, ord("I"), 0, 0x10, 0)], (0, 1, 2, 3))
+        payload_text_rows(RELATION, [payload], (0, 1, 2, 3))
