@@ -267,8 +267,8 @@ class TransactionAssembler(Assembler):
             building.key_inserts()
         if kind == _I:
             if building.keyed:
-                rows.append((payload, 6, _I, seq, lsn, commit_time))
-                keys.add(key_of(payload, 6, key))
+                rows.append((payload, INSERT_TUPLE, _I, seq, lsn, commit_time))
+                keys.add(key_of(payload, INSERT_TUPLE, key))
             else:
                 building.payloads.append(payload)
                 building.seqs.append(seq)
