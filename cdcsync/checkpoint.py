@@ -2,7 +2,9 @@
 
 Guarantee: it is written in the same target transaction as the data it covers, and it never moves
 backward (the SQL takes the greater of the stored and the new position), so after any crash the
-stored position is exactly what the target holds.
+stored position is exactly what the target holds. A transaction applied beside an earlier one
+(:mod:`cdcsync.apply.lanes`) names the position that one writes: its statement waits on the row
+until the earlier transaction ends, and fails unless it committed that position.
 """
 
 from __future__ import annotations
@@ -22,6 +24,23 @@ INSERT INTO cdcsync.checkpoint AS c (slot, lsn, commit_time, updated_at)
 VALUES ({slot}, {lsn}::pg_lsn, {commit_time}, now())
 ON CONFLICT (slot) DO UPDATE SET
     lsn = GREATEST(c.lsn, excluded.lsn),
+    commit_time = CASE WHEN excluded.lsn >= c.lsn
+                       THEN coalesce(excluded.commit_time, c.commit_time) ELSE c.commit_time END,
+    updated_at = now()
+"""
+
+# The earlier transaction's position is read from the row as it stands once that transaction has
+# ended (ON CONFLICT DO UPDATE waits for it, then updates the newest version). Plain SQL has no
+# statement that raises, so a failed predecessor fails a cast instead: its text is the message,
+# and naming the row keeps the planner from folding it into an error at once.
+_SAVE_AFTER = """
+INSERT INTO cdcsync.checkpoint AS c (slot, lsn, commit_time, updated_at)
+VALUES ({slot}, {lsn}::pg_lsn, {commit_time}, now())
+ON CONFLICT (slot) DO UPDATE SET
+    lsn = CASE WHEN c.lsn = {after}::pg_lsn THEN GREATEST(c.lsn, excluded.lsn)
+               ELSE ('cdcsync: the checkpoint of slot ' || c.slot || ' is ' || c.lsn::text
+                     || ', not ' || {after} || ': the transaction before this one did not '
+                     || 'commit')::pg_lsn END,
     commit_time = CASE WHEN excluded.lsn >= c.lsn
                        THEN coalesce(excluded.commit_time, c.commit_time) ELSE c.commit_time END,
     updated_at = now()
@@ -53,11 +72,17 @@ def load(conn: psycopg.Connection[TupleRow], slot: str) -> Checkpoint | None:
     return Checkpoint(Lsn.parse(str(row[0])), commit_time)
 
 
-def save_statement(slot: str, lsn: Lsn, commit_time: dt.datetime | None) -> sql.Composed:
+def save_statement(slot: str, lsn: Lsn, commit_time: dt.datetime | None, *,
+                   after: Lsn | None = None) -> sql.Composed:
     """The statement recording ``lsn``, values included, so that it can travel in one query
-    with the COMMIT; ``commit_time`` None keeps the stored one (a position with no commit)."""
-    return sql.SQL(_SAVE).format(slot=sql.Literal(slot), lsn=sql.Literal(str(lsn)),
-                                 commit_time=sql.Literal(commit_time))
+    with the COMMIT; ``commit_time`` None keeps the stored one (a position with no commit).
+    With ``after``, it fails unless the stored position is ``after`` once every transaction
+    writing the row before it has ended."""
+    values = {"slot": sql.Literal(slot), "lsn": sql.Literal(str(lsn)),
+              "commit_time": sql.Literal(commit_time)}
+    if after is None:
+        return sql.SQL(_SAVE).format(**values)
+    return sql.SQL(_SAVE_AFTER).format(after=sql.Literal(str(after)), **values)
 
 
 def save(

@@ -12,7 +12,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cdcsync.errors import ConfigError
@@ -67,6 +75,7 @@ class ApplySettings(_Section):
     conflict_column: str = "updated_at"
     on_error: Literal["halt", "dead_letter"] = "halt"
     schema_changes: Literal["add_columns", "halt"] = "add_columns"
+    workers: int = Field(default=2, ge=1, le=16)
 
 
 class RetentionSettings(_Section):
@@ -161,6 +170,18 @@ class Settings(BaseModel):
                 raise ValueError(
                     f"{pattern!r} is not schema.table; use e.g. public.orders or public.*"
                 )
+        return value
+
+    @field_validator("apply")
+    @classmethod
+    def _workers_fit_the_pool(cls, value: ApplySettings, info: ValidationInfo) -> ApplySettings:
+        target = info.data.get("target")
+        if isinstance(target, TargetSettings) and value.workers >= target.pool_size:
+            raise ValueError(
+                f"workers = {value.workers} needs [target] pool_size of at least "
+                f"{value.workers + 1} (each worker holds a target connection while streaming, "
+                "and the status, the jobs and the copies' queue need one more): raise "
+                "pool_size or lower workers")
         return value
 
     def override_for(self, qualified: str) -> TableOverride:

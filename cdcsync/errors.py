@@ -73,7 +73,10 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, ConnectionLost | PoolTimeout):
         return True
     if isinstance(exc, psycopg.OperationalError):
-        # Server shutdown, admin termination and network failures; not bad credentials.
+        # Server shutdown, admin termination and network failures; not bad credentials. A
+        # transaction chosen as a deadlock's victim (one of the applier's own lanes, or a
+        # session of the target's users) or failing serialization goes again.
         sqlstate = getattr(exc, "sqlstate", None)
-        return sqlstate is None or sqlstate.startswith(("08", "57P"))
+        return (sqlstate is None or sqlstate.startswith(("08", "57P"))
+                or sqlstate in ("40001", "40P01"))
     return False

@@ -9,6 +9,7 @@ classes, built from the server's result (a refused row is an ``IntegrityError``)
 from __future__ import annotations
 
 import select
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,10 +30,12 @@ class ScriptResult:
     error: psycopg.Error | None
 
 
-def run_script(conn: Conn, query: bytes, copies: Sequence[bytes]) -> ScriptResult:
+def run_script(conn: Conn, query: bytes, copies: Sequence[bytes],
+               signal: tuple[int, threading.Event] | None = None) -> ScriptResult:
     """Send ``query`` (statements separated by ``;``) as one simple query; hand each COPY FROM
-    STDIN in it the next of ``copies``. The server stops at the first failing statement: the
-    rest of the query is skipped, and the transaction is left to the caller."""
+    STDIN in it the next of ``copies``; with ``signal`` (a statement's index, an event), set the
+    event as soon as that statement's result arrives. The server stops at the first failing
+    statement: the rest of the query is skipped, and the transaction is left to the caller."""
     with conn.lock:
         pgconn = conn.pgconn
         pgconn.send_query(query)
@@ -45,6 +48,8 @@ def run_script(conn: Conn, query: bytes, copies: Sequence[bytes]) -> ScriptResul
                 put_copy(pgconn, next(pending, b""))
             elif result.status in _DONE:
                 rowcounts.append(result.command_tuples or 0)
+                if signal is not None and len(rowcounts) > signal[0]:
+                    signal[1].set()
             elif error is None:
                 error = errors.error_from_result(result, encoding=conn.info.encoding)
         if pgconn.status != pq.ConnStatus.OK:

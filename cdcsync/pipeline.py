@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import queue
 import random
@@ -27,7 +28,8 @@ from psycopg_pool import ConnectionPool
 
 from cdcsync import checkpoint, roundtrip
 from cdcsync.apply import tables
-from cdcsync.apply.applier import Applier, copies_straight
+from cdcsync.apply.applier import Applier, Committed, copies_straight
+from cdcsync.apply.lanes import Lanes
 from cdcsync.config import Settings
 from cdcsync.dsn import with_session_options
 from cdcsync.errors import (
@@ -282,22 +284,19 @@ class Pipeline:
             items: Handoff[Item] = Handoff(HANDOFF_BYTES, _item_bytes)
             reader = Reader(stream, assembler, items)
             reader.start()
-            applier = Applier(conn, self.settings)
+            lanes = Lanes(conn, self.pool, self.settings, functools.partial(self._record, reader))
             self.health.set_state("streaming")
             self.metrics.set_up(True)
             event(logging.INFO, "streaming", slot=slot, lsn=str(start),
                   values="binary" if binary else "text")
             clean = False
             try:
-                self._apply_loop(reader, applier, items)
+                self._apply_loop(reader, lanes, items)
                 clean = True
             finally:
                 reader.halt.set()
                 reader.join(timeout=5)
-                if applier.in_source_transaction or not clean:
-                    applier.rollback()
-                elif applier.has_uncommitted:
-                    self._commit(applier, reader)
+                lanes.close(clean=clean)
                 if clean and reader.error is None:
                     stream.confirm(reader.applied)
                     stream.send_status()
@@ -397,10 +396,11 @@ class Pipeline:
             )
         return saved.lsn
 
-    def _apply_loop(self, reader: Reader, applier: Applier, items: Handoff[Item]) -> None:
+    def _apply_loop(self, reader: Reader, lanes: Lanes, items: Handoff[Item]) -> None:
         max_delay = self.settings.apply.max_delay_ms / 1000
         while not self.stop.is_set():
             self.health.beat()
+            applier = lanes.current
             wait = 0.2
             if applier.opened_at is not None:
                 wait = max(0.0, min(wait, applier.opened_at + max_delay - time.monotonic()))
@@ -414,12 +414,14 @@ class Pipeline:
                 if not reader.is_alive():
                     raise CdcsyncError("the replication reader stopped without an error") from None
                 if applier.has_uncommitted and not applier.in_source_transaction:
-                    self._commit(applier, reader)
+                    lanes.commit()
+                lanes.settle()
                 continue
             if isinstance(item, TxnStart):
                 if self._halt_at is not None and item.final_lsn >= self._halt_at[0]:
                     if applier.has_uncommitted:
-                        self._commit(applier, reader)
+                        lanes.commit()
+                    lanes.settle()
                     raise self._halt_at[1]
                 applier.start()
             elif isinstance(item, ChangeChunk):
@@ -429,7 +431,11 @@ class Pipeline:
                 overdue = (applier.opened_at is not None
                            and time.monotonic() - applier.opened_at >= max_delay)
                 if applier.batch_full() or overdue or items.empty():
-                    self._commit(applier, reader)
+                    lanes.commit()
+                    if items.empty():
+                        # Nothing to fill another lane with: the commit's outcome now, not
+                        # once the next batch is committed.
+                        lanes.settle()
             elif isinstance(item, IdleAdvance):
                 if not applier.has_uncommitted and not applier.in_source_transaction:
                     self._checkpointed(reader, applier.advance(item.lsn))
@@ -441,8 +447,8 @@ class Pipeline:
                 if self.on_message is not None:
                     self.on_message(item, applier)
 
-    def _commit(self, applier: Applier, reader: Reader) -> None:
-        done = applier.commit()
+    def _record(self, reader: Reader, done: Committed) -> None:
+        """A target commit ended: report its position to the slot, count what it applied."""
         self._checkpointed(reader, done.lsn)
         self.progress.commit_time = done.commit_time
         self.progress.consecutive_failures = 0

@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import psycopg
@@ -56,6 +57,23 @@ def copies_straight(conn: Conn) -> bool:
     return COMPILED and conn.info.encoding in _STRAIGHT_ENCODINGS
 
 
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """A commit's place among commits applied side by side (see :mod:`cdcsync.apply.lanes`).
+
+    ``take`` runs first and holds a lock until the transaction ends; ``wait`` waits until the
+    commit before this one has ended: right before the checkpoint, or ``early``, right after the
+    staging copies (before anything locks a row of the target). The checkpoint then expects
+    ``after``, the position that one wrote. ``taken`` is set once ``take`` holds its lock (or
+    the commit has given up)."""
+
+    take: sql.Composed
+    wait: sql.Composed | None
+    early: bool
+    after: Lsn | None
+    taken: threading.Event
+
+
 @dataclass(slots=True)
 class Committed:
     """What one target commit applied; counts cover only what that commit made durable."""
@@ -73,13 +91,16 @@ class Committed:
 class Applier:
     """Applies the stream items of whole source transactions to the target through ``conn``."""
 
-    def __init__(self, conn: Conn, settings: Settings) -> None:
+    def __init__(self, conn: Conn, settings: Settings,
+                 added: set[tuple[int, str]] | None = None) -> None:
         self.conn = conn
         self.settings = settings
         self.slot = settings.source.slot
         self._orders: dict[frozenset[int], tuple[list[int], set[int]]] = {}
         self._stages: set[str] = set()
-        self._added: set[tuple[int, str]] = set()
+        # (table oid, column) added on the target by this stream; shared by the lanes, which
+        # wait for the commit adding a column before they touch its table.
+        self._added = set() if added is None else added
         self._dirty: set[str] = set()
         self._pending: dict[int, Staged] = {}
         # Target table oid -> the temp table recording the keys the stream changes while a
@@ -97,6 +118,10 @@ class Applier:
         self._busy_s = 0.0
         self._applied: Counter[tuple[str, str]] = Counter()
         self._merger = Merger(self.slot, settings.apply.on_error)
+        # Called before the target is touched other than by commit() (a flush inside a large
+        # transaction, a window, a copied chunk, a TRUNCATE): the lanes settle the commits in
+        # flight first (see cdcsync.apply.lanes).
+        self.before_flush: Callable[[], None] | None = None
 
     @property
     def in_source_transaction(self) -> bool:
@@ -105,6 +130,25 @@ class Applier:
     @property
     def has_uncommitted(self) -> bool:
         return self._last_end is not None
+
+    @property
+    def end_lsn(self) -> Lsn | None:
+        """The end of the last source transaction the next commit applies."""
+        return None if self._last_end is None else self._last_end.end_lsn
+
+    @property
+    def pending(self) -> list[Staged]:
+        """What the next flush merges, a batch per table."""
+        return list(self._pending.values())
+
+    @property
+    def windows_open(self) -> bool:
+        return bool(self._windows)
+
+    @property
+    def flushed(self) -> bool:
+        """Whether the target transaction is open: an earlier flush merged part of it."""
+        return self.conn.pgconn.transaction_status != pq.TransactionStatus.IDLE
 
     def start(self) -> None:
         if self.opened_at is None:
@@ -228,17 +272,22 @@ class Applier:
             self._applied[(table.source_name, "truncate")] += 1
             event(logging.INFO, "truncated", slot=self.slot, table=table.source_name)
 
-    def commit(self, *, save_checkpoint: bool = True) -> Committed:
+    def commit(self, *, save_checkpoint: bool = True, turn: Turn | None = None) -> Committed:
         """Merge what is pending, write the checkpoint, commit; say what was applied.
 
-        Without ``save_checkpoint`` (a retry of dead letters) the checkpoint stays as it is."""
+        Without ``save_checkpoint`` (a retry of dead letters) the checkpoint stays as it is. With
+        a ``turn``, the commit takes its place among commits on other connections."""
         end = self._last_end
         if end is None or self._in_txn:
             raise ApplyError("commit requested in the middle of a source transaction")
         started = time.perf_counter()
         if save_checkpoint:
             # The checkpoint and the COMMIT travel with the last flush: no round trip of their own.
-            self._flush(checkpoint.save_statement(self.slot, end.end_lsn, end.commit_time))
+            save = [checkpoint.save_statement(self.slot, end.end_lsn, end.commit_time,
+                                              after=turn.after if turn else None)]
+            if turn is not None and turn.wait is not None and not turn.early:
+                save.insert(0, turn.wait)
+            self._flush(save, turn)
         else:
             self._flush()
             self.conn.commit()
@@ -253,7 +302,9 @@ class Applier:
         """Checkpoint a position that holds no change of ours (nothing may be pending)."""
         if self.has_uncommitted or self._in_txn:
             raise ApplyError("idle advance requested with changes pending")
-        self._flush(checkpoint.save_statement(self.slot, lsn, None))
+        if self.before_flush is not None:
+            self.before_flush()
+        self._flush([checkpoint.save_statement(self.slot, lsn, None)])
         return lsn
 
     def rollback(self) -> None:
@@ -280,17 +331,20 @@ class Applier:
         self._last_end = None
         self.opened_at = None
 
-    def _flush(self, save: sql.Composed | None = None) -> None:
-        """Merge what is pending; with ``save`` (a checkpoint statement), then commit with it."""
+    def _flush(self, save: list[sql.Composed] | None = None, turn: Turn | None = None) -> None:
+        """Merge what is pending; with ``save`` (the checkpoint's statements), then commit with
+        it; with a ``turn``, taking its lock first."""
+        if save is None and self.before_flush is not None:
+            self.before_flush()
         if not self._pending and save is None:
             return
         started = time.perf_counter()
         try:
-            self._flush_pending(save)
+            self._flush_pending(save, turn)
         finally:
             self._busy_s += time.perf_counter() - started
 
-    def _flush_pending(self, save: sql.Composed | None) -> None:
+    def _flush_pending(self, save: list[sql.Composed] | None, turn: Turn | None) -> None:
         """One query for the whole flush (see :mod:`cdcsync.apply.script`); the fallbacks, when
         the target refuses the merged batch, cost round trips of their own."""
         pending, self._pending = self._pending, {}
@@ -305,13 +359,15 @@ class Applier:
             straight = copies_straight(self.conn)
             for batch in batches:
                 batch.direct = straight and self._copies_straight(batch)
-        script = self._script(batches)
+        script = self._script(batches, first=turn.take if turn else None)
+        if turn is not None and turn.wait is not None and turn.early:
+            script.add(turn.wait)
         if batches and not in_order:
             self._merger.add_merge(script, batches, self.conn)
         settled = not in_order
         if save is not None and settled:
-            plan.commit(script, save)
-        _, refused = self._merger.run(self.conn, script)
+            plan.commit(script, *save)
+        _, refused = self._merger.run(self.conn, script, turn.taken if turn else None)
         if settled and refused is None:
             return
         with self.conn.cursor() as cur:
@@ -321,8 +377,8 @@ class Applier:
             elif refused is not None:
                 self._stage_straight(batches)
                 self._merger.recover(cur, batches, refused)
-            if save is not None:
-                cur.execute(save)
+            for statement in save or ():
+                cur.execute(statement)
         if save is not None:
             self.conn.commit()
 
@@ -372,12 +428,16 @@ class Applier:
             event(logging.WARNING, "column_added", slot=self.slot, table=table.source_name,
                   column=name, type=type_name)
 
-    def _script(self, batches: list[Staged], *, windowed: bool = True) -> Script:
-        """A script opening the transaction if none is open, then copying ``batches`` into their
-        stages; ``windowed``, recording their keys in the open windows of their tables."""
+    def _script(self, batches: list[Staged], *, windowed: bool = True,
+                first: sql.Composed | None = None) -> Script:
+        """A script opening the transaction if none is open, running ``first``, then copying
+        ``batches`` into their stages; ``windowed``, recording their keys in the open windows of
+        their tables."""
         script = Script()
         if self.conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
             script.add(plan.BEGIN)
+        if first is not None:
+            script.reached = script.add(first)
         for batch in batches:
             if batch.direct:
                 continue

@@ -13,6 +13,7 @@ applier owns the transaction.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from dataclasses import dataclass
 
@@ -107,12 +108,16 @@ class Merger:
         straight into it): yes unless it lately refused one."""
         return self._upsert_only[oid] == 0
 
-    def run(self, conn: Conn, script: Script) -> tuple[list[int], pgerrors.Error | None]:
+    def run(self, conn: Conn, script: Script, reached: threading.Event | None = None
+            ) -> tuple[list[int], pgerrors.Error | None]:
         """Run ``script`` as one query and count the conflicts it recorded; each statement's
-        affected rows, up to a failure. If the target refused its merge, roll back to the
+        affected rows, up to a failure; ``reached`` is set when its statement
+        :attr:`Script.reached` has ended. If the target refused its merge, roll back to the
         merge's savepoint (the staged rows are back as they were copied) and say why; any other
         failure raises."""
-        outcome = libpq.run_script(conn, script.render(conn), script.copies)
+        signal = (None if reached is None or script.reached is None
+                  else (script.reached, reached))
+        outcome = libpq.run_script(conn, script.render(conn), script.copies, signal)
         for index, rows in enumerate(outcome.rowcounts):
             if index in script.conflicts and rows > 0:
                 name, operation = script.conflicts[index]

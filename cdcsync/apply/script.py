@@ -113,6 +113,8 @@ class Script:
     conflicts: dict[int, tuple[str, str]] = field(default_factory=dict)
     # Indexes of the statements inside the merge's savepoint.
     merge: range = range(0)
+    # The statement whose end Merger.run reports (a lane's lock taken), if any.
+    reached: int | None = None
 
     def add(self, statement: sql.Composable) -> int:
         self.statements.append(statement)
@@ -235,7 +237,8 @@ def fills(batch: Staged) -> list[sql.Composed]:
             if batch.unchanged_mask >> i & 1 and column in batch.table.columns]
 
 
-def commit(script: Script, save: sql.Composable) -> None:
-    """End the script with ``save`` (the checkpoint) and the COMMIT."""
-    script.add(save)
+def commit(script: Script, *save: sql.Composable) -> None:
+    """End the script with ``save`` (the checkpoint's statements) and the COMMIT."""
+    for statement in save:
+        script.add(statement)
     script.add(COMMIT)

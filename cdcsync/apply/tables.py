@@ -42,6 +42,12 @@ WHERE contype = 'f' AND conrelid = ANY (%s) AND confrelid = ANY (%s) AND conreli
 """
 
 
+_LINKED_SQL = """
+SELECT o FROM unnest(%s::oid[]) AS o
+WHERE EXISTS (SELECT FROM pg_constraint WHERE contype = 'f' AND (conrelid = o OR confrelid = o))
+"""
+
+
 def selected(patterns: Iterable[str], qualified: str) -> bool:
     return any(fnmatch.fnmatchcase(qualified, pattern) for pattern in patterns)
 
@@ -146,3 +152,8 @@ def foreign_key_order(
         placed.update(ready)
         remaining.difference_update(ready)
     return order, set()
+
+
+def linked(conn: psycopg.Connection[TupleRow], oids: Sequence[int]) -> set[int]:
+    """The tables among ``oids`` that take part in a foreign key on the target, either side."""
+    return {int(str(row[0])) for row in conn.execute(_LINKED_SQL, (list(oids),)).fetchall()}

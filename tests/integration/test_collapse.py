@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import struct
 
 import psycopg
 import pytest
@@ -13,6 +12,7 @@ from cdcsync.apply import tables
 from cdcsync.apply.applier import Applier
 from cdcsync.model import ChangeChunk, Lsn, TxnEnd, TxnStart
 from cdcsync.source.transactions import TransactionAssembler
+from tests import pgoutput_messages as m
 from tests.conftest import DbPair
 from tests.harness import converged, execute, running, settings_for, wait_for
 
@@ -104,32 +104,15 @@ def test_keys_changed_twice_are_collapsed_not_replayed(pair: DbPair,
     assert not replays
 
 
-
-def _docs_row(kind: bytes, key: int, status: bytes) -> bytes:
-    """A pgoutput Insert or Update (no old tuple) of docs, values in text."""
-    fields = (str(key).encode(), status, b"body", b"2026-01-01 00:00:00+00")
-    tuple_ = struct.pack(">h", len(fields)) + b"".join(
-        b"t" + struct.pack(">i", len(f)) + f for f in fields)
-    return kind + struct.pack(">I", 1) + b"N" + tuple_
-
-
 def test_inserts_alone_then_changed_in_one_batch(pair: DbPair,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     """A transaction of inserts alone, whose keys the reader leaves to the applier, then one
     updating one of them and deleting the other, in one target transaction: merged in bulk
     (no replay) to the source's final state, both transactions committed with it."""
-    relation = (b"R" + struct.pack(">I", 1) + b"public\0docs\0d" + struct.pack(">h", 4)
-                + b"".join(struct.pack(">b", flag) + name + b"\0" + struct.pack(">Ii", oid, -1)
-                           for flag, name, oid in ((1, b"id", 23), (0, b"status", 25),
-                                                   (0, b"body", 25), (0, b"updated_at", 1184))))
-    micros = 820_000_000_000_000
-    delete = b"D" + struct.pack(">I", 1) + b"K" + struct.pack(">hci", 4, b"t", 4) + b"1040" + (
-        b"n" * 3)
-    stream = [b"B" + struct.pack(">qqI", 0x5000, micros, 700), relation,
-              _docs_row(b"I", 1040, b"new"), _docs_row(b"I", 1041, b"new"),
-              b"C" + struct.pack(">bqqq", 0, 0x5000, 0x5008, micros),
-              b"B" + struct.pack(">qqI", 0x6000, micros, 701), _docs_row(b"U", 1041, b"e"),
-              delete, b"C" + struct.pack(">bqqq", 0, 0x6000, 0x6008, micros)]
+    stream = [m.begin(0x5000, 700), m.docs_relation(), m.docs_row(b"I", 1040, b"new"),
+              m.docs_row(b"I", 1041, b"new"), m.commit(0x5000, 0x5008),
+              m.begin(0x6000, 701), m.docs_row(b"U", 1041, b"e"), m.docs_delete(1040),
+              m.commit(0x6000, 0x6008)]
     settings = settings_for(pair)
     caplog.set_level(logging.INFO, logger="cdcsync")
     with psycopg.connect(pair.target_dsn) as conn:

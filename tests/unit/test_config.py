@@ -111,3 +111,14 @@ def test_settings_built_in_code_ignore_the_environment(monkeypatch: pytest.Monke
     monkeypatch.setenv("CDCSYNC_SOURCE__DSN", "host=elsewhere")
     settings = Settings(tables=("a.b",), source={"dsn": "host=here"}, target={"dsn": "x"})
     assert settings.source.dsn.get_secret_value() == "host=here"
+
+
+def test_apply_workers_need_a_connection_each_and_one_more(tmp_path: Path) -> None:
+    """More workers than the target pool can hold beside the other users is refused, naming
+    both keys; the defaults fit."""
+    assert load_settings(_write(tmp_path, GOOD)).apply.workers == 2
+    text = GOOD.replace("[target]", "[target]\npool_size = 3") + "[apply]\nworkers = 3\n"
+    with pytest.raises(ConfigError, match=r"'apply'.*workers = 3 needs \[target\] pool_size of "
+                                          r"at least 4.*raise pool_size or lower workers") as err:
+        load_settings(_write(tmp_path, text))
+    assert "s3cret" not in str(err.value)
