@@ -414,13 +414,13 @@ class Pipeline:
                 if not reader.is_alive():
                     raise CdcsyncError("the replication reader stopped without an error") from None
                 if applier.has_uncommitted and not applier.in_source_transaction:
-                    lanes.commit()
+                    lanes.commit(wait=True)
                 lanes.settle()
                 continue
             if isinstance(item, TxnStart):
                 if self._halt_at is not None and item.final_lsn >= self._halt_at[0]:
                     if applier.has_uncommitted:
-                        lanes.commit()
+                        lanes.commit(wait=True)
                     lanes.settle()
                     raise self._halt_at[1]
                 applier.start()
@@ -431,11 +431,9 @@ class Pipeline:
                 overdue = (applier.opened_at is not None
                            and time.monotonic() - applier.opened_at >= max_delay)
                 if applier.batch_full() or overdue or items.empty():
-                    lanes.commit()
-                    if items.empty():
-                        # Nothing to fill another lane with: the commit's outcome now, not
-                        # once the next batch is committed.
-                        lanes.settle()
+                    # With nothing queued there is nothing to fill another lane with: commit
+                    # here and now.
+                    lanes.commit(wait=items.empty())
             elif isinstance(item, IdleAdvance):
                 if not applier.has_uncommitted and not applier.in_source_transaction:
                     self._checkpointed(reader, applier.advance(item.lsn))

@@ -133,11 +133,13 @@ class Lanes:
                 self._current = self._finish_oldest()
         return self._current
 
-    def commit(self) -> None:
-        """Commit the current lane's batch: on its thread if there are workers, else here."""
+    def commit(self, *, wait: bool = False) -> None:
+        """Commit the current lane's batch: on its thread if there are workers, else here; with
+        ``wait``, here once the commits in flight have ended (nothing would fill another lane
+        meanwhile, and a thread's turn for the interpreter lock costs a quiet stream latency)."""
         applier = self.current
         end = applier.end_lsn
-        if self._threads is None or end is None or applier.windows_open:
+        if wait or self._threads is None or end is None or applier.windows_open:
             # A resync's window is a temp table of this lane's connection: until it closes, the
             # stream stays on this lane, one commit after the other.
             self.settle()
@@ -167,14 +169,21 @@ class Lanes:
             self._free.append(self._finish_oldest())
 
     def close(self, *, clean: bool) -> None:
-        """End the lanes: clean, wait for the commits in flight; otherwise roll back every lane
-        whose commit has not ended (a commit that ended is reported). Connections borrowed from
-        the pool go back to it."""
+        """End the lanes. Clean, the current lane's whole source transactions are committed (a
+        source transaction it holds part of is rolled back) and the commits in flight waited
+        for; otherwise every lane whose commit has not ended is rolled back (a commit that
+        ended is reported). Connections borrowed from the pool go back to it."""
         try:
-            if clean:
-                self.settle()
-            else:
+            lane = self._current
+            if not clean:
                 self._abandon()
+            elif lane is not None and lane.in_source_transaction:
+                lane.rollback()
+                self.settle()
+            elif lane is not None and lane.has_uncommitted:
+                self.commit(wait=True)
+            else:
+                self.settle()
         finally:
             if self._threads is not None:
                 self._threads.shutdown(wait=True)

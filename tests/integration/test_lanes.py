@@ -42,8 +42,9 @@ class Feed:
         self.assembler = TransactionAssembler(
             Lsn(0), lambda r: tables.resolve(conn, settings, r), texts=True)
 
-    def transaction(self, *payloads: bytes) -> int:
-        """Feed one source transaction and commit it; the backend PID of the lane that took it."""
+    def transaction(self, *payloads: bytes, commit: bool = True) -> int:
+        """Feed one source transaction and (``commit``) commit it; the backend PID of the lane
+        that took it."""
         pid = self.lanes.current.conn.info.backend_pid
         for payload in payloads:
             for item in self.assembler.feed(payload):
@@ -54,7 +55,8 @@ class Feed:
                     lane.add(item)
                 elif isinstance(item, TxnEnd):
                     lane.end(item)
-                    self.lanes.commit()
+                    if commit:
+                        self.lanes.commit()
         return pid
 
 
@@ -151,3 +153,17 @@ def test_commits_changing_one_key_merge_one_after_the_other(
     feed.lanes.settle()
     assert _state(pair) == ("0/6008", [(1, "first"), (2, "old"), (3, "old"), (4, "old"),
                                        (10, "updated")])
+
+
+def test_a_clean_close_commits_what_the_current_lane_holds(
+        pair: DbPair, feed: Feed, row_lock: Conn) -> None:
+    """Stopping (SIGTERM) with one commit in flight and whole transactions on the current lane:
+    both are committed, in order."""
+    feed.transaction(m.begin(0x5000, 700), m.docs_relation(), m.docs_row(b"U", 1, b"first"),
+                     m.commit(0x5000, 0x5008))
+    feed.transaction(m.begin(0x6000, 701), m.docs_row(b"U", 2, b"second"),
+                     m.commit(0x6000, 0x6008), commit=False)
+    row_lock.rollback()
+    feed.lanes.close(clean=True)
+    assert [c.lsn for c in feed.committed] == [Lsn(0x5008), Lsn(0x6008)]
+    assert _state(pair) == ("0/6008", [(1, "first"), (2, "second"), (3, "old"), (4, "old")])
