@@ -23,28 +23,21 @@ _SAVE = """
 INSERT INTO cdcsync.checkpoint AS c (slot, lsn, commit_time, updated_at)
 VALUES ({slot}, {lsn}::pg_lsn, {commit_time}, now())
 ON CONFLICT (slot) DO UPDATE SET
-    lsn = GREATEST(c.lsn, excluded.lsn),
+    lsn = {advanced},
     commit_time = CASE WHEN excluded.lsn >= c.lsn
                        THEN coalesce(excluded.commit_time, c.commit_time) ELSE c.commit_time END,
     updated_at = now()
 """
+_ADVANCED = "GREATEST(c.lsn, excluded.lsn)"
 
 # The earlier transaction's position is read from the row as it stands once that transaction has
 # ended (ON CONFLICT DO UPDATE waits for it, then updates the newest version). Plain SQL has no
 # statement that raises, so a failed predecessor fails a cast instead: its text is the message,
 # and naming the row keeps the planner from folding it into an error at once.
-_SAVE_AFTER = """
-INSERT INTO cdcsync.checkpoint AS c (slot, lsn, commit_time, updated_at)
-VALUES ({slot}, {lsn}::pg_lsn, {commit_time}, now())
-ON CONFLICT (slot) DO UPDATE SET
-    lsn = CASE WHEN c.lsn = {after}::pg_lsn THEN GREATEST(c.lsn, excluded.lsn)
+_ADVANCED_AFTER = """CASE WHEN c.lsn = {after}::pg_lsn THEN GREATEST(c.lsn, excluded.lsn)
                ELSE ('cdcsync: the checkpoint of slot ' || c.slot || ' is ' || c.lsn::text
                      || ', not ' || {after} || ': the transaction before this one did not '
-                     || 'commit')::pg_lsn END,
-    commit_time = CASE WHEN excluded.lsn >= c.lsn
-                       THEN coalesce(excluded.commit_time, c.commit_time) ELSE c.commit_time END,
-    updated_at = now()
-"""
+                     || 'commit')::pg_lsn END"""
 
 _LOAD = "SELECT lsn::text, commit_time FROM cdcsync.checkpoint WHERE slot = %s"
 
@@ -78,11 +71,10 @@ def save_statement(slot: str, lsn: Lsn, commit_time: dt.datetime | None, *,
     with the COMMIT; ``commit_time`` None keeps the stored one (a position with no commit).
     With ``after``, it fails unless the stored position is ``after`` once every transaction
     writing the row before it has ended."""
-    values = {"slot": sql.Literal(slot), "lsn": sql.Literal(str(lsn)),
-              "commit_time": sql.Literal(commit_time)}
-    if after is None:
-        return sql.SQL(_SAVE).format(**values)
-    return sql.SQL(_SAVE_AFTER).format(after=sql.Literal(str(after)), **values)
+    advanced = (sql.SQL(_ADVANCED) if after is None
+                else sql.SQL(_ADVANCED_AFTER).format(after=sql.Literal(str(after))))
+    return sql.SQL(_SAVE).format(slot=sql.Literal(slot), lsn=sql.Literal(str(lsn)),
+                                 commit_time=sql.Literal(commit_time), advanced=advanced)
 
 
 def save(

@@ -415,7 +415,8 @@ class Pipeline:
                     raise CdcsyncError("the replication reader stopped without an error") from None
                 if applier.has_uncommitted and not applier.in_source_transaction:
                     lanes.commit(wait=True)
-                lanes.settle()
+                else:
+                    lanes.settle()
                 continue
             if isinstance(item, TxnStart):
                 if self._halt_at is not None and item.final_lsn >= self._halt_at[0]:

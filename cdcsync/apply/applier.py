@@ -118,9 +118,9 @@ class Applier:
         self._busy_s = 0.0
         self._applied: Counter[tuple[str, str]] = Counter()
         self._merger = Merger(self.slot, settings.apply.on_error)
-        # Called before the target is touched other than by commit() (a flush inside a large
-        # transaction, a window, a copied chunk, a TRUNCATE): the lanes settle the commits in
-        # flight first (see cdcsync.apply.lanes).
+        # Called before the target is touched other than by a lane's commit (a flush inside a
+        # large transaction, a window, a copied chunk, a TRUNCATE, an idle advance): the lanes
+        # settle the commits in flight first (see cdcsync.apply.lanes).
         self.before_flush: Callable[[], None] | None = None
 
     @property
@@ -302,8 +302,6 @@ class Applier:
         """Checkpoint a position that holds no change of ours (nothing may be pending)."""
         if self.has_uncommitted or self._in_txn:
             raise ApplyError("idle advance requested with changes pending")
-        if self.before_flush is not None:
-            self.before_flush()
         self._flush([checkpoint.save_statement(self.slot, lsn, None)])
         return lsn
 
@@ -333,8 +331,9 @@ class Applier:
 
     def _flush(self, save: list[sql.Composed] | None = None, turn: Turn | None = None) -> None:
         """Merge what is pending; with ``save`` (the checkpoint's statements), then commit with
-        it; with a ``turn``, taking its lock first."""
-        if save is None and self.before_flush is not None:
+        it; with a ``turn`` (a lane's commit), taking its lock first. Any other flush first lets
+        the commits in flight end (:attr:`before_flush`)."""
+        if turn is None and self.before_flush is not None:
             self.before_flush()
         if not self._pending and save is None:
             return
