@@ -24,12 +24,13 @@ def pause() -> None:
         _paused = True
 
 
-def load(*modules: str) -> None:
-    """Import ``modules``; then freeze what exists and resume the collector paused here."""
+def load(*modules: str, resume: bool = True) -> None:
+    """Import ``modules``; then freeze what exists and resume the collector paused here (not
+    with ``resume`` false: more of the command's modules follow)."""
     global _paused  # noqa: PLW0603
     for name in modules:
         importlib.import_module(name)
-    if _paused:
+    if _paused and resume:
         gc.freeze()
         gc.enable()
         _paused = False

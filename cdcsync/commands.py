@@ -112,7 +112,28 @@ _MODULES = {
 }
 
 
+def _run(args: argparse.Namespace) -> int:
+    """``cdcsync run``: the slot's stream opens as soon as the settings are known, while the
+    daemon's own modules load (see :mod:`cdcsync.source.early`)."""
+    coldstart.load("cdcsync.config", "cdcsync.source.early", resume=False)
+    settings = _settings(args)
+    from cdcsync.source.early import EarlyStream  # noqa: PLC0415
+
+    early = EarlyStream.open(settings)
+    try:
+        coldstart.load(*_MODULES["run"])
+        from cdcsync import daemon  # noqa: PLC0415
+        from cdcsync.notify import Notifier  # noqa: PLC0415
+
+        daemon.run(settings, notifier=Notifier.from_environ(os.environ), early=early)
+    finally:
+        early.close()
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return _run(args)
     coldstart.load("cdcsync.config", *_MODULES.get(args.command, ("cdcsync.admin",)))
     if args.command == "demo":
         from cdcsync import demo  # noqa: PLC0415 (see the module docstring)
@@ -120,12 +141,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         configure("debug" if args.debug else "warning", "text")
         return int(demo.run_demo(seconds=args.seconds, rate=args.rate))
     settings = _settings(args)
-    if args.command == "run":
-        from cdcsync import daemon  # noqa: PLC0415
-        from cdcsync.notify import Notifier  # noqa: PLC0415
-
-        daemon.run(settings, notifier=Notifier.from_environ(os.environ))
-        return 0
     if args.command == "resync":
         from cdcsync.backfill import operator  # noqa: PLC0415
 

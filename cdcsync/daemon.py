@@ -30,11 +30,14 @@ from cdcsync.source import catalog
 
 if TYPE_CHECKING:
     from cdcsync.jobs import Jobs
+    from cdcsync.source.early import EarlyStream
 
 
-def preflight(settings: Settings) -> bool:
+def preflight(settings: Settings, early: EarlyStream | None = None) -> bool:
     """Fail fast, with the fix, on what no retry would cure; return whether another process
-    holds the slot's lock (this one starts as its standby).
+    holds the slot's lock (this one starts as its standby). The ``early`` stream is closed if
+    this process will not stream from it first: as a standby, or when the initial snapshot is
+    to re-create the slot.
 
     The target is asked everything it is asked here in two round trips (a target far away pays
     each one at every start): the lock's holder, the metadata schema and the copy states, then
@@ -50,7 +53,8 @@ def preflight(settings: Settings) -> bool:
             known, standby = exc, leader.lock_holder(tgt, slot) is not None
         with connect(settings.source.dsn.get_secret_value(), "source") as src:
             slot_missing = catalog.slot_info(src, slot) is None
-            selected = prerequisites.check_source(src, settings, standby=standby)
+            selected = prerequisites.check_source(
+                src, settings, standby=standby, ours=early.backend_pid if early else None)
         if isinstance(known, PrerequisiteError):
             raise known
         # The initial snapshot re-creates the slot; a crash in between leaves none, which the
@@ -58,6 +62,8 @@ def preflight(settings: Settings) -> bool:
         fresh = (settings.snapshot.mode == "initial"
                  and snapshot.needed(known.states, [t.source for t in selected]))
         prerequisites.check_target(tgt, settings, selected)
+    if early is not None and (standby or fresh):
+        early.close()
     if slot_missing and not fresh:
         raise PrerequisiteError(
             f"replication slot {slot!r} does not exist on the source",
@@ -78,11 +84,13 @@ def _alerter(settings: Settings) -> Alerter:
 
 
 def run(settings: Settings, stop: threading.Event | None = None,
-        notifier: Notifier | None = None) -> None:
+        notifier: Notifier | None = None, early: EarlyStream | None = None) -> None:
     """Stream until SIGTERM/SIGINT (or ``stop``); return normally after a clean shutdown.
 
     ``notifier`` (systemd's NOTIFY_SOCKET, given by the CLI) hears readiness, watchdog pings,
-    status with the lag, and the start of the shutdown.
+    status with the lag, and the start of the shutdown. ``early``, the slot's stream the CLI
+    opened as soon as it knew the settings, is the first term's first stream, unless this
+    process has no use for it (it is closed then).
     """
     stop = stop or threading.Event()
     slot = settings.source.slot
@@ -105,16 +113,18 @@ def run(settings: Settings, stop: threading.Event | None = None,
     # The checks wait on both databases: meanwhile, the lock's connection opens.
     lock.open_ahead()
     try:
-        standby = preflight(settings)
-        _contend(settings, stop, metrics, health, lock, standby=standby)
+        standby = preflight(settings, early)
+        _contend(settings, stop, metrics, health, lock, standby=standby, early=early)
     finally:
+        if early is not None:
+            early.close()
         lock.release()
         server.close()
     event(logging.INFO, "stopped", slot=slot)
 
 
 def _contend(settings: Settings, stop: threading.Event, metrics: Metrics, health: Health,
-             lock: SlotLock, *, standby: bool) -> None:
+             lock: SlotLock, *, standby: bool, early: EarlyStream | None) -> None:
     """Alternate between standby and active terms until ``stop``.
 
     Unless it starts as a standby, the first term's pool opens its connections while the lock
@@ -137,10 +147,14 @@ def _contend(settings: Settings, stop: threading.Event, metrics: Metrics, health
     try:
         # A term as the active process ends on stop or when the lock is lost; then this
         # process waits as a standby again.
-        while (term := lock.acquire()) is not None:
+        # A process that has to wait for the lock gives the early stream up: the lock's holder
+        # needs the slot.
+        while (term := lock.acquire(waiting=early.close if early else None)) is not None:
             pool, ahead = ahead or open_target_pool(settings), None
             try:
-                _stream(settings, term, pool, progress, metrics=metrics, health=health)
+                _stream(settings, term, pool, progress, metrics=metrics, health=health,
+                        early=early)
+                early = None
             finally:
                 if stop.is_set():
                     health.set_state("stopping")
@@ -154,16 +168,17 @@ def _contend(settings: Settings, stop: threading.Event, metrics: Metrics, health
 
 
 def _stream(settings: Settings, term: threading.Event, pool: ConnectionPool,
-            progress: Progress, *, metrics: Metrics, health: Health) -> None:
-    """One term as the active process: copy what needs copying, stream until ``term`` is set;
-    then close ``pool``."""
+            progress: Progress, *, metrics: Metrics, health: Health,
+            early: EarlyStream | None) -> None:
+    """One term as the active process: copy what needs copying, stream (from ``early`` first,
+    if given) until ``term`` is set; then close ``pool``."""
     resyncer = Resyncer(settings, pool, lambda: progress.checkpoint, term)
     try:
         if not _prepare_copies(settings, pool, term, health):
             return
         resyncer.start()
         Pipeline(settings, pool, term, metrics, health, progress=progress,
-                 on_message=resyncer.on_message).run()
+                 on_message=resyncer.on_message, early=early).run()
     finally:
         resyncer.join(timeout=5)
         pool.close(timeout=2)
@@ -263,15 +278,16 @@ class DaemonThread(threading.Thread):
     """:func:`run` on a thread of this process (the demo, tests), stopped as SIGTERM would stop
     it; its failure is kept for the caller to raise."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, early: EarlyStream | None = None) -> None:
         super().__init__(name="cdcsync-daemon", daemon=True)
         self.settings = settings
+        self.early = early
         self.stop = threading.Event()
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            run(self.settings, self.stop)
+            run(self.settings, self.stop, early=self.early)
         except BaseException as exc:
             self.error = exc
 

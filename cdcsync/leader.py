@@ -24,6 +24,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -148,9 +149,10 @@ class SlotLock:
         if opening is not None:
             opening.join()
 
-    def acquire(self) -> threading.Event | None:
+    def acquire(self, waiting: Callable[[], None] | None = None) -> threading.Event | None:
         """Wait as a standby until the lock is ours; return an event set when it is lost or on
-        stop (the active term), or None when stopped first."""
+        stop (the active term), or None when stopped first. ``waiting`` is called once if the
+        lock is not free at the first try."""
         self._health.set_role("standby")
         if self._lost:
             # Leave the first try to a standby that has been waiting: the lock was lost for a
@@ -166,6 +168,9 @@ class SlotLock:
                 self._health.set_role("active")
                 event(logging.INFO, "lock_acquired", slot=self.slot, key=self.key)
                 return term
+            if waiting is not None:
+                waiting()
+                waiting = None
             self._wait(1)
         return None
 

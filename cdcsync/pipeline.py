@@ -56,7 +56,8 @@ from cdcsync.model import (
     TxnEnd,
     TxnStart,
 )
-from cdcsync.source import catalog, wal2json
+from cdcsync.source import catalog
+from cdcsync.source.early import EarlyStream, start_options
 from cdcsync.source.replication import ReplicationStream
 from cdcsync.source.transactions import Assembler, Resolver, TransactionAssembler
 from cdcsync.source.tuples import BINARY_TYPES
@@ -83,13 +84,6 @@ MessageHandler = Callable[[SourceMessage, Applier], None]
 
 def _item_bytes(item: Item) -> int:
     return item.size_bytes if isinstance(item, ChangeChunk) else _ITEM_BYTES
-
-
-def pgoutput_options(publication: str, *, binary: bool = False) -> dict[str, str]:
-    options = {"proto_version": "1", "publication_names": f'"{publication}"', "messages": "true"}
-    if binary:
-        options["binary"] = "true"
-    return options
 
 
 def open_target_pool(settings: Settings) -> ConnectionPool:
@@ -208,7 +202,8 @@ class Pipeline:
 
     def __init__(self, settings: Settings, pool: ConnectionPool, stop: threading.Event,
                  metrics: Metrics, health: Health, *, progress: Progress | None = None,
-                 on_message: MessageHandler | None = None) -> None:
+                 on_message: MessageHandler | None = None,
+                 early: EarlyStream | None = None) -> None:
         self.settings = settings
         self.pool = pool
         self.stop = stop
@@ -227,6 +222,8 @@ class Pipeline:
         # pgoutput's binary mode, until a relation turns up whose values must travel as text
         # (see binary_types): the stream then starts again from the checkpoint, in text.
         self._binary = settings.source.binary and settings.source.decoder == "pgoutput"
+        # A stream of the slot opened while the daemon started (it asked for the same values).
+        self._early = early
 
     def run(self) -> None:
         """Stream until stopped; retry transient failures, raise everything else."""
@@ -271,44 +268,57 @@ class Pipeline:
 
     def _stream_once(self) -> None:
         slot = self.settings.source.slot
-        with self.pool.connection() as conn:
-            with roundtrip.autocommit(conn):
-                saved = checkpoint.load(conn, slot)
-            start = self._resume_position(saved)
-            self.progress.checkpoint = start
-            stream = ReplicationStream(self.settings.source.dsn.get_secret_value(), slot,
-                                       status_interval_s=self.settings.source.status_interval_s)
-            binary = self._binary
-            assembler = self._assembler(start, texts=copies_straight(conn), binary=binary)
-            stream.start(start, self._options(binary))
-            items: Handoff[Item] = Handoff(HANDOFF_BYTES, _item_bytes)
-            reader = Reader(stream, assembler, items)
-            reader.start()
-            lanes = Lanes(conn, self.pool, self.settings, functools.partial(self._record, reader))
-            self.health.set_state("streaming")
-            self.metrics.set_up(True)
-            event(logging.INFO, "streaming", slot=slot, lsn=str(start),
-                  values="binary" if binary else "text")
-            clean = False
-            try:
-                self._apply_loop(reader, lanes, items)
-                clean = True
-            finally:
-                reader.halt.set()
-                reader.join(timeout=5)
-                lanes.close(clean=clean)
-                if clean and reader.error is None:
-                    stream.confirm(reader.applied)
-                    stream.send_status()
-                stream.close()
-                # Transactions re-sent below the checkpoint: nonzero after a crash, never applied.
-                event(logging.INFO, "stream_closed", slot=slot, lsn=str(self.progress.checkpoint),
-                      skipped_transactions=assembler.skipped_transactions)
+        # The stream opened while the daemon started serves the first stream only.
+        early, self._early = self._early, None
+        adopted = early.take() if early is not None else None
+        stream = adopted or ReplicationStream(
+            self.settings.source.dsn.get_secret_value(), slot,
+            status_interval_s=self.settings.source.status_interval_s)
+        try:
+            with self.pool.connection() as conn:
+                with roundtrip.autocommit(conn):
+                    saved = checkpoint.load(conn, slot)
+                start = self._resume_position(saved, ours=stream.backend_pid)
+                self.progress.checkpoint = start
+                binary = self._binary
+                assembler = self._assembler(start, texts=copies_straight(conn), binary=binary)
+                if adopted is None:
+                    stream.start(start, start_options(self.settings, binary=binary))
+                else:
+                    # It streams from the slot's confirmed position, at or before the
+                    # checkpoint: the assembler skips what the target already has.
+                    stream.confirm(start)
+                self._stream_from(stream, assembler, conn, start, binary,
+                                  opened_early=adopted is not None)
+        finally:
+            stream.close()
 
-    def _options(self, binary: bool) -> dict[str, str]:
-        if self.settings.source.decoder == "wal2json":
-            return wal2json.options(self.settings.tables)
-        return pgoutput_options(self.settings.source.publication, binary=binary)
+    def _stream_from(self, stream: ReplicationStream, assembler: Assembler,
+                     conn: psycopg.Connection[TupleRow], start: Lsn, binary: bool, *,
+                     opened_early: bool) -> None:
+        slot = self.settings.source.slot
+        items: Handoff[Item] = Handoff(HANDOFF_BYTES, _item_bytes)
+        reader = Reader(stream, assembler, items)
+        reader.start()
+        lanes = Lanes(conn, self.pool, self.settings, functools.partial(self._record, reader))
+        self.health.set_state("streaming")
+        self.metrics.set_up(True)
+        event(logging.INFO, "streaming", slot=slot, lsn=str(start),
+              values="binary" if binary else "text", opened_early=opened_early)
+        clean = False
+        try:
+            self._apply_loop(reader, lanes, items)
+            clean = True
+        finally:
+            reader.halt.set()
+            reader.join(timeout=5)
+            lanes.close(clean=clean)
+            if clean and reader.error is None:
+                stream.confirm(reader.applied)
+                stream.send_status()
+            # Transactions re-sent below the checkpoint: nonzero after a crash, never applied.
+            event(logging.INFO, "stream_closed", slot=slot, lsn=str(self.progress.checkpoint),
+                  skipped_transactions=assembler.skipped_transactions)
 
     def _assembler(self, start: Lsn, *, texts: bool, binary: bool) -> Assembler:
         chunk_rows = min(5000, self.settings.apply.max_rows)
@@ -364,8 +374,9 @@ class Pipeline:
         with conn:
             yield conn
 
-    def _resume_position(self, saved: checkpoint.Checkpoint | None) -> Lsn:
-        """The checkpoint, once it is known to cover everything the slot has released."""
+    def _resume_position(self, saved: checkpoint.Checkpoint | None, *, ours: int | None) -> Lsn:
+        """The checkpoint, once it is known to cover everything the slot has released; the slot
+        may be active for ``ours`` only (the walsender of a stream this process opened)."""
         slot = self.settings.source.slot
         if saved is None:
             raise PrerequisiteError(f"the target holds no checkpoint for slot {slot!r}",
@@ -377,7 +388,7 @@ class Pipeline:
                 f"replication slot {slot!r} does not exist on the source",
                 fix="run `cdcsync setup`; the next run then re-copies every table")
         catalog.refuse_other_plugin(slot, info, self.settings.source.decoder)
-        if info.active_pid is not None:
+        if info.active_pid is not None and info.active_pid != ours:
             # After a takeover the previous holder's walsender may linger a moment: retry.
             raise ConnectionLost(
                 f"replication slot {slot!r} is still in use by PID {info.active_pid}",

@@ -92,18 +92,23 @@ class Selected:
     columns: tuple[tuple[str, str], ...]
 
 
-def check_source(src: Conn, settings: Settings, *, standby: bool = False) -> list[Selected]:
+def check_source(src: Conn, settings: Settings, *, standby: bool = False,
+                 ours: int | None = None) -> list[Selected]:
     """The slot, if it exists (the initial snapshot may create it), is free, and the publication
     carries every configured table; return those. A process that will wait as the standby of a
-    running cdcsync (``standby``) expects the slot in use."""
+    running cdcsync (``standby``) expects the slot in use; one that streams it already expects it
+    active for ``ours`` (that stream's walsender)."""
     slot, publication = settings.source.slot, settings.source.publication
+
+    def taken(info: catalog.SlotInfo | None) -> bool:
+        return info is not None and info.active_pid not in (None, ours)
+
     info = catalog.slot_info(src, slot)
     deadline = time.monotonic() + SLOT_RELEASE_WAIT_S
-    while (not standby and info is not None and info.active_pid is not None
-           and time.monotonic() < deadline):
+    while not standby and taken(info) and time.monotonic() < deadline:
         time.sleep(0.2)
         info = catalog.slot_info(src, slot)
-    if not standby and info is not None and info.active_pid is not None:
+    if not standby and info is not None and taken(info):
         raise PrerequisiteError(
             f"replication slot {slot!r} is in use by another process (pid {info.active_pid})",
             fix="stop the other `cdcsync run` or consumer of this slot, or configure a "

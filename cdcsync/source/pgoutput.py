@@ -37,6 +37,7 @@ __all__ = [
     "TypeMsg",
     "Update",
     "decode",
+    "options",
 ]
 
 
@@ -362,3 +363,12 @@ def _unsupported(kind: int) -> str:
             "two_phase is not supported"
         )
     return f"unknown pgoutput message type {label}"
+
+
+def options(publication: str, *, binary: bool = False) -> dict[str, str]:
+    """START_REPLICATION options asking for ``publication``'s changes in protocol version 1,
+    logical messages included; with ``binary``, values in their binary form."""
+    chosen = {"proto_version": "1", "publication_names": f'"{publication}"', "messages": "true"}
+    if binary:
+        chosen["binary"] = "true"
+    return chosen

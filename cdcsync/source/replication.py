@@ -11,8 +11,11 @@ therefore keeps every byte of WAL the target still needs.
 
 from __future__ import annotations
 
+import fcntl
 import select
 import struct
+import sys
+import termios
 import time
 from collections.abc import Iterator
 from typing import Final
@@ -72,6 +75,11 @@ class ReplicationStream:
     @property
     def confirmed(self) -> Lsn:
         return self._confirmed
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The walsender's process id on the source, once the connection is open."""
+        return None if self._conn is None else self._conn.pgconn.backend_pid
 
     def start(self, start_lsn: Lsn, options: dict[str, str]) -> None:
         """Open the connection and enter COPY BOTH at ``start_lsn`` (0/0: the slot's confirmed)."""
@@ -141,6 +149,22 @@ class ReplicationStream:
                 self._sent_end = Lsn(max(self._sent_end, sent_end))
                 if reply:
                     self.send_status()
+
+    def buffer(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for the server, then let libpq take what has arrived into
+        its buffer without reading any message (see :mod:`cdcsync.source.early`); return the
+        bytes the socket held."""
+        pgconn = self._require()
+        readable, _, _ = select.select([pgconn.socket], [], [], timeout_s)
+        if not readable:
+            return 0
+        held = int.from_bytes(fcntl.ioctl(pgconn.socket, termios.FIONREAD, bytes(4)),
+                              sys.byteorder)
+        try:
+            pgconn.consume_input()
+        except psycopg.Error as exc:
+            raise ConnectionLost(f"replication stream failed: {exc}") from exc
+        return held
 
     def confirm(self, lsn: Lsn) -> None:
         """Record that the target has durably applied everything up to ``lsn``."""

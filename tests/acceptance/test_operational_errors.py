@@ -15,7 +15,7 @@ from psycopg.conninfo import make_conninfo
 from cdcsync import admin
 from cdcsync.localpg import free_port
 from cdcsync.model import ZERO_LSN
-from cdcsync.pipeline import pgoutput_options
+from cdcsync.source import pgoutput
 from cdcsync.source.replication import ReplicationStream
 from tests.conftest import DbPair
 from tests.harness import cli, execute, settings_for, write_config
@@ -58,7 +58,7 @@ def pair(dbpair: DbPair) -> Iterator[DbPair]:
 @contextmanager
 def _slot_held(pair: DbPair) -> Iterator[None]:
     stream = ReplicationStream(pair.source_dsn, pair.slot)
-    stream.start(ZERO_LSN, pgoutput_options(pair.publication))
+    stream.start(ZERO_LSN, pgoutput.options(pair.publication))
     try:
         yield
     finally:
