@@ -14,10 +14,11 @@ servers:
 Drained means the consumer has applied the backlog's last transaction: its commit end LSN is past
 ``pg_current_wal_insert_lsn()`` taken inside that transaction just before COMMIT, and every applied
 position (the native subscription's replication origin, cdcsync's checkpoint) is the end LSN of a
-commit. Times are wall clock from starting the consumer; "drain" excludes the startup, counting
-from the moment the consumer holds its slot on the source. After each drain both targets are
-compared with the source on ``count(*)``, sums of ``id``, ``a`` and ``hashtext(b)`` and
-``max(updated_at)``.
+commit. Times are wall clock from starting the consumer; "drain" counts from the moment the
+consumer holds its slot on the source (cdcsync's walsender starts while the daemon still loads,
+see cdcsync.source.early, so its drain includes the rest of its start). After each drain both
+targets are compared with the source on ``count(*)``, sums of ``id``, ``a`` and ``hashtext(b)``
+and ``max(updated_at)``.
 
 Scenarios (``--rows`` N, ``--txn-rows`` changes per source transaction):
 
