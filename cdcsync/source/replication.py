@@ -213,7 +213,10 @@ def _start_error(slot: str, message: str) -> Exception:
             fix="run `cdcsync setup` to create it",
         )
     if "is active for PID" in message:
-        return PrerequisiteError(
+        # The daemon checks that the slot is free (under the slot's lock) right before: what
+        # took it since is a stream that had not quite ended, or the early stream of a standby
+        # starting up (cdcsync.source.early), which lets go within a second. Retried.
+        return ConnectionLost(
             f"replication slot {slot!r} is in use by another process: {message}",
             fix="stop the other consumer of this slot, or configure a different [source] slot",
         )

@@ -13,8 +13,11 @@ import pytest
 from cdcsync import admin
 from cdcsync.config import Settings
 from cdcsync.daemon import DaemonThread
+from cdcsync.errors import ConnectionLost, is_transient
 from cdcsync.leader import lock_key
-from cdcsync.source.early import EarlyStream
+from cdcsync.model import ZERO_LSN
+from cdcsync.source.early import EarlyStream, start_options
+from cdcsync.source.replication import ReplicationStream
 from tests.conftest import DbPair
 from tests.harness import converged, execute, settings_for, wait_for
 
@@ -120,3 +123,18 @@ def test_an_early_stream_that_cannot_start_is_none(pair: DbPair) -> None:
     early = EarlyStream.open(settings_for(pair, source={"slot": "no_such_slot"}))
     assert early.take() is None
     early.close()
+
+
+def test_a_slot_taken_since_the_check_is_retried(pair: DbPair) -> None:
+    """Another stream holds the slot (a standby's early stream, in the moment the active process
+    reconnects): starting a stream fails as a lost connection, which the daemon retries, not as a
+    prerequisite that would halt it."""
+    settings = settings_for(pair)
+    early = _opened(settings)
+    try:
+        stream = ReplicationStream(pair.source_dsn, pair.slot)
+        with pytest.raises(ConnectionLost, match="is in use by another process") as raised:
+            stream.start(ZERO_LSN, start_options(settings, binary=True))
+        assert is_transient(raised.value)
+    finally:
+        early.close()
