@@ -10,9 +10,10 @@ term adopts the connection and reads those messages first.
 
 Nothing changes in what is applied or confirmed. The stream starts at the slot's confirmed
 position, which never passes the target's checkpoint, so the assembler skips whatever the target
-already holds; nothing is confirmed before the checkpoint holds it. Whatever does not stream from
-it closes it: a daemon that starts as a standby (the lock's holder streams, or soon will), an
-initial snapshot (it re-creates the slot), a first stream that fails before adopting it.
+already holds; nothing is confirmed before the checkpoint holds it. The daemon closes it where it
+has no use for it: when it starts as a standby or finds the lock taken at its first try (the
+lock's holder needs the slot), before an initial snapshot (which re-creates the slot), and when it
+fails or stops before its first stream.
 """
 
 from __future__ import annotations
