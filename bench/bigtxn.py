@@ -39,6 +39,7 @@ from bench.common import (
     median,
     recreate_database,
     servers,
+    streaming,
     wait_until,
 )
 from cdcsync import admin
@@ -86,24 +87,23 @@ def run_once(srv: Servers, rows: int, workdir: Path) -> dict[str, Any]:
     recreate_database(srv.target_admin, TARGET_DB)
     execute(srv.source(SOURCE_DB), TABLE_DDL)
     execute(srv.target(TARGET_DB), TABLE_DDL)
+    port = free_port()
     config: dict[str, Any] = {
         "tables": ["public.wide"],
         "source": {"dsn": srv.source(SOURCE_DB), "slot": SLOT, "publication": SLOT},
         "target": {"dsn": srv.target(TARGET_DB)},
-        "http": {"listen": f"127.0.0.1:{free_port()}"},
+        "http": {"listen": f"127.0.0.1:{port}"},
         "log": {"level": "info", "format": "json"},
         "snapshot": {"mode": "never"},
     }
     admin.setup(Settings(**config), create_tables=False)
     watch = CountWatch(srv.target(TARGET_DB), rows)
     with Daemon(config, workdir, name="bigtxn") as daemon:
-        with connect(srv.source_admin) as conn:
-            def streaming() -> bool:
-                daemon.ensure_alive()
-                row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
-                                   (SLOT,)).fetchone()
-                return bool(row and row[0])
-            wait_until(streaming, timeout=60, what="cdcsync to hold its slot")
+        def ready() -> bool:
+            daemon.ensure_alive()
+            return streaming(port)
+        # Not its slot being active: the slot's stream opens while the daemon still starts.
+        wait_until(ready, timeout=60, what="cdcsync to stream")
         watch.start()
         log(f"inserting {rows:,} rows in one transaction ...")
         started = time.monotonic()

@@ -17,6 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -123,6 +125,24 @@ def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str,
         if time.monotonic() >= deadline:
             raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+def readyz(port: int) -> dict[str, Any]:
+    """The body of a daemon's ``/readyz`` on ``port`` (ready or not), or {} if none answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+            return dict(json.loads(response.read()))
+    except urllib.error.HTTPError as err:
+        return dict(json.loads(err.read()))
+    except OSError:
+        return {}
+
+
+def streaming(port: int) -> bool:
+    """Whether the daemon answering on ``port`` is the active one and streams. Not the same as
+    its slot being active: the slot's stream opens while the daemon still starts."""
+    body = readyz(port)
+    return body.get("role") == "active" and body.get("state") == "streaming"
 
 
 def median(values: Sequence[float]) -> float:

@@ -21,8 +21,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,8 +33,10 @@ from bench.common import (
     fetch_one,
     free_port,
     median,
+    readyz,
     recreate_database,
     servers,
+    streaming,
     wait_until,
 )
 from cdcsync import admin
@@ -44,21 +44,6 @@ from cdcsync.config import Settings
 
 DB = "failover"
 SLOT = "cdcsync_failover"
-
-
-def readyz(port: int) -> dict[str, Any]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-            return dict(json.loads(response.read()))
-    except urllib.error.HTTPError as err:
-        return dict(json.loads(err.read()))
-    except OSError:
-        return {}
-
-
-def active(port: int) -> bool:
-    body = readyz(port)
-    return body.get("role") == "active" and body.get("state") == "streaming"
 
 
 def standby(port: int) -> bool:
@@ -110,7 +95,7 @@ def run(rounds: int, workdir: Path) -> dict[str, Any]:
         first_changes: list[float] = []
         try:
             daemons[0][0].start()
-            wait_until(lambda: active(daemons[0][1]), timeout=60, what="the first to stream")
+            wait_until(lambda: streaming(daemons[0][1]), timeout=60, what="the first to stream")
             daemons[1][0].start()
             wait_until(lambda: standby(daemons[1][1]), timeout=60, what="a standby")
             writer.start()
@@ -122,7 +107,7 @@ def run(rounds: int, workdir: Path) -> dict[str, Any]:
                 killed = time.monotonic()
                 victim.proc.wait()
                 tick = writer.last + 1
-                took = wait_until(lambda p=heir_port: active(p), timeout=60,  # type: ignore[misc]
+                took = wait_until(lambda p=heir_port: streaming(p), timeout=60,  # type: ignore[misc]
                                   what="the takeover") - killed
                 wait_until(lambda t=tick: writer.last >= t, timeout=10, what="a new tick")
                 first = wait_until(lambda t=tick: on_target(target, t), timeout=60,
