@@ -8,7 +8,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from bench.common import readyz
 from cdcsync.localpg import free_port
 from tests.conftest import DbPair
 from tests.harness import cli, converged, execute, start_daemon, wait_for, write_config, writer
@@ -40,16 +40,6 @@ def _transfer(conn: psycopg.Connection[tuple[object, ...]], rng: random.Random) 
     conn.commit()
 
 
-def _readyz(port: int) -> dict[str, Any]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=3) as response:
-            return dict(json.loads(response.read()))
-    except urllib.error.HTTPError as err:
-        return dict(json.loads(err.read()))
-    except OSError:
-        return {}
-
-
 class Daemon:
     def __init__(self, config: Path, log: Path) -> None:
         self.port = free_port()
@@ -61,7 +51,7 @@ class Daemon:
         return self.process.pid
 
     def role(self) -> tuple[str | None, str | None]:
-        body = _readyz(self.port)
+        body = readyz(self.port)
         return body.get("role"), body.get("state")
 
     def stop(self) -> None:
@@ -98,7 +88,7 @@ def test_standby_takes_over(dbpair: DbPair, tmp_path: Path) -> None:
         status = _status(config, second)
         assert status["role"] == "standby" and status["daemon"] == "standby"
         assert status["active_process"].startswith(f"cdcsync {first.pid}@")
-        assert f"cdcsync {first.pid}@" in _readyz(second.port)["reason"]
+        assert f"cdcsync {first.pid}@" in readyz(second.port)["reason"]
         with urllib.request.urlopen(f"http://127.0.0.1:{second.port}/metrics") as response:
             assert f'cdcsync_standby{{slot="{dbpair.slot}"}} 1.0' in response.read().decode()
 
