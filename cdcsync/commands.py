@@ -13,16 +13,19 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import psycopg
 
 from cdcsync import __version__, coldstart
-from cdcsync.config import Settings, config_path, load_settings
+from cdcsync.config_file import config_path
 from cdcsync.dsn import redact
 from cdcsync.errors import CdcsyncError
 from cdcsync.logs import configure, event
+
+if TYPE_CHECKING:
+    from cdcsync.config import Settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from cdcsync.config import load_settings  # noqa: PLC0415 (see _run)
+
     settings = load_settings(config_path(args.config))
     configure("debug" if args.debug else settings.log.level, settings.log.format)
     return settings
@@ -113,21 +118,27 @@ _MODULES = {
 
 
 def _run(args: argparse.Namespace) -> int:
-    """``cdcsync run``: the slot's stream opens as soon as the settings are known, while the
-    daemon's own modules load (see :mod:`cdcsync.source.early`)."""
-    coldstart.load("cdcsync.config", "cdcsync.source.early", resume=False)
-    settings = _settings(args)
+    """``cdcsync run``: the slot's stream opens as soon as the configuration file is read, while
+    pydantic, the settings and the daemon's own modules load (see :mod:`cdcsync.source.early`)."""
+    coldstart.load("cdcsync.source.early", resume=False)
     from cdcsync.source.early import EarlyStream  # noqa: PLC0415
 
-    early = EarlyStream.open(settings)
+    early = EarlyStream.open_unvalidated(config_path(args.config))
     try:
+        coldstart.load("cdcsync.config", resume=False)
+        settings = _settings(args)
+        if early is None or not early.serves(settings):
+            if early is not None:
+                early.close()
+            early = EarlyStream.open(settings)
         coldstart.load(*_MODULES["run"])
         from cdcsync import daemon  # noqa: PLC0415
         from cdcsync.notify import Notifier  # noqa: PLC0415
 
         daemon.run(settings, notifier=Notifier.from_environ(os.environ), early=early)
     finally:
-        early.close()
+        if early is not None:
+            early.close()
     return 0
 
 

@@ -6,9 +6,6 @@ the result is handed to whatever needs it. Tests build :class:`Settings` directl
 
 from __future__ import annotations
 
-import os
-import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,15 +20,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cdcsync.config_file import NAME_RE, SLOT_NAME_RE, TABLE_NAME_RE, TABLE_PATTERN_RE, read_file
 from cdcsync.errors import ConfigError
-
-# Unquoted PostgreSQL identifiers plus glob characters; anything else is refused rather than quoted,
-# so a pattern can never smuggle SQL and always means what it looks like.
-_NAME_PART = r"[A-Za-z_][A-Za-z0-9_$]*"
-_PATTERN_PART = r"[A-Za-z0-9_$*?\[\]-]+"
-TABLE_NAME_RE = re.compile(rf"^{_NAME_PART}\.{_NAME_PART}$")
-TABLE_PATTERN_RE = re.compile(rf"^{_PATTERN_PART}\.{_PATTERN_PART}$")
-SLOT_NAME_RE = re.compile(r"^[a-z0-9_]{1,63}$")
 
 
 class _Section(BaseModel):
@@ -57,7 +47,7 @@ class SourceSettings(_Section):
     @field_validator("publication")
     @classmethod
     def _publication_name(cls, value: str) -> str:
-        if not re.match(rf"^{_NAME_PART}$", value):
+        if not NAME_RE.match(value):
             raise ValueError("a publication name is a plain identifier (letters, digits, _)")
         return value
 
@@ -220,24 +210,9 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def config_path(cli_path: str | None) -> Path | None:
-    raw = cli_path or os.environ.get("CDCSYNC_CONFIG")
-    return Path(raw) if raw else None
-
-
 def load_settings(path: Path | None) -> Settings:
     """Read and validate the configuration; every problem becomes one :class:`ConfigError`."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise ConfigError(
-                f"configuration file {path} does not exist",
-                fix="pass --config PATH or set CDCSYNC_CONFIG to an existing TOML file",
-            ) from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}", fix="correct the syntax") from exc
+    data = read_file(path) if path is not None else {}
     try:
         overrides = _Environment().model_dump(exclude_defaults=True)
         return Settings(**_merge(data, overrides))

@@ -18,7 +18,8 @@ from cdcsync import leader
 from cdcsync.admin import connect
 from cdcsync.apply import tables
 from cdcsync.backfill import resync, source_rows, state
-from cdcsync.config import TABLE_NAME_RE, Settings
+from cdcsync.config import Settings
+from cdcsync.config_file import TABLE_NAME_RE
 from cdcsync.errors import CdcsyncError, ConfigError, PrerequisiteError
 from cdcsync.logs import event
 from cdcsync.source import catalog

@@ -3,8 +3,10 @@
 Decoding a backlog keeps the source's walsender busy on a core of its own for as long as the
 daemon takes to apply it. Started only once the daemon is ready (imports, checks, lock, the
 checkpoint: about half a second), the walsender would idle through all of that while the daemon
-used one core. ``cdcsync run`` therefore opens the stream as soon as its settings are known: a
-thread lets libpq take whatever arrives into its buffer, without reading a single message (up to
+used one core. ``cdcsync run`` therefore opens the stream as soon as it has read the configuration
+file, before pydantic and the settings' models load (:meth:`EarlyStream.open_unvalidated`; once
+the settings are validated, a stream they would not open is replaced by one they would): a thread
+lets libpq take whatever arrives into its buffer, without reading a single message (up to
 :data:`MAX_BYTES`; TCP then holds the walsender back), and the first stream of the daemon's first
 term adopts the connection and reads those messages first.
 
@@ -20,16 +22,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Final
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
 
 import psycopg
 
-from cdcsync.config import Settings
+from cdcsync.config_file import NAME_RE, SLOT_NAME_RE, raw_source
 from cdcsync.errors import ConnectionLost, PrerequisiteError
 from cdcsync.logs import event
 from cdcsync.model import ZERO_LSN
 from cdcsync.source import pgoutput, wal2json
 from cdcsync.source.replication import ReplicationStream
+
+if TYPE_CHECKING:
+    from cdcsync.config import Settings
 
 # What libpq may hold before the daemon adopts the stream: about a second of the walsender's work
 # on a narrow table, more than the half second the daemon takes to start.
@@ -49,15 +55,55 @@ def start_options(settings: Settings, *, binary: bool) -> dict[str, str]:
     return pgoutput.options(settings.source.publication, binary=binary)
 
 
+# What a stream is opened with: the DSN, the slot, the START_REPLICATION options, the status
+# interval.
+_Spec = tuple[str, str, dict[str, str], float]
+
+
+def _spec(settings: Settings) -> _Spec:
+    source = settings.source
+    return (source.dsn.get_secret_value(), source.slot,
+            start_options(settings, binary=source.binary), source.status_interval_s)
+
+
+def _unvalidated_spec(source: dict[str, Any]) -> _Spec | None:
+    """The stream ``[source]`` describes when its keys are plainly valid (pgoutput, the names'
+    own rules, the defaults of :class:`cdcsync.config.SourceSettings`), else None. wal2json's
+    options come from the validated table list."""
+    dsn, slot = source.get("dsn"), source.get("slot", "cdcsync")
+    publication = source.get("publication", "cdcsync")
+    binary = _flag(source.get("binary", True))
+    interval = _seconds(source.get("status_interval_s", 10.0))
+    if (not isinstance(dsn, str) or source.get("decoder", "pgoutput") != "pgoutput"
+            or not isinstance(slot, str) or not SLOT_NAME_RE.match(slot)
+            or not isinstance(publication, str) or not NAME_RE.match(publication)
+            or binary is None or interval is None):
+        return None
+    return dsn, slot, pgoutput.options(publication, binary=binary), interval
+
+
+def _flag(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    return {"true": True, "false": False}.get(str(value).lower())
+
+
+def _seconds(value: Any) -> float | None:
+    try:
+        seconds = float(value)  # a TOML number, or a variable's text
+    except (TypeError, ValueError):
+        return None
+    return seconds if 0 < seconds <= 60 else None
+
+
 class EarlyStream:
     """A stream of the configured slot opened on a thread of its own; :meth:`take` hands it
     over, :meth:`close` gives it up. Either may be called at any time, from any thread."""
 
-    def __init__(self, settings: Settings) -> None:
-        source = settings.source
-        self._stream = ReplicationStream(source.dsn.get_secret_value(), source.slot,
-                                         status_interval_s=source.status_interval_s)
-        self._options = start_options(settings, binary=source.binary)
+    def __init__(self, spec: _Spec) -> None:
+        self._spec = spec
+        dsn, slot, self._options, interval = spec
+        self._stream = ReplicationStream(dsn, slot, status_interval_s=interval)
         self._lock = threading.Lock()
         self._open = False  # started, and neither failed nor closed since
         self._given_up = False
@@ -67,9 +113,26 @@ class EarlyStream:
     @classmethod
     def open(cls, settings: Settings) -> EarlyStream:
         """Start streaming ``settings``' slot in the background."""
-        early = cls(settings)
+        return cls._started(_spec(settings))
+
+    @classmethod
+    def open_unvalidated(cls, config: Path | None) -> EarlyStream | None:
+        """Start streaming the slot the configuration file and the environment name, read as
+        they are (:func:`cdcsync.config_file.raw_source`), before the settings are validated;
+        None when they do not name it plainly. The caller checks it with :meth:`serves`."""
+        source = raw_source(config)
+        spec = None if source is None else _unvalidated_spec(source)
+        return None if spec is None else cls._started(spec)
+
+    @classmethod
+    def _started(cls, spec: _Spec) -> EarlyStream:
+        early = cls(spec)
         early._thread.start()
         return early
+
+    def serves(self, settings: Settings) -> bool:
+        """Whether this is the stream ``settings`` would open."""
+        return self._spec == _spec(settings)
 
     @property
     def backend_pid(self) -> int | None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import psycopg
 import pytest
 
-from cdcsync import admin
-from cdcsync.config import Settings
+from cdcsync import admin, commands
+from cdcsync.config import Settings, load_settings
 from cdcsync.daemon import DaemonThread
 from cdcsync.errors import ConnectionLost, is_transient
 from cdcsync.leader import lock_key
@@ -138,3 +139,63 @@ def test_a_slot_taken_since_the_check_is_retried(pair: DbPair) -> None:
         assert is_transient(raised.value)
     finally:
         early.close()
+
+
+def _config_file(pair: DbPair, path: Path, extra: str = "") -> Path:
+    path.write_text(f"""tables = ["public.*"]
+[source]
+dsn = "{pair.source_dsn}"
+slot = "{pair.slot}"
+publication = "{pair.publication}"
+{extra}
+[target]
+dsn = "{pair.target_dsn}"
+""")
+    return path
+
+
+def test_the_configuration_file_opens_the_stream_before_validation(
+        pair: DbPair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cdcsync run`` opens the stream from the file and the CDCSYNC_SOURCE__ variables as
+    they are, before pydantic loads: the same stream the validated settings would open."""
+    config = _config_file(pair, tmp_path / "c.toml", 'binary = false\nstatus_interval_s = 20')
+    monkeypatch.setenv("CDCSYNC_SOURCE__STATUS_INTERVAL_S", "5")
+    early = EarlyStream.open_unvalidated(config)
+    assert early is not None
+    try:
+        wait_for(lambda: early.backend_pid is not None, timeout=10, what="the early stream")
+        assert _slot_pid(pair) == early.backend_pid
+        settings = load_settings(config)
+        assert settings.source.status_interval_s == 5 and not settings.source.binary
+        assert early.serves(settings)
+        assert not early.serves(settings.model_copy(update={"source": settings.source.model_copy(
+            update={"binary": True})}))
+    finally:
+        early.close()
+    wait_for(lambda: _slot_pid(pair) is None, timeout=10, what="the slot to be let go")
+
+
+@pytest.mark.parametrize("extra", ['decoder = "wal2json"', 'binary = "sometimes"',
+                                   'status_interval_s = 0'])
+def test_a_configuration_that_is_not_plain_waits_for_validation(
+        pair: DbPair, tmp_path: Path, extra: str) -> None:
+    """Keys the raw reading cannot vouch for (wal2json's options come from the validated
+    tables): no stream until the settings are validated."""
+    assert EarlyStream.open_unvalidated(_config_file(pair, tmp_path / "c.toml", extra)) is None
+
+
+def test_a_slot_name_that_would_need_quoting_opens_nothing(
+        pair: DbPair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unvalidated name never reaches START_REPLICATION."""
+    monkeypatch.setenv("CDCSYNC_SOURCE__SLOT", 'x" LOGICAL 0/0 (')
+    assert EarlyStream.open_unvalidated(_config_file(pair, tmp_path / "c.toml")) is None
+
+
+def test_run_with_an_invalid_configuration_closes_the_stream_it_opened(
+        pair: DbPair, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The stream opened from the file before validation is closed when validation fails: the
+    command exits 2 naming the key, and the slot is free."""
+    config = _config_file(pair, tmp_path / "c.toml", "[apply]\nmax_rowz = 5")
+    assert commands.main(["--config", str(config), "run"]) == 2
+    assert "unknown key 'apply.max_rowz'" in capsys.readouterr().err
+    wait_for(lambda: _slot_pid(pair) is None, timeout=10, what="the slot to be let go")
