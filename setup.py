@@ -3,7 +3,8 @@
 Decoding pgoutput and converting each row into binary COPY is pure Python per column, and it
 bounds how fast one daemon drains a backlog (see the README's throughput section). The same typed
 source compiled by mypyc (shipped with mypy, already the project's type checker) runs about twice
-as fast. Where no C compiler or Python headers are found, or with CDCSYNC_PURE_PYTHON=1, the
+as fast. ``cdcsync/source/_copybatch.c`` reads the stream's messages out of libpq in batches.
+Where no C compiler or Python headers are found, or with CDCSYNC_PURE_PYTHON=1, the
 package installs as plain Python and behaves the same, only slower.
 """
 
@@ -15,7 +16,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 HOT_MODULES = [
     "cdcsync/source/pgoutput.py",
@@ -46,8 +47,10 @@ def _ext_modules() -> list[object]:
 
     # The build checks only these modules' types; the dependencies they import need not be
     # installed in an isolated build environment (mypy runs over the whole package in CI).
-    return list(mypycify(["--ignore-missing-imports", *HOT_MODULES],
-                         group_name="cdcsync._compiled"))
+    compiled = mypycify(["--ignore-missing-imports", *HOT_MODULES], group_name="cdcsync._compiled")
+    # Reading the replication stream a batch of messages per call (see the file's comment).
+    reader = Extension("cdcsync.source._copybatch", ["cdcsync/source/_copybatch.c"])
+    return [*compiled, reader]
 
 
 setup(ext_modules=_ext_modules())

@@ -12,12 +12,14 @@ therefore keeps every byte of WAL the target still needs.
 from __future__ import annotations
 
 import fcntl
+import importlib
+import os
 import select
 import struct
 import sys
 import termios
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Final
 
 import psycopg
@@ -46,6 +48,43 @@ _GATHER_S: Final = 0.0005
 _TRICKLE_GAP_S: Final = 0.002
 
 
+# Messages taken from libpq's buffer per call of the compiled reader: a bound on the list a read
+# holds (the early stream may have buffered 32 MiB), large enough that the call is amortised.
+_TAKE_LIMIT: Final = 4096
+
+Take = Callable[[int, int], tuple[list[bytes], int]]
+
+
+def batch_reader() -> Take | None:
+    """``_copybatch.take`` bound to the libpq psycopg has loaded, or None: the extension is not
+    compiled (a pure-Python install), or this process has no single libpq file mapped (not
+    Linux, or two copies). Call it once psycopg has opened a connection."""
+    try:
+        copybatch = importlib.import_module("cdcsync.source._copybatch")
+    except ImportError:
+        return None
+    path = _loaded_libpq()
+    if path is None:
+        return None
+    try:
+        copybatch.bind(path)
+    except OSError:
+        return None
+    take: Take = copybatch.take
+    return take
+
+
+def _loaded_libpq() -> str | None:
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            mapped = {fields[5].strip() for line in maps
+                      if len(fields := line.split(maxsplit=5)) == 6}
+    except OSError:
+        return None
+    found = {path for path in mapped if os.path.basename(path).startswith(("libpq.so", "libpq-"))}
+    return found.pop() if len(found) == 1 else None
+
+
 def _now_pg_us() -> int:
     return time.time_ns() // 1000 - _PG_EPOCH_UNIX_US
 
@@ -53,8 +92,11 @@ def _now_pg_us() -> int:
 class ReplicationStream:
     """One logical slot streamed over one replication connection; not thread-safe."""
 
-    def __init__(self, dsn: str, slot: str, *, status_interval_s: float = 10.0) -> None:
+    def __init__(self, dsn: str, slot: str, *, status_interval_s: float = 10.0,
+                 batched: bool = True) -> None:
         self._dsn = with_session_options(dsn, "cdcsync")
+        self._batched = batched
+        self._take: Take | None = None
         self.slot = slot
         self._status_interval_s = status_interval_s
         self._conn: psycopg.Connection[TupleRow] | None = None
@@ -99,6 +141,8 @@ class ReplicationStream:
             self.close()
             raise _start_error(self.slot, message)
         pgconn.nonblocking = 1
+        if self._batched and self._take is None:
+            self._take = batch_reader()
         self._confirmed = max(self._confirmed, start_lsn)
         self._last_status = time.monotonic()
 
@@ -113,42 +157,57 @@ class ReplicationStream:
         pgconn = self._require()
         waited = False
         while True:
+            messages, status = self._messages(pgconn)
+            for message in messages:
+                self._haul += len(message)
+                kind = message[0]
+                if kind == _W:
+                    self._last = message
+                    yield message[_XLOG_HEADER.size :]
+                elif kind == _K:
+                    _, sent_end, _, reply = _KEEPALIVE.unpack_from(message)
+                    self._sent_end = Lsn(max(self._sent_end, sent_end))
+                    if reply:
+                        self.send_status()
+            if status > 0:
+                continue
+            if status == -1:
+                raise self._ended()
+            if status < -1:
+                raise ConnectionLost("replication stream failed: "
+                                     + pgconn.error_message.decode(errors="replace").strip())
+            if waited:
+                return
+            trickling = self._haul < _TRICKLE_BYTES
+            readable, _, _ = select.select([pgconn.socket], [], [], timeout_s)
+            waited = True
+            if not readable:
+                return
+            if trickling and time.monotonic() - self._woke_at < _TRICKLE_GAP_S:
+                time.sleep(_GATHER_S)
+            self._woke_at = time.monotonic()
+            self._haul = 0
             try:
-                nbytes, data = pgconn.get_copy_data(1)
+                pgconn.consume_input()
             except psycopg.Error as exc:
                 raise ConnectionLost(f"replication stream failed: {exc}") from exc
-            if nbytes == 0:
-                if waited:
-                    return
-                trickling = self._haul < _TRICKLE_BYTES
-                readable, _, _ = select.select([pgconn.socket], [], [], timeout_s)
-                waited = True
-                if not readable:
-                    return
-                if trickling and time.monotonic() - self._woke_at < _TRICKLE_GAP_S:
-                    time.sleep(_GATHER_S)
-                self._woke_at = time.monotonic()
-                self._haul = 0
-                try:
-                    pgconn.consume_input()
-                except psycopg.Error as exc:
-                    raise ConnectionLost(f"replication stream failed: {exc}") from exc
-                continue
-            if nbytes < 0:
-                raise self._ended()
-            self._haul += nbytes
-            # One copy out of libpq's buffer, which is then freed; slicing the memoryview and
-            # copying the slice costs twice the calls (bytes() of a view looks for __bytes__).
-            message = data.tobytes()
-            kind = message[0]
-            if kind == _W:
-                self._last = message
-                yield message[_XLOG_HEADER.size :]
-            elif kind == _K:
-                _, sent_end, _, reply = _KEEPALIVE.unpack_from(message)
-                self._sent_end = Lsn(max(self._sent_end, sent_end))
-                if reply:
-                    self.send_status()
+
+    def _messages(self, pgconn: pq.abc.PGconn) -> tuple[list[bytes], int]:
+        """Messages libpq holds now, and what its last PQgetCopyData returned (see
+        ``_copybatch.c``): up to :data:`_TAKE_LIMIT` of them with the compiled reader, else one."""
+        if self._take is not None:
+            # Every implementation has it (psycopg 3.1+); the protocol class does not declare it.
+            pointer: int | None = getattr(pgconn, "pgconn_ptr", None)
+            if pointer is None:
+                raise ConnectionLost("the replication connection is closed")
+            return self._take(pointer, _TAKE_LIMIT)
+        try:
+            nbytes, data = pgconn.get_copy_data(1)
+        except psycopg.Error as exc:
+            raise ConnectionLost(f"replication stream failed: {exc}") from exc
+        # One copy out of libpq's buffer, which is then freed; slicing the memoryview and
+        # copying the slice costs twice the calls (bytes() of a view looks for __bytes__).
+        return ([data.tobytes()], nbytes) if nbytes > 0 else ([], nbytes)
 
     def buffer(self, timeout_s: float) -> int:
         """Wait up to ``timeout_s`` for the server, then let libpq take what has arrived into
