@@ -66,10 +66,19 @@ def _spec(settings: Settings) -> _Spec:
             start_options(settings, binary=source.binary), source.status_interval_s)
 
 
+# The keys of cdcsync.config.SourceSettings. Another key (a misspelt "slot") could mean another
+# slot than the default this reading would assume, so it opens nothing; a key added there and not
+# here only delays the stream until the settings are validated.
+_SOURCE_KEYS: Final = frozenset({"dsn", "slot", "publication", "decoder", "binary",
+                                 "status_interval_s", "heartbeat_interval_s"})
+
+
 def _unvalidated_spec(source: dict[str, Any]) -> _Spec | None:
-    """The stream ``[source]`` describes when its keys are plainly valid (pgoutput, the names'
-    own rules, the defaults of :class:`cdcsync.config.SourceSettings`), else None. wal2json's
-    options come from the validated table list."""
+    """The stream ``[source]`` describes when its keys are plainly valid (known keys, pgoutput,
+    the names' own rules, the defaults of :class:`cdcsync.config.SourceSettings`), else None.
+    wal2json's options come from the validated table list."""
+    if not source.keys() <= _SOURCE_KEYS:
+        return None
     dsn, slot = source.get("dsn"), source.get("slot", "cdcsync")
     publication = source.get("publication", "cdcsync")
     binary = _flag(source.get("binary", True))

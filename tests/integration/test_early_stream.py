@@ -176,11 +176,12 @@ def test_the_configuration_file_opens_the_stream_before_validation(
 
 
 @pytest.mark.parametrize("extra", ['decoder = "wal2json"', 'binary = "sometimes"',
-                                   'status_interval_s = 0'])
+                                   'status_interval_s = 0', 'slott = "another"'])
 def test_a_configuration_that_is_not_plain_waits_for_validation(
         pair: DbPair, tmp_path: Path, extra: str) -> None:
     """Keys the raw reading cannot vouch for (wal2json's options come from the validated
-    tables): no stream until the settings are validated."""
+    tables; a misspelt key might have named another slot): no stream until the settings are
+    validated."""
     assert EarlyStream.open_unvalidated(_config_file(pair, tmp_path / "c.toml", extra)) is None
 
 
