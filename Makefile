@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 # so a stale one would run old code: any change under cdcsync/source/ builds them again.
 build: $(COMPILED)
 
-$(COMPILED): $(STAMP) setup.py $(wildcard cdcsync/source/*.py)
+$(COMPILED): $(STAMP) setup.py $(wildcard cdcsync/source/*.py cdcsync/source/*.c)
 	@if ! $(VENV)/bin/python -c 'import pathlib, shutil, sys, sysconfig; sys.exit(not (shutil.which("gcc") and pathlib.Path(sysconfig.get_paths()["include"], "Python.h").exists()))'; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "Installing gcc and python3-dev to compile the hot modules (best effort)"; \

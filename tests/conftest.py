@@ -36,7 +36,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     package = Path(cdcsync.__file__).parent
     stale = [str(compiled.relative_to(package.parent))
              for compiled in package.rglob("*.so")
-             if (source := compiled.with_name(compiled.name.split(".")[0] + ".py")).exists()
+             for suffix in (".py", ".c")
+             if (source := compiled.with_name(compiled.name.split(".")[0] + suffix)).exists()
              and source.stat().st_mtime > compiled.stat().st_mtime]
     if stale:
         pytest.exit(f"compiled modules older than their sources: {', '.join(stale)}; "
