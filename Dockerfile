@@ -25,7 +25,7 @@ RUN apt-get update \
 COPY README.md setup.py ./
 COPY cdcsync ./cdcsync
 RUN /opt/cdcsync/bin/pip install --no-deps . \
-    && /opt/cdcsync/bin/python -c "import cdcsync.source.tuples as m, cdcsync.source._copybatch; assert m.__file__.endswith('.so'), m.__file__" \
+    && /opt/cdcsync/bin/python -c "import cdcsync.source.tuples as m, cdcsync.source._copybatch, cdcsync.source._staged; assert m.__file__.endswith('.so'), m.__file__" \
     && /opt/cdcsync/bin/cdcsync --version
 
 FROM python:3.11-slim-bookworm

@@ -3,7 +3,8 @@
 Decoding pgoutput and converting each row into binary COPY is pure Python per column, and it
 bounds how fast one daemon drains a backlog (see the README's throughput section). The same typed
 source compiled by mypyc (shipped with mypy, already the project's type checker) runs about twice
-as fast. ``cdcsync/source/_copybatch.c`` reads the stream's messages out of libpq in batches.
+as fast. ``cdcsync/source/_copybatch.c`` reads the stream's messages out of libpq in batches;
+``cdcsync/source/_staged.c`` drops the earlier versions of a key from a batch's staged rows.
 Where no C compiler or Python headers are found, or with CDCSYNC_PURE_PYTHON=1, the
 package installs as plain Python and behaves the same, only slower.
 """
@@ -50,7 +51,9 @@ def _ext_modules() -> list[object]:
     compiled = mypycify(["--ignore-missing-imports", *HOT_MODULES], group_name="cdcsync._compiled")
     # Reading the replication stream a batch of messages per call (see the file's comment).
     reader = Extension("cdcsync.source._copybatch", ["cdcsync/source/_copybatch.c"])
-    return [*compiled, reader]
+    # A batch's earlier versions of a key dropped before the COPY (see the file's comment).
+    staged = Extension("cdcsync.source._staged", ["cdcsync/source/_staged.c"])
+    return [*compiled, reader, staged]
 
 
 setup(ext_modules=_ext_modules())

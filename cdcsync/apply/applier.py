@@ -358,7 +358,8 @@ class Applier:
             straight = copies_straight(self.conn)
             for batch in batches:
                 batch.direct = straight and self._copies_straight(batch)
-        script = self._script(batches, first=turn.take if turn else None)
+        # Tables in a foreign-key cycle are replayed in source order, every version of a key.
+        script = self._script(batches, first=turn.take if turn else None, collapse=not in_order)
         if turn is not None and turn.wait is not None and turn.early:
             script.add(turn.wait)
         if batches and not in_order:
@@ -374,7 +375,7 @@ class Applier:
                 # Tables in a foreign-key cycle go straight to source order.
                 self._merger.replay(cur, batches)
             elif refused is not None:
-                self._stage_straight(batches)
+                self._stage_whole(batches)
                 self._merger.recover(cur, batches, refused)
             for statement in save or ():
                 cur.execute(statement)
@@ -393,13 +394,15 @@ class Applier:
                 and not batch.table.row_security
                 and (not batch.binary or batch.straight_rows))
 
-    def _stage_straight(self, batches: list[Staged]) -> None:
-        """Stage the batches the refused merge copied straight: the fallbacks read the stage."""
-        straight = [b for b in batches if b.direct]
-        for batch in straight:
+    def _stage_whole(self, batches: list[Staged]) -> None:
+        """Stage every version of every key of the batches the refused merge copied straight or
+        staged collapsed: the fallbacks read the stage, and replay the changes in source order
+        (a unique value moving between rows may need the versions in between)."""
+        partial = [b for b in batches if b.direct or b.collapsed]
+        for batch in partial:
             batch.direct = False
-        if straight:
-            self._merger.run(self.conn, self._script(straight))
+        if partial:
+            self._merger.run(self.conn, self._script(partial))
 
     def _order(self, oids: Iterable[int]) -> tuple[list[int], set[int]]:
         key = frozenset(oids)
@@ -428,9 +431,10 @@ class Applier:
                   column=name, type=type_name)
 
     def _script(self, batches: list[Staged], *, windowed: bool = True,
-                first: sql.Composed | None = None) -> Script:
+                first: sql.Composed | None = None, collapse: bool = False) -> Script:
         """A script opening the transaction if none is open, running ``first``, then copying
-        ``batches`` into their stages; ``windowed``, recording their keys in the open windows of
+        ``batches`` into their stages (``collapse``: the last version of each key only, see
+        :func:`plan.collapses`); ``windowed``, recording their keys in the open windows of
         their tables."""
         script = Script()
         if self.conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
@@ -442,7 +446,8 @@ class Applier:
                 continue
             plan.stage(script, batch, create=batch.stage not in self._stages,
                        truncate=batch.stage in self._dirty,
-                       window_name=self._windows.get(batch.table.oid) if windowed else None)
+                       window_name=self._windows.get(batch.table.oid) if windowed else None,
+                       collapse=collapse)
             self._stages.add(batch.stage)
             self._dirty.add(batch.stage)
         return script

@@ -53,7 +53,7 @@ _SHAPES_KEPT = 256
 def _shape(batch: Staged) -> tuple[object, ...]:
     """What the merge statements of ``batch`` depend on."""
     return (batch.table, batch.relation, batch.stage, batch.only_inserts, batch.deletes > 0,
-            batch.repeats, batch.unchanged_mask, batch.direct, batch.binary)
+            batch.repeats, batch.unchanged_mask, batch.direct, batch.binary, batch.collapsed)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,10 @@ stands).
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 import psycopg
 from psycopg import sql
@@ -23,8 +26,23 @@ from psycopg.rows import TupleRow
 from cdcsync.apply import sql as q
 from cdcsync.apply import window
 from cdcsync.model import Relation, TableRows, TargetTable
-from cdcsync.source.tuples import COPY_HEADER, COPY_TRAILER, text_rows
+from cdcsync.source.tuples import COPY_HEADER, COPY_TRAILER, META_COLUMNS, text_rows
 
+LatestVersions = Callable[[Sequence[bytes], Sequence[int]], list[bytes] | None]
+
+
+def _latest_versions() -> LatestVersions | None:
+    """``_staged.latest_versions`` (see ``cdcsync/source/_staged.c``), or None where the
+    extension is not compiled (a pure-Python install): the merge collapses the stage then."""
+    try:
+        staged = importlib.import_module("cdcsync.source._staged")
+    except ImportError:
+        return None
+    found: LatestVersions = staged.latest_versions
+    return found
+
+
+LATEST_VERSIONS: Final = _latest_versions()
 BEGIN = sql.SQL("BEGIN")
 COMMIT = sql.SQL("COMMIT")
 SAVEPOINT = sql.SQL("SAVEPOINT cdcsync_flush")
@@ -56,6 +74,9 @@ class Staged:
     # Whether the values are binary: the stage has the source's types (TargetTable.binary_types)
     # and a straight COPY is in binary format.
     binary: bool = False
+    # Whether the stage holds each key's last version only, the others dropped before the COPY
+    # (see stage): the merge then has nothing to collapse.
+    collapsed: bool = False
 
     def add_keys(self, rows: TableRows) -> None:
         """Count the keys of ``rows``, a chunk just added, towards :attr:`repeats`."""
@@ -157,18 +178,35 @@ class Rendered:
 
 
 def stage(script: Script, batch: Staged, *, create: bool, truncate: bool,
-          window_name: str | None) -> None:
+          window_name: str | None, collapse: bool = False) -> None:
     """Copy ``batch`` into its stage (made or emptied first); record its keys in the window of
-    a resync chunk being read."""
+    a resync chunk being read. With ``collapse``, a key staged more than once is staged in its
+    last version only, where nothing needs the earlier ones (see :func:`collapses`)."""
     if create:
         script.add(q.create_stage(batch.stage, batch.relation,
                                   batch.table.binary_types if batch.binary else None))
     if truncate:
         script.add(q.truncate_stage(batch.stage))
     script.add(q.copy_into(batch.stage))
-    script.copies.append(b"".join((COPY_HEADER, *batch.staged_rows(), COPY_TRAILER)))
+    rows = batch.staged_rows()
+    batch.collapsed = collapse and collapses(batch)
+    if batch.collapsed and LATEST_VERSIONS is not None:
+        fields = sorted(len(META_COLUMNS) + k for k in batch.table.source_key)
+        rows = LATEST_VERSIONS(rows, fields) or rows
+    script.copies.append(b"".join((COPY_HEADER, *rows, COPY_TRAILER)))
     if window_name is not None:
         script.add(window.record_keys(window_name, batch.stage, batch.table))
+
+
+def collapses(batch: Staged) -> bool:
+    """Whether the earlier versions of a key ``batch`` stages twice are dropped before its COPY
+    (:data:`LATEST_VERSIONS`) rather than by the merge: the target then neither stores them nor
+    scans the stage twice and hashes every key to find them, and they do not cross the link.
+    Not where a TOASTed value left unchanged is taken from an earlier version (the fills read
+    them from the stage), and only with the compiled extension: walking the rows in Python
+    costs the applier more than the target saves."""
+    return (LATEST_VERSIONS is not None and batch.repeats and not batch.only_inserts
+            and not batch.unchanged_mask)
 
 
 def merge(script: Script, batches: list[Staged], upserts: dict[int, list[sql.Composed]]) -> None:
@@ -187,7 +225,7 @@ def merge(script: Script, batches: list[Staged], upserts: dict[int, list[sql.Com
     for batch in batches:
         for statement in fills(batch):
             script.add(statement)
-        if batch.repeats and not batch.only_inserts:
+        if batch.repeats and not batch.only_inserts and not batch.collapsed:
             script.add(q.keep_last_versions(batch.stage, batch.table))
     for batch in batches:
         if batch.direct:

@@ -1,0 +1,5 @@
+from collections.abc import Sequence
+
+def latest_versions(
+    chunks: Sequence[bytes], key_fields: Sequence[int], /
+) -> list[bytes] | None: ...
