@@ -18,6 +18,7 @@ import queue
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ HANDOFF_BYTES = 16 << 20
 # What an item without rows (a transaction's start or end, a message) counts for.
 _ITEM_BYTES = 64
 _IDLE_ADVANCE_EVERY_S = 1.0
+_CHECK_AFTER_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,16 +88,40 @@ def _item_bytes(item: Item) -> int:
     return item.size_bytes if isinstance(item, ChangeChunk) else _ITEM_BYTES
 
 
+class _RecentUse:
+    """A pool's check on lending a connection: one opened or given back within the last
+    :data:`_CHECK_AFTER_S` is lent as it is; an older one is checked with a round trip (an
+    empty query) and replaced if it is gone. Checking every time cost the start three round
+    trips on its path (before the copies' states are registered, the checkpoint read and the
+    first table resolved), 60 ms with a target 10 ms away. A connection that broke since is met
+    by its user as any lost connection is: the stream starts again."""
+
+    def __init__(self) -> None:
+        self._last: weakref.WeakKeyDictionary[psycopg.Connection[TupleRow], float] = (
+            weakref.WeakKeyDictionary())
+
+    def used(self, conn: psycopg.Connection[TupleRow]) -> None:
+        self._last[conn] = time.monotonic()
+
+    def check(self, conn: psycopg.Connection[TupleRow]) -> None:
+        last = self._last.get(conn)
+        if last is None or time.monotonic() - last >= _CHECK_AFTER_S:
+            ConnectionPool.check_connection(conn)
+
+
 def open_target_pool(settings: Settings) -> ConnectionPool:
     """The target pool shared by the applier and every other user of the target.
 
     Two connections from the start, opened side by side: the copies' queue (the resyncer) takes
     one as the stream starts, and the applier would otherwise wait for a second to be opened."""
+    checker = _RecentUse()
     return ConnectionPool(
         with_session_options(settings.target.dsn.get_secret_value(), "cdcsync"),
         min_size=2,
         max_size=settings.target.pool_size,
-        check=ConnectionPool.check_connection,
+        check=checker.check,
+        configure=checker.used,
+        reset=checker.used,
         name="cdcsync-target",
         open=True,
         timeout=10.0,
@@ -355,7 +381,8 @@ class Pipeline:
                 return None
             with self._source() as src:
                 source_types = catalog.column_types(src, relation)
-            with self.pool.connection() as conn:
+            # In autocommit: reads need no BEGIN and COMMIT of their own (see roundtrip).
+            with self.pool.connection() as pooled, roundtrip.autocommit(pooled) as conn:
                 table = tables.resolve(conn, self.settings, relation, source_types=source_types,
                                        previous=self._relations.get(relation.oid))
             self._relations[relation.oid] = relation

@@ -22,7 +22,7 @@ from psycopg import errors as pgerrors
 from psycopg import pq, sql
 from psycopg.rows import TupleRow
 
-from cdcsync import checkpoint
+from cdcsync import checkpoint, roundtrip
 from cdcsync.apply import script as plan
 from cdcsync.apply import sql as q
 from cdcsync.apply import tables, window
@@ -407,7 +407,13 @@ class Applier:
     def _order(self, oids: Iterable[int]) -> tuple[list[int], set[int]]:
         key = frozenset(oids)
         if key not in self._orders:
-            self._orders[key] = tables.foreign_key_order(self.conn, sorted(key))
+            # Asked outside a transaction, the question needs no BEGIN of its own: the flush's
+            # query opens the transaction (a round trip saved where the target is far).
+            if self.conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
+                with roundtrip.autocommit(self.conn) as conn:
+                    self._orders[key] = tables.foreign_key_order(conn, sorted(key))
+            else:
+                self._orders[key] = tables.foreign_key_order(self.conn, sorted(key))
         return self._orders[key]
 
     def _add_columns(self, cur: Cur, table: TargetTable) -> None:

@@ -12,14 +12,14 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
 from bench.relay import Link, Relay
-from cdcsync import checkpoint
+from cdcsync import checkpoint, pipeline
 from cdcsync.apply import script as plan
 from cdcsync.apply import sql as q
 from cdcsync.apply import tables
 from cdcsync.apply.applier import Applier
 from cdcsync.apply.merge import Merger
 from cdcsync.apply.script import Script, Staged
-from cdcsync.model import ChangeChunk, Column, Lsn, Relation, TableRows, TxnEnd
+from cdcsync.model import ChangeChunk, Column, Lsn, Relation, TableRows, TargetTable, TxnEnd
 from cdcsync.source import tuples
 from cdcsync.source.tuples import stage_values
 from tests.conftest import DbPair
@@ -46,9 +46,10 @@ def relayed(dbpair: DbPair) -> Iterator[tuple[psycopg.Connection[TupleRow], Link
 
 
 def _chunk(applier: Applier, rows: list[tuple[int, int, str]], lsn: int,
-           relation: Relation = RELATION) -> ChangeChunk:
-    """Inserts then updates of ``(id, qty, op)``, all stamped now."""
-    target = tables.resolve(applier.conn, applier.settings, relation)
+           relation: Relation = RELATION, target: TargetTable | None = None) -> ChangeChunk:
+    """Inserts then updates of ``(id, qty, op)``, all stamped now; the target table resolved on
+    the applier's connection unless given."""
+    target = target or tables.resolve(applier.conn, applier.settings, relation)
     micros = (NOW - EPOCH) // dt.timedelta(microseconds=1)
     staged, _ = stage_values(relation, [
         ((str(key).encode(), str(qty).encode(), NOW.isoformat().encode()), ord(op), seq, lsn,
@@ -89,6 +90,58 @@ def test_one_table_batch_costs_two_waits(
         assert check.execute("SELECT lsn::text FROM cdcsync.checkpoint").fetchall() == [
             ("0/3000",)]
         assert check.execute("SELECT count(*) FROM cdcsync.conflicts").fetchone() == (1,)
+
+
+def test_a_first_batch_reads_foreign_keys_without_a_begin_of_its_own(
+        dbpair: DbPair, relayed: tuple[psycopg.Connection[TupleRow], Link]) -> None:
+    """A new applier on an idle connection asks for its tables' foreign keys in autocommit and
+    the batch's query opens the transaction: 3 waits in all, where a BEGIN first cost 4."""
+    conn, link = relayed
+    settings = settings_for(dbpair)
+    with psycopg.connect(dbpair.target_dsn) as direct:
+        target = tables.resolve(direct, settings, RELATION)
+    applier = Applier(conn, settings)
+    applier.start()
+    # Negative keys: the other tests count the rows from 1 up.
+    applier.add(_chunk(applier, [(-1, 1, "I"), (-2, 1, "I")], 0x3800, target=target))
+    applier.end(TxnEnd(Lsn(0x3800), NOW))
+    before = link.waits
+    applier.commit()
+    assert link.waits - before == 3
+    with psycopg.connect(dbpair.target_dsn) as check:
+        assert check.execute("SELECT count(*) FROM items WHERE id < 0").fetchone() == (2,)
+
+
+def test_the_pool_checks_a_connection_only_after_a_second_unused(
+        dbpair: DbPair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection opened or given back less than a second ago is lent without a round trip;
+    an older one is checked first, and one whose server process is gone is replaced."""
+    port = int(str(conninfo_to_dict(dbpair.target_dsn)["port"]))
+    with Relay(port, 0.0) as relay:
+        relayed = make_conninfo(dbpair.target_dsn, host="127.0.0.1", port=relay.port)
+        pool = pipeline.open_target_pool(settings_for(dbpair, target={"dsn": relayed}))
+        try:
+            pool.wait(timeout=10)
+            with pool.connection() as conn:
+                conn.execute("SELECT 1")
+            # The pool may open a third connection meanwhile: only the two lent are counted.
+            links = relay.links[:2]
+            before = sum(link.waits for link in links)
+            with pool.connection():
+                pass
+            assert sum(link.waits for link in links) == before
+            monkeypatch.setattr(pipeline, "_CHECK_AFTER_S", 0.0)
+            with pool.connection():
+                pass
+            assert sum(link.waits for link in links) == before + 1
+            execute(dbpair.target_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                       "WHERE application_name = 'cdcsync' "
+                                       "AND datname = current_database()")
+            for _ in range(3):
+                with pool.connection() as conn:
+                    assert conn.execute("SELECT 1").fetchone() == (1,)
+        finally:
+            pool.close()
 
 
 def test_a_transaction_crossing_max_rows_joins_the_batch_max_bytes_flushes(
