@@ -12,7 +12,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
 from bench.relay import Link, Relay
-from cdcsync import checkpoint, pipeline
+from cdcsync import checkpoint, pipeline, roundtrip
 from cdcsync.apply import script as plan
 from cdcsync.apply import sql as q
 from cdcsync.apply import tables
@@ -110,6 +110,22 @@ def test_a_first_batch_reads_foreign_keys_without_a_begin_of_its_own(
     assert link.waits - before == 3
     with psycopg.connect(dbpair.target_dsn) as check:
         assert check.execute("SELECT count(*) FROM items WHERE id < 0").fetchone() == (2,)
+
+
+def test_a_table_is_resolved_in_one_round_trip(
+        dbpair: DbPair, relayed: tuple[psycopg.Connection[TupleRow], Link]) -> None:
+    """Columns, types and the primary key, here of two columns in the key's order (not the
+    table's), come in one query: the first batch waits for it."""
+    conn, link = relayed
+    execute(dbpair.target_dsn, "CREATE TABLE pairs (a int, b int, v text, PRIMARY KEY (b, a))")
+    relation = Relation(16385, "public", "pairs", "d", (
+        Column("a", 23, -1, True), Column("b", 23, -1, True), Column("v", 25, -1, False)))
+    with roundtrip.autocommit(conn):
+        before = link.waits
+        table = tables.resolve(conn, settings_for(dbpair), relation)
+        assert link.waits - before == 1
+    assert (table.columns, table.types, table.key, table.source_key) == (
+        ("a", "b", "v"), ("integer", "integer", "text"), (1, 0), (1, 0))
 
 
 def test_the_pool_checks_a_connection_only_after_a_second_unused(
