@@ -409,11 +409,10 @@ class Applier:
         if key not in self._orders:
             # Asked outside a transaction, the question needs no BEGIN of its own: the flush's
             # query opens the transaction (a round trip saved where the target is far).
-            if self.conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
-                with roundtrip.autocommit(self.conn) as conn:
-                    self._orders[key] = tables.foreign_key_order(conn, sorted(key))
-            else:
-                self._orders[key] = tables.foreign_key_order(self.conn, sorted(key))
+            idle = self.conn.pgconn.transaction_status == pq.TransactionStatus.IDLE
+            with (roundtrip.autocommit(self.conn) if idle
+                  else contextlib.nullcontext(self.conn)) as conn:
+                self._orders[key] = tables.foreign_key_order(conn, sorted(key))
         return self._orders[key]
 
     def _add_columns(self, cur: Cur, table: TargetTable) -> None:

@@ -189,10 +189,10 @@ def stage(script: Script, batch: Staged, *, create: bool, truncate: bool,
         script.add(q.truncate_stage(batch.stage))
     script.add(q.copy_into(batch.stage))
     rows = batch.staged_rows()
-    batch.collapsed = collapse and collapses(batch)
-    if batch.collapsed and LATEST_VERSIONS is not None:
-        fields = sorted(len(META_COLUMNS) + k for k in batch.table.source_key)
-        rows = LATEST_VERSIONS(rows, fields) or rows
+    latest = LATEST_VERSIONS if collapse and collapses(batch) else None
+    batch.collapsed = latest is not None
+    if latest is not None:
+        rows = latest(rows, sorted(len(META_COLUMNS) + k for k in batch.table.source_key)) or rows
     script.copies.append(b"".join((COPY_HEADER, *rows, COPY_TRAILER)))
     if window_name is not None:
         script.add(window.record_keys(window_name, batch.stage, batch.table))

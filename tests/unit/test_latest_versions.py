@@ -9,7 +9,7 @@ import pytest
 from cdcsync.apply import script as plan
 from cdcsync.apply import sql as q
 from cdcsync.model import Column, Relation, TableRows, TargetTable
-from cdcsync.source.tuples import META_COLUMNS, stage_values
+from cdcsync.source.tuples import COPY_HEADER, COPY_TRAILER, META_COLUMNS, stage_values
 
 if importlib.util.find_spec("cdcsync.source._staged") is None:
     pytest.skip("a pure-Python install has no compiled extension", allow_module_level=True)
@@ -41,6 +41,12 @@ def _rows(chunks: list[bytes]) -> list[list[int]]:
                 off += 4 + max(size, 0)
         found.append(seqs)
     return found
+
+
+def _unframed(copy_data: bytes) -> bytes:
+    """The rows of a binary COPY's data, without its header and trailer."""
+    assert copy_data.startswith(COPY_HEADER) and copy_data.endswith(COPY_TRAILER)
+    return copy_data[len(COPY_HEADER):-len(COPY_TRAILER)]
 
 
 def test_only_the_last_version_of_each_key_stays_across_chunks() -> None:
@@ -104,13 +110,13 @@ def test_a_batch_collapsed_before_its_copy_is_not_collapsed_by_the_merge() -> No
     plan.stage(collapsed, batch, create=False, truncate=False, window_name=None, collapse=True)
     plan.merge(collapsed, [batch], {})
     assert batch.collapsed
-    assert _rows([collapsed.copies[0][19:-2]]) == [[2]]
+    assert _rows([_unframed(collapsed.copies[0])]) == [[2]]
     assert not any("DELETE" in s.as_string(None) for s in collapsed.statements
                    if not isinstance(s, bytes))
     whole = plan.Script()
     plan.stage(whole, batch, create=False, truncate=True, window_name=None)
     plan.merge(whole, [batch], {})
     assert not batch.collapsed
-    assert _rows([whole.copies[0][19:-2]]) == [[1, 2]]
+    assert _rows([_unframed(whole.copies[0])]) == [[1, 2]]
     assert any(s.as_string(None).startswith("DELETE") for s in whole.statements
                if not isinstance(s, bytes))
