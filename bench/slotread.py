@@ -5,8 +5,8 @@ in 1,000-row transactions, then copies of its slot read to the backlog's last co
 :class:`cdcsync.source.replication.ReplicationStream` alone, the messages only counted: taken
 one by one through psycopg's ``get_copy_data``, or a batch per call through the compiled reader
 (``cdcsync/source/_copybatch.c``), alternating. Each read reports the reading process's CPU
-(user + system, the walsender's messages included) per message and the walsender's CPU
-seconds.
+(user + system) per message, and the walsender's CPU seconds and context switches (waits on
+its socket or for WAL, and preemptions).
 
 ``--busy N`` runs N busy loops (separate processes) during the reads: on a machine with two
 cores, the walsender then shares its core, as in the throughput bench where cdcsync's daemon,
@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -55,6 +56,17 @@ def _backlog(dsn: str, rows: int) -> None:
                          (lo, min(lo + TXN_ROWS - 1, rows)))
 
 
+def _context_switches(pid: int) -> dict[str, int]:
+    """The walsender's context switches so far: voluntary ones are waits (on its socket, for
+    WAL), the others preemptions."""
+    counts = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
+            counts[f"walsender_{name.split('_')[0]}_switches"] = int(value)
+    return counts
+
+
 def _read(dsn: str, slot: str, *, batched: bool, commits: int) -> dict[str, Any]:
     """Read ``slot`` until ``commits`` Commit messages have come."""
     stream = ReplicationStream(dsn, slot, batched=batched)
@@ -72,11 +84,12 @@ def _read(dsn: str, slot: str, *, batched: bool, commits: int) -> dict[str, Any]
         used = time.process_time() - started
         wall = time.monotonic() - wall
         walsender = cpu.process_seconds(sender) if sender is not None else None
+        switches = _context_switches(sender) if sender is not None else {}
     finally:
         stream.close()
     return {"batched": batched, "messages": messages, "wall_s": round(wall, 3),
             "reader_us_per_message": round(used / messages * 1e6, 3),
-            "walsender_cpu_s": walsender}
+            "walsender_cpu_s": walsender, **switches}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,7 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary["batched" if batched else "one_by_one"] = {
             "reader_us_per_message": statistics.median(r["reader_us_per_message"] for r in mine),
             "walsender_cpu_s": statistics.median(r["walsender_cpu_s"] or 0.0 for r in mine),
-            "wall_s": statistics.median(r["wall_s"] for r in mine)}
+            "wall_s": statistics.median(r["wall_s"] for r in mine),
+            "walsender_preemptions": statistics.median(
+                r.get("walsender_nonvoluntary_switches", 0) for r in mine),
+            "walsender_waits": statistics.median(
+                r.get("walsender_voluntary_switches", 0) for r in mine)}
     if args.json:
         print(json.dumps({"rows": args.rows, "busy": args.busy, "summary": summary,
                           "reads": reads}))
@@ -126,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           "reads of each kind:")
     for kind, s in summary.items():
         print(f"  {kind:11s} reader {s['reader_us_per_message']:.2f} µs a message, walsender "
-              f"{s['walsender_cpu_s']:.2f} CPU s, {s['wall_s']:.2f} s")
+              f"{s['walsender_cpu_s']:.2f} CPU s (preempted {s['walsender_preemptions']:.0f} "
+              f"times, waited {s['walsender_waits']:.0f}), {s['wall_s']:.2f} s")
     return 0
 
 

@@ -8,7 +8,10 @@ twice as much). Each start is timed from ``Popen`` until:
 
 * ``slot``: the slot is active in ``pg_replication_slots`` (polled every 5 ms on the source);
 * ``streaming``: the daemon logged its ``streaming`` event (the JSON log's timestamp), written
-  once the applier holds its target connection and the reader runs: it can apply.
+  once the applier holds its target connection and the reader runs: it can apply;
+* ``applied``: the one source transaction written before the start (an update of one row) is
+  on the target (polled every 5 ms, directly, not through the relay): what follows
+  ``streaming`` (resolving the table, the first batch's round trips) is counted here.
 
 Also per start: the target round trips the relay counted until ``streaming`` (connecting and
 authenticating count too), and the process's CPU seconds (user + system) at that moment. The
@@ -73,6 +76,7 @@ class Start:
     delay_ms: float
     slot_s: float
     streaming_s: float
+    applied_s: float
     round_trips: int
     cpu_s: float
 
@@ -139,8 +143,11 @@ def start_once(srv: Servers, relay: Relay, workdir: Path, timeout: float,
     path = workdir / "startup.toml"
     path.write_text(to_toml(config(srv, relay.port)))
     log = workdir / f"run-{time.monotonic_ns()}.log"
-    with connect(srv.source(SOURCE_DB)) as src:
+    with connect(srv.source(SOURCE_DB)) as src, connect(srv.target(TARGET_DB)) as tgt:
         wait_until(lambda: not _slot_active(src), timeout=timeout, what="the slot to be free")
+        row = src.execute("UPDATE item SET qty = qty + 1 WHERE id = 1 RETURNING qty").fetchone()
+        assert row is not None
+        marker = row[0]
         trips_before = relay.round_trips
         cmd = [sys.executable, "-m", "cdcsync.cli", "--config", str(path), "run"]
         env = {**os.environ, "PYTHONPATH": str(tree)} if tree else None
@@ -167,6 +174,14 @@ def start_once(srv: Servers, relay: Relay, workdir: Path, timeout: float,
                 wait_until(lambda: _slot_active(src), timeout=timeout, what="the slot",
                            interval=0.005)
                 held.append(time.time())
+
+            def applied() -> bool:
+                got = tgt.execute("SELECT qty FROM item WHERE id = 1").fetchone()
+                return got is not None and got[0] == marker
+
+            wait_until(applied, timeout=timeout, what="the first change on the target",
+                       interval=0.005)
+            applied_at = time.time()
         finally:
             proc.terminate()
             code = proc.wait(timeout=30)
@@ -174,7 +189,7 @@ def start_once(srv: Servers, relay: Relay, workdir: Path, timeout: float,
         raise BenchError(f"cdcsync run exited with {code} after SIGTERM:\n"
                          f"{log.read_text(errors='replace')[-2000:]}")
     return Start(str(tree or "this tree"), relay.delay_s * 1000, held[0] - began, at - began,
-                 trips, cpu)
+                 applied_at - began, trips, cpu)
 
 
 def summarise(starts: Sequence[Start]) -> list[dict[str, Any]]:
@@ -183,6 +198,7 @@ def summarise(starts: Sequence[Start]) -> list[dict[str, Any]]:
         group = [s for s in starts if s.delay_ms == delay and s.tree == tree]
         rows.append({"tree": tree, "delay_ms": delay, "starts": len(group),
                      "streaming_s": round(median([s.streaming_s for s in group]), 3),
+                     "applied_s": round(median([s.applied_s for s in group]), 3),
                      "slot_s": round(median([s.slot_s for s in group]), 3),
                      "round_trips": median([s.round_trips for s in group]),
                      "cpu_s": round(median([s.cpu_s for s in group]), 3),
@@ -192,10 +208,12 @@ def summarise(starts: Sequence[Start]) -> list[dict[str, Any]]:
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| cdcsync | delay to target (each way) | starts | streaming s (median) | "
-             "slot active s | target round trips | CPU s | each start, streaming s |",
-             "|---" * 8 + "|"]
+             "first change applied s | slot active s | target round trips | CPU s | "
+             "each start, streaming s |",
+             "|---" * 9 + "|"]
     lines += [f"| {r['tree']} | {r['delay_ms']:g} ms | {r['starts']} | {r['streaming_s']:.3f} | "
-              f"{r['slot_s']:.3f} | {r['round_trips']:g} | {r['cpu_s']:.2f} | "
+              f"{r['applied_s']:.3f} | {r['slot_s']:.3f} | {r['round_trips']:g} | "
+              f"{r['cpu_s']:.2f} | "
               f"{', '.join(f'{v:.2f}' for v in r['streaming_each'])} |" for r in rows]
     return "\n".join(lines)
 
