@@ -118,12 +118,16 @@ _MODULES = {
 
 
 def _run(args: argparse.Namespace) -> int:
-    """``cdcsync run``: the slot's stream opens as soon as the configuration file is read, while
-    pydantic, the settings and the daemon's own modules load (see :mod:`cdcsync.source.early`)."""
-    coldstart.load("cdcsync.source.early", resume=False)
+    """``cdcsync run``: the slot's stream opens and the target is asked its first question as
+    soon as the configuration file is read, while pydantic, the settings and the daemon's own
+    modules load (see :mod:`cdcsync.source.early` and :mod:`cdcsync.target_ahead`)."""
+    coldstart.load("cdcsync.source.early", "cdcsync.target_ahead", resume=False)
     from cdcsync.source.early import EarlyStream  # noqa: PLC0415
+    from cdcsync.target_ahead import TargetAhead  # noqa: PLC0415
 
-    early = EarlyStream.open_unvalidated(config_path(args.config))
+    path = config_path(args.config)
+    early = EarlyStream.open_unvalidated(path)
+    ahead = TargetAhead.open_unvalidated(path)
     try:
         coldstart.load("cdcsync.config", resume=False)
         settings = _settings(args)
@@ -135,10 +139,13 @@ def _run(args: argparse.Namespace) -> int:
         from cdcsync import daemon  # noqa: PLC0415
         from cdcsync.notify import Notifier  # noqa: PLC0415
 
-        daemon.run(settings, notifier=Notifier.from_environ(os.environ), early=early)
+        daemon.run(settings, notifier=Notifier.from_environ(os.environ), early=early,
+                   ahead=ahead)
     finally:
         if early is not None:
             early.close()
+        if ahead is not None:
+            ahead.close()
     return 0
 
 

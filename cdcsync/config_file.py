@@ -1,10 +1,11 @@
 """Where the configuration comes from, read as it is: the TOML file, and the environment's raw
-``[source]`` keys for :mod:`cdcsync.source.early`.
+``[source]`` and ``[target]`` keys for :mod:`cdcsync.source.early` and
+:mod:`cdcsync.target_ahead`.
 
 :mod:`cdcsync.config` validates all of it. This module does not import pydantic, so ``cdcsync
-run`` can start the slot's stream before pydantic and the settings' models load (about a fifth of
-a second); what it reads before validation is only a guess, which the validated settings confirm
-or replace.
+run`` can start the slot's stream and ask the target its first question before pydantic and the
+settings' models load (about a fifth of a second); what it reads before validation is only a
+guess, which the validated settings confirm or replace.
 """
 
 from __future__ import annotations
@@ -45,20 +46,21 @@ def read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid TOML: {exc}", fix="correct the syntax") from exc
 
 
-def raw_source(path: Path | None) -> dict[str, Any] | None:
-    """The file's ``[source]`` table with the ``CDCSYNC_SOURCE__<KEY>`` variables (upper case)
+def raw_section(path: Path | None, name: str) -> dict[str, Any] | None:
+    """The file's ``[name]`` table with the ``CDCSYNC_<NAME>__<KEY>`` variables (upper case)
     over it, unvalidated; None where it cannot be read so simply (no such file, bad TOML, not a
-    table, or the whole section given as ``CDCSYNC_SOURCE``)."""
-    if "CDCSYNC_SOURCE" in os.environ:
+    table, or the whole section given as ``CDCSYNC_<NAME>``)."""
+    variable = f"CDCSYNC_{name.upper()}"
+    if variable in os.environ:
         return None
     try:
         data = read_file(path) if path is not None else {}
     except ConfigError:
         return None
-    section = data.get("source", {})
+    section = data.get(name, {})
     if not isinstance(section, dict):
         return None
-    prefix = "CDCSYNC_SOURCE__"
-    overrides = {name[len(prefix):].lower(): value for name, value in os.environ.items()
-                 if name.startswith(prefix)}
+    prefix = f"{variable}__"
+    overrides = {key[len(prefix):].lower(): value for key, value in os.environ.items()
+                 if key.startswith(prefix)}
     return {**section, **overrides}

@@ -7,14 +7,16 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import TYPE_CHECKING, Protocol
 
+import psycopg
 from psycopg_pool import ConnectionPool
 
 from cdcsync import __version__, alerts, leader, prerequisites
-from cdcsync.admin import connect
+from cdcsync.admin import Conn, connect, connection_error
 from cdcsync.alerts import Alerter, Thresholds
 from cdcsync.backfill import snapshot
 from cdcsync.backfill.resync import Resyncer
@@ -27,41 +29,58 @@ from cdcsync.metrics import Metrics
 from cdcsync.notify import Notifier, SystemdReporter
 from cdcsync.pipeline import Pipeline, Progress, open_target_pool
 from cdcsync.source import catalog
+from cdcsync.target_ahead import TargetAhead, TargetState, target_state
 
 if TYPE_CHECKING:
     from cdcsync.jobs import Jobs
     from cdcsync.source.early import EarlyStream
 
 
-def preflight(settings: Settings, early: EarlyStream | None = None) -> bool:
-    """Fail fast, with the fix, on what no retry would cure; return whether another process
-    holds the slot's lock (this one starts as its standby). The ``early`` stream is closed if
-    this process will not stream from it first: as a standby, or when the initial snapshot is
-    to re-create the slot.
+@contextmanager
+def ask_target(settings: Settings, ahead: TargetAhead | None = None
+               ) -> Iterator[tuple[Conn, TargetState | PrerequisiteError]]:
+    """A connection to the target and its answer to :func:`target_ahead.target_state` (or its
+    refusal): those asked ``ahead`` when they are for these settings, else asked now."""
+    dsn, slot = settings.target.dsn.get_secret_value(), settings.source.slot
+    answered = ahead.take(dsn, slot) if ahead is not None else None
+    if isinstance(answered, psycopg.OperationalError):
+        raise connection_error(answered, dsn, "target") from None
+    if answered is not None:
+        with answered[0]:
+            yield answered
+        return
+    with connect(dsn, "target") as tgt:
+        try:
+            known: TargetState | PrerequisiteError = target_state(tgt, slot)
+        except PrerequisiteError as exc:
+            known = exc
+        yield tgt, known
+
+
+def preflight(settings: Settings, tgt: Conn, known: TargetState | PrerequisiteError,
+              early: EarlyStream | None = None) -> None:
+    """Fail fast, with the fix, on what no retry would cure. ``tgt`` and ``known`` come from
+    :func:`ask_target`. The ``early`` stream is closed if this process will not stream from it
+    first: as a standby, or when the initial snapshot is to re-create the slot.
 
     The target is asked everything it is asked here in two round trips (a target far away pays
-    each one at every start): the lock's holder, the metadata schema and the copy states, then
-    the columns of every target table."""
+    each one at every start), the first of them usually while the daemon loaded: the lock's
+    holder, the metadata schema and the copy states, then the columns of every target table."""
     slot = settings.source.slot
-    with connect(settings.target.dsn.get_secret_value(), "target") as tgt:
-        known: prerequisites.TargetState | PrerequisiteError
-        try:
-            known = prerequisites.target_state(tgt, slot)
-            standby = known.standby
-        except PrerequisiteError as exc:
-            # Refused only after the source's checks, whose failures come first.
-            known, standby = exc, leader.lock_holder(tgt, slot) is not None
-        with connect(settings.source.dsn.get_secret_value(), "source") as src:
-            slot_missing = catalog.slot_info(src, slot) is None
-            selected = prerequisites.check_source(
-                src, settings, standby=standby, ours=early.backend_pid if early else None)
-        if isinstance(known, PrerequisiteError):
-            raise known
-        # The initial snapshot re-creates the slot; a crash in between leaves none, which the
-        # next snapshot attempt cures by itself.
-        fresh = (settings.snapshot.mode == "initial"
-                 and snapshot.needed(known.states, [t.source for t in selected]))
-        prerequisites.check_target(tgt, settings, selected)
+    # Refused only after the source's checks, whose failures come first.
+    standby = (known.standby if isinstance(known, TargetState)
+               else leader.lock_holder(tgt, slot) is not None)
+    with connect(settings.source.dsn.get_secret_value(), "source") as src:
+        slot_missing = catalog.slot_info(src, slot) is None
+        selected = prerequisites.check_source(
+            src, settings, standby=standby, ours=early.backend_pid if early else None)
+    if isinstance(known, PrerequisiteError):
+        raise known
+    # The initial snapshot re-creates the slot; a crash in between leaves none, which the
+    # next snapshot attempt cures by itself.
+    fresh = (settings.snapshot.mode == "initial"
+             and snapshot.needed(known.states, [t.source for t in selected]))
+    prerequisites.check_target(tgt, settings, selected)
     if early is not None and (standby or fresh):
         early.close()
     if slot_missing and not fresh:
@@ -69,7 +88,6 @@ def preflight(settings: Settings, early: EarlyStream | None = None) -> bool:
             f"replication slot {slot!r} does not exist on the source",
             fix="run `cdcsync setup` first",
         )
-    return standby
 
 
 def _alerter(settings: Settings) -> Alerter:
@@ -84,13 +102,15 @@ def _alerter(settings: Settings) -> Alerter:
 
 
 def run(settings: Settings, stop: threading.Event | None = None,
-        notifier: Notifier | None = None, early: EarlyStream | None = None) -> None:
+        notifier: Notifier | None = None, early: EarlyStream | None = None,
+        ahead: TargetAhead | None = None) -> None:
     """Stream until SIGTERM/SIGINT (or ``stop``); return normally after a clean shutdown.
 
     ``notifier`` (systemd's NOTIFY_SOCKET, given by the CLI) hears readiness, watchdog pings,
     status with the lag, and the start of the shutdown. ``early``, the slot's stream the CLI
     opened as soon as it knew the settings, is the first term's first stream, unless this
-    process has no use for it (it is closed then).
+    process has no use for it (it is closed then); ``ahead``, the target's first question the
+    CLI asked as early, answers the checks' (see :func:`ask_target`).
     """
     stop = stop or threading.Event()
     slot = settings.source.slot
@@ -112,10 +132,20 @@ def run(settings: Settings, stop: threading.Event | None = None,
     lock = SlotLock(settings.target.dsn.get_secret_value(), slot, health, stop)
     # The checks wait on both databases: meanwhile, the lock's connection opens.
     lock.open_ahead()
+    pool: ConnectionPool | None = None
     try:
-        standby = preflight(settings, early)
-        _contend(settings, stop, metrics, health, lock, standby=standby, early=early)
+        with ask_target(settings, ahead) as (tgt, known):
+            if isinstance(known, TargetState) and not known.standby:
+                # The target answered, to the process that is to stream: the pool of its first
+                # term opens while the checks and the lock wait.
+                pool = open_target_pool(settings)
+            preflight(settings, tgt, known, early)
+        _contend(settings, stop, metrics, health, lock, ahead=pool, early=early)
     finally:
+        if pool is not None:
+            pool.close(timeout=2)
+        if ahead is not None:
+            ahead.close()
         if early is not None:
             early.close()
         lock.release()
@@ -124,11 +154,9 @@ def run(settings: Settings, stop: threading.Event | None = None,
 
 
 def _contend(settings: Settings, stop: threading.Event, metrics: Metrics, health: Health,
-             lock: SlotLock, *, standby: bool, early: EarlyStream | None) -> None:
-    """Alternate between standby and active terms until ``stop``.
-
-    Unless it starts as a standby, the first term's pool opens its connections while the lock
-    is asked for.
+             lock: SlotLock, *, ahead: ConnectionPool | None, early: EarlyStream | None) -> None:
+    """Alternate between standby and active terms until ``stop``; the first term streams with
+    the pool ``ahead``, when given, which opened its connections while the lock was asked for.
 
     The jobs and the alerter live as long as the process, so an alert raised while the target
     was down (and the lock with it) gets its recovery once this process streams again.
@@ -143,7 +171,6 @@ def _contend(settings: Settings, stop: threading.Event, metrics: Metrics, health
 
     jobs = JobsOnceSettled(make_jobs)
     health.watch(jobs)
-    ahead = None if standby else open_target_pool(settings)
     try:
         # A term as the active process ends on stop or when the lock is lost; then this
         # process waits as a standby again.
@@ -278,16 +305,18 @@ class DaemonThread(threading.Thread):
     """:func:`run` on a thread of this process (the demo, tests), stopped as SIGTERM would stop
     it; its failure is kept for the caller to raise."""
 
-    def __init__(self, settings: Settings, early: EarlyStream | None = None) -> None:
+    def __init__(self, settings: Settings, early: EarlyStream | None = None,
+                 ahead: TargetAhead | None = None) -> None:
         super().__init__(name="cdcsync-daemon", daemon=True)
         self.settings = settings
         self.early = early
+        self.ahead = ahead
         self.stop = threading.Event()
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            run(self.settings, self.stop, early=self.early)
+            run(self.settings, self.stop, early=self.early, ahead=self.ahead)
         except BaseException as exc:
             self.error = exc
 

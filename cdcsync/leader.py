@@ -26,14 +26,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
-from cdcsync.health import Health
 from cdcsync.logs import event
+
+if TYPE_CHECKING:
+    from cdcsync.health import Health
 
 Conn = psycopg.Connection[TupleRow]
 

@@ -112,12 +112,13 @@ class _RecentUse:
 def open_target_pool(settings: Settings) -> ConnectionPool:
     """The target pool shared by the applier and every other user of the target.
 
-    Two connections from the start, opened side by side: the copies' queue (the resyncer) takes
-    one as the stream starts, and the applier would otherwise wait for a second to be opened."""
+    As many connections from the start, opened side by side, as the stream takes as it starts:
+    the copies' queue (the resyncer), the applier's workers and the reader's resolver of the
+    first table. Each opened later would cost the first batch a connection's round trips."""
     checker = _RecentUse()
     return ConnectionPool(
         with_session_options(settings.target.dsn.get_secret_value(), "cdcsync"),
-        min_size=2,
+        min_size=min(settings.target.pool_size, settings.apply.workers + 2),
         max_size=settings.target.pool_size,
         check=checker.check,
         configure=checker.used,

@@ -14,9 +14,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from cdcsync import checkpoint, leader
 from cdcsync.apply import drift
-from cdcsync.backfill import state
 from cdcsync.config import Settings
 from cdcsync.errors import PrerequisiteError
 from cdcsync.source import catalog
@@ -33,48 +31,6 @@ FROM unnest(%s::text[]) t(name)
 JOIN pg_attribute a ON a.attrelid = to_regclass(t.name) AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY t.name, a.attnum
 """
-_NO_SCHEMA = "cdcsync: the target has no cdcsync schema"
-_REFUSE_WITHOUT_SCHEMA = f"""
-DO $$ BEGIN
-    IF to_regclass('cdcsync.checkpoint') IS NULL THEN RAISE EXCEPTION '{_NO_SCHEMA}'; END IF;
-END $$;
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class TargetState:
-    """What ``run`` needs to know of the target before it streams."""
-
-    standby: bool  # another process holds the slot's lock: this one will wait as its standby
-    states: dict[str, state.TableState]
-
-
-def target_state(tgt: Conn, slot: str) -> TargetState:
-    """Who holds the slot's lock, then (under the metadata lock, so that an active process and
-    its standby starting together do not both install) the metadata schema brought up to date
-    and the tables' copy states: one round trip, a single implicit transaction. A target without
-    the schema is refused, not given one: that is `cdcsync setup`'s to do."""
-    query = sql.Composed([
-        sql.SQL("SELECT EXISTS ({});").format(leader.holder_query(slot)),
-        sql.SQL(_REFUSE_WITHOUT_SCHEMA),
-        sql.SQL("SELECT pg_advisory_xact_lock({});").format(leader.METADATA_LOCK_KEY),
-        sql.SQL(checkpoint.metadata_sql()),
-        sql.SQL(";"),
-        state.load_query(slot),
-    ])
-    try:
-        cur = tgt.execute(query)
-    except psycopg.errors.RaiseException as exc:
-        if exc.diag.message_primary != _NO_SCHEMA:
-            raise
-        raise PrerequisiteError("the target has no cdcsync schema",
-                                fix="run `cdcsync setup`") from None
-    row = cur.fetchone()
-    while cur.nextset():
-        pass
-    return TargetState(standby=bool(row and row[0]), states=state.from_rows(cur.fetchall()))
-
-
 def table_columns(conn: Conn, tables: list[str]) -> dict[str, list[tuple[str, str]]]:
     """Each table's columns (name, type) in order, by quoted name; absent when it has none."""
     columns: dict[str, list[tuple[str, str]]] = {}

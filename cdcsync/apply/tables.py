@@ -139,6 +139,9 @@ def foreign_key_order(
     conn: psycopg.Connection[TupleRow], oids: Sequence[int]
 ) -> tuple[list[int], set[int]]:
     """Parents before children; the second value holds the tables caught in a cycle."""
+    if len(oids) < 2:
+        # A table referencing itself orders nothing: no question (a round trip at a far target).
+        return list(oids), set()
     parents = parents_of(conn, oids)
     order: list[int] = []
     placed: set[int] = set()

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import psycopg
 
-from cdcsync.config_file import NAME_RE, SLOT_NAME_RE, raw_source
+from cdcsync.config_file import NAME_RE, SLOT_NAME_RE, raw_section
 from cdcsync.errors import ConnectionLost, PrerequisiteError
 from cdcsync.logs import event
 from cdcsync.model import ZERO_LSN
@@ -127,9 +127,9 @@ class EarlyStream:
     @classmethod
     def open_unvalidated(cls, config: Path | None) -> EarlyStream | None:
         """Start streaming the slot the configuration file and the environment name, read as
-        they are (:func:`cdcsync.config_file.raw_source`), before the settings are validated;
+        they are (:func:`cdcsync.config_file.raw_section`), before the settings are validated;
         None when they do not name it plainly. The caller checks it with :meth:`serves`."""
-        source = raw_source(config)
+        source = raw_section(config, "source")
         spec = None if source is None else _unvalidated_spec(source)
         return None if spec is None else cls._started(spec)
 

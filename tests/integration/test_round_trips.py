@@ -92,24 +92,33 @@ def test_one_table_batch_costs_two_waits(
         assert check.execute("SELECT count(*) FROM cdcsync.conflicts").fetchone() == (1,)
 
 
-def test_a_first_batch_reads_foreign_keys_without_a_begin_of_its_own(
+def test_a_first_batch_asks_for_foreign_keys_only_among_tables_and_without_a_begin(
         dbpair: DbPair, relayed: tuple[psycopg.Connection[TupleRow], Link]) -> None:
-    """A new applier on an idle connection asks for its tables' foreign keys in autocommit and
-    the batch's query opens the transaction: 3 waits in all, where a BEGIN first cost 4."""
+    """A new applier's first batch of one table has no foreign-key order to ask for: 2 waits,
+    where the question cost 3. Of two tables, it asks in autocommit and the batch's query opens
+    the transaction: 4 waits (one more for the second table's rows), where a BEGIN cost 5."""
     conn, link = relayed
     settings = settings_for(dbpair)
+    execute(dbpair.target_dsn, TABLE.replace("items", "notes"))
+    notes = Relation(16390, "public", "notes", "d", RELATION.columns)
     with psycopg.connect(dbpair.target_dsn) as direct:
         target = tables.resolve(direct, settings, RELATION)
-    applier = Applier(conn, settings)
-    applier.start()
+        notes_target = tables.resolve(direct, settings, notes)
     # Negative keys: the other tests count the rows from 1 up.
-    applier.add(_chunk(applier, [(-1, 1, "I"), (-2, 1, "I")], 0x3800, target=target))
-    applier.end(TxnEnd(Lsn(0x3800), NOW))
-    before = link.waits
-    applier.commit()
-    assert link.waits - before == 3
+    for lsn, relations, waits in ((0x3800, [(RELATION, target)], 2),
+                                  (0x3900, [(RELATION, target), (notes, notes_target)], 4)):
+        applier = Applier(conn, settings)
+        applier.start()
+        for relation, resolved in relations:
+            applier.add(_chunk(applier, [(-lsn, 1, "I"), (-lsn - 1, 1, "I")], lsn, relation,
+                               target=resolved))
+        applier.end(TxnEnd(Lsn(lsn), NOW))
+        before = link.waits
+        applier.commit()
+        assert link.waits - before == waits
     with psycopg.connect(dbpair.target_dsn) as check:
-        assert check.execute("SELECT count(*) FROM items WHERE id < 0").fetchone() == (2,)
+        assert check.execute("SELECT count(*) FROM items WHERE id < 0").fetchone() == (4,)
+        assert check.execute("SELECT count(*) FROM notes WHERE id < 0").fetchone() == (2,)
 
 
 def test_a_table_is_resolved_in_one_round_trip(

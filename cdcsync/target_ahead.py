@@ -1,0 +1,144 @@
+"""The target's first answer, asked on a thread while the daemon still loads.
+
+Before it can apply anything, ``cdcsync run`` connects to the target and asks it, in one round
+trip, who holds the slot's lock, to bring the metadata schema up to date and for the tables' copy
+states (:func:`target_state`). A target far away pays for each round trip at every start, and
+none of this needs the validated settings: only the target's DSN and the slot. So, like the
+slot's stream (:mod:`cdcsync.source.early`), it starts as soon as the configuration file is read,
+while pydantic and the daemon's modules load, and the checks take the connection and its answer
+when the validated settings name the same DSN and slot (else it is closed, and they ask again).
+
+The checks report a failure to connect from here as they would their own; any other error closes
+the connection, and the checks ask again (and say what to fix).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+
+from cdcsync import checkpoint, leader
+from cdcsync.backfill import state
+from cdcsync.config_file import SLOT_NAME_RE, raw_section
+from cdcsync.dsn import with_session_options
+from cdcsync.errors import PrerequisiteError
+
+Conn = psycopg.Connection[TupleRow]
+
+_NO_SCHEMA = "cdcsync: the target has no cdcsync schema"
+_REFUSE_WITHOUT_SCHEMA = f"""
+DO $$ BEGIN
+    IF to_regclass('cdcsync.checkpoint') IS NULL THEN RAISE EXCEPTION '{_NO_SCHEMA}'; END IF;
+END $$;
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class TargetState:
+    """What ``run`` needs to know of the target before it streams."""
+
+    standby: bool  # another process holds the slot's lock: this one will wait as its standby
+    states: dict[str, state.TableState]
+
+
+def target_state(tgt: Conn, slot: str) -> TargetState:
+    """Who holds the slot's lock, then (under the metadata lock, so that an active process and
+    its standby starting together do not both install) the metadata schema brought up to date
+    and the tables' copy states: one round trip, a single implicit transaction. A target without
+    the schema is refused, not given one: that is `cdcsync setup`'s to do."""
+    query = sql.Composed([
+        sql.SQL("SELECT EXISTS ({});").format(leader.holder_query(slot)),
+        sql.SQL(_REFUSE_WITHOUT_SCHEMA),
+        sql.SQL("SELECT pg_advisory_xact_lock({});").format(leader.METADATA_LOCK_KEY),
+        sql.SQL(checkpoint.metadata_sql()),
+        sql.SQL(";"),
+        state.load_query(slot),
+    ])
+    try:
+        cur = tgt.execute(query)
+    except psycopg.errors.RaiseException as exc:
+        if exc.diag.message_primary != _NO_SCHEMA:
+            raise
+        raise PrerequisiteError("the target has no cdcsync schema",
+                                fix="run `cdcsync setup`") from None
+    row = cur.fetchone()
+    while cur.nextset():
+        pass
+    return TargetState(standby=bool(row and row[0]), states=state.from_rows(cur.fetchall()))
+
+
+# What the checks may take: the connection, and the target's answer or its refusal.
+Answered = tuple[Conn, TargetState | PrerequisiteError]
+
+
+class TargetAhead:
+    """:func:`target_state` asked on a connection of its own thread; :meth:`take` hands both
+    over, :meth:`close` gives them up."""
+
+    def __init__(self, dsn: str, slot: str) -> None:
+        self.dsn = dsn
+        self.slot = slot
+        self._answered: Answered | psycopg.OperationalError | None = None
+        self._thread = threading.Thread(target=self._run, name="cdcsync-target-ahead",
+                                        daemon=True)
+
+    @classmethod
+    def open_unvalidated(cls, config: Path | None) -> TargetAhead | None:
+        """Ask the target the configuration file and the environment name, read as they are
+        (:func:`cdcsync.config_file.raw_section`), with the slot they name; None when they do
+        not name both plainly."""
+        target, source = raw_section(config, "target"), raw_section(config, "source")
+        if target is None or source is None:
+            return None
+        dsn, slot = target.get("dsn"), source.get("slot", "cdcsync")
+        if not isinstance(dsn, str) or not isinstance(slot, str) or not SLOT_NAME_RE.match(slot):
+            return None
+        return cls.open(dsn, slot)
+
+    @classmethod
+    def open(cls, dsn: str, slot: str) -> TargetAhead:
+        """Ask the target at ``dsn`` about ``slot`` in the background."""
+        ahead = cls(dsn, slot)
+        ahead._thread.start()
+        return ahead
+
+    def take(self, dsn: str, slot: str) -> Answered | psycopg.OperationalError | None:
+        """For ``dsn`` and ``slot``, once asked: the connection and the target's answer or
+        refusal (no schema), or the error that stopped the connection; else None (and the
+        connection is closed)."""
+        self._thread.join()
+        answered, self._answered = self._answered, None
+        if (dsn, slot) == (self.dsn, self.slot):
+            return answered
+        if isinstance(answered, tuple):
+            answered[0].close()
+        return None
+
+    def close(self) -> None:
+        """Give the connection up, once asked."""
+        taken = self.take(self.dsn, self.slot)
+        if isinstance(taken, tuple):
+            taken[0].close()
+
+    def _run(self) -> None:
+        try:
+            conn = psycopg.connect(with_session_options(self.dsn, "cdcsync-admin"),
+                                   autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            self._answered = exc
+            return
+        except psycopg.Error:
+            return
+        try:
+            answer: TargetState | PrerequisiteError = target_state(conn, self.slot)
+        except PrerequisiteError as exc:
+            answer = exc
+        except psycopg.Error:
+            conn.close()
+            return
+        self._answered = (conn, answer)

@@ -1,0 +1,127 @@
+"""The target's first question asked while the daemon loads (cdcsync.target_ahead), on real
+servers: the checks take its connection and answer, or ask again, and fail as they would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from cdcsync import admin, commands
+from cdcsync.daemon import DaemonThread, ask_target
+from cdcsync.errors import ConnectionLost, PrerequisiteError
+from cdcsync.leader import lock_key
+from cdcsync.target_ahead import TargetAhead, TargetState
+from tests.conftest import DbPair
+from tests.harness import converged, execute, settings_for, wait_for
+
+
+@pytest.fixture(scope="module")
+def pair(dbpair: DbPair) -> DbPair:
+    execute(dbpair.source_dsn, "CREATE TABLE t (id int PRIMARY KEY, v int)",
+            "INSERT INTO t SELECT g, g FROM generate_series(1, 50) g")
+    admin.setup(settings_for(dbpair), create_tables=True)
+    return dbpair
+
+
+def _admin_pids(pair: DbPair) -> set[int]:
+    with psycopg.connect(pair.target_dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND application_name = 'cdcsync-admin' AND state = 'idle'").fetchall()
+    return {int(row[0]) for row in rows}
+
+
+def _config_file(pair: DbPair, path: Path, extra: str = "") -> Path:
+    path.write_text(f"""tables = ["public.*"]
+[source]
+dsn = "{pair.source_dsn}"
+slot = "{pair.slot}"
+publication = "{pair.publication}"
+[target]
+dsn = "{pair.target_dsn}"
+{extra}
+""")
+    return path
+
+
+def test_the_configuration_file_asks_the_target_and_the_checks_take_the_answer(
+        pair: DbPair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read from the file and the CDCSYNC_TARGET__ variables as they are: the checks get the
+    connection opened ahead, with the lock's holder and the copy states already asked."""
+    dsn = make_conninfo(pair.target_dsn, connect_timeout=7)
+    monkeypatch.setenv("CDCSYNC_TARGET__DSN", dsn)
+    ahead = TargetAhead.open_unvalidated(_config_file(pair, tmp_path / "c.toml"))
+    assert ahead is not None and (ahead.dsn, ahead.slot) == (dsn, pair.slot)
+    wait_for(lambda: len(_admin_pids(pair)) == 1, timeout=10, what="the question asked ahead")
+    (asked,) = _admin_pids(pair)
+    with ask_target(settings_for(pair, target={"dsn": dsn}), ahead) as (tgt, known):
+        assert tgt.info.backend_pid == asked
+        assert isinstance(known, TargetState) and not known.standby
+        assert known.states["public.t"].state in ("pending", "ready")
+    assert tgt.closed and _admin_pids(pair) == set()
+
+
+def test_an_answer_for_another_target_or_slot_is_closed_and_asked_again(pair: DbPair) -> None:
+    settings = settings_for(pair)
+    ahead = TargetAhead.open(pair.target_dsn, "another_slot")
+    with ask_target(settings, ahead) as (tgt, known):
+        assert isinstance(known, TargetState)
+        assert _admin_pids(pair) == {tgt.info.backend_pid}, "the one asked ahead is closed"
+    other = TargetAhead.open(make_conninfo(pair.target_dsn, connect_timeout=7), pair.slot)
+    assert other.take(pair.target_dsn, pair.slot) is None
+    assert _admin_pids(pair) == set()
+
+
+def test_a_standby_is_answered_ahead(pair: DbPair) -> None:
+    """Another process holds the slot's lock: the answer says so, and the daemon given it waits
+    as the standby, then takes over and streams."""
+    with psycopg.connect(pair.target_dsn, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (lock_key(pair.slot),))
+        taken = TargetAhead.open(pair.target_dsn, pair.slot).take(pair.target_dsn, pair.slot)
+        assert isinstance(taken, tuple) and isinstance(taken[1], TargetState)
+        assert taken[1].standby
+        taken[0].close()
+        execute(pair.source_dsn, "INSERT INTO t VALUES (1001, 1)")
+        runner = DaemonThread(settings_for(pair), ahead=TargetAhead.open(pair.target_dsn,
+                                                                         pair.slot))
+        runner.start()
+        try:
+            assert not runner.stop.wait(1.0) and runner.error is None and runner.is_alive()
+            assert not converged(pair, ["public.t"])()
+            holder.execute("SELECT pg_advisory_unlock(%s)", (lock_key(pair.slot),))
+            wait_for(converged(pair, ["public.t"]), runner=runner, what="the takeover")
+        finally:
+            assert runner.close(), "the daemon did not stop within the budget"
+    assert runner.error is None
+
+
+def test_a_target_without_the_schema_is_refused_with_the_fix(pair: DbPair) -> None:
+    bare = make_conninfo(pair.target_dsn, dbname="postgres")
+    taken = TargetAhead.open(bare, pair.slot).take(bare, pair.slot)
+    assert isinstance(taken, tuple)
+    taken[0].close()
+    assert isinstance(taken[1], PrerequisiteError)
+    assert str(taken[1]) == "the target has no cdcsync schema — fix: run `cdcsync setup`"
+
+
+def test_an_unreachable_target_fails_once_as_the_checks_would(pair: DbPair) -> None:
+    """The connection refused ahead is reported by the checks, naming the side and the fix,
+    without the password and without connecting again."""
+    dsn = "host=127.0.0.1 port=1 user=u password=hunter2 dbname=x connect_timeout=2"
+    settings = settings_for(pair, target={"dsn": dsn})
+    with pytest.raises(ConnectionLost) as raised, ask_target(
+            settings, TargetAhead.open(dsn, pair.slot)):
+        pass
+    assert "cannot connect to the target u@127.0.0.1:1/x" in str(raised.value)
+    assert "hunter2" not in str(raised.value)
+    assert raised.value.fix == "check host, port and network access for the target DSN"
+
+
+def test_run_with_an_invalid_configuration_closes_the_connection_it_opened(
+        pair: DbPair, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config_file(pair, tmp_path / "c.toml", "[apply]\nmax_rowz = 5")
+    assert commands.main(["--config", str(config), "run"]) == 2
+    assert "unknown key 'apply.max_rowz'" in capsys.readouterr().err
+    wait_for(lambda: _admin_pids(pair) == set(), timeout=10, what="the connection to be closed")
