@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -38,15 +40,19 @@ TABLE = "public.accounts"
 
 
 @pytest.fixture(scope="module")
-def pair(dbpair: DbPair) -> DbPair:
+def pair(dbpair: DbPair) -> Iterator[DbPair]:
     execute(dbpair.source_dsn, SCHEMA)
     assert cli("setup", "--create-tables", config=_config(dbpair)).returncode == 0
-    return dbpair
+    yield dbpair
+    _config_path(dbpair).unlink(missing_ok=True)
+
+
+def _config_path(pair: DbPair) -> Path:
+    return Path(tempfile.gettempdir()) / f"cdcsync-resync-{pair.slot}.toml"
 
 
 def _config(pair: DbPair) -> Path:
-    path = Path(f"/tmp/cdcsync-resync-{pair.slot}.toml")
-    return write_config(path, pair, extra="[snapshot]\nchunk_rows = 700\n")
+    return write_config(_config_path(pair), pair, extra="[snapshot]\nchunk_rows = 700\n")
 
 
 def _drift(pair: DbPair) -> None:
