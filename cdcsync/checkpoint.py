@@ -39,9 +39,6 @@ _ADVANCED_AFTER = """CASE WHEN c.lsn = {after}::pg_lsn THEN GREATEST(c.lsn, excl
                      || ', not ' || {after} || ': the transaction before this one did not '
                      || 'commit')::pg_lsn END"""
 
-_LOAD = "SELECT lsn::text, commit_time FROM cdcsync.checkpoint WHERE slot = %s"
-
-
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
     lsn: Lsn
@@ -58,7 +55,16 @@ def install_metadata(conn: psycopg.Connection[TupleRow]) -> None:
 
 
 def load(conn: psycopg.Connection[TupleRow], slot: str) -> Checkpoint | None:
-    row = conn.execute(_LOAD, (slot,)).fetchone()
+    return from_row(conn.execute(load_query(slot)).fetchone())
+
+
+def load_query(slot: str) -> sql.Composed:
+    """The query :func:`from_row` reads, values included (it can travel with others)."""
+    return sql.SQL("SELECT lsn::text, commit_time FROM cdcsync.checkpoint WHERE slot = {}").format(
+        slot)
+
+
+def from_row(row: TupleRow | None) -> Checkpoint | None:
     if row is None:
         return None
     commit_time = row[1] if isinstance(row[1], dt.datetime) else None

@@ -20,6 +20,7 @@ from cdcsync.admin import Conn, connect, connection_error
 from cdcsync.alerts import Alerter, Thresholds
 from cdcsync.backfill import snapshot
 from cdcsync.backfill.resync import Resyncer
+from cdcsync.checkpoint import Checkpoint
 from cdcsync.config import Settings
 from cdcsync.errors import PrerequisiteError, is_transient
 from cdcsync.health import Health, HttpServer
@@ -130,14 +131,15 @@ def run(settings: Settings, stop: threading.Event | None = None,
     server = HttpServer(settings.http.listen, metrics, health)
     server.start()
     lock = SlotLock(settings.target.dsn.get_secret_value(), slot, health, stop)
-    # The checks wait on both databases: meanwhile, the lock's connection opens.
-    lock.open_ahead()
     pool: ConnectionPool | None = None
     try:
         with ask_target(settings, ahead) as (tgt, known):
-            if isinstance(known, TargetState) and not known.standby:
-                # The target answered, to the process that is to stream: the pool of its first
-                # term opens while the checks and the lock wait.
+            active = isinstance(known, TargetState) and not known.standby
+            # The checks wait on both databases: meanwhile, the lock's connection opens and,
+            # where no one held the lock, takes it; the process that is to stream opens the
+            # pool of its first term too.
+            lock.open_ahead(take=active)
+            if active:
                 pool = open_target_pool(settings)
             preflight(settings, tgt, known, early)
         _contend(settings, stop, metrics, health, lock, ahead=pool, early=early)
@@ -201,28 +203,28 @@ def _stream(settings: Settings, term: threading.Event, pool: ConnectionPool,
     if given) until ``term`` is set; then close ``pool``."""
     resyncer = Resyncer(settings, pool, lambda: progress.checkpoint, term)
     try:
-        if not _prepare_copies(settings, pool, term, health):
+        saved = _prepare_copies(settings, pool, term, health)
+        if term.is_set():
             return
         resyncer.start()
         Pipeline(settings, pool, term, metrics, health, progress=progress,
-                 on_message=resyncer.on_message, early=early).run()
+                 on_message=resyncer.on_message, early=early, saved=saved).run()
     finally:
         resyncer.join(timeout=5)
         pool.close(timeout=2)
 
 
 def _prepare_copies(settings: Settings, pool: ConnectionPool, term: threading.Event,
-                    health: Health) -> bool:
+                    health: Health) -> Checkpoint | None:
     """The initial snapshot or the queueing of online copies, retried like the stream when a
-    connection is lost; False when ``term`` ended first."""
+    connection is lost, until ``term`` ends; the checkpoint :func:`snapshot.prepare` read."""
     attempt = 0
     while not term.is_set():
         try:
-            snapshot.prepare(settings, pool, term, snapshot.Hooks(
+            return snapshot.prepare(settings, pool, term, snapshot.Hooks(
                 started=lambda: health.set_state("snapshotting"), alive=health.beat))
-            return not term.is_set()
         except snapshot.Stopped:
-            return False
+            return None
         except Exception as exc:
             if not is_transient(exc):
                 raise
@@ -235,7 +237,7 @@ def _prepare_copies(settings: Settings, pool: ConnectionPool, term: threading.Ev
             deadline = time.monotonic() + delay
             while (left := deadline - time.monotonic()) > 0 and not term.wait(min(left, 0.5)):
                 health.beat()
-    return False
+    return None
 
 
 class _StandbyGauge:

@@ -134,18 +134,24 @@ class SlotLock:
         self._term: threading.Event | None = None
         self._lost = False
         self._opening: threading.Thread | None = None
+        self._taken_ahead = False
 
-    def open_ahead(self) -> None:
+    def open_ahead(self, *, take: bool = False) -> None:
         """Open the lock's connection on a thread of its own, while the caller does something
-        else; :meth:`acquire` then only asks for the lock. A failure here is left for
+        else, and with ``take`` try the lock there too (the caller expects it free); then
+        :meth:`acquire` only asks for the lock, or finds it held. A failure here is left for
         :meth:`acquire` to meet again, and report."""
-        self._opening = threading.Thread(target=self._open_quietly, name="cdcsync-lock-open",
-                                         daemon=True)
+        self._opening = threading.Thread(target=self._open_quietly, args=(take,),
+                                         name="cdcsync-lock-open", daemon=True)
         self._opening.start()
 
-    def _open_quietly(self) -> None:
+    def _open_quietly(self, take: bool) -> None:
         with contextlib.suppress(psycopg.Error):
             self._conn = psycopg.connect(self._dsn, autocommit=True)
+            if take:
+                row = self._conn.execute("SELECT pg_try_advisory_lock(%s)",
+                                         (self.key,)).fetchone()
+                self._taken_ahead = bool(row and row[0])
 
     def _opened(self) -> None:
         opening, self._opening = self._opening, None
@@ -179,6 +185,9 @@ class SlotLock:
 
     def _try(self) -> bool:
         self._opened()
+        taken_ahead, self._taken_ahead = self._taken_ahead, False
+        if taken_ahead and self._conn is not None and not self._conn.closed:
+            return True
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = psycopg.connect(self._dsn, autocommit=True)

@@ -230,7 +230,8 @@ class Pipeline:
     def __init__(self, settings: Settings, pool: ConnectionPool, stop: threading.Event,
                  metrics: Metrics, health: Health, *, progress: Progress | None = None,
                  on_message: MessageHandler | None = None,
-                 early: EarlyStream | None = None) -> None:
+                 early: EarlyStream | None = None,
+                 saved: checkpoint.Checkpoint | None = None) -> None:
         self.settings = settings
         self.pool = pool
         self.stop = stop
@@ -251,6 +252,9 @@ class Pipeline:
         self._binary = settings.source.binary and settings.source.decoder == "pgoutput"
         # A stream of the slot opened while the daemon started (it asked for the same values).
         self._early = early
+        # The checkpoint as the term started (read with the copy states): the first stream
+        # starts from it instead of asking again.
+        self._saved = saved
 
     def run(self) -> None:
         """Stream until stopped; retry transient failures, raise everything else."""
@@ -297,14 +301,16 @@ class Pipeline:
         slot = self.settings.source.slot
         # The stream opened while the daemon started serves the first stream only.
         early, self._early = self._early, None
+        saved, self._saved = self._saved, None
         adopted = early.take() if early is not None else None
         stream = adopted or ReplicationStream(
             self.settings.source.dsn.get_secret_value(), slot,
             status_interval_s=self.settings.source.status_interval_s)
         try:
             with self.pool.connection() as conn:
-                with roundtrip.autocommit(conn):
-                    saved = checkpoint.load(conn, slot)
+                if saved is None:
+                    with roundtrip.autocommit(conn):
+                        saved = checkpoint.load(conn, slot)
                 start = self._resume_position(saved, ours=stream.backend_pid)
                 self.progress.checkpoint = start
                 binary = self._binary

@@ -271,29 +271,32 @@ class _Copier:
 
 
 def prepare(settings: Settings, pool: ConnectionPool, stop: threading.Event,
-            hooks: Hooks) -> None:
+            hooks: Hooks) -> checkpoint.Checkpoint | None:
     """Before streaming: take the initial snapshot if nothing was copied yet, and queue an
-    online copy for every other table not ready (a crash mid-snapshot, a table added later)."""
+    online copy for every other table not ready (a crash mid-snapshot, a table added later).
+    Return the checkpoint the stream starts from, read with the copy states (a round trip saved
+    where the target is far), unless a snapshot moved it since (None)."""
     slot = settings.source.slot
     names = selected(settings)
     initial = settings.snapshot.mode == "initial"
     with pool.connection() as conn:
         with roundtrip.autocommit(conn):
-            states = state.register_and_load(conn, slot, names,
-                                             "pending" if initial else "ready")
+            states, saved = state.register_and_load(conn, slot, names,
+                                                    "pending" if initial else "ready")
         if not initial:
-            return
+            return saved
         if needed(states, names):
             take(settings, conn, names, stop, hooks)
-            states = state.load(conn, slot)
+            states, saved = state.load(conn, slot), None
         behind = [n for n in names if states[n].state != "ready"]
         if not behind:
-            return
+            return saved
         for name in _parents_first(settings, conn, behind):
             request = state.enqueue(conn, slot, name, None, "snapshot")
             event(logging.INFO, "copy_queued", slot=slot, table=name, request=request,
                   reason=f"table state {states[name].state}")
         conn.commit()
+    return saved
 
 
 def _parents_first(settings: Settings, tgt: Conn, names: list[str]) -> list[str]:

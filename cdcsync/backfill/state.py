@@ -10,6 +10,8 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
+from cdcsync import checkpoint
+
 Conn = psycopg.Connection[TupleRow]
 TableStateName = Literal["pending", "copying", "ready", "error"]
 
@@ -59,14 +61,17 @@ def restart(conn: Conn, slot: str) -> None:
                  "AND state IN ('queued', 'running')", (slot,))
 
 
-def register_and_load(conn: Conn, slot: str, tables: list[str],
-                      state: TableStateName) -> dict[str, TableState]:
-    """:func:`register`, then :func:`load`: one simple query, so in one round trip and one
-    transaction when ``conn`` is in autocommit."""
-    cur = conn.execute(sql.SQL("{}; {}").format(_register_query(slot, tables, state),
-                                                load_query(slot)))
+def register_and_load(conn: Conn, slot: str, tables: list[str], state: TableStateName
+                      ) -> tuple[dict[str, TableState], checkpoint.Checkpoint | None]:
+    """:func:`register`, then :func:`load`, and the slot's checkpoint, which the stream starts
+    from: one simple query, so in one round trip and one transaction when ``conn`` is in
+    autocommit."""
+    cur = conn.execute(sql.SQL("{}; {}; {}").format(
+        _register_query(slot, tables, state), load_query(slot), checkpoint.load_query(slot)))
     cur.nextset()
-    return from_rows(cur.fetchall())
+    states = from_rows(cur.fetchall())
+    cur.nextset()
+    return states, checkpoint.from_row(cur.fetchone())
 
 
 def load_query(slot: str) -> sql.Composed:

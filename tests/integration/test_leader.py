@@ -54,3 +54,35 @@ def test_one_holder_then_handover(dbpair: DbPair) -> None:
         stop.set()
         first.release()
         second.release()
+
+
+def test_a_lock_taken_ahead_is_held_once_acquired_and_one_held_elsewhere_is_waited_for(
+        dbpair: DbPair) -> None:
+    """Taken where its connection opened ahead: the lock is held before acquire(), which finds
+    it held. Held by another session then: the ahead try fails and acquire() waits as a
+    standby, as without it."""
+    stop = threading.Event()
+    health = Health()
+    ahead = SlotLock(dbpair.target_dsn, dbpair.slot, health, stop, check_every_s=0.5)
+    other = SlotLock(dbpair.target_dsn, dbpair.slot, Health(), stop, check_every_s=0.5)
+    try:
+        ahead.open_ahead(take=True)
+        deadline = time.monotonic() + 10
+        with psycopg.connect(dbpair.target_dsn, autocommit=True) as conn:
+            while lock_holder(conn, dbpair.slot) is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            holder = lock_holder(conn, dbpair.slot)
+        assert holder is not None and holder.application_name == application_name()
+        term = ahead.acquire()
+        assert term is not None and health.role == "active"
+        other.open_ahead(take=True)
+        thread, got = _acquire_in_thread(other)
+        time.sleep(1.0)
+        assert not got, "the lock is held: the other waits"
+        ahead.release()
+        thread.join(timeout=5)
+        assert got and got[0] is not None
+    finally:
+        stop.set()
+        ahead.release()
+        other.release()
