@@ -78,12 +78,14 @@ Answered = tuple[Conn, TargetState | PrerequisiteError]
 
 class TargetAhead:
     """:func:`target_state` asked on a connection of its own thread; :meth:`take` hands both
-    over, :meth:`close` gives them up."""
+    over, :meth:`close` gives them up. Either may be called at any time, from any thread."""
 
     def __init__(self, dsn: str, slot: str) -> None:
         self.dsn = dsn
         self.slot = slot
+        self._lock = threading.Lock()
         self._answered: Answered | psycopg.OperationalError | None = None
+        self._given_up = False
         self._thread = threading.Thread(target=self._run, name="cdcsync-target-ahead",
                                         daemon=True)
 
@@ -108,37 +110,49 @@ class TargetAhead:
         return ahead
 
     def take(self, dsn: str, slot: str) -> Answered | psycopg.OperationalError | None:
-        """For ``dsn`` and ``slot``, once asked: the connection and the target's answer or
-        refusal (no schema), or the error that stopped the connection; else None (and the
-        connection is closed)."""
+        """For ``dsn`` and ``slot``, once asked (at most the connection's timeout): the
+        connection and the target's answer or refusal (no schema), or the error that stopped
+        the connection. For others, at once: None (and the question is given up)."""
+        if (dsn, slot) != (self.dsn, self.slot):
+            self.close()
+            return None
         self._thread.join()
-        answered, self._answered = self._answered, None
-        if (dsn, slot) == (self.dsn, self.slot):
-            return answered
-        if isinstance(answered, tuple):
-            answered[0].close()
-        return None
+        with self._lock:
+            self._given_up = True
+            answered, self._answered = self._answered, None
+        return answered
 
     def close(self) -> None:
-        """Give the connection up, once asked."""
-        taken = self.take(self.dsn, self.slot)
-        if isinstance(taken, tuple):
-            taken[0].close()
+        """Give the connection up: closed now if the question was answered, else by its thread
+        once it is (a process failing its configuration does not wait for the target)."""
+        with self._lock:
+            self._given_up = True
+            answered, self._answered = self._answered, None
+        if isinstance(answered, tuple):
+            answered[0].close()
 
     def _run(self) -> None:
+        answered = self._ask()
+        with self._lock:
+            if not self._given_up:
+                self._answered = answered
+                return
+        if isinstance(answered, tuple):
+            answered[0].close()
+
+    def _ask(self) -> Answered | psycopg.OperationalError | None:
         try:
             conn = psycopg.connect(with_session_options(self.dsn, "cdcsync-admin"),
                                    autocommit=True, connect_timeout=10)
         except psycopg.OperationalError as exc:
-            self._answered = exc
-            return
+            return exc
         except psycopg.Error:
-            return
+            return None
         try:
             answer: TargetState | PrerequisiteError = target_state(conn, self.slot)
         except PrerequisiteError as exc:
             answer = exc
         except psycopg.Error:
             conn.close()
-            return
-        self._answered = (conn, answer)
+            return None
+        return conn, answer

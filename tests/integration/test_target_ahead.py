@@ -3,6 +3,8 @@ servers: the checks take its connection and answer, or ask again, and fail as th
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import psycopg
@@ -68,10 +70,26 @@ def test_an_answer_for_another_target_or_slot_is_closed_and_asked_again(pair: Db
     ahead = TargetAhead.open(pair.target_dsn, "another_slot")
     with ask_target(settings, ahead) as (tgt, known):
         assert isinstance(known, TargetState)
-        assert _admin_pids(pair) == {tgt.info.backend_pid}, "the one asked ahead is closed"
+        wait_for(lambda: _admin_pids(pair) == {tgt.info.backend_pid}, timeout=10,
+                 what="the connection asked ahead to be closed")
     other = TargetAhead.open(make_conninfo(pair.target_dsn, connect_timeout=7), pair.slot)
     assert other.take(pair.target_dsn, pair.slot) is None
-    assert _admin_pids(pair) == set()
+    wait_for(lambda: _admin_pids(pair) == set(), timeout=10, what="its connection to close")
+
+
+def test_a_question_given_up_does_not_wait_for_the_target(pair: DbPair) -> None:
+    """A target that does not answer (a paused relay would do; a listening socket that never
+    accepts is enough): closing, or taking for other settings, returns at once."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as silent:
+        port = silent.getsockname()[1]
+        for give_up in ("close", "take"):
+            ahead = TargetAhead.open(f"host=127.0.0.1 port={port} dbname=x", pair.slot)
+            started = time.monotonic()
+            if give_up == "close":
+                ahead.close()
+            else:
+                assert ahead.take(pair.target_dsn, pair.slot) is None
+            assert time.monotonic() - started < 1.0
 
 
 def test_a_standby_is_answered_ahead(pair: DbPair) -> None:
