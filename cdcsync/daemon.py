@@ -173,12 +173,21 @@ def _contend(settings: Settings, stop: threading.Event, metrics: Metrics, health
 
     jobs = JobsOnceSettled(make_jobs)
     health.watch(jobs)
+
+    def standing_by() -> None:
+        # The lock was taken since the target's answer: its holder needs the slot, and a
+        # standby, which may wait for months, holds no target connections it does not use.
+        nonlocal ahead
+        if early is not None:
+            early.close()
+        if ahead is not None:
+            ahead.close(timeout=2)
+            ahead = None
+
     try:
         # A term as the active process ends on stop or when the lock is lost; then this
         # process waits as a standby again.
-        # A process that has to wait for the lock gives the early stream up: the lock's holder
-        # needs the slot.
-        while (term := lock.acquire(waiting=early.close if early else None)) is not None:
+        while (term := lock.acquire(waiting=standing_by)) is not None:
             pool, ahead = ahead or open_target_pool(settings), None
             try:
                 _stream(settings, term, pool, progress, metrics=metrics, health=health,

@@ -3,6 +3,7 @@ servers: the checks take its connection and answer, or ask again, and fail as th
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from pathlib import Path
@@ -108,6 +109,37 @@ def test_a_standby_is_answered_ahead(pair: DbPair) -> None:
         try:
             assert not runner.stop.wait(1.0) and runner.error is None and runner.is_alive()
             assert not converged(pair, ["public.t"])()
+            holder.execute("SELECT pg_advisory_unlock(%s)", (lock_key(pair.slot),))
+            wait_for(converged(pair, ["public.t"]), runner=runner, what="the takeover")
+        finally:
+            assert runner.close(), "the daemon did not stop within the budget"
+    assert runner.error is None
+
+
+def _pool_sessions(pair: DbPair) -> int:
+    with psycopg.connect(pair.target_dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                           "current_database() AND application_name = 'cdcsync'").fetchone()
+    return int(row[0]) if row else -1
+
+
+def test_a_lock_taken_since_the_answer_leaves_a_standby_without_a_pool(
+        pair: DbPair, caplog: pytest.LogCaptureFixture) -> None:
+    """Free when the target answered, taken before this process tried it: the pool opened on
+    the answer's word is closed as the process stands by, and opened again to take over."""
+    caplog.set_level(logging.INFO, logger="cdcsync")
+    ahead = TargetAhead.open(pair.target_dsn, pair.slot)
+    wait_for(lambda: len(_admin_pids(pair)) == 1, timeout=10, what="the question asked ahead")
+    with psycopg.connect(pair.target_dsn, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (lock_key(pair.slot),))
+        execute(pair.source_dsn, "INSERT INTO t VALUES (2001, 1)")
+        runner = DaemonThread(settings_for(pair), ahead=ahead)
+        runner.start()
+        try:
+            wait_for(lambda: any(r.getMessage() == "standby" for r in caplog.records),
+                     timeout=10, runner=runner, what="the standby")
+            wait_for(lambda: _pool_sessions(pair) == 0, timeout=10, runner=runner,
+                     what="the standby to close its pool")
             holder.execute("SELECT pg_advisory_unlock(%s)", (lock_key(pair.slot),))
             wait_for(converged(pair, ["public.t"]), runner=runner, what="the takeover")
         finally:
