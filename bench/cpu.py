@@ -28,6 +28,19 @@ def process_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def process_waits(pid: int) -> int | None:
+    """How often ``pid`` gave the CPU up to wait (voluntary context switches): a walsender
+    waits when its consumer's socket is full, a consumer when nothing has arrived."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return None
+
+
 def walsender_pid(source: psycopg.Connection[Any], slot: str) -> int | None:
     row = source.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
                          (slot,)).fetchone()
@@ -37,6 +50,12 @@ def walsender_pid(source: psycopg.Connection[Any], slot: str) -> int | None:
 def usage(pids: dict[str, list[int]]) -> dict[str, float]:
     """CPU seconds per role, summed over its processes."""
     return {role: round(sum(s for pid in group if (s := process_seconds(pid)) is not None), 2)
+            for role, group in pids.items()}
+
+
+def waits(pids: dict[str, list[int]]) -> dict[str, int]:
+    """Waits (:func:`process_waits`) per role, summed over its processes."""
+    return {role: sum(w for pid in group if (w := process_waits(pid)) is not None)
             for role, group in pids.items()}
 
 

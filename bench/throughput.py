@@ -91,6 +91,7 @@ class Drain:
     peak_rss_mb: float | None = None
     verified: bool = False
     cpu_s: dict[str, float] | None = None  # CPU seconds per process role (local servers only)
+    waits: dict[str, int] | None = None  # voluntary context switches per role (the same)
 
     @property
     def cpu_total(self) -> float | None:
@@ -341,11 +342,12 @@ def drain_native(srv: Servers, poller: Poller) -> Drain:
         conn.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(ident))
         try:
             held, finished = poller.wait(SUBSCRIPTION, applied, "the native subscription", alive)
-            used = (cpu.usage(cpu.native_pids(poller.source, conn, SUBSCRIPTION, SUBSCRIPTION))
+            pids = (cpu.native_pids(poller.source, conn, SUBSCRIPTION, SUBSCRIPTION)
                     if srv.local else None)
         finally:
             conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
-    return Drain(finished - started, finished - held, cpu_s=used)
+    used, waited = (cpu.usage(pids), cpu.waits(pids)) if pids else (None, None)
+    return Drain(finished - started, finished - held, cpu_s=used, waits=waited)
 
 
 def drain_cdcsync(srv: Servers, poller: Poller, config: dict[str, Any], workdir: Path,
@@ -363,12 +365,13 @@ def drain_cdcsync(srv: Servers, poller: Poller, config: dict[str, Any], workdir:
         with daemon:
             held, finished = poller.wait(slot, applied, f"cdcsync run ({decoder})",
                                          daemon.ensure_alive)
-            used = (cpu.usage(cpu.cdcsync_pids(poller.source, conn, daemon.pid, slot))
-                    if srv.local else None)
+            pids = cpu.cdcsync_pids(poller.source, conn, daemon.pid, slot) if srv.local else None
+            used, waited = (cpu.usage(pids), cpu.waits(pids)) if pids else (None, None)
             code = daemon.stop()
         if code != 0:
             raise BenchError(f"cdcsync run exited with {code} after SIGTERM:\n{daemon.log_tail()}")
-    return Drain(finished - started, finished - held, peak_rss_mb=daemon.peak_rss_mb, cpu_s=used)
+    return Drain(finished - started, finished - held, peak_rss_mb=daemon.peak_rss_mb, cpu_s=used,
+                 waits=waited)
 
 
 def fingerprint(dsn: str) -> tuple[Any, ...]:
@@ -456,13 +459,18 @@ def summarise(results: Sequence[RunResult]) -> list[dict[str, Any]]:
 
 
 def _cpu_columns(consumer: str, drains: Sequence[Drain]) -> dict[str, Any]:
-    """Median CPU seconds of the drains, in all and per process role."""
+    """Median CPU seconds of the drains, in all and per process role, and the median waits
+    (voluntary context switches) per role."""
     measured = [d.cpu_s for d in drains if d.cpu_s is not None]
     if not measured:
-        return {f"{consumer}_cpu_s": None, f"{consumer}_cpu_by_role": None}
+        return {f"{consumer}_cpu_s": None, f"{consumer}_cpu_by_role": None,
+                f"{consumer}_waits_by_role": None}
+    waited = [d.waits for d in drains if d.waits is not None]
     return {f"{consumer}_cpu_s": round(median([sum(m.values()) for m in measured]), 2),
             f"{consumer}_cpu_by_role": {role: round(median([m.get(role, 0.0) for m in measured]), 2)
-                                        for role in measured[0]}}
+                                        for role in measured[0]},
+            f"{consumer}_waits_by_role": {role: round(median([w.get(role, 0) for w in waited]))
+                                          for role in waited[0]} if waited else None}
 
 
 COLUMNS = (

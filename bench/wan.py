@@ -15,7 +15,9 @@ order alternating between repetitions; both targets are compared with the source
 Rates are from starting the consumer (the daemon's startup crosses the link too); the drain
 seconds count from the consumer holding its slot. The relay counts the waits of cdcsync's applier
 connection (its busiest one) while the backlog drains (from holding the slot to the last
-checkpoint), divided by the batches committed (the checkpoint's updates).
+checkpoint), divided by the batches committed (the checkpoint's updates). With local servers,
+each run also records both consumers' CPU seconds and waits (voluntary context switches) per
+process role (see :mod:`bench.cpu`).
 
 Run: ``python -m bench.wan [--rows 100000] [--txn-rows 100] [--delay-ms 10] [--repeat 1]``.
 """
@@ -87,6 +89,7 @@ def run_once(srv: Servers, args: argparse.Namespace, repetition: int, workdir: P
     order = ["native", "cdcsync"] if repetition % 2 == 0 else ["cdcsync", "native"]
     seconds: dict[str, float] = {}
     drains: dict[str, float] = {}
+    spent: dict[str, Any] = {}
     waits = batches = 0
     try:
         for consumer in order:
@@ -102,6 +105,8 @@ def run_once(srv: Servers, args: argparse.Namespace, repetition: int, workdir: P
                 batches = _checkpoint_writes(srv.target(tp.CDCSYNC_DB))
             seconds[consumer] = drain.seconds
             drains[consumer] = drain.drain_seconds
+            spent[f"{consumer}_cpu_by_role"] = drain.cpu_s
+            spent[f"{consumer}_waits_by_role"] = drain.waits
     finally:
         poller.close()
     verified = (tp.fingerprint(srv.target(tp.NATIVE_DB)) == expected
@@ -113,7 +118,8 @@ def run_once(srv: Servers, args: argparse.Namespace, repetition: int, workdir: P
               "ratio": round(seconds["native"] / seconds["cdcsync"], 2),
               **{f"{c}_s": round(s, 2) for c, s in seconds.items()},
               **{f"{c}_drain_s": round(s, 2) for c, s in drains.items()},
-              **{f"{c}_rows_per_s": round(load.changes / s) for c, s in seconds.items()}}
+              **{f"{c}_rows_per_s": round(load.changes / s) for c, s in seconds.items()},
+              **spent}
     tp.log(json.dumps(result))
     return result
 
