@@ -19,6 +19,7 @@ from psycopg import sql
 
 from cdcsync.config import Settings
 from cdcsync.daemon import DaemonThread
+from cdcsync.target_ahead import TargetAhead
 from tests.conftest import DbPair
 
 DECODERS = ("pgoutput", "wal2json")
@@ -46,8 +47,8 @@ def settings_for(pair: DbPair, tables: tuple[str, ...] = ("public.*",),
 
 
 @contextmanager
-def running(settings: Settings) -> Iterator[DaemonThread]:
-    runner = DaemonThread(settings)
+def running(settings: Settings, ahead: TargetAhead | None = None) -> Iterator[DaemonThread]:
+    runner = DaemonThread(settings, ahead=ahead)
     runner.start()
     try:
         yield runner

@@ -11,6 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
+from psycopg.rows import TupleRow
 
 from cdcsync import admin, commands
 from cdcsync.daemon import DaemonThread, ask_target
@@ -18,7 +19,14 @@ from cdcsync.errors import ConnectionLost, PrerequisiteError
 from cdcsync.leader import lock_key
 from cdcsync.target_ahead import TargetAhead, TargetState
 from tests.conftest import DbPair
-from tests.harness import converged, execute, settings_for, wait_for
+from tests.harness import (
+    converged,
+    execute,
+    running,
+    settings_for,
+    wait_for,
+    write_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,26 +44,13 @@ def _admin_pids(pair: DbPair) -> set[int]:
     return {int(row[0]) for row in rows}
 
 
-def _config_file(pair: DbPair, path: Path, extra: str = "") -> Path:
-    path.write_text(f"""tables = ["public.*"]
-[source]
-dsn = "{pair.source_dsn}"
-slot = "{pair.slot}"
-publication = "{pair.publication}"
-[target]
-dsn = "{pair.target_dsn}"
-{extra}
-""")
-    return path
-
-
 def test_the_configuration_file_asks_the_target_and_the_checks_take_the_answer(
         pair: DbPair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Read from the file and the CDCSYNC_TARGET__ variables as they are: the checks get the
     connection opened ahead, with the lock's holder and the copy states already asked."""
     dsn = make_conninfo(pair.target_dsn, connect_timeout=7)
     monkeypatch.setenv("CDCSYNC_TARGET__DSN", dsn)
-    ahead = TargetAhead.open_unvalidated(_config_file(pair, tmp_path / "c.toml"))
+    ahead = TargetAhead.open_unvalidated(write_config(tmp_path / "c.toml", pair))
     assert ahead is not None and (ahead.dsn, ahead.slot) == (dsn, pair.slot)
     wait_for(lambda: len(_admin_pids(pair)) == 1, timeout=10, what="the question asked ahead")
     (asked,) = _admin_pids(pair)
@@ -93,6 +88,12 @@ def test_a_question_given_up_does_not_wait_for_the_target(pair: DbPair) -> None:
             assert time.monotonic() - started < 1.0
 
 
+def _release_and_take_over(pair: DbPair, holder: psycopg.Connection[TupleRow],
+                           runner: DaemonThread) -> None:
+    holder.execute("SELECT pg_advisory_unlock(%s)", (lock_key(pair.slot),))
+    wait_for(converged(pair, ["public.t"]), runner=runner, what="the takeover")
+
+
 def test_a_standby_is_answered_ahead(pair: DbPair) -> None:
     """Another process holds the slot's lock: the answer says so, and the daemon given it waits
     as the standby, then takes over and streams."""
@@ -103,17 +104,10 @@ def test_a_standby_is_answered_ahead(pair: DbPair) -> None:
         assert taken[1].standby
         taken[0].close()
         execute(pair.source_dsn, "INSERT INTO t VALUES (1001, 1)")
-        runner = DaemonThread(settings_for(pair), ahead=TargetAhead.open(pair.target_dsn,
-                                                                         pair.slot))
-        runner.start()
-        try:
+        with running(settings_for(pair), TargetAhead.open(pair.target_dsn, pair.slot)) as runner:
             assert not runner.stop.wait(1.0) and runner.error is None and runner.is_alive()
             assert not converged(pair, ["public.t"])()
-            holder.execute("SELECT pg_advisory_unlock(%s)", (lock_key(pair.slot),))
-            wait_for(converged(pair, ["public.t"]), runner=runner, what="the takeover")
-        finally:
-            assert runner.close(), "the daemon did not stop within the budget"
-    assert runner.error is None
+            _release_and_take_over(pair, holder, runner)
 
 
 def _pool_sessions(pair: DbPair) -> int:
@@ -133,18 +127,12 @@ def test_a_lock_taken_since_the_answer_leaves_a_standby_without_a_pool(
     with psycopg.connect(pair.target_dsn, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", (lock_key(pair.slot),))
         execute(pair.source_dsn, "INSERT INTO t VALUES (2001, 1)")
-        runner = DaemonThread(settings_for(pair), ahead=ahead)
-        runner.start()
-        try:
+        with running(settings_for(pair), ahead) as runner:
             wait_for(lambda: any(r.getMessage() == "standby" for r in caplog.records),
                      timeout=10, runner=runner, what="the standby")
             wait_for(lambda: _pool_sessions(pair) == 0, timeout=10, runner=runner,
                      what="the standby to close its pool")
-            holder.execute("SELECT pg_advisory_unlock(%s)", (lock_key(pair.slot),))
-            wait_for(converged(pair, ["public.t"]), runner=runner, what="the takeover")
-        finally:
-            assert runner.close(), "the daemon did not stop within the budget"
-    assert runner.error is None
+            _release_and_take_over(pair, holder, runner)
 
 
 def test_a_target_without_the_schema_is_refused_with_the_fix(pair: DbPair) -> None:
@@ -171,7 +159,7 @@ def test_an_unreachable_target_fails_once_as_the_checks_would(pair: DbPair) -> N
 
 def test_run_with_an_invalid_configuration_closes_the_connection_it_opened(
         pair: DbPair, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = _config_file(pair, tmp_path / "c.toml", "[apply]\nmax_rowz = 5")
+    config = write_config(tmp_path / "c.toml", pair, extra="[snapshot]\nchunk_rowz = 5\n")
     assert commands.main(["--config", str(config), "run"]) == 2
-    assert "unknown key 'apply.max_rowz'" in capsys.readouterr().err
+    assert "unknown key 'snapshot.chunk_rowz'" in capsys.readouterr().err
     wait_for(lambda: _admin_pids(pair) == set(), timeout=10, what="the connection to be closed")
