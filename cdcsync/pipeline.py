@@ -19,8 +19,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -58,6 +57,7 @@ from cdcsync.model import (
     TxnStart,
 )
 from cdcsync.source import catalog
+from cdcsync.source.catalog_session import CatalogSession
 from cdcsync.source.early import EarlyStream, start_options
 from cdcsync.source.replication import ReplicationStream
 from cdcsync.source.transactions import Assembler, Resolver, TransactionAssembler
@@ -255,6 +255,9 @@ class Pipeline:
         # The checkpoint as the term started (read with the copy states): the first stream
         # starts from it instead of asking again.
         self._saved = saved
+        # Where the slot stands and each new table's column types, asked on one connection a
+        # stream (closed as the stream ends).
+        self._catalog = CatalogSession(settings.source.dsn.get_secret_value())
 
     def run(self) -> None:
         """Stream until stopped; retry transient failures, raise everything else."""
@@ -325,6 +328,7 @@ class Pipeline:
                                   opened_early=adopted is not None)
         finally:
             stream.close()
+            self._catalog.close()
 
     def _stream_from(self, stream: ReplicationStream, assembler: Assembler,
                      conn: psycopg.Connection[TupleRow], start: Lsn, binary: bool, *,
@@ -364,12 +368,7 @@ class Pipeline:
 
     def _describe(self, schema: str, name: str) -> Relation | None:
         """The source catalog's description of a table wal2json names (once per table and run)."""
-        dsn = with_session_options(self.settings.source.dsn.get_secret_value(), "cdcsync")
-        try:
-            with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as src:
-                return catalog.describe_table(src, schema, name)
-        except psycopg.OperationalError as exc:
-            raise ConnectionLost(f"cannot reach the source: {exc}") from exc
+        return self._catalog.ask(lambda src: catalog.describe_table(src, schema, name))
 
     def _resolver(self, binary: bool) -> Resolver:
         """Relation -> target table, on a pool connection of its own (called by the reader);
@@ -386,8 +385,7 @@ class Pipeline:
                           table=relation.qualified,
                           hint=f"it is in {where} but not in `tables`; ignored")
                 return None
-            with self._source() as src:
-                source_types = catalog.column_types(src, relation)
+            source_types = self._catalog.ask(lambda src: catalog.column_types(src, relation))
             # In autocommit: reads need no BEGIN and COMMIT of their own (see roundtrip).
             with self.pool.connection() as pooled, roundtrip.autocommit(pooled) as conn:
                 table = tables.resolve(conn, self.settings, relation, source_types=source_types,
@@ -397,17 +395,6 @@ class Pipeline:
 
         return resolve
 
-    @contextmanager
-    def _source(self) -> Iterator[psycopg.Connection[TupleRow]]:
-        """A short autocommit connection to the source; failing to connect is transient."""
-        dsn = with_session_options(self.settings.source.dsn.get_secret_value(), "cdcsync")
-        try:
-            conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
-        except psycopg.OperationalError as exc:
-            raise ConnectionLost(f"cannot reach the source: {exc}") from exc
-        with conn:
-            yield conn
-
     def _resume_position(self, saved: checkpoint.Checkpoint | None, *, ours: int | None) -> Lsn:
         """The checkpoint, once it is known to cover everything the slot has released; the slot
         may be active for ``ours`` only (the walsender of a stream this process opened)."""
@@ -415,8 +402,7 @@ class Pipeline:
         if saved is None:
             raise PrerequisiteError(f"the target holds no checkpoint for slot {slot!r}",
                                     fix="run `cdcsync setup`")
-        with self._source() as src:
-            info = catalog.slot_info(src, slot)
+        info = self._catalog.ask(lambda src: catalog.slot_info(src, slot))
         if info is None:
             raise PrerequisiteError(
                 f"replication slot {slot!r} does not exist on the source",
