@@ -51,6 +51,10 @@ _TRICKLE_GAP_S: Final = 0.002
 # Messages taken from libpq's buffer per call of the compiled reader: a bound on the list a read
 # holds (the early stream may have buffered 32 MiB), large enough that the call is amortised.
 _TAKE_LIMIT: Final = 4096
+# How long the walsender may take to answer START_REPLICATION (or to end a stream) before the
+# connection counts as lost and the stream starts again: it answers within a round trip unless
+# the source or the network stalls.
+_START_TIMEOUT_S: Final = 60.0
 
 Take = Callable[[int, int], tuple[list[bytes], int]]
 
@@ -135,7 +139,13 @@ class ReplicationStream:
         opts = ", ".join(f'"{name}" \'{value}\'' for name, value in options.items())
         command = f'START_REPLICATION SLOT "{self.slot}" LOGICAL {start_lsn} ({opts})'
         pgconn.send_query(command.encode())
-        result = pgconn.get_result()
+        try:
+            # Waited for on the socket: libpq's own wait would hold the interpreter lock, and
+            # every other thread of the daemon (its start's imports included) with it.
+            result = libpq.next_result(pgconn, _START_TIMEOUT_S)
+        except psycopg.OperationalError as exc:
+            self.close()
+            raise ConnectionLost(f"START_REPLICATION on slot {self.slot!r}: {exc}") from exc
         if result is None or result.status != pq.ExecStatus.COPY_BOTH:
             message = (result.error_message if result else pgconn.error_message).decode().strip()
             self.close()
@@ -260,7 +270,10 @@ class ReplicationStream:
 
     def _ended(self) -> Exception:
         pgconn = self._require()
-        result = pgconn.get_result()
+        try:
+            result = libpq.next_result(pgconn, _START_TIMEOUT_S)
+        except psycopg.OperationalError as exc:
+            return ConnectionLost(f"replication stream on slot {self.slot!r} ended: {exc}")
         message = (result.error_message if result else pgconn.error_message).decode().strip()
         return _stream_error(self.slot, message or "the server ended the replication stream")
 
