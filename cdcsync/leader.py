@@ -149,9 +149,7 @@ class SlotLock:
         with contextlib.suppress(psycopg.Error):
             self._conn = psycopg.connect(self._dsn, autocommit=True)
             if take:
-                row = self._conn.execute("SELECT pg_try_advisory_lock(%s)",
-                                         (self.key,)).fetchone()
-                self._taken_ahead = bool(row and row[0])
+                self._taken_ahead = self._take(self._conn)
 
     def _opened(self) -> None:
         opening, self._opening = self._opening, None
@@ -191,8 +189,7 @@ class SlotLock:
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = psycopg.connect(self._dsn, autocommit=True)
-            row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
-            if row is not None and row[0]:
+            if self._take(self._conn):
                 return True
             holder = lock_holder(self._conn, self.slot)
         except psycopg.Error as exc:
@@ -207,6 +204,10 @@ class SlotLock:
             event(logging.INFO, "standby", slot=self.slot, holder=who)
         self._health.set_state("standby", f"lock held by {who}")
         return False
+
+    def _take(self, conn: Conn) -> bool:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+        return bool(row and row[0])
 
     def _wait(self, intervals: int) -> None:
         """Sleep check intervals in slices, beating: a waiting standby is a healthy loop."""
