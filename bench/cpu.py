@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 
-_TICKS = os.sysconf("SC_CLK_TCK")
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def process_seconds(pid: int) -> float | None:
@@ -25,7 +25,7 @@ def process_seconds(pid: int) -> float | None:
     except OSError:
         return None
     fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
+    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def process_waits(pid: int) -> int | None:

@@ -17,7 +17,9 @@ seconds count from the consumer holding its slot. The relay counts the waits of 
 connection (its busiest one) while the backlog drains (from holding the slot to the last
 checkpoint), divided by the batches committed (the checkpoint's updates). With local servers,
 each run also records both consumers' CPU seconds and waits (voluntary context switches) per
-process role (see :mod:`bench.cpu`).
+process role (see :mod:`bench.cpu`), and each records the CPU seconds its relay used
+(``*_relay_cpu_s``): the relay runs on the same cores, and a relay that costs one consumer much
+more than the other skews the comparison (see :mod:`bench.relay`).
 
 Run: ``python -m bench.wan [--rows 100000] [--txn-rows 100] [--delay-ms 10] [--repeat 1]``.
 """
@@ -90,10 +92,13 @@ def run_once(srv: Servers, args: argparse.Namespace, repetition: int, workdir: P
     seconds: dict[str, float] = {}
     drains: dict[str, float] = {}
     spent: dict[str, Any] = {}
+    relayed: dict[str, float] = {}
     waits = batches = 0
     try:
         for consumer in order:
             tp.log(f"[wan #{repetition + 1}] draining with {consumer} through the relay")
+            relay = to_source if consumer == "native" else to_target
+            relay_before = relay.cpu_s()
             if consumer == "native":
                 drain = tp.drain_native(srv, poller)
             else:
@@ -103,6 +108,7 @@ def run_once(srv: Servers, args: argparse.Namespace, repetition: int, workdir: P
                 waits = max(link.waits_between(finished - drain.drain_seconds, finished)
                             for link in to_target.links[first:])
                 batches = _checkpoint_writes(srv.target(tp.CDCSYNC_DB))
+            relayed[consumer] = relay.cpu_s() - relay_before
             seconds[consumer] = drain.seconds
             drains[consumer] = drain.drain_seconds
             spent[f"{consumer}_cpu_by_role"] = drain.cpu_s
@@ -118,6 +124,7 @@ def run_once(srv: Servers, args: argparse.Namespace, repetition: int, workdir: P
               "ratio": round(seconds["native"] / seconds["cdcsync"], 2),
               **{f"{c}_s": round(s, 2) for c, s in seconds.items()},
               **{f"{c}_drain_s": round(s, 2) for c, s in drains.items()},
+              **{f"{c}_relay_cpu_s": round(s, 2) for c, s in relayed.items()},
               **{f"{c}_rows_per_s": round(load.changes / s) for c, s in seconds.items()},
               **spent}
     tp.log(json.dumps(result))
