@@ -4,7 +4,8 @@ Decoding pgoutput and converting each row into binary COPY is pure Python per co
 bounds how fast one daemon drains a backlog (see the README's throughput section). The same typed
 source compiled by mypyc (shipped with mypy, already the project's type checker) runs about twice
 as fast. ``cdcsync/source/_copybatch.c`` reads the stream's messages out of libpq in batches;
-``cdcsync/source/_staged.c`` drops the earlier versions of a key from a batch's staged rows.
+``cdcsync/source/_staged.c`` builds the staged rows of pgoutput tuples and drops the earlier
+versions of a key from a batch's staged rows.
 Where no C compiler or Python headers are found, or with CDCSYNC_PURE_PYTHON=1, the
 package installs as plain Python and behaves the same, only slower.
 """

@@ -20,8 +20,9 @@ row still holds the values the update left unchanged.
 
 from __future__ import annotations
 
+import importlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from cdcsync.errors import ProtocolError
@@ -85,9 +86,30 @@ offset of the tuple in it, the operation (``ord`` of I, U, D or M), the sequence
 transaction's commit LSN and commit time (microseconds since 2000-01-01 UTC)."""
 
 
+StageRows = Callable[[Sequence[PendingRow], int], tuple[bytes, int] | None]
+
+
+def _compiled_stage_rows() -> StageRows | None:
+    """``_staged.stage_rows`` (see ``cdcsync/source/_staged.c``), or None where the extension is
+    not compiled (a pure-Python install)."""
+    try:
+        staged = importlib.import_module("cdcsync.source._staged")
+    except ImportError:
+        return None
+    found: StageRows = staged.stage_rows
+    return found
+
+
+_STAGE_ROWS: Final = _compiled_stage_rows()
+
+
 def stage_rows(relation: Relation, rows: Sequence[PendingRow]) -> tuple[bytes, int]:
     """Convert ``rows`` into concatenated binary COPY rows for the relation's staging table;
     also return the union of their unchanged-TOAST masks (bit i: column i)."""
+    if _STAGE_ROWS is not None:
+        staged = _STAGE_ROWS(rows, len(relation.columns))
+        if staged is not None:
+            return staged
     try:
         return _stage_rows(relation, rows)
     except (IndexError, struct.error) as exc:
@@ -95,7 +117,9 @@ def stage_rows(relation: Relation, rows: Sequence[PendingRow]) -> tuple[bytes, i
 
 
 def _stage_rows(relation: Relation, rows: Sequence[PendingRow]) -> tuple[bytes, int]:
-    # Hot, and compiled by mypyc (see setup.py): lengths are read with byte shifts, which compile
+    # The reference for _staged.c's stage_rows, which does the same in C: this one runs without
+    # the extension, and where a row is malformed, to say what is wrong with it. Compiled by
+    # mypyc (see setup.py): lengths are read with byte shifts, which compile
     # to native operations where a struct call stays a Python call (2x the time of the whole
     # loop); the row is appended to one growing bytearray field by field (a list of small bytes
     # joined at the end costs 40% more); the rare row with TOAST marks has its mask field
