@@ -36,6 +36,8 @@ typedef struct {
     Py_ssize_t count, capacity;
     unsigned char *keys;
     Py_ssize_t keys_len, keys_capacity;
+    /* Where a key field is past a row's fields (walk_chunk's -3): which, and how many it has. */
+    long missing_field, row_fields;
 } Walk;
 
 static int
@@ -69,7 +71,8 @@ fnv1a(const unsigned char *p, Py_ssize_t n)
     return h ^ (h >> 29);
 }
 
-/* Records the rows of one chunk; 0, -1 for a truncated row, -2 out of memory. */
+/* Records the rows of one chunk; 0, -1 for a truncated row, -2 out of memory, -3 for a row
+ * with fewer fields than a key field's position. */
 static int
 walk_chunk(Walk *walk, const unsigned char *data, Py_ssize_t size, const long *fields,
            Py_ssize_t nfields)
@@ -108,8 +111,11 @@ walk_chunk(Walk *walk, const unsigned char *data, Py_ssize_t size, const long *f
             }
             off += field_size;
         }
-        if (next < nfields)
-            return -1;
+        if (next < nfields) {
+            walk->missing_field = fields[next];
+            walk->row_fields = count;
+            return -3;
+        }
         row->key_len = walk->keys_len - row->key_at;
         if (null) {
             walk->keys_len = row->key_at;
@@ -246,6 +252,11 @@ latest_versions(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_END_ALLOW_THREADS
     if (failed == -1) {
         PyErr_SetString(PyExc_ValueError, "truncated staged row");
+        goto done;
+    }
+    if (failed == -3) {
+        PyErr_Format(PyExc_ValueError, "key field %ld is past the %ld fields of a staged row",
+                     walk.missing_field, walk.row_fields);
         goto done;
     }
     if (failed) {
