@@ -21,6 +21,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg.rows import TupleRow
@@ -109,20 +110,33 @@ class _RecentUse:
             ConnectionPool.check_connection(conn)
 
 
+class _TargetPool(ConnectionPool[psycopg.Connection[TupleRow]]):
+    """A pool whose connections given back are marked used (:class:`_RecentUse`) on the thread
+    giving them back. Marked by psycopg_pool's ``reset`` callback, they went back through a
+    worker task, which a closed pool drops: the connection given back right before the pool
+    closed stayed open, one per stop of a daemon running in a thread (tests, the demo), until
+    the garbage collector found it."""
+
+    def __init__(self, conninfo: str, checker: _RecentUse, **kwargs: Any) -> None:
+        self._checker = checker
+        super().__init__(conninfo, check=checker.check, configure=checker.used, **kwargs)
+
+    def putconn(self, conn: psycopg.Connection[TupleRow]) -> None:
+        self._checker.used(conn)
+        super().putconn(conn)
+
+
 def open_target_pool(settings: Settings) -> ConnectionPool:
     """The target pool shared by the applier and every other user of the target.
 
     As many connections from the start, opened side by side, as the stream takes as it starts:
     the copies' queue (the resyncer), the applier's workers and the reader's resolver of the
     first table. Each opened later would cost the first batch a connection's round trips."""
-    checker = _RecentUse()
-    return ConnectionPool(
+    return _TargetPool(
         with_session_options(settings.target.dsn.get_secret_value(), "cdcsync"),
+        _RecentUse(),
         min_size=min(settings.target.pool_size, settings.apply.workers + 2),
         max_size=settings.target.pool_size,
-        check=checker.check,
-        configure=checker.used,
-        reset=checker.used,
         name="cdcsync-target",
         open=True,
         timeout=10.0,

@@ -135,6 +135,18 @@ def test_a_lock_taken_since_the_answer_leaves_a_standby_without_a_pool(
             _release_and_take_over(pair, holder, runner)
 
 
+def test_a_stopped_daemon_leaves_no_target_session_open(pair: DbPair) -> None:
+    """Once a daemon running in a thread stopped, every connection it opened on the target is
+    closed: the pool's (the one given back as the pool closed stayed open) and the question's
+    asked ahead."""
+    for row in (4001, 4002):
+        execute(pair.source_dsn, f"INSERT INTO t VALUES ({row}, 1)")
+        with running(settings_for(pair), TargetAhead.open(pair.target_dsn, pair.slot)) as runner:
+            wait_for(converged(pair, ["public.t"]), runner=runner, what="the stream")
+        wait_for(lambda: (_pool_sessions(pair), _admin_pids(pair)) == (0, set()), timeout=3,
+                 what="no session left")
+
+
 def test_a_target_without_the_schema_is_refused_with_the_fix(pair: DbPair) -> None:
     bare = make_conninfo(pair.target_dsn, dbname="postgres")
     taken = TargetAhead.open(bare, pair.slot).take(bare, pair.slot)
