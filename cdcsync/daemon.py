@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from types import FrameType
 from typing import TYPE_CHECKING, Protocol
 
@@ -135,10 +136,11 @@ def run(settings: Settings, stop: threading.Event | None = None,
     try:
         with ask_target(settings, ahead) as (tgt, known):
             active = isinstance(known, TargetState) and not known.standby
-            # The checks wait on both databases: meanwhile, the lock's connection opens and,
-            # where no one held the lock, takes it; the process that is to stream opens the
-            # pool of its first term too.
-            lock.open_ahead(take=active)
+            # The checks wait on both databases: meanwhile, the lock's connection (opened
+            # while the daemon loaded, where the target was asked then) takes the lock where
+            # no one held it; the process that is to stream opens the pool of its first term.
+            lock.open_ahead(take=active, opened=None if ahead is None else partial(
+                ahead.lock_connection, settings.target.dsn.get_secret_value(), slot))
             if active:
                 pool = open_target_pool(settings)
             preflight(settings, tgt, known, early)

@@ -136,18 +136,22 @@ class SlotLock:
         self._opening: threading.Thread | None = None
         self._taken_ahead = False
 
-    def open_ahead(self, *, take: bool = False) -> None:
+    def open_ahead(self, *, take: bool = False,
+                   opened: Callable[[], Conn | None] | None = None) -> None:
         """Open the lock's connection on a thread of its own, while the caller does something
         else, and with ``take`` try the lock there too (the caller expects it free); then
-        :meth:`acquire` only asks for the lock, or finds it held. A failure here is left for
-        :meth:`acquire` to meet again, and report."""
-        self._opening = threading.Thread(target=self._open_quietly, args=(take,),
+        :meth:`acquire` only asks for the lock, or finds it held. ``opened`` gives a connection
+        opened earlier with :func:`lock_dsn` (see :class:`cdcsync.target_ahead.TargetAhead`),
+        or None. A failure here is left for :meth:`acquire` to meet again, and report."""
+        self._opening = threading.Thread(target=self._open_quietly, args=(take, opened),
                                          name="cdcsync-lock-open", daemon=True)
         self._opening.start()
 
-    def _open_quietly(self, take: bool) -> None:
+    def _open_quietly(self, take: bool, opened: Callable[[], Conn | None] | None) -> None:
         with contextlib.suppress(psycopg.Error):
-            self._conn = psycopg.connect(self._dsn, autocommit=True)
+            conn = opened() if opened is not None else None
+            self._conn = (conn if conn is not None and not conn.closed
+                          else psycopg.connect(self._dsn, autocommit=True))
             if take:
                 self._taken_ahead = self._take(self._conn)
 

@@ -10,6 +10,10 @@ when the validated settings name the same DSN and slot (else it is closed, and t
 
 The checks report a failure to connect from here as they would their own; any other error closes
 the connection, and the checks ask again (and say what to fix).
+
+The slot lock's own connection (:func:`cdcsync.leader.lock_dsn`) opens ahead too, on a second
+thread: the lock is tried on it once the answer says whether to (:meth:`SlotLock.open_ahead`),
+but opening it took two of the round trips between the checks and the first stream.
 """
 
 from __future__ import annotations
@@ -88,6 +92,10 @@ class TargetAhead:
         self._given_up = False
         self._thread = threading.Thread(target=self._run, name="cdcsync-target-ahead",
                                         daemon=True)
+        self._spare: Conn | None = None
+        self._spare_given_up = False
+        self._spare_thread = threading.Thread(target=self._open_spare,
+                                              name="cdcsync-lock-ahead", daemon=True)
 
     @classmethod
     def open_unvalidated(cls, config: Path | None) -> TargetAhead | None:
@@ -107,6 +115,7 @@ class TargetAhead:
         """Ask the target at ``dsn`` about ``slot`` in the background."""
         ahead = cls(dsn, slot)
         ahead._thread.start()
+        ahead._spare_thread.start()
         return ahead
 
     def take(self, dsn: str, slot: str) -> Answered | psycopg.OperationalError | None:
@@ -122,14 +131,30 @@ class TargetAhead:
             answered, self._answered = self._answered, None
         return answered
 
-    def close(self) -> None:
-        """Give the connection up: closed now if the question was answered, else by its thread
-        once it is (a process failing its configuration does not wait for the target)."""
+    def lock_connection(self, dsn: str, slot: str) -> Conn | None:
+        """For ``dsn`` and ``slot``, once opened (at most its connect timeout): the slot lock's
+        connection, opened ahead; None if it failed to open, was taken already, or is for
+        other settings (it is closed then)."""
+        if (dsn, slot) != (self.dsn, self.slot):
+            self.close()
+            return None
+        self._spare_thread.join()
         with self._lock:
-            self._given_up = True
+            self._spare_given_up = True
+            spare, self._spare = self._spare, None
+        return spare
+
+    def close(self) -> None:
+        """Give the connections up: closed now where they are open, else by their threads
+        once they are (a process failing its configuration does not wait for the target)."""
+        with self._lock:
+            self._given_up = self._spare_given_up = True
             answered, self._answered = self._answered, None
+            spare, self._spare = self._spare, None
         if isinstance(answered, tuple):
             answered[0].close()
+        if spare is not None:
+            spare.close()
 
     def _run(self) -> None:
         answered = self._ask()
@@ -139,6 +164,17 @@ class TargetAhead:
                 return
         if isinstance(answered, tuple):
             answered[0].close()
+
+    def _open_spare(self) -> None:
+        try:
+            conn = psycopg.connect(leader.lock_dsn(self.dsn), autocommit=True)
+        except psycopg.Error:
+            return
+        with self._lock:
+            if not self._spare_given_up:
+                self._spare = conn
+                return
+        conn.close()
 
     def _ask(self) -> Answered | psycopg.OperationalError | None:
         try:

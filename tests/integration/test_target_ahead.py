@@ -16,7 +16,7 @@ from psycopg.rows import TupleRow
 from cdcsync import admin, commands
 from cdcsync.daemon import DaemonThread, ask_target
 from cdcsync.errors import ConnectionLost, PrerequisiteError
-from cdcsync.leader import lock_key
+from cdcsync.leader import application_name, holder_query, lock_key
 from cdcsync.target_ahead import TargetAhead, TargetState
 from tests.conftest import DbPair
 from tests.harness import (
@@ -44,6 +44,40 @@ def _admin_pids(pair: DbPair) -> set[int]:
     return {int(row[0]) for row in rows}
 
 
+def _lock_sessions(pair: DbPair) -> set[int]:
+    """The sessions opened with the slot lock's connection settings by this process."""
+    with psycopg.connect(pair.target_dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND application_name = %s", (application_name(),)).fetchall()
+    return {int(row[0]) for row in rows}
+
+
+def test_the_lock_is_taken_on_its_connection_opened_ahead(pair: DbPair) -> None:
+    """The slot lock's connection opens while the daemon loads, beside the question: the
+    daemon takes the lock on it instead of opening another."""
+    ahead = TargetAhead.open(pair.target_dsn, pair.slot)
+    wait_for(lambda: len(_lock_sessions(pair)) == 1, timeout=10,
+             what="the lock's connection opened ahead")
+    (opened,) = _lock_sessions(pair)
+    execute(pair.source_dsn, "INSERT INTO t VALUES (3001, 1)")
+    with running(settings_for(pair), ahead) as runner:
+        wait_for(converged(pair, ["public.t"]), runner=runner, what="the stream")
+        with psycopg.connect(pair.target_dsn, autocommit=True) as conn:
+            holder = conn.execute(holder_query(pair.slot)).fetchone()
+        assert holder is not None and int(holder[1]) == opened
+        assert _lock_sessions(pair) == {opened}
+    wait_for(lambda: _lock_sessions(pair) == set(), timeout=10, what="the lock released")
+
+
+def test_a_lock_connection_for_other_settings_is_closed(pair: DbPair) -> None:
+    ahead = TargetAhead.open(pair.target_dsn, "another_slot")
+    wait_for(lambda: len(_lock_sessions(pair)) == 1, timeout=10,
+             what="the lock's connection opened ahead")
+    assert ahead.lock_connection(pair.target_dsn, pair.slot) is None
+    wait_for(lambda: _lock_sessions(pair) == set() and _admin_pids(pair) == set(), timeout=10,
+             what="both connections opened ahead to be closed")
+
+
 def test_the_configuration_file_asks_the_target_and_the_checks_take_the_answer(
         pair: DbPair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Read from the file and the CDCSYNC_TARGET__ variables as they are: the checks get the
@@ -59,6 +93,7 @@ def test_the_configuration_file_asks_the_target_and_the_checks_take_the_answer(
         assert isinstance(known, TargetState) and not known.standby
         assert known.states["public.t"].state in ("pending", "ready")
     assert tgt.closed and _admin_pids(pair) == set()
+    ahead.close()
 
 
 def test_an_answer_for_another_target_or_slot_is_closed_and_asked_again(pair: DbPair) -> None:
@@ -99,7 +134,9 @@ def test_a_standby_is_answered_ahead(pair: DbPair) -> None:
     as the standby, then takes over and streams."""
     with psycopg.connect(pair.target_dsn, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", (lock_key(pair.slot),))
-        taken = TargetAhead.open(pair.target_dsn, pair.slot).take(pair.target_dsn, pair.slot)
+        asked = TargetAhead.open(pair.target_dsn, pair.slot)
+        taken = asked.take(pair.target_dsn, pair.slot)
+        asked.close()
         assert isinstance(taken, tuple) and isinstance(taken[1], TargetState)
         assert taken[1].standby
         taken[0].close()
@@ -137,19 +174,21 @@ def test_a_lock_taken_since_the_answer_leaves_a_standby_without_a_pool(
 
 def test_a_stopped_daemon_leaves_no_target_session_open(pair: DbPair) -> None:
     """Once a daemon running in a thread stopped, every connection it opened on the target is
-    closed: the pool's (the one given back as the pool closed stayed open) and the question's
-    asked ahead."""
+    closed: the pool's (the one given back as the pool closed stayed open), the lock's and the
+    question's asked ahead."""
     for row in (4001, 4002):
         execute(pair.source_dsn, f"INSERT INTO t VALUES ({row}, 1)")
         with running(settings_for(pair), TargetAhead.open(pair.target_dsn, pair.slot)) as runner:
             wait_for(converged(pair, ["public.t"]), runner=runner, what="the stream")
-        wait_for(lambda: (_pool_sessions(pair), _admin_pids(pair)) == (0, set()), timeout=3,
-                 what="no session left")
+        wait_for(lambda: (_pool_sessions(pair), _lock_sessions(pair), _admin_pids(pair))
+                 == (0, set(), set()), timeout=3, what="no session left")
 
 
 def test_a_target_without_the_schema_is_refused_with_the_fix(pair: DbPair) -> None:
     bare = make_conninfo(pair.target_dsn, dbname="postgres")
-    taken = TargetAhead.open(bare, pair.slot).take(bare, pair.slot)
+    asked = TargetAhead.open(bare, pair.slot)
+    taken = asked.take(bare, pair.slot)
+    asked.close()
     assert isinstance(taken, tuple)
     taken[0].close()
     assert isinstance(taken[1], PrerequisiteError)
@@ -169,9 +208,10 @@ def test_an_unreachable_target_fails_once_as_the_checks_would(pair: DbPair) -> N
     assert raised.value.fix == "check host, port and network access for the target DSN"
 
 
-def test_run_with_an_invalid_configuration_closes_the_connection_it_opened(
+def test_run_with_an_invalid_configuration_closes_the_connections_it_opened(
         pair: DbPair, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path / "c.toml", pair, extra="[snapshot]\nchunk_rowz = 5\n")
     assert commands.main(["--config", str(config), "run"]) == 2
     assert "unknown key 'snapshot.chunk_rowz'" in capsys.readouterr().err
-    wait_for(lambda: _admin_pids(pair) == set(), timeout=10, what="the connection to be closed")
+    wait_for(lambda: _admin_pids(pair) == set() and _lock_sessions(pair) == set(), timeout=10,
+             what="the connections to be closed")
