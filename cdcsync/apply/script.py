@@ -14,7 +14,6 @@ stands).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -26,23 +25,21 @@ from psycopg.rows import TupleRow
 from cdcsync.apply import sql as q
 from cdcsync.apply import window
 from cdcsync.model import Relation, TableRows, TargetTable
-from cdcsync.source.tuples import COPY_HEADER, COPY_TRAILER, META_COLUMNS, text_rows
+from cdcsync.source.tuples import (
+    COPY_HEADER,
+    COPY_TRAILER,
+    META_COLUMNS,
+    staged_extension,
+    text_rows,
+)
 
 LatestVersions = Callable[[Sequence[bytes], Sequence[int]], list[bytes] | None]
 
 
-def _latest_versions() -> LatestVersions | None:
-    """``_staged.latest_versions`` (see ``cdcsync/source/_staged.c``), or None where the
-    extension is not compiled (a pure-Python install): the merge collapses the stage then."""
-    try:
-        staged = importlib.import_module("cdcsync.source._staged")
-    except ImportError:
-        return None
-    found: LatestVersions = staged.latest_versions
-    return found
-
-
-LATEST_VERSIONS: Final = _latest_versions()
+_STAGED: Final = staged_extension()
+# None without the compiled extension: the merge collapses the stage then.
+LATEST_VERSIONS: Final[LatestVersions | None] = (None if _STAGED is None
+                                                 else _STAGED.latest_versions)
 BEGIN = sql.SQL("BEGIN")
 COMMIT = sql.SQL("COMMIT")
 SAVEPOINT = sql.SQL("SAVEPOINT cdcsync_flush")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import struct
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import Final
 
 from cdcsync.errors import ProtocolError
@@ -89,18 +90,17 @@ transaction's commit LSN and commit time (microseconds since 2000-01-01 UTC)."""
 StageRows = Callable[[Sequence[PendingRow], int], tuple[bytes, int] | None]
 
 
-def _compiled_stage_rows() -> StageRows | None:
-    """``_staged.stage_rows`` (see ``cdcsync/source/_staged.c``), or None where the extension is
-    not compiled (a pure-Python install)."""
+def staged_extension() -> ModuleType | None:
+    """``cdcsync.source._staged`` (see ``cdcsync/source/_staged.c``), or None where the
+    extension is not compiled (a pure-Python install)."""
     try:
-        staged = importlib.import_module("cdcsync.source._staged")
+        return importlib.import_module("cdcsync.source._staged")
     except ImportError:
         return None
-    found: StageRows = staged.stage_rows
-    return found
 
 
-_STAGE_ROWS: Final = _compiled_stage_rows()
+_STAGED: Final = staged_extension()
+_STAGE_ROWS: Final[StageRows | None] = None if _STAGED is None else _STAGED.stage_rows
 
 
 def stage_rows(relation: Relation, rows: Sequence[PendingRow]) -> tuple[bytes, int]:
