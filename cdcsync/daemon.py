@@ -30,7 +30,6 @@ from cdcsync.logs import event
 from cdcsync.metrics import Metrics
 from cdcsync.notify import Notifier, SystemdReporter
 from cdcsync.pipeline import Pipeline, Progress, open_target_pool
-from cdcsync.source import catalog
 from cdcsync.target_ahead import TargetAhead, TargetState, target_state
 
 if TYPE_CHECKING:
@@ -73,8 +72,7 @@ def preflight(settings: Settings, tgt: Conn, known: TargetState | PrerequisiteEr
     standby = (known.standby if isinstance(known, TargetState)
                else leader.lock_holder(tgt, slot) is not None)
     with connect(settings.source.dsn.get_secret_value(), "source") as src:
-        slot_missing = catalog.slot_info(src, slot) is None
-        selected = prerequisites.check_source(
+        selected, found = prerequisites.check_source(
             src, settings, standby=standby, ours=early.backend_pid if early else None)
     if isinstance(known, PrerequisiteError):
         raise known
@@ -85,7 +83,7 @@ def preflight(settings: Settings, tgt: Conn, known: TargetState | PrerequisiteEr
     prerequisites.check_target(tgt, settings, selected)
     if early is not None and (standby or fresh):
         early.close()
-    if slot_missing and not fresh:
+    if found is None and not fresh:
         raise PrerequisiteError(
             f"replication slot {slot!r} does not exist on the source",
             fix="run `cdcsync setup` first",

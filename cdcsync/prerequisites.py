@@ -49,11 +49,12 @@ class Selected:
 
 
 def check_source(src: Conn, settings: Settings, *, standby: bool = False,
-                 ours: int | None = None) -> list[Selected]:
+                 ours: int | None = None) -> tuple[list[Selected], catalog.SlotInfo | None]:
     """The slot, if it exists (the initial snapshot may create it), is free, and the publication
-    carries every configured table; return those. A process that will wait as the standby of a
-    running cdcsync (``standby``) expects the slot in use; one that streams it already expects it
-    active for ``ours`` (that stream's walsender)."""
+    carries every configured table; return those, and the slot as last read (None: missing). A
+    process that will wait as the standby of a running cdcsync (``standby``) expects the slot in
+    use; one that streams it already expects it active for ``ours`` (that stream's
+    walsender)."""
     slot, publication = settings.source.slot, settings.source.publication
 
     def taken(info: catalog.SlotInfo | None) -> bool:
@@ -90,7 +91,7 @@ def check_source(src: Conn, settings: Settings, *, standby: bool = False,
         selected.append(Selected(table.qualified, override.target or table.qualified,
                                  tuple(c for c in columns
                                        if c[0] not in override.exclude_columns)))
-    return selected
+    return selected, info
 
 
 def _published_in_parts(src: Conn, publication: str, table: catalog.SourceTable) -> bool:
