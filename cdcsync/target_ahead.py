@@ -19,8 +19,10 @@ but opening it took two of the round trips between the checks and the first stre
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -78,24 +80,72 @@ def target_state(tgt: Conn, slot: str) -> TargetState:
 
 # What the checks may take: the connection, and the target's answer or its refusal.
 Answered = tuple[Conn, TargetState | PrerequisiteError]
+Asked = Answered | psycopg.OperationalError
+
+T = TypeVar("T")
+
+
+class _Handover(Generic[T]):
+    """What a thread of its own makes: handed over once (:meth:`take`), or given up
+    (:meth:`give_up`), then closed at once, or by the thread as soon as it is made."""
+
+    def __init__(self, make: Callable[[], T | None], close: Callable[[T], None],
+                 name: str) -> None:
+        self._make, self._close = make, close
+        self._lock = threading.Lock()
+        self._made: T | None = None
+        self._given_up = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def take(self) -> T | None:
+        """Once made (waits for it): what was made, the first time; else None."""
+        self._thread.join()
+        with self._lock:
+            self._given_up = True
+            made, self._made = self._made, None
+        return made
+
+    def give_up(self) -> None:
+        with self._lock:
+            self._given_up = True
+            made, self._made = self._made, None
+        if made is not None:
+            self._close(made)
+
+    def _run(self) -> None:
+        made = self._make()
+        with self._lock:
+            if not self._given_up:
+                self._made = made
+                return
+        if made is not None:
+            self._close(made)
+
+
+def _close_asked(asked: Asked) -> None:
+    if isinstance(asked, tuple):
+        asked[0].close()
+
+
+def _close_conn(conn: Conn) -> None:
+    conn.close()
 
 
 class TargetAhead:
-    """:func:`target_state` asked on a connection of its own thread; :meth:`take` hands both
-    over, :meth:`close` gives them up. Either may be called at any time, from any thread."""
+    """:func:`target_state` asked on a connection of its own thread, and the slot lock's
+    connection opened on another; :meth:`take` and :meth:`lock_connection` hand them over,
+    :meth:`close` gives them up. Any may be called at any time, from any thread."""
 
     def __init__(self, dsn: str, slot: str) -> None:
         self.dsn = dsn
         self.slot = slot
-        self._lock = threading.Lock()
-        self._answered: Answered | psycopg.OperationalError | None = None
-        self._given_up = False
-        self._thread = threading.Thread(target=self._run, name="cdcsync-target-ahead",
-                                        daemon=True)
-        self._spare: Conn | None = None
-        self._spare_given_up = False
-        self._spare_thread = threading.Thread(target=self._open_spare,
-                                              name="cdcsync-lock-ahead", daemon=True)
+        self._asked: _Handover[Asked] = _Handover(self._ask, _close_asked,
+                                                  "cdcsync-target-ahead")
+        self._lock_conn: _Handover[Conn] = _Handover(self._open_lock_connection, _close_conn,
+                                                     "cdcsync-lock-ahead")
 
     @classmethod
     def open_unvalidated(cls, config: Path | None) -> TargetAhead | None:
@@ -114,22 +164,18 @@ class TargetAhead:
     def open(cls, dsn: str, slot: str) -> TargetAhead:
         """Ask the target at ``dsn`` about ``slot`` in the background."""
         ahead = cls(dsn, slot)
-        ahead._thread.start()
-        ahead._spare_thread.start()
+        ahead._asked.start()
+        ahead._lock_conn.start()
         return ahead
 
-    def take(self, dsn: str, slot: str) -> Answered | psycopg.OperationalError | None:
+    def take(self, dsn: str, slot: str) -> Asked | None:
         """For ``dsn`` and ``slot``, once asked (at most the connection's timeout): the
         connection and the target's answer or refusal (no schema), or the error that stopped
         the connection. For others, at once: None (and the question is given up)."""
         if (dsn, slot) != (self.dsn, self.slot):
             self.close()
             return None
-        self._thread.join()
-        with self._lock:
-            self._given_up = True
-            answered, self._answered = self._answered, None
-        return answered
+        return self._asked.take()
 
     def lock_connection(self, dsn: str, slot: str) -> Conn | None:
         """For ``dsn`` and ``slot``, once opened (at most its connect timeout): the slot lock's
@@ -138,45 +184,21 @@ class TargetAhead:
         if (dsn, slot) != (self.dsn, self.slot):
             self.close()
             return None
-        self._spare_thread.join()
-        with self._lock:
-            self._spare_given_up = True
-            spare, self._spare = self._spare, None
-        return spare
+        return self._lock_conn.take()
 
     def close(self) -> None:
         """Give the connections up: closed now where they are open, else by their threads
         once they are (a process failing its configuration does not wait for the target)."""
-        with self._lock:
-            self._given_up = self._spare_given_up = True
-            answered, self._answered = self._answered, None
-            spare, self._spare = self._spare, None
-        if isinstance(answered, tuple):
-            answered[0].close()
-        if spare is not None:
-            spare.close()
+        self._asked.give_up()
+        self._lock_conn.give_up()
 
-    def _run(self) -> None:
-        answered = self._ask()
-        with self._lock:
-            if not self._given_up:
-                self._answered = answered
-                return
-        if isinstance(answered, tuple):
-            answered[0].close()
-
-    def _open_spare(self) -> None:
+    def _open_lock_connection(self) -> Conn | None:
         try:
-            conn = psycopg.connect(leader.lock_dsn(self.dsn), autocommit=True)
+            return psycopg.connect(leader.lock_dsn(self.dsn), autocommit=True)
         except psycopg.Error:
-            return
-        with self._lock:
-            if not self._spare_given_up:
-                self._spare = conn
-                return
-        conn.close()
+            return None
 
-    def _ask(self) -> Answered | psycopg.OperationalError | None:
+    def _ask(self) -> Asked | None:
         try:
             conn = psycopg.connect(with_session_options(self.dsn, "cdcsync-admin"),
                                    autocommit=True, connect_timeout=10)
