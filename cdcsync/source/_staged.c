@@ -416,6 +416,8 @@ write_staged(const Pending *rows, Py_ssize_t count, long width, unsigned char *o
 static PyObject *
 mask_int(const unsigned char *unchanged, long width)
 {
+    if (memchr(unchanged, 1, (size_t)width) == NULL)
+        return PyLong_FromLong(0);
     Py_ssize_t size = (width + 7) / 8;
     unsigned char *bits = PyMem_Calloc((size_t)(size ? size : 1), 1);
     if (bits == NULL)
@@ -429,9 +431,9 @@ mask_int(const unsigned char *unchanged, long width)
     return result;
 }
 
-/* The GIL stays held: a call stages one transaction's rows of one table, a few microseconds'
- * work, and a thread that took the GIL meanwhile could keep the reader waiting for up to the
- * interpreter's switch interval. */
+/* The GIL stays held: a call stages one chunk of one table's rows (one transaction's, at most
+ * 5,000), microseconds to a fraction of a millisecond of work, and a thread that took the GIL
+ * meanwhile could keep the reader waiting for up to the interpreter's switch interval. */
 static PyObject *
 stage_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
