@@ -69,6 +69,14 @@ from cdcsync.source.wal2json_assembler import Wal2jsonAssembler
 HANDOFF_BYTES = 16 << 20
 # What an item without rows (a transaction's start or end, a message) counts for.
 _ITEM_BYTES = 64
+# Items the reader passes on at once: each hand-off takes and wakes on a lock, and a transaction
+# makes at least three items. A group goes sooner when the stream has nothing more to read, or
+# once its changes reach GROUP_BYTES (a large transaction's chunks are not held back).
+GROUP_ITEMS = 64
+GROUP_BYTES = 1 << 20
+# What the stream yields before it waits on its socket (see ReplicationStream.read): told apart
+# from payloads by identity.
+_IDLE = b"the stream waits"
 _IDLE_ADVANCE_EVERY_S = 1.0
 _CHECK_AFTER_S = 1.0
 
@@ -87,6 +95,10 @@ MessageHandler = Callable[[SourceMessage, Applier], None]
 
 def _item_bytes(item: Item) -> int:
     return item.size_bytes if isinstance(item, ChangeChunk) else _ITEM_BYTES
+
+
+def _group_bytes(group: list[Item]) -> int:
+    return sum(_item_bytes(item) for item in group)
 
 
 class _RecentUse:
@@ -166,10 +178,12 @@ class Progress:
 
 
 class Reader(threading.Thread):
-    """Reads the slot into ``items``; reports ``applied`` back to the server as flushed."""
+    """Reads the slot into ``items``, in groups of items in stream order (up to
+    :data:`GROUP_ITEMS` and :data:`GROUP_BYTES`, or what was read before the stream waits for
+    more); reports ``applied`` back to the server as flushed."""
 
     def __init__(self, stream: ReplicationStream, assembler: Assembler,
-                 items: Handoff[Item]) -> None:
+                 items: Handoff[list[Item]]) -> None:
         super().__init__(name="cdcsync-reader", daemon=True)
         self.stream = stream
         self.assembler = assembler
@@ -187,26 +201,39 @@ class Reader(threading.Thread):
         # Bound once: this loop runs for every message of the stream.
         halted, read, feed, last_start = (self.halt.is_set, self.stream.read,
                                           self.assembler.feed, self._last_start)
+        group: list[Item] = []
+        size = 0
         try:
             # Most messages complete no item: the loop costs them a call and a test. A halt is
             # seen after each hand-off (a wait there gives up on it) and after each read, which
             # returns after at most one wait on the socket.
             while not halted():
-                for payload in read(0.2):
-                    items = feed(payload, last_start)
-                    if items:
+                for payload in read(0.2, _IDLE):
+                    if payload is not _IDLE:
+                        items = feed(payload, last_start)
+                        if not items:
+                            continue
                         for item in items:
                             if isinstance(item, TxnStart):
                                 self._open_txn = item.final_lsn
-                            self._put(item)
+                            size += _item_bytes(item)
+                        group.extend(items)
+                        if len(group) < GROUP_ITEMS and size < GROUP_BYTES:
+                            continue
+                    if group:
+                        self._put(group)
+                        group, size = [], 0
                         if halted():
                             return
                 self._advance_when_idle()
                 self._feedback()
-        except SchemaMismatch as exc:
-            self.drift_at = self._open_txn
-            self.error = exc
         except BaseException as exc:
+            # What came before the failure goes on first, as it would have one item at a time:
+            # schema drift halts once everything before the drifted transaction is applied.
+            if group:
+                self._put(group)
+            if isinstance(exc, SchemaMismatch):
+                self.drift_at = self._open_txn
             self.error = exc
 
     def _last_start(self) -> Lsn:
@@ -223,12 +250,12 @@ class Reader(threading.Thread):
                 and self.items.empty()
                 and now - self._last_idle_advance >= _IDLE_ADVANCE_EVERY_S):
             self._last_idle_advance = now
-            self._put(IdleAdvance(self.stream.sent_end))
+            self._put([IdleAdvance(self.stream.sent_end)])
 
-    def _put(self, item: Item) -> None:
+    def _put(self, group: list[Item]) -> None:
         while not self.halt.is_set():
             try:
-                self.items.put(item, timeout=1.0)
+                self.items.put(group, timeout=1.0)
                 return
             except queue.Full:
                 self._feedback()
@@ -348,7 +375,7 @@ class Pipeline:
                      conn: psycopg.Connection[TupleRow], start: Lsn, binary: bool, *,
                      opened_early: bool) -> None:
         slot = self.settings.source.slot
-        items: Handoff[Item] = Handoff(HANDOFF_BYTES, _item_bytes)
+        items: Handoff[list[Item]] = Handoff(HANDOFF_BYTES, _group_bytes)
         reader = Reader(stream, assembler, items)
         reader.start()
         lanes = Lanes(conn, self.pool, self.settings, functools.partial(self._record, reader))
@@ -441,7 +468,7 @@ class Pipeline:
             )
         return saved.lsn
 
-    def _apply_loop(self, reader: Reader, lanes: Lanes, items: Handoff[Item]) -> None:
+    def _apply_loop(self, reader: Reader, lanes: Lanes, items: Handoff[list[Item]]) -> None:
         max_delay = self.settings.apply.max_delay_ms / 1000
         while not self.stop.is_set():
             self.health.beat()
@@ -450,7 +477,7 @@ class Pipeline:
             if applier.opened_at is not None:
                 wait = max(0.0, min(wait, applier.opened_at + max_delay - time.monotonic()))
             try:
-                item = items.get(timeout=wait)
+                group = items.get(timeout=wait)
             except queue.Empty:
                 if reader.error is not None:
                     if reader.drift_at is not None and isinstance(reader.error, SchemaMismatch):
@@ -463,33 +490,42 @@ class Pipeline:
                 else:
                     lanes.settle()
                 continue
-            if isinstance(item, TxnStart):
-                if self._halt_at is not None and item.final_lsn >= self._halt_at[0]:
-                    if applier.has_uncommitted:
-                        lanes.commit(wait=True)
-                    lanes.settle()
-                    raise self._halt_at[1]
-                applier.start()
-            elif isinstance(item, ChangeChunk):
-                applier.add(item)
-            elif isinstance(item, TxnEnd):
-                applier.end(item)
-                overdue = (applier.opened_at is not None
-                           and time.monotonic() - applier.opened_at >= max_delay)
-                if applier.batch_full() or overdue or items.empty():
-                    # With nothing queued there is nothing to fill another lane with: commit
-                    # here and now.
-                    lanes.commit(wait=items.empty())
-            elif isinstance(item, IdleAdvance):
-                if not applier.has_uncommitted and not applier.in_source_transaction:
-                    self._checkpointed(reader, applier.advance(item.lsn))
-            elif isinstance(item, Truncate):
-                applier.truncate(item)
-            elif isinstance(item, SourceMessage):
-                event(logging.DEBUG, "source_message", slot=self.settings.source.slot,
-                      prefix=item.prefix, lsn=str(item.lsn))
-                if self.on_message is not None:
-                    self.on_message(item, applier)
+            last = len(group) - 1
+            for position, item in enumerate(group):
+                self._apply_item(reader, lanes, item,
+                                 more=position < last or not items.empty())
+
+    def _apply_item(self, reader: Reader, lanes: Lanes, item: Item, *, more: bool) -> None:
+        """Hand ``item`` to the current lane; ``more``: another item is already waiting."""
+        applier = lanes.current
+        if isinstance(item, TxnStart):
+            if self._halt_at is not None and item.final_lsn >= self._halt_at[0]:
+                if applier.has_uncommitted:
+                    lanes.commit(wait=True)
+                lanes.settle()
+                raise self._halt_at[1]
+            applier.start()
+        elif isinstance(item, ChangeChunk):
+            applier.add(item)
+        elif isinstance(item, TxnEnd):
+            applier.end(item)
+            overdue = (applier.opened_at is not None
+                       and time.monotonic() - applier.opened_at
+                       >= self.settings.apply.max_delay_ms / 1000)
+            if applier.batch_full() or overdue or not more:
+                # With nothing queued there is nothing to fill another lane with: commit here
+                # and now.
+                lanes.commit(wait=not more)
+        elif isinstance(item, IdleAdvance):
+            if not applier.has_uncommitted and not applier.in_source_transaction:
+                self._checkpointed(reader, applier.advance(item.lsn))
+        elif isinstance(item, Truncate):
+            applier.truncate(item)
+        elif isinstance(item, SourceMessage):
+            event(logging.DEBUG, "source_message", slot=self.settings.source.slot,
+                  prefix=item.prefix, lsn=str(item.lsn))
+            if self.on_message is not None:
+                self.on_message(item, applier)
 
     def _record(self, reader: Reader, done: Committed) -> None:
         """A target commit ended: report its position to the slot, count what it applied."""

@@ -161,9 +161,10 @@ class ReplicationStream:
         """The WAL position of the last XLogData message read (for error messages)."""
         return Lsn(_XLOG_HEADER.unpack_from(self._last)[1]) if self._last else ZERO_LSN
 
-    def read(self, timeout_s: float) -> Iterator[bytes]:
+    def read(self, timeout_s: float, idle: bytes | None = None) -> Iterator[bytes]:
         """Yield the payloads of the XLogData messages available within ``timeout_s``;
-        keepalives are handled inline."""
+        keepalives are handled inline. With ``idle``, yield that object before each wait on the
+        socket (and before returning), so a reader holding on to results passes them on first."""
         pgconn = self._require()
         waited = False
         while True:
@@ -186,6 +187,8 @@ class ReplicationStream:
             if status < -1:
                 raise ConnectionLost("replication stream failed: "
                                      + pgconn.error_message.decode(errors="replace").strip())
+            if idle is not None:
+                yield idle
             if waited:
                 return
             trickling = self._haul < _TRICKLE_BYTES

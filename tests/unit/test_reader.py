@@ -1,5 +1,6 @@
 """The reader thread's loop, with a stream and an assembler standing in: every item reaches the
-hand-off in order, and a halt stops it while the stream keeps delivering."""
+hand-off in order, in groups that wait neither for a full group while the stream pauses nor
+beyond the group's size, and a halt stops it while the stream keeps delivering."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
-from cdcsync.model import Lsn, StreamItem
+from cdcsync import pipeline
+from cdcsync.model import ChangeChunk, Lsn, StreamItem
 from cdcsync.pipeline import Item, Reader
 
 
@@ -22,13 +24,15 @@ class Stream:
         self.last_start = Lsn(0)
         self.sent_end = Lsn(0)
 
-    def read(self, _timeout_s: float) -> Iterator[bytes]:
+    def read(self, _timeout_s: float, idle: bytes | None = None) -> Iterator[bytes]:
         self.reads += 1
         for _ in range(self.per_read):
             if self.total is not None and self.sent >= self.total:
-                return
+                break
             self.sent += 1
             yield b"%d" % self.sent
+        if idle is not None:
+            yield idle
 
     def confirm(self, lsn: Lsn) -> None:
         pass
@@ -55,17 +59,51 @@ class Assembler:
         return [payload] * self.copies  # type: ignore[list-item]  # any item passes through
 
 
+def received(groups: queue.Queue[list[Item]], count: int) -> list[list[Item]]:
+    """The groups that carry the first ``count`` items."""
+    got: list[list[Item]] = []
+    while sum(len(g) for g in got) < count:
+        got.append(groups.get(timeout=5))
+    return got
+
+
 def test_every_item_reaches_the_handoff_in_stream_order() -> None:
     stream = Stream(per_read=7, total=100)
-    items: queue.Queue[Item] = queue.Queue()
-    reader = Reader(stream, Assembler(every=3, copies=2), items)  # type: ignore[arg-type]
+    groups: queue.Queue[list[Item]] = queue.Queue()
+    reader = Reader(stream, Assembler(every=3, copies=2), groups)  # type: ignore[arg-type]
     reader.start()
     expected = [b"%d" % n for n in range(3, 101, 3) for _ in range(2)]
-    got: list[object] = [items.get(timeout=5) for _ in expected]
+    got = received(groups, len(expected))
     reader.halt.set()
     reader.join(timeout=5)
-    assert got == expected
+    assert [item for group in got for item in group] == expected
     assert reader.error is None
+
+
+def test_what_a_read_completed_is_passed_on_before_the_stream_waits() -> None:
+    """Each read of 7 payloads completes 2 items (payloads 3 and 6, or the like): they are
+    handed off as the read ends, not held until a group is full."""
+    stream = Stream(per_read=7, total=70)
+    groups: queue.Queue[list[Item]] = queue.Queue()
+    reader = Reader(stream, Assembler(every=3), groups)  # type: ignore[arg-type]
+    reader.start()
+    got = received(groups, 23)
+    reader.halt.set()
+    reader.join(timeout=5)
+    assert [len(group) for group in got] == [2, 2, 3] * 3 + [2]
+    assert got[0] == [b"3", b"6"]
+
+
+def test_a_stream_that_never_pauses_is_passed_on_in_groups_of_bounded_size() -> None:
+    stream = Stream(per_read=10**9)
+    groups: queue.Queue[list[Item]] = queue.Queue()
+    reader = Reader(stream, Assembler(every=1), groups)  # type: ignore[arg-type]
+    reader.start()
+    got = received(groups, 3 * pipeline.GROUP_ITEMS)
+    reader.halt.set()
+    reader.join(timeout=5)
+    assert [len(group) for group in got[:3]] == [pipeline.GROUP_ITEMS] * 3
+    assert got[1][0] == b"%d" % (pipeline.GROUP_ITEMS + 1)
 
 
 def test_a_halt_stops_the_reader_while_the_stream_keeps_delivering() -> None:
@@ -78,3 +116,46 @@ def test_a_halt_stops_the_reader_while_the_stream_keeps_delivering() -> None:
     reader.join(timeout=5)
     assert not reader.is_alive()
     assert reader.error is None
+
+
+class FailingAssembler(Assembler):
+    """Completes an item per payload, then fails at payload ``at``."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(every=1)
+        self.at = at
+
+    def feed(self, payload: bytes, lsn: Callable[[], Lsn]) -> Sequence[StreamItem]:
+        if int(payload) == self.at:
+            raise ValueError("damaged")
+        return super().feed(payload, lsn)
+
+
+def test_the_items_before_a_failure_are_passed_on_before_it_is_reported() -> None:
+    """The applier takes everything before the failing message (schema drift halts once it is
+    applied), then finds the error."""
+    groups: queue.Queue[list[Item]] = queue.Queue()
+    reader = Reader(Stream(per_read=100), FailingAssembler(at=10), groups)  # type: ignore[arg-type]
+    reader.run()
+    assert isinstance(reader.error, ValueError)
+    assert [item for group in received(groups, 9) for item in group] == [
+        b"%d" % n for n in range(1, 10)]
+
+
+
+class ChunkAssembler(Assembler):
+    """Completes a chunk of a third of a group's bytes per payload."""
+
+    def feed(self, payload: bytes, _lsn: Callable[[], Lsn]) -> Sequence[StreamItem]:
+        return [ChangeChunk((), 1, pipeline.GROUP_BYTES // 3 + 1)]
+
+
+def test_large_chunks_are_passed_on_before_the_group_is_full() -> None:
+    """A large transaction's chunks are not held back until a group has 64 of them."""
+    groups: queue.Queue[list[Item]] = queue.Queue()
+    reader = Reader(Stream(per_read=10**9), ChunkAssembler(every=1), groups)  # type: ignore[arg-type]
+    reader.start()
+    got = received(groups, 9)
+    reader.halt.set()
+    reader.join(timeout=5)
+    assert [len(group) for group in got[:3]] == [3, 3, 3]

@@ -108,3 +108,15 @@ def test_the_position_of_the_last_message_read_is_kept(monkeypatch: pytest.Monke
     stream, _ = stream_over(monkeypatch, [(0.0, [xlog(b"I", lsn=0x2A00)])])
     assert list(stream.read(0.2)) == [b"I"]
     assert stream.last_start == Lsn(0x2A00)
+
+
+def test_with_a_marker_each_wait_on_the_socket_is_announced(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader passes on what it holds when the marker comes: before each wait on the socket,
+    and not between messages of one wake-up."""
+    idle = b"the stream waits"
+    stream, _ = stream_over(monkeypatch, [(0.0, [xlog(b"A"), xlog(b"B")]), (0.0, [xlog(b"C")])])
+    got = list(stream.read(0.2, idle))
+    assert got == [idle, b"A", b"B", idle]
+    assert [p is idle for p in got] == [True, False, False, True]
+    assert list(stream.read(0.2, idle)) == [idle, b"C", idle]

@@ -169,10 +169,12 @@ class CapturedStream:
         self.last_start = Lsn(0)
         self.sent_end = Lsn(0)
 
-    def read(self, timeout_s: float) -> Iterator[bytes]:
+    def read(self, timeout_s: float, idle: bytes | None = None) -> Iterator[bytes]:
         for lsn, payload in self.payloads:
             self.last_start = lsn
             yield payload
+        if idle is not None:
+            yield idle
         self.halt.set()
 
     def confirm(self, lsn: Lsn) -> None:
