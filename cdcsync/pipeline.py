@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+import gc
 import logging
 import queue
 import random
@@ -77,6 +78,11 @@ GROUP_BYTES = 1 << 20
 # What the stream yields before it waits on its socket (see ReplicationStream.read): told apart
 # from payloads by identity.
 _IDLE = b"the stream waits"
+# The collector's thresholds while streaming. The reader and the applier make and drop tens of
+# containers per source transaction (items, rows, key sets), nearly all freed by their reference
+# counts; at the default 700 the young generation was collected every 25 or so transactions of
+# 10 rows, and a sixth of the reader's time went to collections.
+_GC_THRESHOLDS = (10_000, 10, 10)
 _IDLE_ADVANCE_EVERY_S = 1.0
 _CHECK_AFTER_S = 1.0
 
@@ -302,6 +308,7 @@ class Pipeline:
 
     def run(self) -> None:
         """Stream until stopped; retry transient failures, raise everything else."""
+        gc.set_threshold(*_GC_THRESHOLDS)
         attempt = 0
         while not self.stop.is_set():
             commits_before = self.progress.commits

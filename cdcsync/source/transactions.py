@@ -13,7 +13,6 @@ import datetime as dt
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
 
@@ -301,34 +300,39 @@ class TransactionAssembler(Assembler):
         self._bytes += len(payload)
 
 
-@dataclass(slots=True)
 class _Building:
-    """Row changes of one relation in the chunk being built, not yet converted."""
+    """Row changes of one relation in the chunk being built, not yet converted.
 
-    relation: Relation
-    table: TargetTable
-    stager: Stager
-    # Makes the text of rows of inserts without staging them, where the decoder has one.
-    texter: Texter | None
-    # Whether the values are binary (the texter then makes binary COPY rows).
-    binary: bool = False
-    rows: list[Any] = field(default_factory=list)
-    inserts: int = 0
-    updates: int = 0
-    deletes: int = 0
-    # The keys the rows change (see TableRows.keys); wal2json's assembler leaves it empty.
-    keys: set[bytes] = field(default_factory=set)
-    # False while the chunk holds pgoutput's inserts alone: they are kept as their messages and
-    # sequence numbers (a row tuple each, kept until the batch is applied, cost the garbage
-    # collector a young-generation pass per 700 rows: 16% of the reader's CPU on inserts), and
-    # their keys are not made, as inserts alone have nothing to collapse. Once a change of
-    # another kind comes (key_inserts), or where the applier needs them (TableRows.keyer and
-    # unstaged), they become rows with keys like the others.
-    keyed: bool = True
-    payloads: list[bytes] = field(default_factory=list)
-    seqs: list[int] = field(default_factory=list)
-    # The transaction's commit LSN and time (see PendingRow), for the rows of the inserts.
-    txn: tuple[int, int] = (0, 0)
+    A plain class, not a dataclass: mypyc compiles this ``__init__``, where a dataclass's
+    generated one runs as Python (with a list and a set made by factories), once per table of
+    every source transaction."""
+
+    def __init__(self, relation: Relation, table: TargetTable, stager: Stager,
+                 texter: Texter | None, binary: bool = False, *, keyed: bool = True) -> None:
+        self.relation = relation
+        self.table = table
+        self.stager = stager
+        # Makes the text of rows of inserts without staging them, where the decoder has one.
+        self.texter = texter
+        # Whether the values are binary (the texter then makes binary COPY rows).
+        self.binary = binary
+        self.rows: list[Any] = []
+        self.inserts = 0
+        self.updates = 0
+        self.deletes = 0
+        # The keys the rows change (see TableRows.keys); wal2json's assembler leaves it empty.
+        self.keys: set[bytes] = set()
+        # False while the chunk holds pgoutput's inserts alone: they are kept as their messages
+        # and sequence numbers (a row tuple each, kept until the batch is applied, cost the
+        # garbage collector a young-generation pass per 700 rows: 16% of the reader's CPU on
+        # inserts), and their keys are not made, as inserts alone have nothing to collapse. Once
+        # a change of another kind comes (key_inserts), or where the applier needs them
+        # (TableRows.keyer and unstaged), they become rows with keys like the others.
+        self.keyed = keyed
+        self.payloads: list[bytes] = []
+        self.seqs: list[int] = []
+        # The transaction's commit LSN and time (see PendingRow), for the rows of the inserts.
+        self.txn: tuple[int, int] = (0, 0)
 
     def key_inserts(self) -> None:
         """Turn the inserts so far into rows with their keys; from now on every row comes so."""
