@@ -500,11 +500,13 @@ class Pipeline:
                 continue
             last = len(group) - 1
             for position, item in enumerate(group):
-                self._apply_item(reader, lanes, item,
+                self._apply_item(reader, lanes, item, max_delay,
                                  more=position < last or not items.empty())
 
-    def _apply_item(self, reader: Reader, lanes: Lanes, item: Item, *, more: bool) -> None:
-        """Hand ``item`` to the current lane; ``more``: another item is already waiting."""
+    def _apply_item(self, reader: Reader, lanes: Lanes, item: Item, max_delay: float, *,
+                    more: bool) -> None:
+        """Hand ``item`` to the current lane, committing a batch open ``max_delay`` seconds;
+        ``more``: another item is already waiting."""
         applier = lanes.current
         if isinstance(item, TxnStart):
             if self._halt_at is not None and item.final_lsn >= self._halt_at[0]:
@@ -518,8 +520,7 @@ class Pipeline:
         elif isinstance(item, TxnEnd):
             applier.end(item)
             overdue = (applier.opened_at is not None
-                       and time.monotonic() - applier.opened_at
-                       >= self.settings.apply.max_delay_ms / 1000)
+                       and time.monotonic() - applier.opened_at >= max_delay)
             if applier.batch_full() or overdue or not more:
                 # With nothing queued there is nothing to fill another lane with: commit here
                 # and now.
