@@ -123,6 +123,32 @@ def test_mixed_batch_inserting_keys_the_target_holds(pair: DbPair) -> None:
     assert rows == [("32", "upsert")]
 
 
+def test_keys_inserted_then_updated_in_one_batch_meeting_target_rows(pair: DbPair) -> None:
+    """Keys the batch inserts then updates are merged as inserts of their last version: one the
+    target holds newer still wins and is logged, one it holds older is replaced, a new one gets
+    the update's values."""
+    execute(pair.target_dsn, "INSERT INTO customers VALUES "
+                             "(40, 'target newer', 't40@x', now() + interval '1 day'), "
+                             "(41, 'target older', 't41@x', now() - interval '1 day')")
+    with running(settings_for(pair)) as runner:
+        execute(pair.source_dsn, """
+            BEGIN;
+            INSERT INTO customers VALUES (40, 'v1', 's40@x', now()), (41, 'v1', 's41@x', now()),
+                                         (42, 'v1', 's42@x', now());
+            UPDATE customers SET name = 'v2', updated_at = now() WHERE id BETWEEN 40 AND 42;
+            COMMIT;""")
+        wait_for(lambda: any(r[0] == 42 for r in table_rows(pair.target_dsn,
+                                                              "public.customers")),
+                 runner=runner, what="customer 42")
+    names = {r[0]: r[1] for r in table_rows(pair.target_dsn, "public.customers")
+             if 40 <= r[0] <= 42}
+    assert names == {40: "target newer", 41: "v2", 42: "v2"}
+    with psycopg.connect(pair.target_dsn) as conn:
+        rows = conn.execute("SELECT key->>'id', operation FROM cdcsync.conflicts "
+                            "WHERE (key->>'id')::int BETWEEN 40 AND 42").fetchall()
+    assert rows == [("40", "upsert")]
+
+
 def test_insert_over_an_older_target_row_replaces_it(pair: DbPair) -> None:
     """An insert-only batch meeting an older row already on the target replaces it (the plain
     insert is refused and the batch goes through the rule), and later batches still apply."""

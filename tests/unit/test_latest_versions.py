@@ -22,25 +22,34 @@ TENANT, ID = len(META_COLUMNS), len(META_COLUMNS) + 1
 Row = tuple[bytes | None, bytes | None, bytes]
 
 
-def _chunk(*rows: tuple[int, Row]) -> bytes:
-    """Staged rows of (sequence number, (tenant, id, v)) updates."""
-    return stage_values(RELATION, [(values, ord("U"), seq, 0, 0) for seq, values in rows])[0]
+def _chunk(*rows: tuple[int, Row], op: str = "U") -> bytes:
+    """Staged rows of (sequence number, (tenant, id, v)), all of operation ``op``."""
+    return stage_values(RELATION, [(values, ord(op), seq, 0, 0) for seq, values in rows])[0]
+
+
+def _fields(chunk: bytes) -> list[list[bytes]]:
+    """Every row of ``chunk`` as its fields (a NULL as empty), walked with the staged layout."""
+    found, off = [], 0
+    while off < len(chunk):
+        count = int.from_bytes(chunk[off:off + 2], "big")
+        off += 2
+        row = []
+        for _ in range(count):
+            size = int.from_bytes(chunk[off:off + 4], "big", signed=True)
+            row.append(chunk[off + 4:off + 4 + max(size, 0)])
+            off += 4 + max(size, 0)
+        found.append(row)
+    return found
 
 
 def _rows(chunks: list[bytes]) -> list[list[int]]:
-    """The sequence numbers of the rows of each chunk, walked with the staged layout."""
-    found = []
-    for chunk in chunks:
-        seqs, off = [], 0
-        while off < len(chunk):
-            count = int.from_bytes(chunk[off:off + 2], "big")
-            seqs.append(int.from_bytes(chunk[off + 6:off + 14], "big"))
-            off += 2
-            for _ in range(count):
-                size = int.from_bytes(chunk[off:off + 4], "big", signed=True)
-                off += 4 + max(size, 0)
-        found.append(seqs)
-    return found
+    """The sequence numbers of the rows of each chunk."""
+    return [[int.from_bytes(row[0], "big") for row in _fields(chunk)] for chunk in chunks]
+
+
+def _ops(chunks: list[bytes]) -> list[str]:
+    """The operation of every row of ``chunks``, in order."""
+    return [row[1].decode() for chunk in chunks for row in _fields(chunk)]
 
 
 def _unframed(copy_data: bytes) -> bytes:
@@ -57,6 +66,39 @@ def test_only_the_last_version_of_each_key_stays_across_chunks() -> None:
     assert kept is not None
     assert _rows(kept) == [[3], [4, 5], [6]]
     assert kept[2] is third  # a chunk that loses nothing is passed on as it is
+
+
+def test_a_key_inserted_then_updated_in_the_batch_is_staged_as_an_insert() -> None:
+    """Its last version, with the update's values, goes to the plain INSERT; a key updated
+    first (on the target before the batch) stays an update, even when inserted again later."""
+    first = b"".join((_chunk((1, (b"t", b"1", b"a")), op="I"), _chunk((2, (b"t", b"2", b"b"))),
+                      _chunk((3, (b"t", b"1", b"c")))))
+    second = b"".join((_chunk((4, (b"t", b"3", b"d")), op="I"), _chunk((5, (b"t", b"2", b"e")),
+                                                                     op="D")))
+    third = b"".join((_chunk((6, (b"t", b"3", b"f"))), _chunk((7, (b"t", b"2", b"g")), op="I"),
+                      _chunk((8, (b"t", b"2", b"h")))))
+    kept = latest_versions([first, second, third], [TENANT, ID])
+    assert kept is not None
+    assert _rows(kept) == [[3], [], [6, 8]]
+    assert _ops(kept) == ["I", "I", "U"]
+    assert [row[-1] for chunk in kept for row in _fields(chunk)] == [b"c", b"f", b"h"]
+
+
+def test_a_chunk_whose_rows_are_only_restaged_as_inserts_is_a_new_one() -> None:
+    """The insert in one chunk, its update in the next: the second loses no row, but is not
+    passed on as it is."""
+    first = _chunk((1, (b"t", b"1", b"a")), op="I")
+    second = _chunk((2, (b"t", b"1", b"b")), (3, (b"t", b"2", b"c")))
+    kept = latest_versions([first, second], [TENANT, ID])
+    assert kept is not None
+    assert kept[0] == b"" and kept[1] is not second
+    assert _rows(kept) == [[], [2, 3]] and _ops(kept) == ["I", "U"]
+
+
+def test_a_key_inserted_then_deleted_stays_a_delete() -> None:
+    chunk = _chunk((1, (b"t", b"1", b"a")), op="I") + _chunk((2, (b"t", b"1", b"a")), op="D")
+    kept = latest_versions([chunk], [TENANT, ID])
+    assert kept is not None and _ops(kept) == ["D"]
 
 
 def test_a_key_part_alone_does_not_match() -> None:
