@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from cdcsync import pipeline
 from cdcsync.model import ChangeChunk, Lsn, StreamItem
-from cdcsync.pipeline import Item, Reader
+from cdcsync.pipeline import Group, Item, Reader
 
 
 class Stream:
@@ -59,17 +59,22 @@ class Assembler:
         return [payload] * self.copies  # type: ignore[list-item]  # any item passes through
 
 
-def received(groups: queue.Queue[list[Item]], count: int) -> list[list[Item]]:
+def received(groups: queue.Queue[Group], count: int) -> list[list[Item]]:
+    """The items of the groups that carry the first ``count`` items."""
+    return [group.items for group in received_groups(groups, count)]
+
+
+def received_groups(groups: queue.Queue[Group], count: int) -> list[Group]:
     """The groups that carry the first ``count`` items."""
-    got: list[list[Item]] = []
-    while sum(len(g) for g in got) < count:
+    got: list[Group] = []
+    while sum(len(g.items) for g in got) < count:
         got.append(groups.get(timeout=5))
     return got
 
 
 def test_every_item_reaches_the_handoff_in_stream_order() -> None:
     stream = Stream(per_read=7, total=100)
-    groups: queue.Queue[list[Item]] = queue.Queue()
+    groups: queue.Queue[Group] = queue.Queue()
     reader = Reader(stream, Assembler(every=3, copies=2), groups)  # type: ignore[arg-type]
     reader.start()
     expected = [b"%d" % n for n in range(3, 101, 3) for _ in range(2)]
@@ -84,7 +89,7 @@ def test_what_a_read_completed_is_passed_on_before_the_stream_waits() -> None:
     """Each read of 7 payloads completes 2 items (payloads 3 and 6, or the like): they are
     handed off as the read ends, not held until a group is full."""
     stream = Stream(per_read=7, total=70)
-    groups: queue.Queue[list[Item]] = queue.Queue()
+    groups: queue.Queue[Group] = queue.Queue()
     reader = Reader(stream, Assembler(every=3), groups)  # type: ignore[arg-type]
     reader.start()
     got = received(groups, 23)
@@ -96,7 +101,7 @@ def test_what_a_read_completed_is_passed_on_before_the_stream_waits() -> None:
 
 def test_a_stream_that_never_pauses_is_passed_on_in_groups_of_bounded_size() -> None:
     stream = Stream(per_read=10**9)
-    groups: queue.Queue[list[Item]] = queue.Queue()
+    groups: queue.Queue[Group] = queue.Queue()
     reader = Reader(stream, Assembler(every=1), groups)  # type: ignore[arg-type]
     reader.start()
     got = received(groups, 3 * pipeline.GROUP_ITEMS)
@@ -104,6 +109,35 @@ def test_a_stream_that_never_pauses_is_passed_on_in_groups_of_bounded_size() -> 
     reader.join(timeout=5)
     assert [len(group) for group in got[:3]] == [pipeline.GROUP_ITEMS] * 3
     assert got[1][0] == b"%d" % (pipeline.GROUP_ITEMS + 1)
+
+
+def test_only_a_group_handed_over_at_a_pause_says_the_stream_is_caught_up() -> None:
+    """The applier commits for want of more only on such a group: full ones have more behind."""
+    groups: queue.Queue[Group] = queue.Queue()
+    reader = Reader(Stream(per_read=200, total=200), Assembler(every=1), groups)  # type: ignore[arg-type]
+    reader.start()
+    got = received_groups(groups, 200)
+    reader.halt.set()
+    reader.join(timeout=5)
+    assert [(len(g.items), g.caught_up) for g in got] == [
+        (pipeline.GROUP_ITEMS, False)] * 3 + [(200 - 3 * pipeline.GROUP_ITEMS, True)]
+
+
+def test_a_pause_right_after_a_full_group_is_passed_on_once_without_items() -> None:
+    """Else the applier would hold its batch open until ``max_delay_ms``."""
+    groups: queue.Queue[Group] = queue.Queue()
+    stream = Stream(per_read=pipeline.GROUP_ITEMS, total=pipeline.GROUP_ITEMS)
+    reader = Reader(stream, Assembler(every=1), groups)  # type: ignore[arg-type]
+    reader.start()
+    got = received_groups(groups, pipeline.GROUP_ITEMS)
+    pause = groups.get(timeout=5)
+    while stream.reads < 5:
+        threading.Event().wait(0.01)
+    reader.halt.set()
+    reader.join(timeout=5)
+    assert [(len(g.items), g.caught_up) for g in got] == [(pipeline.GROUP_ITEMS, False)]
+    assert (pause.items, pause.size, pause.caught_up) == ([], 0, True)
+    assert groups.empty()  # the later pauses, with nothing owed, pass nothing on
 
 
 def test_a_halt_stops_the_reader_while_the_stream_keeps_delivering() -> None:
@@ -134,7 +168,7 @@ class FailingAssembler(Assembler):
 def test_the_items_before_a_failure_are_passed_on_before_it_is_reported() -> None:
     """The applier takes everything before the failing message (schema drift halts once it is
     applied), then finds the error."""
-    groups: queue.Queue[list[Item]] = queue.Queue()
+    groups: queue.Queue[Group] = queue.Queue()
     reader = Reader(Stream(per_read=100), FailingAssembler(at=10), groups)  # type: ignore[arg-type]
     reader.run()
     assert isinstance(reader.error, ValueError)
@@ -152,7 +186,7 @@ class ChunkAssembler(Assembler):
 
 def test_large_chunks_are_passed_on_before_the_group_is_full() -> None:
     """A large transaction's chunks are not held back until a group has 64 of them."""
-    groups: queue.Queue[list[Item]] = queue.Queue()
+    groups: queue.Queue[Group] = queue.Queue()
     reader = Reader(Stream(per_read=10**9), ChunkAssembler(every=1), groups)  # type: ignore[arg-type]
     reader.start()
     got = received(groups, 9)
