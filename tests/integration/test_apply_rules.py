@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from cdcsync import admin
+from cdcsync.daemon import DaemonThread
 from tests.conftest import DbPair
 from tests.harness import (
     BOTH_DECODERS,
@@ -91,6 +92,21 @@ def test_insert_losing_to_a_newer_target_row_is_logged(pair: DbPair) -> None:
     assert rows == [("upsert",)]
 
 
+def _customers_once_there(pair: DbPair, runner: DaemonThread, first: int, last: int
+                          ) -> tuple[dict[int, str], list[tuple[str, str]]]:
+    """Once customer ``last`` is on the target: the names of customers ``first`` to ``last``
+    there, and the conflicts logged for them (key, operation)."""
+    wait_for(lambda: any(r[0] == last for r in table_rows(pair.target_dsn, "public.customers")),
+             runner=runner, what=f"customer {last}")
+    names = {r[0]: r[1] for r in table_rows(pair.target_dsn, "public.customers")
+             if first <= r[0] <= last}
+    with psycopg.connect(pair.target_dsn) as conn:
+        conflicts = conn.execute("SELECT key->>'id', operation FROM cdcsync.conflicts "
+                                 "WHERE (key->>'id')::int BETWEEN %s AND %s ORDER BY id",
+                                 (first, last)).fetchall()
+    return names, conflicts
+
+
 def test_mixed_batch_inserting_keys_the_target_holds(pair: DbPair) -> None:
     """A batch of inserts, an update and a delete whose plain inserts meet keys already on the
     target (one newer, one older): the merge is redone with the upsert, the newer target row
@@ -111,16 +127,9 @@ def test_mixed_batch_inserting_keys_the_target_holds(pair: DbPair) -> None:
                                          (33, 'source', 's33@x', now()),
                                          (34, 'new', 'n34@x', now());
             COMMIT;""")
-        wait_for(lambda: any(r[0] == 34 for r in table_rows(pair.target_dsn,
-                                                              "public.customers")),
-                 runner=runner, what="customer 34")
-    names = {r[0]: r[1] for r in table_rows(pair.target_dsn, "public.customers")
-             if 30 <= r[0] <= 34}
+        names, conflicts = _customers_once_there(pair, runner, 30, 34)
     assert names == {30: "kept", 32: "target newer", 33: "source", 34: "new"}
-    with psycopg.connect(pair.target_dsn) as conn:
-        rows = conn.execute("SELECT key->>'id', operation FROM cdcsync.conflicts "
-                            "WHERE (key->>'id')::int BETWEEN 30 AND 34").fetchall()
-    assert rows == [("32", "upsert")]
+    assert conflicts == [("32", "upsert")]
 
 
 def test_keys_inserted_then_updated_in_one_batch_meeting_target_rows(pair: DbPair) -> None:
@@ -137,16 +146,9 @@ def test_keys_inserted_then_updated_in_one_batch_meeting_target_rows(pair: DbPai
                                          (42, 'v1', 's42@x', now());
             UPDATE customers SET name = 'v2', updated_at = now() WHERE id BETWEEN 40 AND 42;
             COMMIT;""")
-        wait_for(lambda: any(r[0] == 42 for r in table_rows(pair.target_dsn,
-                                                              "public.customers")),
-                 runner=runner, what="customer 42")
-    names = {r[0]: r[1] for r in table_rows(pair.target_dsn, "public.customers")
-             if 40 <= r[0] <= 42}
+        names, conflicts = _customers_once_there(pair, runner, 40, 42)
     assert names == {40: "target newer", 41: "v2", 42: "v2"}
-    with psycopg.connect(pair.target_dsn) as conn:
-        rows = conn.execute("SELECT key->>'id', operation FROM cdcsync.conflicts "
-                            "WHERE (key->>'id')::int BETWEEN 40 AND 42").fetchall()
-    assert rows == [("40", "upsert")]
+    assert conflicts == [("40", "upsert")]
 
 
 def test_insert_over_an_older_target_row_replaces_it(pair: DbPair) -> None:
