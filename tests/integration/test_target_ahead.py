@@ -38,9 +38,11 @@ def pair(dbpair: DbPair) -> DbPair:
 
 
 def _admin_pids(pair: DbPair) -> set[int]:
+    """The open sessions of cdcsync's admin connections, whatever they are doing: one asked
+    ahead is idle once connected, then active while its question runs."""
     with psycopg.connect(pair.target_dsn, autocommit=True) as conn:
         rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                            "AND application_name = 'cdcsync-admin' AND state = 'idle'").fetchall()
+                            "AND application_name = 'cdcsync-admin'").fetchall()
     return {int(row[0]) for row in rows}
 
 
