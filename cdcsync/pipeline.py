@@ -337,7 +337,16 @@ class Pipeline:
 
     def run(self) -> None:
         """Stream until stopped; retry transient failures, raise everything else."""
+        # The thresholds are the whole process's: those set before come back once the stream
+        # ends, for a process that runs the daemon beside other work (the tests, the demo).
+        before = gc.get_threshold()
         gc.set_threshold(*_GC_THRESHOLDS)
+        try:
+            self._run_retrying()
+        finally:
+            gc.set_threshold(*before)
+
+    def _run_retrying(self) -> None:
         attempt = 0
         while not self.stop.is_set():
             commits_before = self.progress.commits

@@ -3,6 +3,7 @@ servers: the checks take its connection and answer, or ask again, and fail as th
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import time
@@ -177,13 +178,17 @@ def test_a_lock_taken_since_the_answer_leaves_a_standby_without_a_pool(
 def test_a_stopped_daemon_leaves_no_target_session_open(pair: DbPair) -> None:
     """Once a daemon running in a thread stopped, every connection it opened on the target is
     closed: the pool's (the one given back as the pool closed stayed open), the lock's and the
-    question's asked ahead."""
+    question's asked ahead. The garbage collector's thresholds, which streaming raises for the
+    whole process, are back as they were."""
+    thresholds = gc.get_threshold()
     for row in (4001, 4002):
         execute(pair.source_dsn, f"INSERT INTO t VALUES ({row}, 1)")
         with running(settings_for(pair), TargetAhead.open(pair.target_dsn, pair.slot)) as runner:
             wait_for(converged(pair, ["public.t"]), runner=runner, what="the stream")
+            assert gc.get_threshold() != thresholds
         wait_for(lambda: (_pool_sessions(pair), _lock_sessions(pair), _admin_pids(pair))
                  == (0, set(), set()), timeout=3, what="no session left")
+        assert gc.get_threshold() == thresholds
 
 
 def test_a_target_without_the_schema_is_refused_with_the_fix(pair: DbPair) -> None:
