@@ -29,6 +29,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from bench import gcstats
 from cdcsync import localpg
 
 
@@ -218,12 +219,14 @@ class Daemon:
     """``cdcsync run`` as a subprocess: TOML config and JSON log in ``workdir``."""
 
     def __init__(self, config: Mapping[str, Any], workdir: Path, *, name: str = "cdcsync",
-                 py_spy_output: Path | None = None) -> None:
+                 py_spy_output: Path | None = None, gc_stats: bool = False) -> None:
         self.workdir = workdir
         self.config_path = workdir / f"{name}.toml"
         self.log_path = workdir / f"{name}.log"
         self.config_path.write_text(to_toml(config))
         self.py_spy_output = py_spy_output
+        # Where the daemon writes its collector's work as it exits (see bench.gcstats), if asked.
+        self.gc_output = workdir / f"{name}-gc.json" if gc_stats else None
         self.proc: subprocess.Popen[bytes] | None = None
         self.rss: RssSampler | None = None
         self.peak_rss_mb = 0.0
@@ -231,9 +234,13 @@ class Daemon:
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "cdcsync.cli", "--config", str(self.config_path), "run"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.gc_output is not None:
+            self.gc_output.unlink(missing_ok=True)
+            env.update(gcstats.environment(self.workdir, self.gc_output))
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                         env=env)
         self.rss = RssSampler(self.proc.pid)
         self.rss.start()
         if self.py_spy_output is not None:

@@ -47,7 +47,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from bench import cpu
+from bench import cpu, gcstats
 from bench.common import (
     BenchError,
     Daemon,
@@ -92,6 +92,7 @@ class Drain:
     verified: bool = False
     cpu_s: dict[str, float] | None = None  # CPU seconds per process role (local servers only)
     waits: dict[str, int] | None = None  # voluntary context switches per role (the same)
+    gc: dict[str, Any] | None = None  # the daemon's collector's work (bench.gcstats), if asked
 
     @property
     def cpu_total(self) -> float | None:
@@ -351,7 +352,7 @@ def drain_native(srv: Servers, poller: Poller) -> Drain:
 
 
 def drain_cdcsync(srv: Servers, poller: Poller, config: dict[str, Any], workdir: Path,
-                  py_spy: Path | None) -> Drain:
+                  py_spy: Path | None, *, gc_stats: bool = False) -> Drain:
     decoder = config["source"]["decoder"]
     slot = slot_for(decoder)
     with connect(srv.target(database_for(decoder))) as conn:
@@ -360,7 +361,7 @@ def drain_cdcsync(srv: Servers, poller: Poller, config: dict[str, Any], workdir:
                                (poller.marker, slot)).fetchone()
             return bool(row and row[0])
 
-        daemon = Daemon(config, workdir, py_spy_output=py_spy)
+        daemon = Daemon(config, workdir, py_spy_output=py_spy, gc_stats=gc_stats)
         started = time.monotonic()
         with daemon:
             held, finished = poller.wait(slot, applied, f"cdcsync run ({decoder})",
@@ -370,8 +371,9 @@ def drain_cdcsync(srv: Servers, poller: Poller, config: dict[str, Any], workdir:
             code = daemon.stop()
         if code != 0:
             raise BenchError(f"cdcsync run exited with {code} after SIGTERM:\n{daemon.log_tail()}")
+    gc = gcstats.read(daemon.gc_output) if daemon.gc_output is not None else None
     return Drain(finished - started, finished - held, peak_rss_mb=daemon.peak_rss_mb, cpu_s=used,
-                 waits=waited)
+                 waits=waited, gc=gc)
 
 
 def fingerprint(dsn: str) -> tuple[Any, ...]:

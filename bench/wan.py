@@ -21,7 +21,11 @@ process role (see :mod:`bench.cpu`), and each records the CPU seconds its relay 
 (``*_relay_cpu_s``): the relay runs on the same cores, and a relay that costs one consumer much
 more than the other skews the comparison (see :mod:`bench.relay`).
 
-Run: ``python -m bench.wan [--rows 100000] [--txn-rows 100] [--delay-ms 10] [--repeat 1]``.
+With ``--gc-stats``, each run also reports the garbage collector's collections and milliseconds
+per generation inside the daemon, start to exit (``cdcsync_gc``, see :mod:`bench.gcstats`).
+
+Run: ``python -m bench.wan [--rows 100000] [--txn-rows 100] [--delay-ms 10] [--repeat 1]
+[--gc-stats]``.
 """
 
 from __future__ import annotations
@@ -103,7 +107,10 @@ def run_once(srv: Servers, args: argparse.Namespace, repetition: int, workdir: P
                 drain = tp.drain_native(srv, poller)
             else:
                 first, started = len(to_target.links), time.monotonic()
-                drain = tp.drain_cdcsync(srv, poller, config, workdir, None)
+                drain = tp.drain_cdcsync(srv, poller, config, workdir, None,
+                                         gc_stats=args.gc_stats)
+                if drain.gc is not None:
+                    spent["cdcsync_gc"] = drain.gc
                 finished = started + drain.seconds
                 waits = max(link.waits_between(finished - drain.drain_seconds, finished)
                             for link in to_target.links[first:])
@@ -140,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--gc-stats", action="store_true",
+                        help="time the garbage collector's collections inside the daemon "
+                             "(bench.gcstats)")
     args = parser.parse_args(argv)
     if args.txn_rows < 6:
         parser.error("--txn-rows must be >= 6")
@@ -168,6 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cdcsync_waits_per_batch": median([r["cdcsync_waits_per_batch"] for r in runs]),
         "verified": all(r["verified"] for r in runs),
     }
+    if args.gc_stats:
+        summary["cdcsync_gc_ms"] = median([r["cdcsync_gc"]["total_ms"] for r in runs
+                                           if "cdcsync_gc" in r])
     print(json.dumps({"summary": summary, "runs": runs}, indent=2) if args.json else
           f"{summary['changes']:,} changes, {args.delay_ms:g} ms added each way, median of "
           f"{len(runs)} run(s): native {summary['native_rows_per_s']:,.0f} rows/s, cdcsync "
@@ -175,8 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"native {summary['native_drain_s']:.2f} s, cdcsync {summary['cdcsync_drain_s']:.2f} s),"
           f" ratio in-run {summary['ratio']:.2f}, cdcsync's applier waited "
           f"{summary['cdcsync_waits_per_batch']:.2f} times per committed batch,"
-          f" targets equal the source: "
-          f"{summary['verified']}")
+          f" targets equal the source: {summary['verified']}"
+          + (f", the daemon's garbage collector {summary['cdcsync_gc_ms']:.1f} ms"
+             if args.gc_stats else ""))
     return 0 if summary["verified"] else 2
 
 
