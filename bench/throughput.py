@@ -65,6 +65,7 @@ from bench.common import (
 )
 from cdcsync import admin
 from cdcsync.config import Settings
+from cdcsync.model import ZERO_LSN, Lsn
 
 SCENARIOS = ("insert", "update", "mix", "bigtxn")
 SOURCE_DB = "bench"
@@ -92,6 +93,8 @@ class Drain:
     verified: bool = False
     cpu_s: dict[str, float] | None = None  # CPU seconds per process role (local servers only)
     waits: dict[str, int] | None = None  # voluntary context switches per role (the same)
+    # From starting the consumer to its first transaction applied (within the 50 ms polls).
+    first_apply_seconds: float | None = None
     gc: dict[str, Any] | None = None  # the daemon's collector's work (bench.gcstats), if asked
 
     @property
@@ -300,10 +303,23 @@ class Poller:
                                   (slot,)).fetchone()
         return bool(row and row[0])
 
-    def wait(self, slot: str, applied: Callable[[], bool], what: str,
-             alive: Callable[[], None]) -> tuple[float, float]:
-        """Return (time the slot became active, time ``applied()`` first held)."""
+    def progress(self, position: Callable[[], Lsn]) -> Callable[[], tuple[bool, bool]]:
+        """What :meth:`wait` asks: whether the consumer's ``position`` has passed the one it
+        has now, and the marker."""
+        start, marker = position(), Lsn.parse(self.marker)
+
+        def applied() -> tuple[bool, bool]:
+            now = position()
+            return now > start, now > marker
+        return applied
+
+    def wait(self, slot: str, applied: Callable[[], tuple[bool, bool]], what: str,
+             alive: Callable[[], None]) -> Reached:
+        """When the slot became active, when the consumer first applied a transaction and when
+        it applied the whole backlog; ``applied()`` says whether it has passed its starting
+        position, and the marker."""
         held: list[float] = []
+        first: list[float] = []
 
         def connected() -> bool:
             alive()
@@ -313,24 +329,39 @@ class Poller:
 
         def done() -> bool:
             connected()
-            return applied()
+            progressed, finished = applied()
+            if progressed and not first:
+                first.append(time.monotonic())
+            return finished
 
         wait_until(connected, timeout=self.timeout, what=f"{what} to take slot {slot!r}")
         finished = wait_until(done, timeout=self.timeout,
                               what=f"{what} to apply the backlog up to LSN {self.marker}")
-        return held[0], finished
+        return Reached(held[0], first[0] if first else finished, finished)
+
+
+@dataclass(frozen=True)
+class Reached:
+    """Monotonic times: the consumer's slot active, its first transaction applied, the backlog
+    applied."""
+
+    held: float
+    first: float
+    finished: float
 
 
 def drain_native(srv: Servers, poller: Poller) -> Drain:
     native = srv.target(NATIVE_DB)
     ident = sql.Identifier(SUBSCRIPTION)
     with connect(native) as conn:
-        def applied() -> bool:
+        def position() -> Lsn:
             row = conn.execute(
-                "SELECT s.remote_lsn > %s::pg_lsn FROM pg_replication_origin_status s "
+                "SELECT coalesce(s.remote_lsn, '0/0')::text FROM pg_replication_origin_status s "
                 "JOIN pg_subscription sub ON s.external_id = 'pg_' || sub.oid "
-                "WHERE sub.subname = %s", (poller.marker, SUBSCRIPTION)).fetchone()
-            return bool(row and row[0])
+                "WHERE sub.subname = %s", (SUBSCRIPTION,)).fetchone()
+            return Lsn.parse(str(row[0])) if row else ZERO_LSN
+
+        applied = poller.progress(position)
 
         def alive() -> None:
             row = conn.execute("SELECT apply_error_count FROM pg_stat_subscription_stats "
@@ -342,13 +373,14 @@ def drain_native(srv: Servers, poller: Poller) -> Drain:
         started = time.monotonic()
         conn.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(ident))
         try:
-            held, finished = poller.wait(SUBSCRIPTION, applied, "the native subscription", alive)
+            reached = poller.wait(SUBSCRIPTION, applied, "the native subscription", alive)
             pids = (cpu.native_pids(poller.source, conn, SUBSCRIPTION, SUBSCRIPTION)
                     if srv.local else None)
         finally:
             conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
     used, waited = (cpu.usage(pids), cpu.waits(pids)) if pids else (None, None)
-    return Drain(finished - started, finished - held, cpu_s=used, waits=waited)
+    return Drain(reached.finished - started, reached.finished - reached.held, cpu_s=used,
+                 waits=waited, first_apply_seconds=reached.first - started)
 
 
 def drain_cdcsync(srv: Servers, poller: Poller, config: dict[str, Any], workdir: Path,
@@ -356,24 +388,26 @@ def drain_cdcsync(srv: Servers, poller: Poller, config: dict[str, Any], workdir:
     decoder = config["source"]["decoder"]
     slot = slot_for(decoder)
     with connect(srv.target(database_for(decoder))) as conn:
-        def applied() -> bool:
-            row = conn.execute("SELECT lsn > %s::pg_lsn FROM cdcsync.checkpoint WHERE slot = %s",
-                               (poller.marker, slot)).fetchone()
-            return bool(row and row[0])
+        def position() -> Lsn:
+            row = conn.execute("SELECT lsn::text FROM cdcsync.checkpoint WHERE slot = %s",
+                               (slot,)).fetchone()
+            return Lsn.parse(str(row[0])) if row else ZERO_LSN
+
+        applied = poller.progress(position)
 
         daemon = Daemon(config, workdir, py_spy_output=py_spy, gc_stats=gc_stats)
         started = time.monotonic()
         with daemon:
-            held, finished = poller.wait(slot, applied, f"cdcsync run ({decoder})",
-                                         daemon.ensure_alive)
+            reached = poller.wait(slot, applied, f"cdcsync run ({decoder})", daemon.ensure_alive)
             pids = cpu.cdcsync_pids(poller.source, conn, daemon.pid, slot) if srv.local else None
             used, waited = (cpu.usage(pids), cpu.waits(pids)) if pids else (None, None)
             code = daemon.stop()
         if code != 0:
             raise BenchError(f"cdcsync run exited with {code} after SIGTERM:\n{daemon.log_tail()}")
     gc = gcstats.read(daemon.gc_output) if daemon.gc_output is not None else None
-    return Drain(finished - started, finished - held, peak_rss_mb=daemon.peak_rss_mb, cpu_s=used,
-                 waits=waited, gc=gc)
+    return Drain(reached.finished - started, reached.finished - reached.held,
+                 peak_rss_mb=daemon.peak_rss_mb, cpu_s=used, waits=waited, gc=gc,
+                 first_apply_seconds=reached.first - started)
 
 
 def fingerprint(dsn: str) -> tuple[Any, ...]:

@@ -13,8 +13,11 @@ Then the same backlog (bench.throughput's ``mix`` scenario: inserts, updates, de
 ``--txn-rows``-change transactions) is drained by each consumer alone, one after the other, the
 order alternating between repetitions; both targets are compared with the source afterwards.
 Rates are from starting the consumer (the daemon's startup crosses the link too); the drain
-seconds count from the consumer holding its slot. The relay counts the waits of cdcsync's applier
-connection (its busiest one) while the backlog drains (from holding the slot to the last
+seconds count from the consumer holding its slot. Each run also splits each consumer's time at its
+first transaction applied on the target (the checkpoint, or the subscription's replication
+origin, moving past where it stood; polled every 50 ms): ``*_first_apply_s`` from its start,
+then ``*_after_first_s`` for the rest of the backlog. The relay counts the waits of cdcsync's
+applier connection (its busiest one) while the backlog drains (from holding the slot to the last
 checkpoint), divided by the batches committed (the checkpoint's updates). With local servers,
 each run also records both consumers' CPU seconds and waits (voluntary context switches) per
 process role (see :mod:`bench.cpu`), and each records the CPU seconds its relay used
@@ -95,6 +98,7 @@ def run_once(srv: Servers, args: argparse.Namespace, repetition: int, workdir: P
     order = ["native", "cdcsync"] if repetition % 2 == 0 else ["cdcsync", "native"]
     seconds: dict[str, float] = {}
     drains: dict[str, float] = {}
+    firsts: dict[str, float] = {}
     spent: dict[str, Any] = {}
     relayed: dict[str, float] = {}
     waits = batches = 0
@@ -118,6 +122,8 @@ def run_once(srv: Servers, args: argparse.Namespace, repetition: int, workdir: P
             relayed[consumer] = relay.cpu_s() - relay_before
             seconds[consumer] = drain.seconds
             drains[consumer] = drain.drain_seconds
+            if drain.first_apply_seconds is not None:
+                firsts[consumer] = drain.first_apply_seconds
             spent[f"{consumer}_cpu_by_role"] = drain.cpu_s
             spent[f"{consumer}_waits_by_role"] = drain.waits
     finally:
@@ -131,6 +137,8 @@ def run_once(srv: Servers, args: argparse.Namespace, repetition: int, workdir: P
               "ratio": round(seconds["native"] / seconds["cdcsync"], 2),
               **{f"{c}_s": round(s, 2) for c, s in seconds.items()},
               **{f"{c}_drain_s": round(s, 2) for c, s in drains.items()},
+              **{f"{c}_first_apply_s": round(s, 2) for c, s in firsts.items()},
+              **{f"{c}_after_first_s": round(seconds[c] - s, 2) for c, s in firsts.items()},
               **{f"{c}_relay_cpu_s": round(s, 2) for c, s in relayed.items()},
               **{f"{c}_rows_per_s": round(load.changes / s) for c, s in seconds.items()},
               **spent}
@@ -174,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cdcsync_rows_per_s": median([r["cdcsync_rows_per_s"] for r in runs]),
         "native_drain_s": median([r["native_drain_s"] for r in runs]),
         "cdcsync_drain_s": median([r["cdcsync_drain_s"] for r in runs]),
+        "native_first_apply_s": median([r["native_first_apply_s"] for r in runs]),
+        "cdcsync_first_apply_s": median([r["cdcsync_first_apply_s"] for r in runs]),
+        "native_after_first_s": median([r["native_after_first_s"] for r in runs]),
+        "cdcsync_after_first_s": median([r["cdcsync_after_first_s"] for r in runs]),
         "ratio": median([r["ratio"] for r in runs]),
         "cdcsync_waits_per_batch": median([r["cdcsync_waits_per_batch"] for r in runs]),
         "verified": all(r["verified"] for r in runs),
@@ -185,7 +197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{summary['changes']:,} changes, {args.delay_ms:g} ms added each way, median of "
           f"{len(runs)} run(s): native {summary['native_rows_per_s']:,.0f} rows/s, cdcsync "
           f"{summary['cdcsync_rows_per_s']:,.0f} rows/s (from start; from holding the slot: "
-          f"native {summary['native_drain_s']:.2f} s, cdcsync {summary['cdcsync_drain_s']:.2f} s),"
+          f"native {summary['native_drain_s']:.2f} s, cdcsync {summary['cdcsync_drain_s']:.2f} s;"
+          f" first transaction applied after native {summary['native_first_apply_s']:.2f} s, "
+          f"cdcsync {summary['cdcsync_first_apply_s']:.2f} s, the rest of the backlog in "
+          f"native {summary['native_after_first_s']:.2f} s, cdcsync "
+          f"{summary['cdcsync_after_first_s']:.2f} s),"
           f" ratio in-run {summary['ratio']:.2f}, cdcsync's applier waited "
           f"{summary['cdcsync_waits_per_batch']:.2f} times per committed batch,"
           f" targets equal the source: {summary['verified']}"
