@@ -19,6 +19,7 @@ from psycopg_pool import ConnectionPool
 from cdcsync import __version__, alerts, leader, prerequisites
 from cdcsync.admin import Conn, connect, connection_error
 from cdcsync.alerts import Alerter, Thresholds
+from cdcsync.apply.tables import ColumnRows
 from cdcsync.backfill import snapshot
 from cdcsync.backfill.resync import Resyncer
 from cdcsync.checkpoint import Checkpoint
@@ -59,10 +60,11 @@ def ask_target(settings: Settings, ahead: TargetAhead | None = None
 
 
 def preflight(settings: Settings, tgt: Conn, known: TargetState | PrerequisiteError,
-              early: EarlyStream | None = None) -> None:
+              early: EarlyStream | None = None) -> dict[str, ColumnRows]:
     """Fail fast, with the fix, on what no retry would cure. ``tgt`` and ``known`` come from
     :func:`ask_target`. The ``early`` stream is closed if this process will not stream from it
-    first: as a standby, or when the initial snapshot is to re-create the slot.
+    first: as a standby, or when the initial snapshot is to re-create the slot. Return the
+    target's catalog rows of every target table (see :func:`prerequisites.check_target`).
 
     The target is asked everything it is asked here in two round trips (a target far away pays
     each one at every start), the first of them usually while the daemon loaded: the lock's
@@ -80,7 +82,7 @@ def preflight(settings: Settings, tgt: Conn, known: TargetState | PrerequisiteEr
     # next snapshot attempt cures by itself.
     fresh = (settings.snapshot.mode == "initial"
              and snapshot.needed(known.states, [t.source for t in selected]))
-    prerequisites.check_target(tgt, settings, selected)
+    described = prerequisites.check_target(tgt, settings, selected)
     if early is not None and (standby or fresh):
         early.close()
     if found is None and not fresh:
@@ -88,6 +90,7 @@ def preflight(settings: Settings, tgt: Conn, known: TargetState | PrerequisiteEr
             f"replication slot {slot!r} does not exist on the source",
             fix="run `cdcsync setup` first",
         )
+    return described
 
 
 def _alerter(settings: Settings) -> Alerter:
@@ -141,8 +144,9 @@ def run(settings: Settings, stop: threading.Event | None = None,
                 ahead.lock_connection, settings.target.dsn.get_secret_value(), slot))
             if active:
                 pool = open_target_pool(settings)
-            preflight(settings, tgt, known, early)
-        _contend(settings, stop, metrics, health, lock, ahead=pool, early=early)
+            described = preflight(settings, tgt, known, early)
+        _contend(settings, stop, metrics, health, lock, ahead=pool, early=early,
+                 described=described)
     finally:
         if pool is not None:
             pool.close(timeout=2)
@@ -156,9 +160,12 @@ def run(settings: Settings, stop: threading.Event | None = None,
 
 
 def _contend(settings: Settings, stop: threading.Event, metrics: Metrics, health: Health,
-             lock: SlotLock, *, ahead: ConnectionPool | None, early: EarlyStream | None) -> None:
+             lock: SlotLock, *, ahead: ConnectionPool | None, early: EarlyStream | None,
+             described: dict[str, ColumnRows] | None = None) -> None:
     """Alternate between standby and active terms until ``stop``; the first term streams with
-    the pool ``ahead``, when given, which opened its connections while the lock was asked for.
+    the pool ``ahead``, when given, which opened its connections while the lock was asked for,
+    and resolves its tables from the checks' catalog rows, ``described``, if it streams at once
+    (a term that waited first asks the target again).
 
     The jobs and the alerter live as long as the process, so an alert raised while the target
     was down (and the lock with it) gets its recovery once this process streams again.
@@ -177,7 +184,8 @@ def _contend(settings: Settings, stop: threading.Event, metrics: Metrics, health
     def standing_by() -> None:
         # The lock was taken since the target's answer: its holder needs the slot, and a
         # standby, which may wait for months, holds no target connections it does not use.
-        nonlocal ahead
+        nonlocal ahead, described
+        described = None
         if early is not None:
             early.close()
         if ahead is not None:
@@ -191,8 +199,8 @@ def _contend(settings: Settings, stop: threading.Event, metrics: Metrics, health
             pool, ahead = ahead or open_target_pool(settings), None
             try:
                 _stream(settings, term, pool, progress, metrics=metrics, health=health,
-                        early=early)
-                early = None
+                        early=early, described=described)
+                early = described = None
             finally:
                 if stop.is_set():
                     health.set_state("stopping")
@@ -207,17 +215,20 @@ def _contend(settings: Settings, stop: threading.Event, metrics: Metrics, health
 
 def _stream(settings: Settings, term: threading.Event, pool: ConnectionPool,
             progress: Progress, *, metrics: Metrics, health: Health,
-            early: EarlyStream | None) -> None:
+            early: EarlyStream | None, described: dict[str, ColumnRows] | None = None) -> None:
     """One term as the active process: copy what needs copying, stream (from ``early`` first,
-    if given) until ``term`` is set; then close ``pool``."""
+    if given, resolving tables from ``described``) until ``term`` is set; then close ``pool``."""
     resyncer = Resyncer(settings, pool, lambda: progress.checkpoint, term)
     try:
         saved = _prepare_copies(settings, pool, term, health)
         if term.is_set():
             return
         resyncer.start()
+        # A snapshot taken since the checks (no checkpoint read before it) leaves their catalog
+        # rows behind it.
         Pipeline(settings, pool, term, metrics, health, progress=progress,
-                 on_message=resyncer.on_message, early=early, saved=saved).run()
+                 on_message=resyncer.on_message, early=early, saved=saved,
+                 described=described if saved is not None else None).run()
     finally:
         resyncer.join(timeout=5)
         pool.close(timeout=2)

@@ -307,7 +307,8 @@ class Pipeline:
                  metrics: Metrics, health: Health, *, progress: Progress | None = None,
                  on_message: MessageHandler | None = None,
                  early: EarlyStream | None = None,
-                 saved: checkpoint.Checkpoint | None = None) -> None:
+                 saved: checkpoint.Checkpoint | None = None,
+                 described: dict[str, tables.ColumnRows] | None = None) -> None:
         self.settings = settings
         self.pool = pool
         self.stop = stop
@@ -331,6 +332,10 @@ class Pipeline:
         # The checkpoint as the term started (read with the copy states): the first stream
         # starts from it instead of asking again.
         self._saved = saved
+        # The target's catalog rows of each target table, read by the checks a moment before:
+        # the first stream resolves each table's first Relation message from them, a round trip
+        # fewer per table on the way to its first batch.
+        self._described = described or {}
         # Where the slot stands and each new table's column types, asked on one connection a
         # stream (closed as the stream ends).
         self._catalog = CatalogSession(settings.source.dsn.get_secret_value())
@@ -391,6 +396,7 @@ class Pipeline:
         # The stream opened while the daemon started serves the first stream only.
         early, self._early = self._early, None
         saved, self._saved = self._saved, None
+        described, self._described = self._described, {}
         adopted = early.take() if early is not None else None
         stream = adopted or ReplicationStream(
             self.settings.source.dsn.get_secret_value(), slot,
@@ -403,7 +409,8 @@ class Pipeline:
                 start = self._resume_position(saved, ours=stream.backend_pid)
                 self.progress.checkpoint = start
                 binary = self._binary
-                assembler = self._assembler(start, texts=copies_straight(conn), binary=binary)
+                assembler = self._assembler(start, texts=copies_straight(conn), binary=binary,
+                                            described=described)
                 if adopted is None:
                     stream.start(start, start_options(self.settings, binary=binary))
                 else:
@@ -443,22 +450,24 @@ class Pipeline:
             event(logging.INFO, "stream_closed", slot=slot, lsn=str(self.progress.checkpoint),
                   skipped_transactions=assembler.skipped_transactions)
 
-    def _assembler(self, start: Lsn, *, texts: bool, binary: bool) -> Assembler:
+    def _assembler(self, start: Lsn, *, texts: bool, binary: bool,
+                   described: dict[str, tables.ColumnRows]) -> Assembler:
         chunk_rows = min(5000, self.settings.apply.max_rows)
         chunk_bytes = min(8 << 20, self.settings.apply.max_bytes)
         if self.settings.source.decoder == "wal2json":
-            return Wal2jsonAssembler(start, self._resolver(False), self._describe,
+            return Wal2jsonAssembler(start, self._resolver(False, described), self._describe,
                                      chunk_rows=chunk_rows, chunk_bytes=chunk_bytes, texts=texts)
-        return TransactionAssembler(start, self._resolver(binary), chunk_rows=chunk_rows,
+        return TransactionAssembler(start, self._resolver(binary, described), chunk_rows=chunk_rows,
                                     chunk_bytes=chunk_bytes, texts=texts, binary=binary)
 
     def _describe(self, schema: str, name: str) -> Relation | None:
         """The source catalog's description of a table wal2json names (once per table and run)."""
         return self._catalog.ask(lambda src: catalog.describe_table(src, schema, name))
 
-    def _resolver(self, binary: bool) -> Resolver:
+    def _resolver(self, binary: bool, described: dict[str, tables.ColumnRows]) -> Resolver:
         """Relation -> target table, on a pool connection of its own (called by the reader);
-        ``binary``, with the types its values stream in (see :func:`binary_types`)."""
+        ``binary``, with the types its values stream in (see :func:`binary_types`). A table
+        whose catalog rows are ``described`` is resolved from them, once."""
         warned: set[str] = set()
 
         def resolve(relation: Relation) -> TargetTable | None:
@@ -472,10 +481,16 @@ class Pipeline:
                           hint=f"it is in {where} but not in `tables`; ignored")
                 return None
             source_types = self._catalog.ask(lambda src: catalog.column_types(src, relation))
-            # In autocommit: reads need no BEGIN and COMMIT of their own (see roundtrip).
-            with self.pool.connection() as pooled, roundtrip.autocommit(pooled) as conn:
-                table = tables.resolve(conn, self.settings, relation, source_types=source_types,
-                                       previous=self._relations.get(relation.oid))
+            previous = self._relations.get(relation.oid)
+            rows = described.pop(tables.target_of(self.settings, relation), None)
+            if rows is not None:
+                table = tables.resolve(None, self.settings, relation, source_types=source_types,
+                                       previous=previous, rows=rows)
+            else:
+                # In autocommit: reads need no BEGIN and COMMIT of their own (see roundtrip).
+                with self.pool.connection() as pooled, roundtrip.autocommit(pooled) as conn:
+                    table = tables.resolve(conn, self.settings, relation,
+                                           source_types=source_types, previous=previous)
             self._relations[relation.oid] = relation
             return binary_types(table, relation, source_types) if binary else table
 

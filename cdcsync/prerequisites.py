@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass
 
 import psycopg
-from psycopg import sql
 from psycopg.rows import TupleRow
 
 from cdcsync.apply import drift
+from cdcsync.apply.tables import ColumnRows, described
 from cdcsync.config import Settings
 from cdcsync.errors import PrerequisiteError
 from cdcsync.source import catalog
@@ -104,12 +104,14 @@ def _published_in_parts(src: Conn, publication: str, table: catalog.SourceTable)
     return bool(row and row[0])
 
 
-def check_target(tgt: Conn, settings: Settings, selected: list[Selected]) -> None:
-    """Every target table exists; under ``schema_changes = "halt"`` it has every column too."""
-    quoted = [sql.Identifier(*t.target.split(".", 1)).as_string(tgt) for t in selected]
-    found = table_columns(tgt, quoted)
-    for table, identifier in zip(selected, quoted, strict=True):
-        columns = {c[0] for c in found.get(identifier, [])}
+def check_target(tgt: Conn, settings: Settings, selected: list[Selected]
+                 ) -> dict[str, ColumnRows]:
+    """Every target table exists; under ``schema_changes = "halt"`` it has every column too.
+    Return what the target's catalog said of each, by target name: the stream that follows
+    resolves its tables from it, without asking again (:func:`cdcsync.apply.tables.resolve`)."""
+    found = described(tgt, [t.target for t in selected])
+    for table in selected:
+        columns = {str(row[1]) for row in found.get(table.target, [])}
         if not columns:
             raise PrerequisiteError(
                 f"target table {table.target} does not exist (source {table.source})",
@@ -117,3 +119,4 @@ def check_target(tgt: Conn, settings: Settings, selected: list[Selected]) -> Non
         lacking = [c for c in table.columns if c[0] not in columns]
         if lacking and settings.apply.schema_changes == "halt":
             raise drift.missing_columns(table.source, table.target, lacking)
+    return found

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import psycopg
 from psycopg.rows import TupleRow
@@ -21,19 +22,31 @@ _TIME_TYPES = ("timestamp with time zone", "timestamp without time zone")
 
 # The table's columns, each row also carrying its primary key's columns in key order: one
 # round trip for a table (two cost the start 20 ms more with a target 10 ms away).
-_COLUMNS_SQL = """
+_COLUMN_ROWS = """
 SELECT c.oid, a.attname, format_type(a.atttypid, a.atttypmod), row_security_active(c.oid),
        ARRAY(SELECT k.attname::text
              FROM pg_index i
              JOIN pg_attribute k ON k.attrelid = i.indrelid AND k.attnum = ANY (i.indkey)
              WHERE i.indrelid = c.oid AND i.indisprimary
-             ORDER BY array_position(i.indkey::int2[], k.attnum))
+             ORDER BY array_position(i.indkey::int2[], k.attnum))"""
+_COLUMNS_SQL = _COLUMN_ROWS + """
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')
 ORDER BY a.attnum
 """
+# The same rows for several tables at once, each after its position in the list given.
+_COLUMNS_OF_SQL = _COLUMN_ROWS + """, t.i
+FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS t(nspname, relname, i)
+JOIN pg_namespace n ON n.nspname = t.nspname
+JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.relname AND c.relkind IN ('r', 'p')
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY t.i, a.attnum
+"""
+
+# A table's rows of the query above, as :func:`resolve` reads them.
+ColumnRows = list[tuple[Any, ...]]
 
 _FOREIGN_KEYS_SQL = """
 SELECT conrelid::oid, confrelid::oid FROM pg_constraint
@@ -51,18 +64,38 @@ def selected(patterns: Iterable[str], qualified: str) -> bool:
     return any(fnmatch.fnmatchcase(qualified, pattern) for pattern in patterns)
 
 
-def resolve(conn: psycopg.Connection[TupleRow], settings: Settings, relation: Relation, *,
-            source_types: Sequence[str] | None = None,
-            previous: Relation | None = None) -> TargetTable:
+def target_of(settings: Settings, relation: Relation) -> str:
+    """The qualified name of the target table ``relation`` lands in."""
+    return settings.override_for(relation.qualified).target or relation.qualified
+
+
+def described(conn: psycopg.Connection[TupleRow], names: Sequence[str]) -> dict[str, ColumnRows]:
+    """The catalog rows :func:`resolve` reads for each of the target tables ``names``
+    (qualified), in one round trip; a table that does not exist (or is not a table) is absent."""
+    parts = [name.partition(".") for name in names]
+    found: dict[str, ColumnRows] = {}
+    for *row, position in conn.execute(_COLUMNS_OF_SQL, ([p[0] for p in parts],
+                                                         [p[2] for p in parts])).fetchall():
+        found.setdefault(names[int(position) - 1], []).append(tuple(row))
+    return found
+
+
+def resolve(conn: psycopg.Connection[TupleRow] | None, settings: Settings, relation: Relation,
+            *, source_types: Sequence[str] | None = None, previous: Relation | None = None,
+            rows: ColumnRows | None = None) -> TargetTable:
     """Map ``relation`` onto its target table, or say exactly what is missing on the target.
 
     With ``source_types`` (the source's ``format_type`` of each column) the relation is also
     checked for schema drift against the target and against ``previous``, the last Relation
-    message seen for the same table (see :mod:`cdcsync.apply.drift`)."""
+    message seen for the same table (see :mod:`cdcsync.apply.drift`). The target's catalog is
+    asked on ``conn`` unless its ``rows`` are given (:func:`described`, read a moment ago)."""
     override = settings.override_for(relation.qualified)
-    target_name = override.target or relation.qualified
+    target_name = target_of(settings, relation)
     schema, _, name = target_name.partition(".")
-    rows = conn.execute(_COLUMNS_SQL, (schema, name)).fetchall()
+    if rows is None:
+        if conn is None:
+            raise ValueError("resolve needs a connection or the table's rows")
+        rows = conn.execute(_COLUMNS_SQL, (schema, name)).fetchall()
     if not rows:
         raise PrerequisiteError(
             f"target table {target_name} does not exist (source {relation.qualified})",

@@ -140,6 +140,27 @@ def test_a_table_is_resolved_in_one_round_trip(
         ("a", "b", "v"), ("integer", "integer", "text"), (1, 0), (1, 0))
 
 
+def test_the_checks_describe_every_table_in_one_round_trip_and_resolve_takes_their_rows(
+        dbpair: DbPair, relayed: tuple[psycopg.Connection[TupleRow], Link]) -> None:
+    """What the checks read of all target tables at once resolves a table as its own query
+    would, without a round trip; a table that does not exist is absent from it."""
+    conn, link = relayed
+    execute(dbpair.target_dsn, "CREATE TABLE twins (a int, b int, v text, PRIMARY KEY (b, a))")
+    relation = Relation(16386, "public", "twins", "d", (
+        Column("a", 23, -1, True), Column("b", 23, -1, True), Column("v", 25, -1, False)))
+    settings = settings_for(dbpair)
+    with roundtrip.autocommit(conn):
+        before = link.waits
+        found = tables.described(conn, ["public.twins", "public.items", "public.absent"])
+        assert link.waits - before == 1
+        assert set(found) == {"public.twins", "public.items"}
+        before = link.waits
+        hinted = tables.resolve(None, settings, relation, rows=found["public.twins"])
+        assert link.waits == before
+        assert hinted == tables.resolve(conn, settings, relation)
+    assert (hinted.columns, hinted.key) == (("a", "b", "v"), (1, 0))
+
+
 def test_the_pool_checks_a_connection_only_after_a_second_unused(
         dbpair: DbPair, monkeypatch: pytest.MonkeyPatch) -> None:
     """A connection opened or given back less than a second ago is lent without a round trip;
