@@ -480,7 +480,8 @@ class Pipeline:
                           table=relation.qualified,
                           hint=f"it is in {where} but not in `tables`; ignored")
                 return None
-            source_types = self._catalog.ask(lambda src: catalog.column_types(src, relation))
+            source_types = (catalog.builtin_column_types(relation)
+                            or self._catalog.ask(lambda src: catalog.column_types(src, relation)))
             previous = self._relations.get(relation.oid)
             rows = described.pop(tables.target_of(self.settings, relation), None)
             if rows is not None:

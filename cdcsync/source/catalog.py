@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 import psycopg
 from psycopg import sql
@@ -265,6 +266,36 @@ def table_definition(conn: Conn, table: SourceTable) -> sql.Composed:
         sql.SQL(", ").join(sql.Identifier(k) for k in key_names)))
     return sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
         table.identifier, sql.SQL(", ").join(parts))
+
+
+# How format_type spells common built-in types without a modifier. Their OIDs and spellings are
+# the same on every server, so a relation whose columns all have one is described without asking
+# the source: a round trip per table, on the reader's path at every start, where the source is
+# far (tests/integration/test_described.py checks each spelling against the server).
+BUILTIN_TYPE_NAMES: Final = {
+    16: "boolean", 17: "bytea", 18: '"char"', 19: "name", 20: "bigint", 21: "smallint",
+    23: "integer", 25: "text", 26: "oid", 114: "json", 650: "cidr", 700: "real",
+    701: "double precision", 829: "macaddr", 869: "inet", 1042: "bpchar",
+    1043: "character varying", 1082: "date", 1083: "time without time zone",
+    1114: "timestamp without time zone", 1184: "timestamp with time zone", 1186: "interval",
+    1266: "time with time zone", 1700: "numeric", 2950: "uuid", 3802: "jsonb",
+    1000: "boolean[]", 1001: "bytea[]", 1005: "smallint[]", 1007: "integer[]", 1009: "text[]",
+    1015: "character varying[]", 1016: "bigint[]", 1021: "real[]", 1022: "double precision[]",
+    1182: "date[]", 1115: "timestamp without time zone[]",
+    1185: "timestamp with time zone[]", 1231: "numeric[]", 2951: "uuid[]", 3807: "jsonb[]",
+}
+
+
+def builtin_column_types(relation: Relation) -> list[str] | None:
+    """:func:`column_types`, spelt here where every column is of a type of
+    :data:`BUILTIN_TYPE_NAMES` without a modifier; else None (the source must be asked)."""
+    names: list[str] = []
+    for column in relation.columns:
+        name = BUILTIN_TYPE_NAMES.get(column.type_oid) if column.type_modifier == -1 else None
+        if name is None:
+            return None
+        names.append(name)
+    return names
 
 
 def column_types(conn: Conn, relation: Relation) -> list[str]:

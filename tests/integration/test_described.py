@@ -1,5 +1,7 @@
-"""The checks' catalog rows of the target tables (cdcsync.prerequisites.check_target) resolve the
-first stream's tables without asking the target again, and nothing later does."""
+"""What a start knows already spares it questions on the reader's path: the checks' catalog rows
+of the target tables (cdcsync.prerequisites.check_target) resolve the first stream's tables
+without asking the target again, and nothing later does; the source is not asked how it spells
+built-in types."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import pytest
 
 from cdcsync import admin
 from cdcsync.apply import tables
-from cdcsync.model import Relation, TargetTable
+from cdcsync.model import Column, Relation, TargetTable
+from cdcsync.source import catalog
 from tests.conftest import DbPair
 from tests.harness import converged, execute, running, settings_for, wait_for
 
@@ -20,7 +23,8 @@ Resolved = list[tuple[str, bool]]
 
 @pytest.fixture(scope="module")
 def pair(dbpair: DbPair) -> DbPair:
-    execute(dbpair.source_dsn, "CREATE TABLE d (id int PRIMARY KEY, v int)")
+    execute(dbpair.source_dsn, "CREATE TABLE d (id int PRIMARY KEY, v int)",
+            "CREATE TABLE e (id int PRIMARY KEY, s varchar(10))")
     admin.setup(settings_for(dbpair), create_tables=True)
     return dbpair
 
@@ -65,3 +69,28 @@ def test_the_first_stream_resolves_from_the_checks_and_a_reconnect_asks(
         _write(pair, 31)
         wait_for(converged(pair, ["public.d"]), runner=runner, timeout=30, what="a reconnect")
     assert resolved == [("public.d", True), ("public.d", False)]
+
+
+def test_builtin_types_are_spelt_as_the_source_spells_them(pair: DbPair) -> None:
+    with psycopg.connect(pair.source_dsn, autocommit=True) as conn:
+        for oid, name in catalog.BUILTIN_TYPE_NAMES.items():
+            row = conn.execute("SELECT format_type(%s, -1)", (oid,)).fetchone()
+            assert row == (name,), f"type {oid}"
+
+
+def test_only_a_table_with_a_modifier_asks_the_source_for_its_types(
+        pair: DbPair, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+    real = catalog.column_types
+
+    def spy(conn: Any, relation: Relation) -> list[str]:
+        asked.append(relation.qualified)
+        return real(conn, relation)
+
+    monkeypatch.setattr(catalog, "column_types", spy)
+    execute(pair.source_dsn, "INSERT INTO d VALUES (1001, 1)", "INSERT INTO e VALUES (1, 'x')")
+    with running(settings_for(pair)) as runner:
+        wait_for(converged(pair, ["public.d", "public.e"]), runner=runner, what="both tables")
+    assert asked == ["public.e"]
+    relation = Relation(1, "public", "f", "d", (Column("s", 1043, 14, False),))
+    assert catalog.builtin_column_types(relation) is None
