@@ -224,11 +224,9 @@ def _stream(settings: Settings, term: threading.Event, pool: ConnectionPool,
         if term.is_set():
             return
         resyncer.start()
-        # A snapshot taken since the checks (no checkpoint read before it) leaves their catalog
-        # rows behind it.
         Pipeline(settings, pool, term, metrics, health, progress=progress,
                  on_message=resyncer.on_message, early=early, saved=saved,
-                 described=described if saved is not None else None).run()
+                 described=described).run()
     finally:
         resyncer.join(timeout=5)
         pool.close(timeout=2)

@@ -334,8 +334,9 @@ class Pipeline:
         self._saved = saved
         # The target's catalog rows of each target table, read by the checks a moment before:
         # the first stream resolves each table's first Relation message from them, a round trip
-        # fewer per table on the way to its first batch.
-        self._described = described or {}
+        # fewer per table on the way to its first batch. Not behind a snapshot taken since the
+        # checks (the term then read no checkpoint before it, ``saved`` is None).
+        self._described = described if described and saved is not None else {}
         # Where the slot stands and each new table's column types, asked on one connection a
         # stream (closed as the stream ends).
         self._catalog = CatalogSession(settings.source.dsn.get_secret_value())
