@@ -24,11 +24,16 @@ process role (see :mod:`bench.cpu`), and each records the CPU seconds its relay 
 (``*_relay_cpu_s``): the relay runs on the same cores, and a relay that costs one consumer much
 more than the other skews the comparison (see :mod:`bench.relay`).
 
+``--rows`` takes several backlog sizes, each drained ``--repeat`` times and summarised on its
+own line: each consumer's start is a fixed cost (cdcsync's is its process loading and checking
+both databases, native's a worker launched inside the target), so how they compare depends on how
+much backlog follows it.
+
 With ``--gc-stats``, each run also reports the garbage collector's collections and milliseconds
 per generation inside the daemon, start to exit (``cdcsync_gc``, see :mod:`bench.gcstats`).
 
-Run: ``python -m bench.wan [--rows 100000] [--txn-rows 100] [--delay-ms 10] [--repeat 1]
-[--gc-stats]``.
+Run: ``python -m bench.wan [--rows 100000 [1000000 ...]] [--txn-rows 100] [--delay-ms 10]
+[--repeat 1] [--gc-stats]``.
 """
 
 from __future__ import annotations
@@ -77,11 +82,12 @@ def _checkpoint_writes(dsn: str) -> int:
     return seen
 
 
-def run_once(srv: Servers, args: argparse.Namespace, repetition: int, workdir: Path,
-             relays: tuple[Relay, Relay]) -> dict[str, Any]:
-    """One backlog drained by each consumer; ``relays``: to the source, to the target."""
+def run_once(srv: Servers, args: argparse.Namespace, workdir: Path, relays: tuple[Relay, Relay],
+             *, rows: int, repetition: int) -> dict[str, Any]:
+    """One backlog of about ``rows`` changes drained by each consumer; ``relays``: to the
+    source, to the target."""
     to_source, to_target = relays
-    load = tp.workload("mix", args.rows, args.txn_rows, 0)
+    load = tp.workload("mix", rows, args.txn_rows, 0)
     config = tp.cdcsync_config(srv, "info", "pgoutput")
     config["target"]["dsn"] = _via(config["target"]["dsn"], to_target)
     tp.prepare(srv, load, {"pgoutput": config})
@@ -146,10 +152,43 @@ def run_once(srv: Servers, args: argparse.Namespace, repetition: int, workdir: P
     return result
 
 
+def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The medians of one backlog size's runs."""
+    summary: dict[str, Any] = {"runs": len(runs), "changes": runs[0]["changes"]}
+    for key in ("native_rows_per_s", "cdcsync_rows_per_s", "native_drain_s", "cdcsync_drain_s",
+                "native_first_apply_s", "cdcsync_first_apply_s", "native_after_first_s",
+                "cdcsync_after_first_s", "ratio", "cdcsync_waits_per_batch"):
+        summary[key] = median([r[key] for r in runs])
+    summary["cdcsync_ahead"] = sum(r["ratio"] >= 1 for r in runs)
+    summary["verified"] = all(r["verified"] for r in runs)
+    if any("cdcsync_gc" in r for r in runs):
+        summary["cdcsync_gc_ms"] = median([r["cdcsync_gc"]["total_ms"] for r in runs
+                                           if "cdcsync_gc" in r])
+    return summary
+
+
+def describe(summary: dict[str, Any], delay_ms: float) -> str:
+    line = (f"{summary['changes']:,} changes, {delay_ms:g} ms added each way, median of "
+            f"{summary['runs']} run(s): native {summary['native_rows_per_s']:,.0f} rows/s, cdcsync "
+            f"{summary['cdcsync_rows_per_s']:,.0f} rows/s (from start; from holding the slot: "
+            f"native {summary['native_drain_s']:.2f} s, cdcsync {summary['cdcsync_drain_s']:.2f} s;"
+            f" first transaction applied after native {summary['native_first_apply_s']:.2f} s, "
+            f"cdcsync {summary['cdcsync_first_apply_s']:.2f} s, the rest of the backlog in "
+            f"native {summary['native_after_first_s']:.2f} s, cdcsync "
+            f"{summary['cdcsync_after_first_s']:.2f} s), ratio in-run {summary['ratio']:.2f} "
+            f"(cdcsync at least as fast in {summary['cdcsync_ahead']} of {summary['runs']}), "
+            f"cdcsync's applier waited {summary['cdcsync_waits_per_batch']:.2f} times per "
+            f"committed batch, targets equal the source: {summary['verified']}")
+    if "cdcsync_gc_ms" in summary:
+        line += f", the daemon's garbage collector {summary['cdcsync_gc_ms']:.1f} ms"
+    return line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.wan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000],
+                        help="backlog sizes (changes), each drained --repeat times")
     parser.add_argument("--txn-rows", type=int, default=100)
     parser.add_argument("--delay-ms", type=float, default=10.0, help="added in each direction")
     parser.add_argument("--repeat", type=int, default=1)
@@ -161,7 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.txn_rows < 6:
         parser.error("--txn-rows must be >= 6")
-    runs: list[dict[str, Any]] = []
+    if min(args.rows) < args.txn_rows:
+        parser.error("every --rows must be at least --txn-rows")
+    runs: dict[int, list[dict[str, Any]]] = {rows: [] for rows in args.rows}
     try:
         with servers() as srv, tempfile.TemporaryDirectory(prefix="cdcsync-wan-") as tmp, \
                 Relay(_port(srv.source_admin), args.delay_ms / 1000) as to_source, \
@@ -169,45 +210,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             execute(srv.target_admin, "ALTER SYSTEM SET wal_retrieve_retry_interval = '100ms'",
                     "SELECT pg_reload_conf()")
             try:
-                for repetition in range(args.repeat):
-                    runs.append(run_once(srv, args, repetition, Path(tmp), (to_source, to_target)))
+                for rows, done in runs.items():
+                    for repetition in range(args.repeat):
+                        done.append(run_once(srv, args, Path(tmp), (to_source, to_target),
+                                             rows=rows, repetition=repetition))
             finally:
                 tp.reset(srv)
     except (BenchError, psycopg.Error) as exc:
         tp.log(f"bench failed: {exc}")
         return 1
-    summary = {
-        "runs": len(runs), "delay_ms_each_way": args.delay_ms, "changes": runs[0]["changes"],
-        "native_rows_per_s": median([r["native_rows_per_s"] for r in runs]),
-        "cdcsync_rows_per_s": median([r["cdcsync_rows_per_s"] for r in runs]),
-        "native_drain_s": median([r["native_drain_s"] for r in runs]),
-        "cdcsync_drain_s": median([r["cdcsync_drain_s"] for r in runs]),
-        "native_first_apply_s": median([r["native_first_apply_s"] for r in runs]),
-        "cdcsync_first_apply_s": median([r["cdcsync_first_apply_s"] for r in runs]),
-        "native_after_first_s": median([r["native_after_first_s"] for r in runs]),
-        "cdcsync_after_first_s": median([r["cdcsync_after_first_s"] for r in runs]),
-        "ratio": median([r["ratio"] for r in runs]),
-        "cdcsync_waits_per_batch": median([r["cdcsync_waits_per_batch"] for r in runs]),
-        "verified": all(r["verified"] for r in runs),
-    }
-    if args.gc_stats:
-        summary["cdcsync_gc_ms"] = median([r["cdcsync_gc"]["total_ms"] for r in runs
-                                           if "cdcsync_gc" in r])
-    print(json.dumps({"summary": summary, "runs": runs}, indent=2) if args.json else
-          f"{summary['changes']:,} changes, {args.delay_ms:g} ms added each way, median of "
-          f"{len(runs)} run(s): native {summary['native_rows_per_s']:,.0f} rows/s, cdcsync "
-          f"{summary['cdcsync_rows_per_s']:,.0f} rows/s (from start; from holding the slot: "
-          f"native {summary['native_drain_s']:.2f} s, cdcsync {summary['cdcsync_drain_s']:.2f} s;"
-          f" first transaction applied after native {summary['native_first_apply_s']:.2f} s, "
-          f"cdcsync {summary['cdcsync_first_apply_s']:.2f} s, the rest of the backlog in "
-          f"native {summary['native_after_first_s']:.2f} s, cdcsync "
-          f"{summary['cdcsync_after_first_s']:.2f} s),"
-          f" ratio in-run {summary['ratio']:.2f}, cdcsync's applier waited "
-          f"{summary['cdcsync_waits_per_batch']:.2f} times per committed batch,"
-          f" targets equal the source: {summary['verified']}"
-          + (f", the daemon's garbage collector {summary['cdcsync_gc_ms']:.1f} ms"
-             if args.gc_stats else ""))
-    return 0 if summary["verified"] else 2
+    summaries = [summarise(done) for done in runs.values()]
+    if args.json:
+        print(json.dumps({"delay_ms_each_way": args.delay_ms, "summaries": summaries,
+                          "runs": [run for done in runs.values() for run in done]}, indent=2))
+    else:
+        print("\n".join(describe(summary, args.delay_ms) for summary in summaries))
+    return 0 if all(summary["verified"] for summary in summaries) else 2
 
 
 if __name__ == "__main__":
