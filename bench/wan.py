@@ -22,7 +22,9 @@ checkpoint), divided by the batches committed (the checkpoint's updates). With l
 each run also records both consumers' CPU seconds and waits (voluntary context switches) per
 process role (see :mod:`bench.cpu`), and each records the CPU seconds its relay used
 (``*_relay_cpu_s``): the relay runs on the same cores, and a relay that costs one consumer much
-more than the other skews the comparison (see :mod:`bench.relay`).
+more than the other skews the comparison (see :mod:`bench.relay`). Each run records the
+daemon's peak RSS too (``cdcsync_peak_rss_mb``): the batches it holds grow with the link's round
+trip (``[apply] max_rows = "auto"``).
 
 ``--rows`` takes several backlog sizes, each drained ``--repeat`` times and summarised on its
 own line: each consumer's start is a fixed cost (cdcsync's is its process loading and checking
@@ -121,6 +123,8 @@ def run_once(srv: Servers, args: argparse.Namespace, workdir: Path, relays: tupl
                                          gc_stats=args.gc_stats)
                 if drain.gc is not None:
                     spent["cdcsync_gc"] = drain.gc
+                if drain.peak_rss_mb is not None:
+                    spent["cdcsync_peak_rss_mb"] = round(drain.peak_rss_mb)
                 finished = started + drain.seconds
                 waits = max(link.waits_between(finished - drain.drain_seconds, finished)
                             for link in to_target.links[first:])

@@ -58,7 +58,8 @@ class TargetSettings(_Section):
 
 
 class ApplySettings(_Section):
-    max_rows: int = Field(default=20_000, ge=1)
+    # "auto": as many as the link to the target needs (see cdcsync.apply.batch_size).
+    max_rows: int | Literal["auto"] = "auto"
     max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_delay_ms: int = Field(default=100, ge=0)
     truncate: Literal["apply", "ignore"] = "apply"
@@ -66,6 +67,17 @@ class ApplySettings(_Section):
     on_error: Literal["halt", "dead_letter"] = "halt"
     schema_changes: Literal["add_columns", "halt"] = "add_columns"
     workers: int = Field(default=2, ge=1, le=16)
+
+    @field_validator("max_rows", mode="before")
+    @classmethod
+    def _rows_or_auto(cls, value: object) -> object:
+        # Checked here, not by the union's two branches, so that an error says it once.
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
+                               and value >= 1):
+            return value
+        raise ValueError('give "auto" or a whole number of rows, at least 1')
 
 
 class RetentionSettings(_Section):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import select
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,10 +25,12 @@ _DONE = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.EMPTY_
 
 @dataclass(frozen=True, slots=True)
 class ScriptResult:
-    """Each statement's affected rows, up to the first that failed; that one's error, if any."""
+    """Each statement's affected rows, up to the first that failed; that one's error, if any;
+    the seconds from sending the query to its first ``COPY`` starting (a round trip), if any."""
 
     rowcounts: list[int]
     error: psycopg.Error | None
+    copy_wait_s: float | None = None
 
 
 def run_script(conn: Conn, query: bytes, copies: Sequence[bytes],
@@ -40,11 +43,15 @@ def run_script(conn: Conn, query: bytes, copies: Sequence[bytes],
         pgconn = conn.pgconn
         pgconn.send_query(query)
         flush(pgconn)
+        sent = time.perf_counter()
+        copy_wait_s: float | None = None
         rowcounts: list[int] = []
         error: psycopg.Error | None = None
         pending = iter(copies)
         while (result := next_result(pgconn)) is not None:
             if result.status == pq.ExecStatus.COPY_IN:
+                if copy_wait_s is None:
+                    copy_wait_s = time.perf_counter() - sent
                 put_copy(pgconn, next(pending, b""))
             elif result.status in _DONE:
                 rowcounts.append(result.command_tuples or 0)
@@ -54,7 +61,7 @@ def run_script(conn: Conn, query: bytes, copies: Sequence[bytes],
                 error = errors.error_from_result(result, encoding=conn.info.encoding)
         if pgconn.status != pq.ConnStatus.OK:
             raise psycopg.OperationalError("the connection to the target was lost") from error
-    return ScriptResult(rowcounts, error)
+    return ScriptResult(rowcounts, error, copy_wait_s)
 
 
 def put_copy(pgconn: pq.abc.PGconn, data: bytes) -> None:

@@ -29,9 +29,10 @@ WAL_STATUSES: Final = ("reserved", "extended", "unreserved", "lost")
 BATCH_SECONDS_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
-# Rows per batch, including the default [apply] max_rows (20,000) as a bucket edge.
+# Rows per batch, including the bounds of [apply] max_rows = "auto" (20,000 near the target,
+# 60,000 far from it) as bucket edges.
 BATCH_ROWS_BUCKETS: Final = (
-    1, 5, 10, 50, 100, 500, 1_000, 5_000, 10_000, 20_000, 50_000, 100_000,
+    1, 5, 10, 50, 100, 500, 1_000, 5_000, 10_000, 20_000, 50_000, 60_000, 100_000,
 )
 
 
@@ -98,6 +99,12 @@ class Metrics:
         self._batch_rows = Histogram("cdcsync_batch_rows", "Rows merged by one target "
                                      "transaction.", ["slot"], registry=reg,
                                      buckets=BATCH_ROWS_BUCKETS).labels(slot)
+        self._batch_limit = Gauge("cdcsync_batch_rows_limit", "Rows a batch merges at most: "
+                                  "[apply] max_rows, or what \"auto\" chose for the link to "
+                                  "the target.", ["slot"], registry=reg).labels(slot)
+        self._round_trip = Gauge("cdcsync_target_round_trip_seconds", "The target's round trip "
+                                 "as the batches measured it: the shortest recent wait for a "
+                                 "batch's COPY to start.", ["slot"], registry=reg).labels(slot)
         self._checkpoint = Gauge("cdcsync_checkpoint_lsn", "The checkpoint LSN as a number.",
                                  ["slot"], registry=reg).labels(slot)
         self._up = Gauge("cdcsync_up", "1 while the pipeline is running, 0 otherwise.",
@@ -141,6 +148,12 @@ class Metrics:
         """Observe one committed target transaction."""
         self._batch_seconds.observe(seconds)
         self._batch_rows.observe(rows)
+
+    def batch_limit(self, rows: int, round_trip_s: float | None) -> None:
+        """Export the batches' row limit and the round trip it was chosen for (if measured)."""
+        self._batch_limit.set(rows)
+        if round_trip_s is not None:
+            self._round_trip.set(round_trip_s)
 
     def checkpoint(self, lsn: int) -> None:
         """Export the checkpoint LSN (a float: exact below 2**53, i.e. 8 PiB of WAL)."""

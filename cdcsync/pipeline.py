@@ -31,6 +31,7 @@ from psycopg_pool import ConnectionPool
 from cdcsync import checkpoint, roundtrip
 from cdcsync.apply import tables
 from cdcsync.apply.applier import Applier, Committed, copies_straight
+from cdcsync.apply.batch_size import BatchSize
 from cdcsync.apply.lanes import Lanes
 from cdcsync.config import Settings
 from cdcsync.dsn import with_session_options
@@ -340,6 +341,9 @@ class Pipeline:
         # Where the slot stands and each new table's column types, asked on one connection a
         # stream (closed as the stream ends).
         self._catalog = CatalogSession(settings.source.dsn.get_secret_value())
+        # The rows a batch merges, learnt from the link to the target: kept across reconnects.
+        self._batch_size = BatchSize(settings.apply.max_rows)
+        self._logged_limit = self._batch_size.rows()
 
     def run(self) -> None:
         """Stream until stopped; retry transient failures, raise everything else."""
@@ -431,9 +435,11 @@ class Pipeline:
         items: Handoff[Group] = Handoff(HANDOFF_BYTES, _group_size)
         reader = Reader(stream, assembler, items)
         reader.start()
-        lanes = Lanes(conn, self.pool, self.settings, functools.partial(self._record, reader))
+        lanes = Lanes(conn, self.pool, self.settings, functools.partial(self._record, reader),
+                      self._batch_size)
         self.health.set_state("streaming")
         self.metrics.set_up(True)
+        self.metrics.batch_limit(self._batch_size.rows(), self._batch_size.round_trip_s)
         event(logging.INFO, "streaming", slot=slot, lsn=str(start),
               values="binary" if binary else "text", opened_early=opened_early)
         clean = False
@@ -453,7 +459,7 @@ class Pipeline:
 
     def _assembler(self, start: Lsn, *, texts: bool, binary: bool,
                    described: dict[str, tables.ColumnRows]) -> Assembler:
-        chunk_rows = min(5000, self.settings.apply.max_rows)
+        chunk_rows = min(5000, self._batch_size.rows())
         chunk_bytes = min(8 << 20, self.settings.apply.max_bytes)
         if self.settings.source.decoder == "wal2json":
             return Wal2jsonAssembler(start, self._resolver(False, described), self._describe,
@@ -608,6 +614,7 @@ class Pipeline:
         metrics = self.metrics
         metrics.transactions(done.transactions)
         metrics.batch(done.seconds, done.rows)
+        self._batch_limit(done.lsn)
         for (table, op), count in done.applied.items():
             metrics.applied(table, op, count)
         for table, count in done.conflicts.items():
@@ -617,6 +624,17 @@ class Pipeline:
         lag = max(0.0, (dt.datetime.now(dt.UTC) - done.commit_time).total_seconds())
         metrics.lag(lag)
         self.health.set_lag(lag)
+
+    def _batch_limit(self, lsn: Lsn) -> None:
+        """Export the batches' row limit; log it when it has moved by a tenth or more since it
+        was last logged (with "auto" it follows the target's round trip, batch by batch)."""
+        rows, round_trip = self._batch_size.rows(), self._batch_size.round_trip_s
+        self.metrics.batch_limit(rows, round_trip)
+        if abs(rows - self._logged_limit) * 10 >= self._logged_limit:
+            self._logged_limit = rows
+            event(logging.INFO, "batch_limit", slot=self.settings.source.slot, lsn=str(lsn),
+                  rows=rows, round_trip_ms=None if round_trip is None
+                  else round(round_trip * 1000, 1))
 
     def _checkpointed(self, reader: Reader, lsn: Lsn) -> None:
         reader.applied = lsn

@@ -26,6 +26,7 @@ from cdcsync import checkpoint, roundtrip
 from cdcsync.apply import script as plan
 from cdcsync.apply import sql as q
 from cdcsync.apply import tables, window
+from cdcsync.apply.batch_size import BatchSize
 from cdcsync.apply.merge import Merger
 from cdcsync.apply.script import Script, Staged
 from cdcsync.config import Settings
@@ -92,10 +93,13 @@ class Applier:
     """Applies the stream items of whole source transactions to the target through ``conn``."""
 
     def __init__(self, conn: Conn, settings: Settings,
-                 added: set[tuple[int, str]] | None = None) -> None:
+                 added: set[tuple[int, str]] | None = None,
+                 batch_size: BatchSize | None = None) -> None:
         self.conn = conn
         self.settings = settings
         self.slot = settings.source.slot
+        # Shared by the lanes of a stream, which all measure the same link.
+        self.batch_size = batch_size or BatchSize(settings.apply.max_rows)
         self._orders: dict[frozenset[int], tuple[list[int], set[int]]] = {}
         self._stages: set[str] = set()
         # (table oid, column) added on the target by this stream; shared by the lanes, which
@@ -117,7 +121,7 @@ class Applier:
         self._rows = 0
         self._busy_s = 0.0
         self._applied: Counter[tuple[str, str]] = Counter()
-        self._merger = Merger(self.slot, settings.apply.on_error)
+        self._merger = Merger(self.slot, settings.apply.on_error, self.batch_size.copy_waited)
         # Called before the target is touched other than by a lane's commit (a flush inside a
         # large transaction, a window, a copied chunk, a TRUNCATE, an idle advance): the lanes
         # settle the commits in flight first (see cdcsync.apply.lanes).
@@ -195,17 +199,16 @@ class Applier:
         self._transactions += 1
 
     def batch_full(self) -> bool:
-        limits = self.settings.apply
-        return self._pending_rows >= limits.max_rows or self._pending_bytes >= limits.max_bytes
+        return (self._pending_rows >= self.batch_size.rows()
+                or self._pending_bytes >= self.settings.apply.max_bytes)
 
     def _own_batch_full(self) -> bool:
-        """Whether to flush before the open source transaction ends: when it alone fills
-        ``max_rows``, or when the batch reaches ``max_bytes``, the bound on memory. A smaller
-        transaction that tips the batch over ``max_rows`` is merged with it at its end, when the
-        pipeline commits the full batch: a flush of its own would cost a wait."""
-        limits = self.settings.apply
-        return (self._pending_rows - self._carried_rows >= limits.max_rows
-                or self._pending_bytes >= limits.max_bytes)
+        """Whether to flush before the open source transaction ends: when it alone fills the
+        batch's rows (:attr:`batch_size`), or when the batch reaches ``max_bytes``, the bound on
+        memory. A smaller transaction that tips the batch over its rows is merged with it at its
+        end, when the pipeline commits the full batch: a flush of its own would cost a wait."""
+        return (self._pending_rows - self._carried_rows >= self.batch_size.rows()
+                or self._pending_bytes >= self.settings.apply.max_bytes)
 
     def open_window(self, table: TargetTable) -> None:
         """A resync chunk's low watermark: from here on, record every key the stream changes."""

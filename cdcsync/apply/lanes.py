@@ -39,6 +39,7 @@ from psycopg_pool import ConnectionPool
 from cdcsync import roundtrip
 from cdcsync.apply import tables
 from cdcsync.apply.applier import Applier, Committed, Turn
+from cdcsync.apply.batch_size import BatchSize
 from cdcsync.apply.script import Staged
 from cdcsync.config import Settings
 from cdcsync.model import Lsn
@@ -99,9 +100,11 @@ class Lanes:
     reaches ``on_committed``, in source order, on the caller's thread."""
 
     def __init__(self, conn: Conn, pool: ConnectionPool, settings: Settings,
-                 on_committed: Callable[[Committed], None]) -> None:
+                 on_committed: Callable[[Committed], None],
+                 batch_size: BatchSize | None = None) -> None:
         self._pool = pool
         self._settings = settings
+        self.batch_size = batch_size or BatchSize(settings.apply.max_rows)
         self._workers = settings.apply.workers
         self._on_committed = on_committed
         self._borrowed: list[Conn] = []
@@ -192,7 +195,7 @@ class Lanes:
             self._borrowed.clear()
 
     def _lane(self, conn: Conn) -> Applier:
-        applier = Applier(conn, self._settings, self._added)
+        applier = Applier(conn, self._settings, self._added, self.batch_size)
         applier.before_flush = self.settle
         return applier
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -70,9 +71,12 @@ class _Step:
 class Merger:
     """Merges flushes for one pipeline; counts conflicts and dead letters until taken."""
 
-    def __init__(self, slot: str, on_error: str) -> None:
+    def __init__(self, slot: str, on_error: str,
+                 copy_waited: Callable[[float], None] | None = None) -> None:
         self.slot = slot
         self.on_error = on_error
+        # Told how long each merge's query waited for its COPY to start (see batch_size).
+        self.copy_waited = copy_waited
         self.conflicts: Counter[str] = Counter()
         self.dead_letters: Counter[str] = Counter()
         self._upsert_only: Counter[int] = Counter()
@@ -118,6 +122,8 @@ class Merger:
         signal = (None if reached is None or script.reached is None
                   else (script.reached, reached))
         outcome = libpq.run_script(conn, script.render(conn), script.copies, signal)
+        if outcome.copy_wait_s is not None and self.copy_waited is not None:
+            self.copy_waited(outcome.copy_wait_s)
         for index, rows in enumerate(outcome.rowcounts):
             if index in script.conflicts and rows > 0:
                 name, operation = script.conflicts[index]

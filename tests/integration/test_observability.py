@@ -85,6 +85,9 @@ def test_metrics_move_with_the_workload(pair: DbPair) -> None:
     assert _value(samples, "cdcsync_applied_transactions_total") >= 3
     assert _value(samples, "cdcsync_checkpoint_lsn") > 0
     assert _value(samples, "cdcsync_up") == 1
+    # A target this near keeps "auto" batches at their floor.
+    assert _value(samples, "cdcsync_batch_rows_limit") == 20_000
+    assert 0 < _value(samples, "cdcsync_target_round_trip_seconds") < 0.01
     assert _value(samples, "cdcsync_slot_wal_status", status="reserved") == 1
 
 

@@ -15,9 +15,9 @@ from psycopg_pool import ConnectionPool
 
 from bench.relay import Link, Relay
 from cdcsync import checkpoint, pipeline, roundtrip
+from cdcsync.apply import batch_size, tables
 from cdcsync.apply import script as plan
 from cdcsync.apply import sql as q
-from cdcsync.apply import tables
 from cdcsync.apply.applier import Applier
 from cdcsync.apply.merge import Merger
 from cdcsync.apply.script import Script, Staged
@@ -371,3 +371,35 @@ def test_the_stream_starts_from_the_checkpoint_read_with_the_copy_states(dbpair:
         assert link.waits - before == 1
     with psycopg.connect(dbpair.target_dsn) as direct:
         assert saved is not None and saved == checkpoint.load(direct, dbpair.slot)
+
+
+def test_auto_batches_grow_with_the_round_trip_their_copies_waited(
+        dbpair: DbPair, relayed: tuple[psycopg.Connection[TupleRow], Link]) -> None:
+    """With ``max_rows = "auto"`` a batch holds 20,000 rows until one has measured the round
+    trip. Near the target, its COPY waits well under 10 ms and the limit stays there; 10 ms
+    away each way, the COPY waits about 20 ms and later batches hold about 60,000 rows. A
+    fixed ``max_rows`` measures the same wait and stays as configured."""
+    near_conn, _ = relayed
+    near = Applier(near_conn, settings_for(dbpair))
+    assert near.batch_size.rows() == batch_size.FLOOR and near.batch_size.round_trip_s is None
+    _batch(near, [(1001, 1, "I")], 0x10000)
+    near.commit()
+    assert near.batch_size.round_trip_s is not None and near.batch_size.round_trip_s < 0.01
+    assert near.batch_size.rows() == batch_size.FLOOR
+    port = int(str(conninfo_to_dict(dbpair.target_dsn)["port"]))
+    with Relay(port, 0.01) as relay, psycopg.connect(make_conninfo(
+            dbpair.target_dsn, host="127.0.0.1", port=relay.port)) as far_conn:
+        far = Applier(far_conn, settings_for(dbpair))
+        _batch(far, [(1002, 1, "I"), (1003, 1, "I")], 0x11000)
+        far.commit()
+        waited = far.batch_size.round_trip_s
+        assert waited is not None and waited >= 0.019
+        assert far.batch_size.rows() == batch_size.rows_for(waited) > 50_000
+        fixed = Applier(far_conn, settings_for(dbpair, apply={"max_rows": 20000}))
+        _batch(fixed, [(1004, 1, "I")], 0x12000)
+        fixed.commit()
+        assert fixed.batch_size.round_trip_s is not None
+        assert fixed.batch_size.round_trip_s >= 0.019
+        assert fixed.batch_size.rows() == 20000
+    with psycopg.connect(dbpair.target_dsn) as check:
+        assert check.execute("SELECT count(*) FROM items WHERE id > 1000").fetchone() == (4,)

@@ -31,6 +31,7 @@ def test_defaults_and_names(tmp_path: Path) -> None:
     assert (settings.source.slot, settings.source.publication) == ("cdcsync", "cdcsync")
     assert settings.source.decoder == "pgoutput"
     assert settings.http.listen == "127.0.0.1:9187"
+    assert settings.apply.max_rows == "auto"
 
 
 def test_unknown_key_is_named(tmp_path: Path) -> None:
@@ -43,6 +44,17 @@ def test_bad_value_names_key_value_and_form(tmp_path: Path) -> None:
     """A bad value names the key, the value and the expected form."""
     with pytest.raises(ConfigError, match=r"'http.listen'.*'nowhere'.*HOST:PORT"):
         load_settings(_write(tmp_path, GOOD + "[http]\nlisten = 'nowhere'\n"))
+
+
+@pytest.mark.parametrize("value", ["0", "'many'", "1.5", "true"])
+def test_max_rows_is_auto_or_a_whole_number_of_rows(tmp_path: Path, value: str) -> None:
+    """One error for the key, not one per form it may take."""
+    with pytest.raises(ConfigError, match=r"'apply.max_rows'.*give \"auto\" or a whole number "
+                                          r"of rows, at least 1") as caught:
+        load_settings(_write(tmp_path, GOOD + f"[apply]\nmax_rows = {value}\n"))
+    assert str(caught.value).count("bad value") == 1
+    assert load_settings(_write(tmp_path, GOOD + "[apply]\nmax_rows = 'auto'\n")
+                         ).apply.max_rows == "auto"
 
 
 def test_bad_table_pattern(tmp_path: Path) -> None:
