@@ -347,13 +347,21 @@ def daemon_view(listen: str) -> dict[str, Any]:
     with urllib.request.urlopen(f"{base}/metrics", timeout=2) as response:
         text = response.read().decode()
     applied: dict[str, dict[str, int]] = {}
+    gauges: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "cdcsync_applied_changes_total":
                 table = applied.setdefault(sample.labels["table"], {})
                 table[sample.labels["op"]] = int(sample.value)
+            elif sample.name in ("cdcsync_batch_rows_limit", "cdcsync_target_round_trip_seconds"):
+                gauges[sample.name] = sample.value
+    # Zero until the daemon streams, and the round trip until a batch has measured it.
+    limit = int(gauges.get("cdcsync_batch_rows_limit", 0))
+    round_trip = gauges.get("cdcsync_target_round_trip_seconds", 0.0)
     return {"daemon": ready.get("state"), "role": ready.get("role"), "ready": ready.get("ready"),
-            "ready_reason": ready.get("reason"), "applied_since_start": applied}
+            "ready_reason": ready.get("reason"), "applied_since_start": applied,
+            "batch_rows_limit": limit or None,
+            "target_round_trip_ms": round(round_trip * 1000, 3) if round_trip else None}
 
 
 def teardown(settings: Settings) -> list[str]:

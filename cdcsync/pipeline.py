@@ -634,7 +634,7 @@ class Pipeline:
             self._logged_limit = rows
             event(logging.INFO, "batch_limit", slot=self.settings.source.slot, lsn=str(lsn),
                   rows=rows, round_trip_ms=None if round_trip is None
-                  else round(round_trip * 1000, 1))
+                  else round(round_trip * 1000, 3))
 
     def _checkpointed(self, reader: Reader, lsn: Lsn) -> None:
         reader.applied = lsn

@@ -35,7 +35,7 @@ class BatchSize:
     """The rows a batch merges at most; thread-safe (the lanes' threads report their waits)."""
 
     def __init__(self, configured: int | Literal["auto"]) -> None:
-        self.auto = configured == "auto"
+        self._auto = configured == "auto"
         self._rows = FLOOR if configured == "auto" else configured
         self._waits: deque[float] = deque(maxlen=RECENT)
         self._lock = threading.Lock()
@@ -53,7 +53,7 @@ class BatchSize:
         """A batch waited ``seconds`` from sending its query to its ``COPY`` starting."""
         with self._lock:
             self._waits.append(seconds)
-            if self.auto:
+            if self._auto:
                 self._rows = rows_for(min(self._waits))
 
 

@@ -376,7 +376,7 @@ def test_the_stream_starts_from_the_checkpoint_read_with_the_copy_states(dbpair:
 def test_auto_batches_grow_with_the_round_trip_their_copies_waited(
         dbpair: DbPair, relayed: tuple[psycopg.Connection[TupleRow], Link]) -> None:
     """With ``max_rows = "auto"`` a batch holds 20,000 rows until one has measured the round
-    trip. Near the target, its COPY waits well under 10 ms and the limit stays there; 10 ms
+    trip. Near the target, its COPY waits under 10 ms and the limit stays near there; 10 ms
     away each way, the COPY waits about 20 ms and later batches hold about 60,000 rows. A
     fixed ``max_rows`` measures the same wait and stays as configured."""
     near_conn, _ = relayed
@@ -384,8 +384,11 @@ def test_auto_batches_grow_with_the_round_trip_their_copies_waited(
     assert near.batch_size.rows() == batch_size.FLOOR and near.batch_size.round_trip_s is None
     _batch(near, [(1001, 1, "I")], 0x10000)
     near.commit()
-    assert near.batch_size.round_trip_s is not None and near.batch_size.round_trip_s < 0.01
-    assert near.batch_size.rows() == batch_size.FLOOR
+    # Well under 7 ms on an idle machine, when the limit stays at its floor; under 10 ms on a
+    # loaded one.
+    near_wait = near.batch_size.round_trip_s
+    assert near_wait is not None and near_wait < 0.01
+    assert near.batch_size.rows() == batch_size.rows_for(near_wait) < 30_000
     port = int(str(conninfo_to_dict(dbpair.target_dsn)["port"]))
     with Relay(port, 0.01) as relay, psycopg.connect(make_conninfo(
             dbpair.target_dsn, host="127.0.0.1", port=relay.port)) as far_conn:
