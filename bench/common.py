@@ -15,6 +15,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -63,6 +64,27 @@ def servers(source_dsn: str | None = None, target_dsn: str | None = None) -> Ite
     print("starting two throwaway PostgreSQL clusters ...", file=sys.stderr, flush=True)
     with localpg.local_clusters() as (source, target):
         yield Servers(source.dsn(), target.dsn(), local=True)
+
+
+@contextmanager
+def target_server(target_dsn: str | None = None) -> Iterator[str]:
+    """The given server's DSN, or one throwaway local cluster's (benches that need no source),
+    destroyed on exit."""
+    if target_dsn:
+        yield target_dsn
+        return
+    print("starting a throwaway PostgreSQL cluster ...", file=sys.stderr, flush=True)
+    base = Path(tempfile.mkdtemp(prefix="cdcsync-bench-"))
+    # mkdtemp makes it 0700; the postgres user has to reach the cluster directory inside.
+    base.chmod(0o755)
+    try:
+        cluster = localpg.create_cluster(base, "target", logical=False)
+        try:
+            yield cluster.dsn()
+        finally:
+            cluster.destroy()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def connect(dsn: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:

@@ -30,15 +30,21 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from bench.common import BenchError, connect, drop_database, execute, recreate_database, servers
+from bench.common import (
+    BenchError,
+    connect,
+    drop_database,
+    execute,
+    recreate_database,
+    target_server,
+)
 from bench.throughput import TABLE_DDL
 from cdcsync.apply import sql as q
 from cdcsync.model import Column, Relation, TargetTable
@@ -138,16 +144,6 @@ def measure(dsn: str, args: argparse.Namespace) -> dict[str, list[float]]:
     return seconds
 
 
-@contextmanager
-def _server(dsn: str | None) -> Iterator[str]:
-    """The given server's DSN, or a throwaway local cluster's."""
-    if dsn:
-        yield dsn
-        return
-    with servers() as srv:
-        yield srv.target_admin
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.merge_sql", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rows < 3 * args.rounds * args.batch_rows:
         parser.error("--rows must be at least 3 * --rounds * --batch-rows")
     try:
-        with _server(args.target_dsn) as admin:
+        with target_server(args.target_dsn) as admin:
             recreate_database(admin, DATABASE)
             try:
                 seconds = measure(make_conninfo(admin, dbname=DATABASE), args)

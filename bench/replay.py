@@ -21,20 +21,15 @@ import argparse
 import datetime as dt
 import logging
 import struct
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import psycopg
 
-from bench.common import execute, median, recreate_database
+from bench.common import execute, median, recreate_database, target_server
 from cdcsync import checkpoint
 from cdcsync.apply import tables
 from cdcsync.apply.applier import Applier
 from cdcsync.config import Settings
-from cdcsync.localpg import create_cluster
 from cdcsync.model import PG_EPOCH, ChangeChunk, Column, Lsn, Relation, TableRows, TxnEnd
 from cdcsync.source.tuples import PendingRow, stage_rows
 
@@ -87,20 +82,6 @@ def _flush_seconds(dsn: str, rows: int, policy: str, *, swap: bool, bad: bool) -
     return elapsed
 
 
-@contextmanager
-def _target(dsn: str | None) -> Iterator[str]:
-    if dsn:
-        yield dsn
-        return
-    base = Path(tempfile.mkdtemp(prefix="cdcsync-bench-"))
-    base.chmod(0o755)
-    cluster = create_cluster(base, "target", logical=False)
-    try:
-        yield cluster.dsn()
-    finally:
-        cluster.destroy()
-
-
 def main() -> None:
     logging.getLogger("cdcsync").setLevel(logging.ERROR)  # one event per dead letter otherwise
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -108,7 +89,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--target-dsn", help="an existing server (default: a throwaway one)")
     args = parser.parse_args()
-    with _target(args.target_dsn) as admin:
+    with target_server(args.target_dsn) as admin:
         recreate_database(admin, DB)
         dsn = psycopg.conninfo.make_conninfo(admin, dbname=DB)
         execute(dsn, "CREATE TABLE people (id int PRIMARY KEY, email text UNIQUE, "
