@@ -16,7 +16,10 @@ takes up to ``TICK_S`` more, while a query sent after a pause, and its answer, a
 :meth:`Relay.cpu_s` tells what the relay itself used.
 
 ``Relay`` runs its own event loop on a daemon thread: ``with Relay(port) as relay:`` then connect
-to ``relay.port`` on 127.0.0.1 instead of ``port``.
+to ``relay.port`` on 127.0.0.1 instead of ``port``. ``python -m bench.relay PORT [--delay-ms 10]``
+runs one in a process of its own (its port on the first line of its output, until its standard
+input closes): a relay sharing a busy process's interpreter is slowed by it, which lengthens the
+round trips it stands for.
 
 Each connection counts its *waits* (:attr:`Link.waits`): the bursts of bytes the client sends after
 the server last spoke. A client that sends a query and waits for the answer before sending more
@@ -26,8 +29,10 @@ all. Across a WAN each wait costs a round trip.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -187,3 +192,17 @@ class Relay:
             asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Relay 127.0.0.1:PORT with an added delay.")
+    parser.add_argument("port", type=int)
+    parser.add_argument("--delay-ms", type=float, default=10.0, help="added in each direction")
+    args = parser.parse_args()
+    with Relay(args.port, args.delay_ms / 1000) as relay:
+        print(relay.port, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,8 @@ _DONE = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.EMPTY_
 @dataclass(frozen=True, slots=True)
 class ScriptResult:
     """Each statement's affected rows, up to the first that failed; that one's error, if any;
-    the seconds from sending the query to its first ``COPY`` starting (a round trip), if any."""
+    the seconds from sending the query to its first ``COPY`` starting (a round trip, or longer
+    when this process was busy), if any."""
 
     rowcounts: list[int]
     error: psycopg.Error | None
@@ -41,9 +42,15 @@ def run_script(conn: Conn, query: bytes, copies: Sequence[bytes],
     statement: the rest of the query is skipped, and the transaction is left to the caller."""
     with conn.lock:
         pgconn = conn.pgconn
+        # Timed from before the query leaves: libpq sends it from within send_query, and the
+        # daemon's other threads (its reader decoding, the lanes) and processes can hold this
+        # thread off long after that. Timed from after the flush, waits 10 ms away each way came
+        # out as short as 13 ms in bench.wan (as 0.1 ms beside three busy threads): a round trip
+        # taken for shorter than it is. Timed from before, a delay only lengthens one wait, which
+        # BatchSize's shortest recent wait leaves out.
+        sent = time.perf_counter()
         pgconn.send_query(query)
         flush(pgconn)
-        sent = time.perf_counter()
         copy_wait_s: float | None = None
         rowcounts: list[int] = []
         error: psycopg.Error | None = None

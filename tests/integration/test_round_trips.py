@@ -4,8 +4,11 @@ table is one query with its COPY in the middle, so it costs two waits, conflicts
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -14,7 +17,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
 from bench.relay import Link, Relay
-from cdcsync import checkpoint, pipeline, roundtrip
+from cdcsync import checkpoint, libpq, pipeline, roundtrip
 from cdcsync.apply import batch_size, tables
 from cdcsync.apply import script as plan
 from cdcsync.apply import sql as q
@@ -406,3 +409,45 @@ def test_auto_batches_grow_with_the_round_trip_their_copies_waited(
         assert fixed.batch_size.rows() == 20000
     with psycopg.connect(dbpair.target_dsn) as check:
         assert check.execute("SELECT count(*) FROM items WHERE id > 1000").fetchone() == (4,)
+
+
+
+def test_a_busy_process_does_not_shorten_the_measured_round_trip(dbpair: DbPair) -> None:
+    """The daemon's other threads keep the interpreter and the cores busy while the applier sends
+    a batch, and may hold its thread off just after its query has left. Beside three threads
+    spinning, through a relay 10 ms away each way (in a process of its own, which they do not
+    slow down), no COPY is measured as waiting less than the 20 ms round trip. Timed from after
+    sending, some of these waits came out at 0.1 ms: a limit of 20,000 rows instead of 60,000."""
+    port = str(conninfo_to_dict(dbpair.target_dsn)["port"])
+    done = threading.Event()
+
+    def spin() -> None:
+        while not done.is_set():
+            sum(range(1000))
+
+    spinners = [threading.Thread(target=spin) for _ in range(3)]
+    with subprocess.Popen([sys.executable, "-m", "bench.relay", port, "--delay-ms", "10"],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                          cwd=Path(__file__).parents[2]) as relay:
+        assert relay.stdout is not None and relay.stdin is not None
+        relayed = int(relay.stdout.readline())
+        try:
+            with psycopg.connect(make_conninfo(dbpair.target_dsn, host="127.0.0.1",
+                                               port=relayed), autocommit=True) as conn:
+                conn.execute("CREATE TEMP TABLE waits (n int)")
+                for spinner in spinners:
+                    spinner.start()
+                waits = []
+                for n in range(24):
+                    result = libpq.run_script(conn, b"SELECT 1; COPY waits FROM STDIN",
+                                              [b"%d\n" % n])
+                    assert result.error is None and result.copy_wait_s is not None
+                    waits.append(result.copy_wait_s)
+                assert conn.execute("SELECT count(*) FROM waits").fetchone() == (24,)
+        finally:
+            done.set()
+            for spinner in spinners:
+                if spinner.is_alive():
+                    spinner.join()
+            relay.stdin.close()
+    assert min(waits) >= 0.019, sorted(waits)
