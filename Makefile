@@ -71,7 +71,7 @@ demo: build pg
 
 check: venv
 	$(VENV)/bin/ruff check cdcsync tests bench setup.py
-	$(VENV)/bin/mypy cdcsync
+	$(VENV)/bin/mypy cdcsync bench tests
 	$(VENV)/bin/hadolint Dockerfile
 
 bench: build pg

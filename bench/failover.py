@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,9 @@ class Writer(threading.Thread):
                 assert row is not None
                 self.last = int(row[0])
 
+    def reached(self, tick: int) -> bool:
+        return self.last >= tick
+
 
 def on_target(dsn: str, tick: int) -> bool:
     row = fetch_one(dsn, "SELECT count(*) FROM ticks WHERE id >= %s", (tick,))
@@ -107,10 +111,10 @@ def run(rounds: int, workdir: Path) -> dict[str, Any]:
                 killed = time.monotonic()
                 victim.proc.wait()
                 tick = writer.last + 1
-                took = wait_until(lambda p=heir_port: streaming(p), timeout=60,  # type: ignore[misc]
+                took = wait_until(partial(streaming, heir_port), timeout=60,
                                   what="the takeover") - killed
-                wait_until(lambda t=tick: writer.last >= t, timeout=10, what="a new tick")
-                first = wait_until(lambda t=tick: on_target(target, t), timeout=60,
+                wait_until(partial(writer.reached, tick), timeout=10, what="a new tick")
+                first = wait_until(partial(on_target, target, tick), timeout=60,
                                    what="a change after the kill") - killed
                 takeovers.append(took)
                 first_changes.append(first)

@@ -68,8 +68,9 @@ def _chunk(conn: psycopg.Connection[tuple[object, ...]], settings: Settings, row
 def _flush_seconds(dsn: str, rows: int, policy: str, *, swap: bool, bad: bool) -> float:
     execute(dsn, "TRUNCATE people, cdcsync.dead_letters",
             f"INSERT INTO people SELECT g, 'p' || g || '@x', 1 FROM generate_series(1, {rows}) g")
-    settings = Settings(tables=("public.people",), source={"dsn": dsn}, target={"dsn": dsn},
-                        apply={"on_error": policy, "max_rows": 10**9, "max_bytes": 2**40})
+    settings = Settings.model_validate({
+        "tables": ("public.people",), "source": {"dsn": dsn}, "target": {"dsn": dsn},
+        "apply": {"on_error": policy, "max_rows": 10**9, "max_bytes": 2**40}})
     with psycopg.connect(dsn) as conn:
         applier = Applier(conn, settings)
         applier.start()

@@ -163,9 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             source, target = srv.source(DB), srv.target(DB)
             log(f"building {len(TABLES)} tables of {args.rows} rows ...")
             build(source, target, args.rows)
-            settings = Settings(tables=tuple(f"public.{t}" for t in TABLES),
-                                source={"dsn": source, "slot": "bench_verify"},
-                                target={"dsn": target})
+            settings = Settings.model_validate({
+                "tables": tuple(f"public.{t}" for t in TABLES),
+                "source": {"dsn": source, "slot": "bench_verify"}, "target": {"dsn": target}})
             load_before = os.getloadavg()[0]
             runs = []
             with tempfile.TemporaryDirectory(prefix="cdcsync-bench-verify-") as workdir:

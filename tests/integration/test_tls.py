@@ -76,10 +76,11 @@ def server() -> Iterator[TlsServer]:
 
 
 def _settings(server: TlsServer, ca: Path | None = None) -> Settings:
-    return Settings(tables=("public.*",),
-                    source={"dsn": server.dsn("src", ca), "slot": "tls", "publication": "tls"},
-                    target={"dsn": server.dsn("tgt", ca)},
-                    apply={"max_delay_ms": 50}, http={"listen": "127.0.0.1:0"})
+    return Settings.model_validate({
+        "tables": ("public.*",),
+        "source": {"dsn": server.dsn("src", ca), "slot": "tls", "publication": "tls"},
+        "target": {"dsn": server.dsn("tgt", ca)},
+        "apply": {"max_delay_ms": 50}, "http": {"listen": "127.0.0.1:0"}})
 
 
 def test_verify_full_streams_over_tls(server: TlsServer) -> None:

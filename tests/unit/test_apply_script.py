@@ -27,8 +27,8 @@ def _staged(table: TargetTable, *, deletes: int = 0) -> plan.Staged:
                        only_inserts=False, inserts=1, deletes=deletes)
 
 
-def _text(statement: sql.Composable) -> str:
-    return statement.as_string(None)
+def _text(statement: sql.Composable | bytes) -> str:
+    return statement.decode() if isinstance(statement, bytes) else statement.as_string(None)
 
 
 def _upserts(*batches: plan.Staged) -> dict[int, list[sql.Composed]]:

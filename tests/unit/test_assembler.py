@@ -73,7 +73,7 @@ def feed_all(assembler: TransactionAssembler, payloads: list[bytes]) -> list[obj
 
 
 def expected(values: tuple[Value, ...]) -> tuple[bytes | None, ...]:
-    return tuple(None if v is UNCHANGED else v for v in values)  # type: ignore[misc]
+    return tuple(None if v is UNCHANGED else v for v in values)
 
 
 def test_staged_rows_carry_exactly_the_decoded_values() -> None:

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from cdcsync.errors import ProtocolError
-from cdcsync.model import Column, Lsn, Relation, TargetTable
+from cdcsync.model import ChangeChunk, Column, Lsn, Relation, TargetTable
 from cdcsync.source.transactions import TransactionAssembler
 from cdcsync.source.tuples import META_COLUMNS, key_of, payload_binary_rows, stage_rows
 from tests.unit.test_assembler import parse_copy_rows
@@ -83,7 +83,7 @@ def test_the_assembler_marks_binary_chunks_and_makes_their_straight_rows() -> No
     staged rows until asked); a chunk with an update is staged, marked binary too."""
     assembler = TransactionAssembler(Lsn(0), lambda r: TABLE, texts=True, binary=True)
     inserts = [c for m in _messages(_insert(1, b"x", 5)) for c in assembler.feed(m)
-               if hasattr(c, "tables")]
+               if isinstance(c, ChangeChunk)]
     rows = inserts[0].tables[0]
     assert rows.binary and rows.rows == []
     assert parse_copy_rows(rows.text or b"") == [(struct.pack(">q", 1), struct.pack(">q", 5))]
@@ -92,6 +92,6 @@ def test_the_assembler_marks_binary_chunks_and_makes_their_straight_rows() -> No
     update = (b"U" + struct.pack(">I", RELATION.oid) + b"N"
               + _tuple((b"b", struct.pack(">q", 1)), (b"b", b"y"), (b"b", struct.pack(">q", 6))))
     mixed = next(c for m in _messages(_insert(2, b"z", 7), update) for c in assembler.feed(m)
-                 if hasattr(c, "tables")).tables[0]
+                 if isinstance(c, ChangeChunk)).tables[0]
     assert mixed.binary and mixed.text is None and mixed.updates == 1
     assert [r[1] for r in parse_copy_rows(mixed.rows[0])] == [b"I", b"U"]

@@ -121,7 +121,8 @@ def test_misspelt_environment_key_is_named(tmp_path: Path,
 def test_settings_built_in_code_ignore_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only load_settings reads the environment: settings built in code stay as given."""
     monkeypatch.setenv("CDCSYNC_SOURCE__DSN", "host=elsewhere")
-    settings = Settings(tables=("a.b",), source={"dsn": "host=here"}, target={"dsn": "x"})
+    settings = Settings.model_validate(
+        {"tables": ("a.b",), "source": {"dsn": "host=here"}, "target": {"dsn": "x"}})
     assert settings.source.dsn.get_secret_value() == "host=here"
 
 

@@ -30,8 +30,9 @@ def test_failing_jobs_are_counted_logged_and_rerun(caplog: pytest.LogCaptureFixt
     """With both servers unreachable, the jobs fail on every run, and each failure is counted
     and logged while the scheduler keeps running them."""
     dsn = f"host=127.0.0.1 port={free_port()} dbname=x user=u connect_timeout=1"
-    settings = Settings(tables=("a.b",), source={"dsn": dsn, "heartbeat_interval_s": 0.2},
-                        target={"dsn": dsn}, alerts={"check_interval_s": 0.2})
+    settings = Settings.model_validate({
+        "tables": ("a.b",), "source": {"dsn": dsn, "heartbeat_interval_s": 0.2},
+        "target": {"dsn": dsn}, "alerts": {"check_interval_s": 0.2}})
     metrics = Metrics("s")
     jobs = Jobs(settings, Progress(), metrics, Health(),
                 Alerter(Thresholds(), slot="s", sentry=False))

@@ -137,7 +137,7 @@ def test_a_truncated_row_or_bad_key_fields_are_refused() -> None:
     with pytest.raises(ValueError, match="ascend"):
         latest_versions([chunk], [ID, TENANT])
     with pytest.raises(TypeError):
-        latest_versions([bytearray(chunk)], [ID])
+        latest_versions([bytearray(chunk)], [ID])  # type: ignore[list-item]
 
 
 def test_a_batch_collapsed_before_its_copy_is_not_collapsed_by_the_merge() -> None:

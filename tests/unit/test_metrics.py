@@ -220,7 +220,8 @@ def test_standby_makes_the_lag_unknown() -> None:
     m.set_standby(True)
     clock.now += 100
     assert value(m, "cdcsync_standby") == 1.0
-    assert math.isnan(value(m, "cdcsync_lag_seconds"))
+    lag = value(m, "cdcsync_lag_seconds")
+    assert lag is not None and math.isnan(lag)
     m.set_standby(False)
     m.lag(0.5)
     assert (value(m, "cdcsync_standby"), value(m, "cdcsync_lag_seconds")) == (0.0, 0.5)

@@ -7,10 +7,11 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from cdcsync import pipeline
 from cdcsync.model import ChangeChunk, Lsn, StreamItem
-from cdcsync.pipeline import Group, Item, Reader
+from cdcsync.pipeline import Group, Reader
 
 
 class Stream:
@@ -59,8 +60,9 @@ class Assembler:
         return [payload] * self.copies  # type: ignore[list-item]  # any item passes through
 
 
-def received(groups: queue.Queue[Group], count: int) -> list[list[Item]]:
-    """The items of the groups that carry the first ``count`` items."""
+def received(groups: queue.Queue[Group], count: int) -> list[list[Any]]:
+    """The items of the groups that carry the first ``count`` items (the stand-in assemblers'
+    bytes, here)."""
     return [group.items for group in received_groups(groups, count)]
 
 

@@ -86,4 +86,4 @@ def test_a_malformed_row_is_named_by_the_reference(payload: bytes, message: str)
 
 def test_rows_of_the_wrong_shape_are_a_type_error() -> None:
     with pytest.raises(TypeError, match="payload, start, op"):
-        compiled_stage_rows([(b"", 6, 1)], 3)
+        compiled_stage_rows([(b"", 6, 1)], 3)  # type: ignore[list-item]

@@ -22,16 +22,16 @@ def _failed_jobs(interval_s: float, caplog: pytest.LogCaptureFixture) -> set[str
     # A slot of its own: Jobs.close does not wait for a running job, so one of an earlier case
     # may still fail, and log it, while this one runs.
     slot = f"jobs_{port}"
-    settings = Settings(tables=("a.b",), source={"dsn": dsn, "slot": slot,
-                                                  "heartbeat_interval_s": 0},
-                        target={"dsn": dsn}, alerts={"check_interval_s": 0.2},
-                        verify={"interval_s": interval_s})
+    settings = Settings.model_validate({
+        "tables": ("a.b",), "source": {"dsn": dsn, "slot": slot, "heartbeat_interval_s": 0},
+        "target": {"dsn": dsn}, "alerts": {"check_interval_s": 0.2},
+        "verify": {"interval_s": interval_s}})
     jobs = Jobs(settings, Progress(), Metrics("s"), Health(),
                 Alerter(Thresholds(), slot="s", sentry=False))
     caplog.set_level(logging.WARNING, logger="cdcsync")
     logging.getLogger("cdcsync").propagate = True
     def failed() -> list[str]:
-        return [getattr(r, "cdcsync_fields", {}).get("job") for r in caplog.records
+        return [str(getattr(r, "cdcsync_fields", {}).get("job")) for r in caplog.records
                 if r.getMessage() == "job_failed"
                 and getattr(r, "cdcsync_fields", {}).get("slot") == slot]
 

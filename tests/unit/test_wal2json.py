@@ -25,7 +25,7 @@ from cdcsync.model import (
     TxnEnd,
     TxnStart,
 )
-from cdcsync.pipeline import Reader
+from cdcsync.pipeline import Group, Reader
 from cdcsync.source import pgoutput, wal2json
 from cdcsync.source.transactions import TransactionAssembler
 from cdcsync.source.wal2json_assembler import Wal2jsonAssembler
@@ -236,8 +236,8 @@ def assert_reader_refuses(index: int, damaged: bytes) -> BaseException | None:
     lsns = [Lsn.parse(m["lsn"]) for m in CAPTURED]
     payloads = [(lsns[i], JSON[i]) for i in range(index)] + [(lsns[index], damaged)]
     stream = CapturedStream(payloads)
-    reader = Reader(stream, Wal2jsonAssembler(Lsn(0), target_for, catalog),  # type: ignore[arg-type]
-                    queue.Queue())
+    items: queue.Queue[Group] = queue.Queue()
+    reader = Reader(stream, Wal2jsonAssembler(Lsn(0), target_for, catalog), items)  # type: ignore[arg-type]
     stream.halt = reader.halt
     reader.run()
     if reader.error is not None:
