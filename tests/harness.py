@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from cdcsync import admin
 from cdcsync.config import Settings
 from cdcsync.daemon import DaemonThread
 from cdcsync.target_ahead import TargetAhead
@@ -89,6 +90,14 @@ def execute(dsn: str, *statements: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         for statement in statements:
             conn.execute(statement.encode())
+
+
+def set_up(pair: DbPair, *source_ddl: str) -> DbPair:
+    """A module's pair: ``source_ddl`` run on the source, then ``cdcsync setup`` of every table
+    (each created on the target)."""
+    execute(pair.source_dsn, *source_ddl)
+    admin.setup(settings_for(pair), create_tables=True)
+    return pair
 
 
 def write_config(path: Path, pair: DbPair, tables: tuple[str, ...] = ("public.*",),

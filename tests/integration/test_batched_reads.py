@@ -10,20 +10,17 @@ import time
 import psycopg
 import pytest
 
-from cdcsync import admin
 from cdcsync.errors import ConnectionLost, is_transient
 from cdcsync.model import ZERO_LSN
 from cdcsync.source import pgoutput, replication
 from cdcsync.source.replication import ReplicationStream
 from tests.conftest import DbPair
-from tests.harness import execute, settings_for, wait_for
+from tests.harness import execute, set_up, wait_for
 
 
 @pytest.fixture(scope="module")
 def pair(dbpair: DbPair) -> DbPair:
-    execute(dbpair.source_dsn, "CREATE TABLE t (id int PRIMARY KEY, v text)")
-    admin.setup(settings_for(dbpair), create_tables=True)
-    return dbpair
+    return set_up(dbpair, "CREATE TABLE t (id int PRIMARY KEY, v text)")
 
 
 TRANSACTIONS = 20

@@ -11,7 +11,7 @@ import pytest
 
 from cdcsync import admin
 from tests.conftest import DbPair
-from tests.harness import converged, execute, running, settings_for, table_rows, wait_for
+from tests.harness import converged, execute, running, set_up, settings_for, table_rows, wait_for
 
 SCHEMA = """
 CREATE TABLE kitchen (
@@ -46,10 +46,8 @@ def _fields(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]
 
 @pytest.fixture(scope="module")
 def pair(dbpair: DbPair) -> DbPair:
-    execute(dbpair.source_dsn, SCHEMA)
     execute(dbpair.target_dsn, TARGET_SCHEMA)
-    admin.setup(settings_for(dbpair), create_tables=True)
-    return dbpair
+    return set_up(dbpair, SCHEMA)
 
 
 def test_built_in_types_stream_in_binary_and_arrive_identical(

@@ -9,21 +9,18 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from cdcsync import admin
 from cdcsync.errors import ConnectionLost
 from cdcsync.source import catalog
 from cdcsync.source.catalog_session import CatalogSession
 from tests.conftest import DbPair
-from tests.harness import converged, execute, running, settings_for, wait_for
+from tests.harness import converged, execute, running, set_up, settings_for, wait_for
 
 TABLES = ["public.a", "public.b", "public.c"]
 
 
 @pytest.fixture(scope="module")
 def pair(dbpair: DbPair) -> DbPair:
-    execute(dbpair.source_dsn, *(f"CREATE TABLE {t} (id int PRIMARY KEY, v int)" for t in TABLES))
-    admin.setup(settings_for(dbpair), create_tables=True)
-    return dbpair
+    return set_up(dbpair, *(f"CREATE TABLE {t} (id int PRIMARY KEY, v int)" for t in TABLES))
 
 
 def _pid(conn: psycopg.Connection[psycopg.rows.TupleRow]) -> int:

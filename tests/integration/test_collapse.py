@@ -7,14 +7,13 @@ import logging
 import psycopg
 import pytest
 
-from cdcsync import admin
 from cdcsync.apply import tables
 from cdcsync.apply.applier import Applier
 from cdcsync.model import ChangeChunk, Lsn, TxnEnd, TxnStart
 from cdcsync.source.transactions import TransactionAssembler
 from tests import pgoutput_messages as m
 from tests.conftest import DbPair
-from tests.harness import converged, execute, running, settings_for, wait_for
+from tests.harness import converged, execute, running, set_up, settings_for, wait_for
 
 SCHEMA = """
 CREATE TABLE docs (id int PRIMARY KEY, status text, body text, updated_at timestamptz);
@@ -28,9 +27,7 @@ BIG = "repeat(md5(random()::text), 100)"
 
 @pytest.fixture(scope="module")
 def pair(dbpair: DbPair) -> DbPair:
-    execute(dbpair.source_dsn, SCHEMA)
-    admin.setup(settings_for(dbpair), create_tables=True)
-    return dbpair
+    return set_up(dbpair, SCHEMA)
 
 
 def _sync(pair: DbPair, *statements: str) -> None:

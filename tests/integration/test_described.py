@@ -11,22 +11,19 @@ from typing import Any
 import psycopg
 import pytest
 
-from cdcsync import admin
 from cdcsync.apply import tables
 from cdcsync.model import Column, Relation, TargetTable
 from cdcsync.source import catalog
 from tests.conftest import DbPair
-from tests.harness import converged, execute, running, settings_for, wait_for
+from tests.harness import converged, execute, running, set_up, settings_for, wait_for
 
 Resolved = list[tuple[str, bool]]
 
 
 @pytest.fixture(scope="module")
 def pair(dbpair: DbPair) -> DbPair:
-    execute(dbpair.source_dsn, "CREATE TABLE d (id int PRIMARY KEY, v int)",
-            "CREATE TABLE e (id int PRIMARY KEY, s varchar(10))")
-    admin.setup(settings_for(dbpair), create_tables=True)
-    return dbpair
+    return set_up(dbpair, "CREATE TABLE d (id int PRIMARY KEY, v int)",
+                  "CREATE TABLE e (id int PRIMARY KEY, s varchar(10))")
 
 
 @pytest.fixture

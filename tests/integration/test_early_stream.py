@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from cdcsync import admin, commands
+from cdcsync import commands
 from cdcsync.config import Settings, load_settings
 from cdcsync.daemon import DaemonThread
 from cdcsync.errors import ConnectionLost, is_transient
@@ -20,14 +20,12 @@ from cdcsync.model import ZERO_LSN
 from cdcsync.source.early import EarlyStream, start_options
 from cdcsync.source.replication import ReplicationStream
 from tests.conftest import DbPair
-from tests.harness import converged, execute, settings_for, wait_for
+from tests.harness import converged, set_up, settings_for, wait_for
 
 
 @pytest.fixture(scope="module")
 def pair(dbpair: DbPair) -> DbPair:
-    execute(dbpair.source_dsn, "CREATE TABLE t (id int PRIMARY KEY, v int)")
-    admin.setup(settings_for(dbpair), create_tables=True)
-    return dbpair
+    return set_up(dbpair, "CREATE TABLE t (id int PRIMARY KEY, v int)")
 
 
 def _slot_pid(pair: DbPair) -> int | None:

@@ -10,7 +10,6 @@ import pytest
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
-from cdcsync import admin
 from cdcsync.apply import tables
 from cdcsync.apply.applier import Committed
 from cdcsync.apply.lanes import Lanes
@@ -18,7 +17,7 @@ from cdcsync.model import ChangeChunk, Lsn, TxnEnd, TxnStart
 from cdcsync.source.transactions import TransactionAssembler
 from tests import pgoutput_messages as m
 from tests.conftest import DbPair
-from tests.harness import execute, settings_for, wait_for
+from tests.harness import execute, set_up, settings_for, wait_for
 
 SCHEMA = "CREATE TABLE docs (id int PRIMARY KEY, status text, body text, updated_at timestamptz)"
 
@@ -27,9 +26,7 @@ Conn = psycopg.Connection[TupleRow]
 
 @pytest.fixture(scope="module")
 def pair(dbpair: DbPair) -> DbPair:
-    execute(dbpair.source_dsn, SCHEMA)
-    admin.setup(settings_for(dbpair), create_tables=True)
-    return dbpair
+    return set_up(dbpair, SCHEMA)
 
 
 class Feed:

@@ -16,16 +16,14 @@ from cdcsync import admin
 from cdcsync.alerts import flush
 from cdcsync.localpg import free_port
 from tests.conftest import DbPair
-from tests.harness import converged, execute, running, settings_for, wait_for
+from tests.harness import converged, execute, running, set_up, settings_for, wait_for
 from tests.sentry_standin import FakeSentry, reset_sentry
 
 
 @pytest.fixture(scope="module")
 def pair(dbpair: DbPair) -> DbPair:
-    execute(dbpair.source_dsn, "CREATE TABLE t (id int PRIMARY KEY, v int, "
-                               "updated_at timestamptz DEFAULT now())")
-    admin.setup(settings_for(dbpair), create_tables=True)
-    return dbpair
+    return set_up(dbpair, "CREATE TABLE t (id int PRIMARY KEY, v int, "
+                                     "updated_at timestamptz DEFAULT now())")
 
 
 def _get(port: int, path: str) -> tuple[int, str]:

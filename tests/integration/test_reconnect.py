@@ -8,20 +8,18 @@ import time
 import psycopg
 import pytest
 
-from cdcsync import admin, daemon
+from cdcsync import daemon
 from cdcsync.errors import PrerequisiteError
 from cdcsync.model import Lsn
 from tests.conftest import DbPair
-from tests.harness import converged, execute, running, settings_for, wait_for
+from tests.harness import converged, execute, running, set_up, settings_for, wait_for
 
 
 @pytest.fixture(scope="module")
 def pair(dbpair: DbPair) -> DbPair:
     if dbpair.source_cluster is None or dbpair.target_cluster is None:
         pytest.skip("needs local clusters it may stop and start")
-    execute(dbpair.source_dsn, "CREATE TABLE t (id int PRIMARY KEY, v int)")
-    admin.setup(settings_for(dbpair), create_tables=True)
-    return dbpair
+    return set_up(dbpair, "CREATE TABLE t (id int PRIMARY KEY, v int)")
 
 
 def _insert(dsn: str, first: int, count: int) -> None:

@@ -10,23 +10,20 @@ import logging
 import psycopg
 import pytest
 
-from cdcsync import admin
 from cdcsync.config import Settings
 from cdcsync.daemon import DaemonThread
 from cdcsync.errors import SchemaMismatch
 from tests.conftest import DbPair
-from tests.harness import converged, execute, running, settings_for, wait_for
+from tests.harness import converged, execute, running, set_up, settings_for, wait_for
 
 T = ["public.t"]
 
 
 @pytest.fixture(scope="module")
 def pair(dbpair: DbPair) -> DbPair:
-    execute(dbpair.source_dsn, "CREATE TABLE t (id int PRIMARY KEY, v int, note text)",
-            "CREATE TABLE other (id int PRIMARY KEY)")
     # Both tables are published, only public.t is in `tables`.
-    admin.setup(settings_for(dbpair), create_tables=True)
-    return dbpair
+    return set_up(dbpair, "CREATE TABLE t (id int PRIMARY KEY, v int, note text)",
+                  "CREATE TABLE other (id int PRIMARY KEY)")
 
 
 def _settings(pair: DbPair, **apply: str) -> Settings:

@@ -14,7 +14,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow
 
-from cdcsync import admin, commands
+from cdcsync import commands
 from cdcsync.daemon import DaemonThread, ask_target
 from cdcsync.errors import ConnectionLost, PrerequisiteError
 from cdcsync.leader import application_name, holder_query, lock_key
@@ -24,6 +24,7 @@ from tests.harness import (
     converged,
     execute,
     running,
+    set_up,
     settings_for,
     wait_for,
     write_config,
@@ -32,10 +33,8 @@ from tests.harness import (
 
 @pytest.fixture(scope="module")
 def pair(dbpair: DbPair) -> DbPair:
-    execute(dbpair.source_dsn, "CREATE TABLE t (id int PRIMARY KEY, v int)",
-            "INSERT INTO t SELECT g, g FROM generate_series(1, 50) g")
-    admin.setup(settings_for(dbpair), create_tables=True)
-    return dbpair
+    return set_up(dbpair, "CREATE TABLE t (id int PRIMARY KEY, v int)",
+                  "INSERT INTO t SELECT g, g FROM generate_series(1, 50) g")
 
 
 def _admin_pids(pair: DbPair) -> set[int]:
