@@ -14,10 +14,12 @@ first batch in half the time.
 
 The round trip is read from the batches themselves: the shortest wait for a ``COPY`` to start
 among the last :data:`RECENT` batches (the statements before it usually take the server well
-under a millisecond; the shortest wait leaves out the moments it was busy, though on a loaded
-machine a local target's shortest wait reached 7 ms, a batch of 22,000 rows). Until a first batch
-has measured it, a batch holds :data:`FLOOR` rows, so the first one of a start reaches the
-target as soon as it did.
+under a millisecond). Each wait counts from before its query is sent (see
+:func:`cdcsync.libpq.run_script`), so a busy process only ever lengthens it, and the shortest
+wait leaves out the moments it was busy; after only a few batches on a loaded machine, a local
+target's shortest wait still read 11 ms (a batch of 34,000 rows). Until a first batch has
+measured it, a batch holds :data:`FLOOR` rows, so the first one of a start reaches the target as
+soon as it did.
 """
 
 from __future__ import annotations

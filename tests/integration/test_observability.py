@@ -79,16 +79,18 @@ def test_metrics_move_with_the_workload(pair: DbPair) -> None:
     assert report["daemon"] == "streaming" and report["ready"] is True
     assert report["applied_since_start"]["public.t"]["insert"] >= 500
     assert report["slot_wal_status"] == "reserved"
-    # A target this near (within 10 ms even on a loaded machine) keeps "auto" batches near
-    # their floor of 20,000 rows.
-    assert 0 < report["target_round_trip_ms"] < 10
-    assert 20_000 <= report["batch_rows_limit"] < 30_000
+    # A target this near answers within a millisecond, but each wait counts from before its
+    # query is sent, and the daemon's other threads may hold the applier's off in between: on a
+    # loaded machine, after only the few batches of this test, the shortest wait read 11.4 ms.
+    # Still short of the 20 ms from which "auto" batches take their cap of 60,000 rows.
+    assert 0 < report["target_round_trip_ms"] < 20
+    assert 20_000 <= report["batch_rows_limit"] < 60_000
     assert _value(samples, "cdcsync_applied_changes_total", table="public.t", op="insert") >= 500
     assert _value(samples, "cdcsync_applied_transactions_total") >= 3
     assert _value(samples, "cdcsync_checkpoint_lsn") > 0
     assert _value(samples, "cdcsync_up") == 1
     assert _value(samples, "cdcsync_batch_rows_limit") == report["batch_rows_limit"]
-    assert 0 < _value(samples, "cdcsync_target_round_trip_seconds") < 0.01
+    assert 0 < _value(samples, "cdcsync_target_round_trip_seconds") < 0.02
     assert _value(samples, "cdcsync_slot_wal_status", status="reserved") == 1
 
 
