@@ -15,7 +15,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -74,17 +73,8 @@ def target_server(target_dsn: str | None = None) -> Iterator[str]:
         yield target_dsn
         return
     print("starting a throwaway PostgreSQL cluster ...", file=sys.stderr, flush=True)
-    base = Path(tempfile.mkdtemp(prefix="cdcsync-bench-"))
-    # mkdtemp makes it 0700; the postgres user has to reach the cluster directory inside.
-    base.chmod(0o755)
-    try:
-        cluster = localpg.create_cluster(base, "target", logical=False)
-        try:
-            yield cluster.dsn()
-        finally:
-            cluster.destroy()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with localpg.throwaway_clusters(("target", False)) as (cluster,):
+        yield cluster.dsn()
 
 
 def connect(dsn: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:

@@ -291,10 +291,10 @@ def create_cluster(
 
 
 @contextmanager
-def local_clusters(base_dir: Path | None = None) -> Iterator[tuple[LocalCluster, LocalCluster]]:
-    """Yield running ``(source, target)`` clusters, destroyed on exit even after an error.
-
-    Without ``base_dir`` a temporary directory is used and removed afterwards.
+def throwaway_clusters(*specs: tuple[str, bool], base_dir: Path | None = None
+                       ) -> Iterator[list[LocalCluster]]:
+    """Yield a running cluster per ``(name, logical)`` spec, in order, all destroyed on exit even
+    after an error. Without ``base_dir`` a temporary directory is used and removed afterwards.
     """
     owned = base_dir is None
     base = Path(tempfile.mkdtemp(prefix="cdcsync-pg-")) if base_dir is None else base_dir
@@ -303,11 +303,21 @@ def local_clusters(base_dir: Path | None = None) -> Iterator[tuple[LocalCluster,
         base.chmod(0o755)
     made: list[LocalCluster] = []
     try:
-        made.append(create_cluster(base, "source", logical=True))
-        made.append(create_cluster(base, "target", logical=False))
-        yield made[0], made[1]
+        for name, logical in specs:
+            made.append(create_cluster(base, name, logical=logical))
+        yield made
     finally:
         for cluster in made:
             cluster.destroy()
         if owned:
             shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def local_clusters(base_dir: Path | None = None) -> Iterator[tuple[LocalCluster, LocalCluster]]:
+    """Yield running ``(source, target)`` clusters, destroyed on exit even after an error.
+
+    Without ``base_dir`` a temporary directory is used and removed afterwards.
+    """
+    with throwaway_clusters(("source", True), ("target", False), base_dir=base_dir) as made:
+        yield made[0], made[1]
