@@ -291,26 +291,36 @@ def create_cluster(
 
 
 @contextmanager
+def throwaway_dir(base_dir: Path | None = None) -> Iterator[Path]:
+    """Yield ``base_dir`` as it is; without it, a new temporary directory the ``postgres`` user
+    can reach, removed on exit (clusters made in it must be destroyed first)."""
+    if base_dir is not None:
+        yield base_dir
+        return
+    base = Path(tempfile.mkdtemp(prefix="cdcsync-pg-"))
+    try:
+        # mkdtemp makes it 0700; the postgres user has to reach the cluster directories inside.
+        base.chmod(0o755)
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
 def throwaway_clusters(*specs: tuple[str, bool], base_dir: Path | None = None
                        ) -> Iterator[list[LocalCluster]]:
     """Yield a running cluster per ``(name, logical)`` spec, in order, all destroyed on exit even
     after an error. Without ``base_dir`` a temporary directory is used and removed afterwards.
     """
-    owned = base_dir is None
-    base = Path(tempfile.mkdtemp(prefix="cdcsync-pg-")) if base_dir is None else base_dir
-    if owned:
-        # mkdtemp makes it 0700; the postgres user has to reach the cluster directories inside.
-        base.chmod(0o755)
-    made: list[LocalCluster] = []
-    try:
-        for name, logical in specs:
-            made.append(create_cluster(base, name, logical=logical))
-        yield made
-    finally:
-        for cluster in made:
-            cluster.destroy()
-        if owned:
-            shutil.rmtree(base, ignore_errors=True)
+    with throwaway_dir(base_dir) as base:
+        made: list[LocalCluster] = []
+        try:
+            for name, logical in specs:
+                made.append(create_cluster(base, name, logical=logical))
+            yield made
+        finally:
+            for cluster in made:
+                cluster.destroy()
 
 
 @contextmanager

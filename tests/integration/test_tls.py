@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from psycopg.conninfo import make_conninfo
 
 from cdcsync import admin
 from cdcsync.config import Settings
-from cdcsync.localpg import LocalCluster, TlsFiles, create_cluster
+from cdcsync.localpg import LocalCluster, TlsFiles, create_cluster, throwaway_dir
 from tests.harness import execute, running, table_rows, wait_for
 
 
@@ -60,19 +59,17 @@ class TlsServer:
 def server() -> Iterator[TlsServer]:
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is needed to make certificates")
-    base = Path(tempfile.mkdtemp(prefix="cdcsync-tls-"))
-    base.chmod(0o755)  # the postgres user must reach the cluster inside
-    certs = base / "certs"
-    certs.mkdir()
-    ca = _ca(certs, "ca")
-    other = _ca(certs, "other")
-    cluster = create_cluster(base, "tls", logical=True, tls=_server_cert(certs, "ca"))
-    try:
-        execute(cluster.dsn(), "CREATE DATABASE src", "CREATE DATABASE tgt")
-        yield TlsServer(cluster, ca, other)
-    finally:
-        cluster.destroy()
-        shutil.rmtree(base, ignore_errors=True)
+    with throwaway_dir() as base:
+        certs = base / "certs"
+        certs.mkdir()
+        ca = _ca(certs, "ca")
+        other = _ca(certs, "other")
+        cluster = create_cluster(base, "tls", logical=True, tls=_server_cert(certs, "ca"))
+        try:
+            execute(cluster.dsn(), "CREATE DATABASE src", "CREATE DATABASE tgt")
+            yield TlsServer(cluster, ca, other)
+        finally:
+            cluster.destroy()
 
 
 def _settings(server: TlsServer, ca: Path | None = None) -> Settings:

@@ -1,17 +1,16 @@
-"""Capture what pgoutput and wal2json send for the same changes, from a throwaway PostgreSQL 15,
-into data/pgoutput_capture.json and data/wal2json_capture.json.
+"""Capture what pgoutput and wal2json send for the same changes, from a throwaway PostgreSQL
+cluster, into data/pgoutput_capture.json and data/wal2json_capture.json.
 
-Run manually, as root, when the fixtures need regenerating (the unit tests only read the JSON):
+Run manually when the fixtures need regenerating (the unit tests only read the JSON):
 
     /work/main/.venv/bin/python tests/unit/capture_stream.py
 
-It initdb's a cluster in a temporary directory (owned by ``postgres``; wal_level=logical,
-fsync=off, a free port, socket in the same directory), creates the tables below, a publication,
-a pgoutput slot and a wal2json slot at the same position, runs the changes the decoder tests
-expect, reads them back with ``pg_logical_slot_get_binary_changes`` (pgoutput: proto_version 1,
-messages on; wal2json: the options the daemon uses), writes ``[{"lsn": "0/1A2B", "hex":
-"42..."}, ...]`` for pgoutput and ``[{"lsn": ..., "json": "{...}"}, ...]`` for wal2json, and stops
-and deletes the cluster.
+It starts a throwaway cluster with wal_level=logical
+(:func:`cdcsync.localpg.throwaway_clusters`), creates the tables below, a publication, a pgoutput
+slot and a wal2json slot at the same position, runs the changes the decoder tests expect, reads
+them back with ``pg_logical_slot_get_binary_changes`` (pgoutput: proto_version 1, messages on;
+wal2json: the options the daemon uses), writes ``[{"lsn": "0/1A2B", "hex": "42..."}, ...]`` for
+pgoutput and ``[{"lsn": ..., "json": "{...}"}, ...]`` for wal2json, and removes the cluster.
 
 The ``items.big`` value is 3,000 random hex characters with ``STORAGE EXTERNAL``, so it lives out
 of line in TOAST and an update that does not touch it sends it as 'u' (unchanged) in pgoutput and
@@ -22,17 +21,13 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import socket
-import subprocess
-import tempfile
 from pathlib import Path
 
 import psycopg
 
+from cdcsync.localpg import throwaway_clusters
 from cdcsync.source import wal2json
 
-BIN = Path("/usr/lib/postgresql/15/bin")
 DATA = Path(__file__).parent / "data"
 OUT = DATA / "pgoutput_capture.json"
 OUT_WAL2JSON = DATA / "wal2json_capture.json"
@@ -86,16 +81,6 @@ CHANGES = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def as_postgres(*args: str) -> None:
-    subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True)
-
-
 def big_value() -> str:
     rng = random.Random(20240229)
     return "".join(rng.choice("0123456789abcdef") for _ in range(3000))
@@ -127,23 +112,8 @@ def capture(dsn: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
 
 
 def main() -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="cdcsync-capture-"))
-    data = tmp / "data"
-    shutil.chown(tmp, "postgres", "postgres")
-    port = free_port()
-    try:
-        as_postgres(str(BIN / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres")
-        opts = f"-c wal_level=logical -c fsync=off -p {port} -k {tmp} -c listen_addresses=''"
-        as_postgres(
-            str(BIN / "pg_ctl"), "-D", str(data), "-l", str(tmp / "log"), "-w", "-o", opts, "start"
-        )
-        try:
-            messages, json_messages = capture(
-                f"host={tmp} port={port} user=postgres dbname=postgres")
-        finally:
-            as_postgres(str(BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
-    finally:
-        shutil.rmtree(tmp)
+    with throwaway_clusters(("capture", True)) as (cluster,):
+        messages, json_messages = capture(cluster.dsn())
     DATA.mkdir(exist_ok=True)
     for path, captured in ((OUT, messages), (OUT_WAL2JSON, json_messages)):
         path.write_text(json.dumps(captured, indent=1) + "\n")
