@@ -4,7 +4,9 @@ verification.
 
 Jobs run on apscheduler's threads. A failing job is logged, counted in ``cdcsync_errors_total``
 and simply runs again at its next interval; it never stops the stream, and the stream's own
-failure is raised by the pipeline, not hidden here.
+failure is raised by the pipeline, not hidden here. The failure is logged once, as ``job_failed``
+(its traceback included with debug logs): apscheduler's own record of it, a traceback at the
+error level, is dropped.
 """
 
 from __future__ import annotations
@@ -22,13 +24,24 @@ from cdcsync.alerts import Alerter
 from cdcsync.config import Settings
 from cdcsync.dsn import with_session_options
 from cdcsync.health import Health
-from cdcsync.logs import event
+from cdcsync.logs import LOGGER, event
 from cdcsync.metrics import Metrics
 from cdcsync.model import Lsn
 from cdcsync.pipeline import Progress
 from cdcsync.source import catalog
 
 HEARTBEAT_PREFIX = "cdcsync.heartbeat"
+
+
+class _ReportedAsJobFailed(logging.Filter):
+    """Drops apscheduler's record of a job's exception (see the module docstring)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None
+
+
+# One instance: Logger.addFilter adds it once however many Jobs are made.
+_REPORTED = _ReportedAsJobFailed()
 
 
 class Jobs:
@@ -46,6 +59,8 @@ class Jobs:
                                                 "cdcsync-jobs")
         self._scheduler = BackgroundScheduler(daemon=True)
         self._scheduler.add_listener(self._failed, EVENT_JOB_ERROR)
+        # The default executor's logger: it records a job's exception there.
+        logging.getLogger("apscheduler.executors.default").addFilter(_REPORTED)
 
     def start(self) -> None:
         interval = self.settings.source.heartbeat_interval_s
@@ -128,6 +143,9 @@ class Jobs:
     def _failed(self, job_event: JobExecutionEvent) -> None:
         self.metrics.error("job")
         detail: Any = job_event.exception
+        traceback = ({"traceback": job_event.traceback}
+                     if job_event.traceback and LOGGER.isEnabledFor(logging.DEBUG) else {})
         event(logging.WARNING, "job_failed", slot=self.settings.source.slot,
-              job=job_event.job_id, error=str(detail).splitlines()[0] if detail else "unknown")
+              job=job_event.job_id, error=str(detail).splitlines()[0] if detail else "unknown",
+              **traceback)
 
