@@ -15,6 +15,10 @@ takes up to ``TICK_S`` more, while a query sent after a pause, and its answer, a
 (their round trip costs what it should).
 :meth:`Relay.cpu_s` tells what the relay itself used.
 
+:meth:`Relay.stall` stops it relaying, in both directions and on every connection, until
+:meth:`Relay.resume`: a link that stalls for a while, its connections kept. Nothing is lost; the
+bytes wait in the relay and in the sockets, and their senders block once those are full.
+
 ``Relay`` runs its own event loop on a daemon thread: ``with Relay(port) as relay:`` then connect
 to ``relay.port`` on 127.0.0.1 instead of ``port``. ``python -m bench.relay PORT [--delay-ms 10]``
 runs one in a process of its own (its port on the first line of its output, until its standard
@@ -72,7 +76,7 @@ class Link:
 
 
 async def _pump(source: socket.socket, sink: socket.socket, delay_s: float,
-                seen: Callable[[], None]) -> None:
+                seen: Callable[[], None], flowing: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
@@ -84,12 +88,16 @@ async def _pump(source: socket.socket, sink: socket.socket, delay_s: float,
             wait = due - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
+            await flowing.wait()
             await loop.sock_sendall(sink, data)
 
     sender = asyncio.create_task(deliver())
     last = -STREAM_GAP_S
     try:
-        while data := await loop.sock_recv(source, CHUNK):
+        while True:
+            await flowing.wait()
+            if not (data := await loop.sock_recv(source, CHUNK)):
+                break
             now = loop.time()
             seen()
             queue.put_nowait((now + delay_s, data))
@@ -117,6 +125,10 @@ class Relay:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"relay-{port}", daemon=True)
         self._listener: socket.socket | None = None
+        # Set while the relay relays (see stall); cleared and set on its event loop only, where
+        # the pumps wait on it.
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self.links: list[Link] = []
 
     @property
@@ -129,6 +141,20 @@ class Relay:
         stat = Path(f"/proc/self/task/{self._thread.native_id}/stat").read_text()
         fields = stat.rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / TICKS
+
+    def stall(self) -> None:
+        """Stop relaying (see the module docstring). Once this returns, nothing more leaves the
+        relay but a chunk it was already writing."""
+        self._on_loop(self._flowing.clear)
+
+    def resume(self) -> None:
+        """Relay again what waited, then the rest, as before :meth:`stall`."""
+        self._on_loop(self._flowing.set)
+
+    def _on_loop(self, action: Callable[[], None]) -> None:
+        async def run() -> None:
+            action()
+        asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=5)
 
     async def _handle(self, client: socket.socket) -> None:
         upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -144,9 +170,10 @@ class Relay:
         link = Link()
         self.links.append(link)
         try:
-            await asyncio.gather(_pump(client, upstream, self.delay_s, link.from_client),
-                                 _pump(upstream, client, self.delay_s, link.from_server),
-                                 return_exceptions=True)
+            await asyncio.gather(
+                _pump(client, upstream, self.delay_s, link.from_client, self._flowing),
+                _pump(upstream, client, self.delay_s, link.from_server, self._flowing),
+                return_exceptions=True)
         finally:
             client.close()
             upstream.close()

@@ -350,30 +350,42 @@ class Reached:
     finished: float
 
 
+def native_position(conn: psycopg.Connection[Any]) -> Lsn:
+    """How far the native subscription has applied (its replication origin), on ``conn`` to its
+    target database."""
+    row = conn.execute(
+        "SELECT coalesce(s.remote_lsn, '0/0')::text FROM pg_replication_origin_status s "
+        "JOIN pg_subscription sub ON s.external_id = 'pg_' || sub.oid "
+        "WHERE sub.subname = %s", (SUBSCRIPTION,)).fetchone()
+    return Lsn.parse(str(row[0])) if row else ZERO_LSN
+
+
+def native_alive(conn: psycopg.Connection[Any]) -> None:
+    """Fail if the native apply worker has failed (it would retry forever)."""
+    row = conn.execute("SELECT apply_error_count FROM pg_stat_subscription_stats "
+                       "WHERE subname = %s", (SUBSCRIPTION,)).fetchone()
+    if row and row[0]:
+        raise BenchError(f"the native apply worker failed {row[0]} times; "
+                         "see the target server log")
+
+
+def checkpoint_position(conn: psycopg.Connection[Any], slot: str) -> Lsn:
+    """cdcsync's checkpoint for ``slot``, on ``conn`` to its target database."""
+    row = conn.execute("SELECT lsn::text FROM cdcsync.checkpoint WHERE slot = %s",
+                       (slot,)).fetchone()
+    return Lsn.parse(str(row[0])) if row else ZERO_LSN
+
+
 def drain_native(srv: Servers, poller: Poller) -> Drain:
     native = srv.target(NATIVE_DB)
     ident = sql.Identifier(SUBSCRIPTION)
     with connect(native) as conn:
-        def position() -> Lsn:
-            row = conn.execute(
-                "SELECT coalesce(s.remote_lsn, '0/0')::text FROM pg_replication_origin_status s "
-                "JOIN pg_subscription sub ON s.external_id = 'pg_' || sub.oid "
-                "WHERE sub.subname = %s", (SUBSCRIPTION,)).fetchone()
-            return Lsn.parse(str(row[0])) if row else ZERO_LSN
-
-        applied = poller.progress(position)
-
-        def alive() -> None:
-            row = conn.execute("SELECT apply_error_count FROM pg_stat_subscription_stats "
-                               "WHERE subname = %s", (SUBSCRIPTION,)).fetchone()
-            if row and row[0]:
-                raise BenchError(f"the native apply worker failed {row[0]} times; "
-                                 "see the target server log")
-
+        applied = poller.progress(lambda: native_position(conn))
         started = time.monotonic()
         conn.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(ident))
         try:
-            reached = poller.wait(SUBSCRIPTION, applied, "the native subscription", alive)
+            reached = poller.wait(SUBSCRIPTION, applied, "the native subscription",
+                                  lambda: native_alive(conn))
             pids = (cpu.native_pids(poller.source, conn, SUBSCRIPTION, SUBSCRIPTION)
                     if srv.local else None)
         finally:
@@ -388,13 +400,7 @@ def drain_cdcsync(srv: Servers, poller: Poller, config: dict[str, Any], workdir:
     decoder = config["source"]["decoder"]
     slot = slot_for(decoder)
     with connect(srv.target(database_for(decoder))) as conn:
-        def position() -> Lsn:
-            row = conn.execute("SELECT lsn::text FROM cdcsync.checkpoint WHERE slot = %s",
-                               (slot,)).fetchone()
-            return Lsn.parse(str(row[0])) if row else ZERO_LSN
-
-        applied = poller.progress(position)
-
+        applied = poller.progress(lambda: checkpoint_position(conn, slot))
         daemon = Daemon(config, workdir, py_spy_output=py_spy, gc_stats=gc_stats)
         started = time.monotonic()
         with daemon:

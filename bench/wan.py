@@ -31,11 +31,16 @@ own line: each consumer's start is a fixed cost (cdcsync's is its process loadin
 both databases, native's a worker launched inside the target), so how they compare depends on how
 much backlog follows it.
 
+With ``--backlog-during stall`` both consumers run while the backlog is written, their relays
+stalled, and each is timed from its relay's resuming instead of its start: a consumer catching up
+after its link stalled, with nothing to start (see :mod:`bench.wan_stall`). The default,
+``stop``, writes the backlog with both consumers stopped.
+
 With ``--gc-stats``, each run also reports the garbage collector's collections and milliseconds
 per generation inside the daemon, start to exit (``cdcsync_gc``, see :mod:`bench.gcstats`).
 
 Run: ``python -m bench.wan [--rows 100000 [1000000 ...]] [--txn-rows 100] [--delay-ms 10]
-[--repeat 1] [--gc-stats]``.
+[--repeat 1] [--backlog-during stop|stall] [--gc-stats]``.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +60,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench import throughput as tp
+from bench import wan_stall
 from bench.common import BenchError, Servers, connect, execute, median, servers
 from bench.relay import Relay
 
@@ -98,11 +105,6 @@ def run_once(srv: Servers, args: argparse.Namespace, workdir: Path, relays: tupl
             sql.Identifier(tp.SUBSCRIPTION),
             sql.Literal(_via(srv.source(tp.SOURCE_DB), to_source))))
     source = srv.source(tp.SOURCE_DB)
-    tp.log(f"[wan #{repetition + 1}] writing {load.changes:,} changes in "
-           f"{len(load.transactions):,} transactions")
-    _, marker, _ = tp.generate(source, load)
-    expected = tp.fingerprint(source)
-    poller = tp.Poller(srv, marker, args.timeout)
     order = ["native", "cdcsync"] if repetition % 2 == 0 else ["cdcsync", "native"]
     seconds: dict[str, float] = {}
     drains: dict[str, float] = {}
@@ -110,25 +112,35 @@ def run_once(srv: Servers, args: argparse.Namespace, workdir: Path, relays: tupl
     spent: dict[str, Any] = {}
     relayed: dict[str, float] = {}
     waits = batches = 0
-    try:
+    with ExitStack() as stack:
+        running = (stack.enter_context(wan_stall.Running(srv, config, workdir, relays,
+                                                         args.timeout))
+                   if args.backlog_during == "stall" else None)
+        tp.log(f"[wan #{repetition + 1}] writing {load.changes:,} changes in "
+               f"{len(load.transactions):,} transactions")
+        _, marker, _ = tp.generate(source, load)
+        expected = tp.fingerprint(source)
+        poller = stack.enter_context(closing(tp.Poller(srv, marker, args.timeout)))
         for consumer in order:
             tp.log(f"[wan #{repetition + 1}] draining with {consumer} through the relay")
             relay = to_source if consumer == "native" else to_target
             relay_before = relay.cpu_s()
-            if consumer == "native":
+            started = time.monotonic()
+            if running is not None:
+                drain = running.catch_up(consumer, poller)
+            elif consumer == "native":
                 drain = tp.drain_native(srv, poller)
             else:
-                first, started = len(to_target.links), time.monotonic()
                 drain = tp.drain_cdcsync(srv, poller, config, workdir, None,
                                          gc_stats=args.gc_stats)
+            if consumer == "cdcsync":
                 if drain.gc is not None:
                     spent["cdcsync_gc"] = drain.gc
                 if drain.peak_rss_mb is not None:
                     spent["cdcsync_peak_rss_mb"] = round(drain.peak_rss_mb)
                 finished = started + drain.seconds
-                waits = max(link.waits_between(finished - drain.drain_seconds, finished)
-                            for link in to_target.links[first:])
-                batches = _checkpoint_writes(srv.target(tp.CDCSYNC_DB))
+                waits = max((link.waits_between(finished - drain.drain_seconds, finished)
+                             for link in to_target.links), default=0)
             relayed[consumer] = relay.cpu_s() - relay_before
             seconds[consumer] = drain.seconds
             drains[consumer] = drain.drain_seconds
@@ -136,11 +148,11 @@ def run_once(srv: Servers, args: argparse.Namespace, workdir: Path, relays: tupl
                 firsts[consumer] = drain.first_apply_seconds
             spent[f"{consumer}_cpu_by_role"] = drain.cpu_s
             spent[f"{consumer}_waits_by_role"] = drain.waits
-    finally:
-        poller.close()
+    batches = _checkpoint_writes(srv.target(tp.CDCSYNC_DB))
     verified = (tp.fingerprint(srv.target(tp.NATIVE_DB)) == expected
                 and tp.fingerprint(srv.target(tp.CDCSYNC_DB)) == expected)
     result = {"changes": load.changes, "transactions": len(load.transactions),
+              "backlog_during": args.backlog_during,
               "order": " then ".join(order), "verified": verified,
               "cdcsync_batches": batches, "cdcsync_applier_waits": waits,
               "cdcsync_waits_per_batch": round(waits / max(batches, 1), 2),
@@ -171,11 +183,14 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def describe(summary: dict[str, Any], delay_ms: float) -> str:
-    line = (f"{summary['changes']:,} changes, {delay_ms:g} ms added each way, median of "
-            f"{summary['runs']} run(s): native {summary['native_rows_per_s']:,.0f} rows/s, cdcsync "
-            f"{summary['cdcsync_rows_per_s']:,.0f} rows/s (from start; from holding the slot: "
-            f"native {summary['native_drain_s']:.2f} s, cdcsync {summary['cdcsync_drain_s']:.2f} s;"
+def describe(summary: dict[str, Any], delay_ms: float, backlog_during: str) -> str:
+    since = ("from start; from holding the slot: "
+             f"native {summary['native_drain_s']:.2f} s, cdcsync {summary['cdcsync_drain_s']:.2f} s"
+             if backlog_during == "stop" else "from the stalled link's return")
+    line = (f"{summary['changes']:,} changes, {delay_ms:g} ms added each way, backlog written "
+            f"with the consumers {'stopped' if backlog_during == 'stop' else 'running, stalled'}, "
+            f"median of {summary['runs']} run(s): native {summary['native_rows_per_s']:,.0f} "
+            f"rows/s, cdcsync {summary['cdcsync_rows_per_s']:,.0f} rows/s ({since};"
             f" first transaction applied after native {summary['native_first_apply_s']:.2f} s, "
             f"cdcsync {summary['cdcsync_first_apply_s']:.2f} s, the rest of the backlog in "
             f"native {summary['native_after_first_s']:.2f} s, cdcsync "
@@ -197,6 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--delay-ms", type=float, default=10.0, help="added in each direction")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--backlog-during", choices=("stop", "stall"), default="stop",
+                        help="how the backlog builds up: both consumers stopped (each timed "
+                             "from its start), or running with their links stalled (each timed "
+                             "from its link's return)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--gc-stats", action="store_true",
                         help="time the garbage collector's collections inside the daemon "
@@ -225,10 +244,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     summaries = [summarise(done) for done in runs.values()]
     if args.json:
-        print(json.dumps({"delay_ms_each_way": args.delay_ms, "summaries": summaries,
+        print(json.dumps({"delay_ms_each_way": args.delay_ms,
+                          "backlog_during": args.backlog_during, "summaries": summaries,
                           "runs": [run for done in runs.values() for run in done]}, indent=2))
     else:
-        print("\n".join(describe(summary, args.delay_ms) for summary in summaries))
+        print("\n".join(describe(summary, args.delay_ms, args.backlog_during)
+                        for summary in summaries))
     return 0 if all(summary["verified"] for summary in summaries) else 2
 
 
