@@ -92,6 +92,9 @@ _IDLE = b"the stream waits"
 # At 100,000 none ran while draining, nor during 60 s of the steady lag bench, and peak RSS did
 # not move (54 MB there, 74 MB for a million-row transaction).
 _GC_THRESHOLDS = (100_000, 10, 10)
+# A batch closed because the stream paused is committed on its lane's thread from this many
+# changes on (see Pipeline._apply_item); a steady stream's batches hold far fewer.
+CATCH_UP_ROWS = 1000
 _IDLE_ADVANCE_EVERY_S = 1.0
 _CHECK_AFTER_S = 1.0
 
@@ -592,9 +595,13 @@ class Pipeline:
             overdue = (applier.opened_at is not None
                        and time.monotonic() - applier.opened_at >= max_delay)
             if applier.batch_full() or overdue or not more:
-                # With nothing queued there is nothing to fill another lane with: commit here
-                # and now.
-                lanes.commit(wait=not more)
+                # With nothing queued, a small batch is committed here and now: nothing would
+                # fill another lane meanwhile, and a lane's thread would cost a quiet stream a
+                # turn at the interpreter lock. A large one is a backlog's, whose reader caught
+                # up with the walsender for a moment: more follows within milliseconds, and a
+                # merge committed here (a quarter of a second for 60,000 rows) would hold up the
+                # next batch, so it goes to its lane's thread.
+                lanes.commit(wait=not more and applier.pending_rows < CATCH_UP_ROWS)
         elif isinstance(item, IdleAdvance):
             if not applier.has_uncommitted and not applier.in_source_transaction:
                 self._checkpointed(reader, applier.advance(item.lsn))

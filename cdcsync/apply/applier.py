@@ -198,6 +198,11 @@ class Applier:
         self._last_end = item
         self._transactions += 1
 
+    @property
+    def pending_rows(self) -> int:
+        """The changes staged since the last commit."""
+        return self._pending_rows
+
     def batch_full(self) -> bool:
         return (self._pending_rows >= self.batch_size.rows()
                 or self._pending_bytes >= self.settings.apply.max_bytes)
