@@ -143,9 +143,9 @@ class Jobs:
     def _failed(self, job_event: JobExecutionEvent) -> None:
         self.metrics.error("job")
         detail: Any = job_event.exception
-        traceback = ({"traceback": job_event.traceback}
-                     if job_event.traceback and LOGGER.isEnabledFor(logging.DEBUG) else {})
+        debug = ({"traceback": job_event.traceback}
+                 if job_event.traceback and LOGGER.isEnabledFor(logging.DEBUG) else {})
         event(logging.WARNING, "job_failed", slot=self.settings.source.slot,
               job=job_event.job_id, error=str(detail).splitlines()[0] if detail else "unknown",
-              **traceback)
+              **debug)
 

@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import psycopg
 import pytest
@@ -21,10 +22,13 @@ from cdcsync import checkpoint, libpq, pipeline, roundtrip
 from cdcsync.apply import batch_size, tables
 from cdcsync.apply import script as plan
 from cdcsync.apply import sql as q
-from cdcsync.apply.applier import Applier
+from cdcsync.apply.applier import Applier, Committed
+from cdcsync.apply.lanes import Lanes
 from cdcsync.apply.merge import Merger
 from cdcsync.apply.script import Script, Staged
 from cdcsync.backfill import snapshot
+from cdcsync.health import Health
+from cdcsync.metrics import Metrics
 from cdcsync.model import ChangeChunk, Column, Lsn, Relation, TableRows, TargetTable, TxnEnd
 from cdcsync.source import tuples
 from cdcsync.source.tuples import stage_values
@@ -451,3 +455,41 @@ def test_a_busy_process_does_not_shorten_the_measured_round_trip(dbpair: DbPair)
                     spinner.join()
             relay.stdin.close()
     assert min(waits) >= 0.019, sorted(waits)
+
+
+def test_a_large_batch_closed_by_a_pause_commits_on_its_lanes_thread(
+        dbpair: DbPair, relayed: tuple[psycopg.Connection[TupleRow], Link]) -> None:
+    """When a backlog's reader catches up with the walsender for a moment, the batch it closes
+    holds CATCH_UP_ROWS changes or more: it goes to its lane's thread, leaving the applier free
+    to fill the other lane. A smaller one, a steady stream's, commits on the applier's thread
+    before the pipeline goes on."""
+    settings = settings_for(dbpair)
+    committed: list[Committed] = []
+    pipe = pipeline.Pipeline(settings, pool := ConnectionPool(dbpair.target_dsn, min_size=1,
+                                                               max_size=3, open=True),
+                             threading.Event(), Metrics(settings.source.slot), Health())
+    try:
+        with pool.connection() as conn:
+            lanes = Lanes(conn, pool, settings, committed.append)
+            # Not read for a transaction's end; the pipeline's reader needs a stream.
+            reader = cast(pipeline.Reader, None)
+
+            def paused_batch(first: int, count: int, lsn: int) -> None:
+                applier = lanes.current
+                applier.start()
+                applier.add(_chunk(applier, [(k, 1, "I") for k in range(first, first + count)],
+                                   lsn))
+                pipe._apply_item(reader, lanes, TxnEnd(Lsn(lsn), NOW), 1.0, more=False)
+
+            paused_batch(20_000, pipeline.CATCH_UP_ROWS - 1, 0x20000)
+            assert len(committed) == 1 and not lanes._flight  # committed before going on
+            paused_batch(30_000, pipeline.CATCH_UP_ROWS, 0x21000)
+            assert len(committed) == 1 and len(lanes._flight) == 1  # on its lane's thread
+            lanes.settle()
+            assert len(committed) == 2
+            lanes.close(clean=True)
+    finally:
+        pool.close()
+    with psycopg.connect(dbpair.target_dsn) as check:
+        assert check.execute("SELECT count(*) FROM items WHERE id >= 20000").fetchone() == (
+            2 * pipeline.CATCH_UP_ROWS - 1,)
