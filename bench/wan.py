@@ -111,7 +111,7 @@ def run_once(srv: Servers, args: argparse.Namespace, workdir: Path, relays: tupl
     firsts: dict[str, float] = {}
     spent: dict[str, Any] = {}
     relayed: dict[str, float] = {}
-    waits = batches = 0
+    waits = 0
     with ExitStack() as stack:
         running = (stack.enter_context(wan_stall.Running(srv, config, workdir, relays,
                                                          args.timeout))
@@ -223,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.txn_rows < 6:
         parser.error("--txn-rows must be >= 6")
+    if args.gc_stats and args.backlog_during == "stall":
+        parser.error("--gc-stats counts the collector's work from the daemon's start: "
+                     "use it with --backlog-during stop")
     if min(args.rows) < args.txn_rows:
         parser.error("every --rows must be at least --txn-rows")
     runs: dict[int, list[dict[str, Any]]] = {rows: [] for rows in args.rows}
