@@ -158,6 +158,17 @@ def streaming(port: int) -> bool:
     return body.get("role") == "active" and body.get("state") == "streaming"
 
 
+def both_streaming(source: psycopg.Connection[Any], subscription: str, daemon: Daemon,
+                   port: int) -> bool:
+    """Whether the native ``subscription`` holds its slot on ``source`` and ``daemon``
+    (answering on ``port``) streams; fails if the daemon has exited. Its slot being active is
+    not enough: the daemon's stream opens while it still starts."""
+    daemon.ensure_alive()
+    row = source.execute("SELECT count(*) FROM pg_replication_slots WHERE active "
+                         "AND slot_name = %s", (subscription,)).fetchone()
+    return bool(row and row[0] == 1) and streaming(port)
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 

@@ -37,6 +37,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from bench.common import (
     BenchError,
     Daemon,
     Servers,
+    both_streaming,
     connect,
     database_exists,
     drop_slot,
@@ -55,7 +57,6 @@ from bench.common import (
     median,
     recreate_database,
     servers,
-    streaming,
     wait_until,
 )
 from cdcsync import admin
@@ -271,14 +272,8 @@ def run_once(srv: Servers, args: argparse.Namespace, workdir: Path) -> dict[str,
     sampler = LagSampler(f"http://127.0.0.1:{port}/metrics")
     with Daemon(config, workdir, name="lag") as daemon:
         with connect(srv.source_admin) as conn:
-            # The daemon's slot is active before it streams (its stream opens while it starts):
-            # the workload waits for it to stream, and for the subscription to hold its slot.
-            def both_streaming() -> bool:
-                daemon.ensure_alive()
-                row = conn.execute("SELECT count(*) FROM pg_replication_slots WHERE active "
-                                   "AND slot_name = %s", (SUBSCRIPTION,)).fetchone()
-                return bool(row and row[0] == 1) and streaming(port)
-            wait_until(both_streaming, timeout=60, what="both consumers to stream")
+            wait_until(partial(both_streaming, conn, SUBSCRIPTION, daemon, port), timeout=60,
+                       what="both consumers to stream")
         for watch in watches.values():
             watch.start()
         sampler.start()

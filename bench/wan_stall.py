@@ -27,7 +27,7 @@ from psycopg import sql
 
 from bench import cpu
 from bench import throughput as tp
-from bench.common import BenchError, Daemon, Servers, connect, streaming, wait_until
+from bench.common import BenchError, Daemon, Servers, both_streaming, connect, wait_until
 from bench.relay import Relay
 from cdcsync.model import Lsn
 
@@ -110,12 +110,8 @@ class Running:
         return cpu.cdcsync_pids(self._source, self._cdcsync, self._daemon.pid, self.slot)
 
     def _streaming(self) -> bool:
-        self._daemon.ensure_alive()
         tp.native_alive(self._native)
-        row = self._source.execute(
-            "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' "
-            "AND application_name = %s", (tp.SUBSCRIPTION,)).fetchone()
-        return bool(row and row[0]) and streaming(self._port)
+        return both_streaming(self._source, tp.SUBSCRIPTION, self._daemon, self._port)
 
     def _subscription(self, action: str) -> None:
         self._native.execute(sql.SQL("ALTER SUBSCRIPTION {} {}").format(
