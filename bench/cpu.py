@@ -28,6 +28,17 @@ def process_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def process_faults(pid: int) -> int | None:
+    """Minor page faults of ``pid`` so far: each maps a page the process touches for the first
+    time, zeroed by the kernel; a process that frees its buffers to the system and allocates
+    them again pays them batch after batch (see :mod:`cdcsync.allocator`)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[7])
+
+
 def process_waits(pid: int) -> int | None:
     """How often ``pid`` gave the CPU up to wait (voluntary context switches): a walsender
     waits when its consumer's socket is full, a consumer when nothing has arrived."""
@@ -50,6 +61,12 @@ def walsender_pid(source: psycopg.Connection[Any], slot: str) -> int | None:
 def usage(pids: dict[str, list[int]]) -> dict[str, float]:
     """CPU seconds per role, summed over its processes."""
     return {role: round(sum(s for pid in group if (s := process_seconds(pid)) is not None), 2)
+            for role, group in pids.items()}
+
+
+def faults(pids: dict[str, list[int]]) -> dict[str, int]:
+    """Minor page faults (:func:`process_faults`) per role, summed over its processes."""
+    return {role: sum(f for pid in group if (f := process_faults(pid)) is not None)
             for role, group in pids.items()}
 
 

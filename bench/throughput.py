@@ -93,6 +93,7 @@ class Drain:
     verified: bool = False
     cpu_s: dict[str, float] | None = None  # CPU seconds per process role (local servers only)
     waits: dict[str, int] | None = None  # voluntary context switches per role (the same)
+    faults: dict[str, int] | None = None  # minor page faults per role (the same)
     # From starting the consumer to its first transaction applied (within the 50 ms polls).
     first_apply_seconds: float | None = None
     gc: dict[str, Any] | None = None  # the daemon's collector's work (bench.gcstats), if asked
@@ -392,7 +393,8 @@ def drain_native(srv: Servers, poller: Poller) -> Drain:
             conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
     used, waited = (cpu.usage(pids), cpu.waits(pids)) if pids else (None, None)
     return Drain(reached.finished - started, reached.finished - reached.held, cpu_s=used,
-                 waits=waited, first_apply_seconds=reached.first - started)
+                 waits=waited, faults=cpu.faults(pids) if pids else None,
+                 first_apply_seconds=reached.first - started)
 
 
 def drain_cdcsync(srv: Servers, poller: Poller, config: dict[str, Any], workdir: Path,
@@ -407,12 +409,13 @@ def drain_cdcsync(srv: Servers, poller: Poller, config: dict[str, Any], workdir:
             reached = poller.wait(slot, applied, f"cdcsync run ({decoder})", daemon.ensure_alive)
             pids = cpu.cdcsync_pids(poller.source, conn, daemon.pid, slot) if srv.local else None
             used, waited = (cpu.usage(pids), cpu.waits(pids)) if pids else (None, None)
+            faulted = cpu.faults(pids) if pids else None
             code = daemon.stop()
         if code != 0:
             raise BenchError(f"cdcsync run exited with {code} after SIGTERM:\n{daemon.log_tail()}")
     gc = gcstats.read(daemon.gc_output) if daemon.gc_output is not None else None
     return Drain(reached.finished - started, reached.finished - reached.held,
-                 peak_rss_mb=daemon.peak_rss_mb, cpu_s=used, waits=waited, gc=gc,
+                 peak_rss_mb=daemon.peak_rss_mb, cpu_s=used, waits=waited, faults=faulted, gc=gc,
                  first_apply_seconds=reached.first - started)
 
 

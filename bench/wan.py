@@ -19,8 +19,8 @@ origin, moving past where it stood; polled every 50 ms): ``*_first_apply_s`` fro
 then ``*_after_first_s`` for the rest of the backlog. The relay counts the waits of cdcsync's
 applier connection (its busiest one) while the backlog drains (from holding the slot to the last
 checkpoint), divided by the batches committed (the checkpoint's updates). With local servers,
-each run also records both consumers' CPU seconds and waits (voluntary context switches) per
-process role (see :mod:`bench.cpu`), and each records the CPU seconds its relay used
+each run also records both consumers' CPU seconds, waits (voluntary context switches) and minor
+page faults per process role (see :mod:`bench.cpu`), and each records the CPU seconds its relay used
 (``*_relay_cpu_s``): the relay runs on the same cores, and a relay that costs one consumer much
 more than the other skews the comparison (see :mod:`bench.relay`). Each run records the
 daemon's peak RSS too (``cdcsync_peak_rss_mb``): the batches it holds grow with the link's round
@@ -148,6 +148,7 @@ def run_once(srv: Servers, args: argparse.Namespace, workdir: Path, relays: tupl
                 firsts[consumer] = drain.first_apply_seconds
             spent[f"{consumer}_cpu_by_role"] = drain.cpu_s
             spent[f"{consumer}_waits_by_role"] = drain.waits
+            spent[f"{consumer}_faults_by_role"] = drain.faults
     batches = _checkpoint_writes(srv.target(tp.CDCSYNC_DB))
     verified = (tp.fingerprint(srv.target(tp.NATIVE_DB)) == expected
                 and tp.fingerprint(srv.target(tp.CDCSYNC_DB)) == expected)

@@ -1,4 +1,5 @@
-"""The ``cdcsync`` entry point: pause the garbage collector, then run :mod:`cdcsync.commands`.
+"""The ``cdcsync`` entry point: set the allocator's thresholds (:mod:`cdcsync.allocator`), pause
+the garbage collector, then run :mod:`cdcsync.commands`.
 
 Nothing heavy is imported here, so that every import of a command (psycopg, pydantic, the
 daemon) runs with the collector paused; :mod:`cdcsync.commands` resumes it once the command's
@@ -10,10 +11,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from cdcsync import coldstart
+from cdcsync import allocator, coldstart
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    allocator.keep_freed_memory()
     coldstart.pause()
     try:
         from cdcsync import commands  # noqa: PLC0415 (after the pause: see the module docstring)
