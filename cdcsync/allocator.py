@@ -8,9 +8,10 @@ batch faults its buffers in again, and the kernel zeroes each page before handin
 the machines of ``bench/wan.py`` (virtual, two cores) that zeroing was a quarter of the daemon's
 CPU samples while a backlog drained. :func:`keep_freed_memory` raises both thresholds so the
 blocks come from the heap and stay there once freed; the process then holds on to its
-high-water mark instead of handing it back between batches.
+high-water mark instead of handing it back between batches. It also keeps every thread on one
+heap, so that the high-water mark is the process's, not each thread's.
 
-An operator who tunes the allocator (``MALLOC_*_`` variables, ``GLIBC_TUNABLES``) keeps their
+An operator who tunes the allocator (``MALLOC_*`` variables, ``GLIBC_TUNABLES``) keeps their
 settings: nothing is changed then. On a C library without ``mallopt`` (musl) nothing is either.
 """
 
@@ -25,6 +26,7 @@ from typing import Final
 _M_TRIM_THRESHOLD: Final = -1
 _M_TOP_PAD: Final = -2
 _M_MMAP_THRESHOLD: Final = -3
+_M_ARENA_MAX: Final = -8
 
 # The largest block glibc lets the heap serve (HEAP_MAX_SIZE / 2 on 64 bits): a batch's
 # largest buffers stay under it (a 60,000-row batch's COPY data is about 6 MB).
@@ -35,9 +37,13 @@ TRIM_THRESHOLD: Final = 256 << 20
 # Grown by at least this much at a time: fewer calls to extend the heap, whose pages are only
 # faulted in as they are used.
 TOP_PAD: Final = 16 << 20
+# One heap for all threads, not one per thread: a block the reader frees serves a lane's next
+# batch, where each thread's own heap would grow to its own high-water mark.
+ARENA_MAX: Final = 1
 
 _OPERATOR_VARIABLES: Final = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_",
-                              "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+                              "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_", "MALLOC_ARENA_MAX",
+                              "MALLOC_ARENA_TEST")
 
 
 def operator_tuned(environ: Mapping[str, str]) -> bool:
@@ -57,5 +63,6 @@ def keep_freed_memory(environ: Mapping[str, str] = os.environ) -> bool:
     mallopt.restype = ctypes.c_int
     taken = [mallopt(param, value) == 1
              for param, value in ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
-                                  (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD))]
+                                  (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD),
+                                  (_M_ARENA_MAX, ARENA_MAX))]
     return all(taken)

@@ -35,16 +35,37 @@ del block
 print(json.dumps({"taken": taken, "mapped": mapped, "kept_free": mallinfo2().fordblks}))
 """
 
+# A thread allocates a block, then glibc's malloc_stats lists the heaps ("Arena N") on stderr.
+THREADS = """
+import ctypes, sys, threading
+from cdcsync import allocator
+
+if sys.argv[1] == "keep":
+    allocator.keep_freed_memory()
+threads = [threading.Thread(target=lambda: bytearray(64 << 10)) for _ in range(3)]
+for thread in threads:
+    thread.start()
+    thread.join()
+ctypes.CDLL(None).malloc_stats()
+"""
+
 EIGHT_MIB = 8 << 20
 
 
-def _run(mode: str, **env: str) -> dict[str, int | bool | None]:
+def _python(script: str, mode: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items()
             if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    done = subprocess.run([sys.executable, "-c", SCRIPT, mode], env={**base, **env},
+    return subprocess.run([sys.executable, "-c", script, mode], env={**base, **env},
                           capture_output=True, text=True, timeout=60, check=True)
-    result: dict[str, int | bool | None] = json.loads(done.stdout)
+
+
+def _run(mode: str, **env: str) -> dict[str, int | bool | None]:
+    result: dict[str, int | bool | None] = json.loads(_python(SCRIPT, mode, env).stdout)
     return result
+
+
+def _heaps(mode: str) -> int:
+    return sum(line.startswith("Arena ") for line in _python(THREADS, mode, {}).stderr.splitlines())
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,6 +86,12 @@ def test_without_it_the_same_block_is_mapped_and_handed_back() -> None:
     default = _run("default")
     assert int(default["mapped"] or 0) >= EIGHT_MIB
     assert int(default["kept_free"] or 0) < EIGHT_MIB
+
+
+def test_threads_share_one_heap() -> None:
+    # Each thread would otherwise get a heap of its own, grown to its own high-water mark.
+    assert _heaps("default") > 1
+    assert _heaps("keep") == 1
 
 
 @pytest.mark.parametrize("env", [{"MALLOC_TRIM_THRESHOLD_": "131072"},
