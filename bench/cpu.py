@@ -10,6 +10,7 @@ start-up).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,28 @@ def process_waits(pid: int) -> int | None:
         if line.startswith("voluntary_ctxt_switches:"):
             return int(line.split()[1])
     return None
+
+
+@dataclass(frozen=True)
+class Spent:
+    """What a consumer's processes used so far, per role: CPU seconds (:func:`usage`), waits
+    (:func:`waits`) and minor page faults (:func:`faults`)."""
+
+    cpu_s: dict[str, float]
+    waits: dict[str, int]
+    faults: dict[str, int]
+
+    def since(self, before: Spent) -> Spent:
+        """What was used between ``before`` and this reading."""
+        return Spent({role: round(s - before.cpu_s.get(role, 0.0), 2)
+                      for role, s in self.cpu_s.items()},
+                     {role: w - before.waits.get(role, 0) for role, w in self.waits.items()},
+                     {role: f - before.faults.get(role, 0) for role, f in self.faults.items()})
+
+
+def spent(pids: dict[str, list[int]] | None) -> Spent | None:
+    """The processes' use so far; None without processes (servers not local)."""
+    return Spent(usage(pids), waits(pids), faults(pids)) if pids else None
 
 
 def walsender_pid(source: psycopg.Connection[Any], slot: str) -> int | None:

@@ -91,16 +91,14 @@ class Drain:
     drain_seconds: float  # from the consumer holding its slot to drained
     peak_rss_mb: float | None = None
     verified: bool = False
-    cpu_s: dict[str, float] | None = None  # CPU seconds per process role (local servers only)
-    waits: dict[str, int] | None = None  # voluntary context switches per role (the same)
-    faults: dict[str, int] | None = None  # minor page faults per role (the same)
+    spent: cpu.Spent | None = None  # per process role (local servers only)
     # From starting the consumer to its first transaction applied (within the 50 ms polls).
     first_apply_seconds: float | None = None
     gc: dict[str, Any] | None = None  # the daemon's collector's work (bench.gcstats), if asked
 
     @property
     def cpu_total(self) -> float | None:
-        return None if self.cpu_s is None else sum(self.cpu_s.values())
+        return None if self.spent is None else sum(self.spent.cpu_s.values())
 
 
 @dataclass
@@ -391,9 +389,8 @@ def drain_native(srv: Servers, poller: Poller) -> Drain:
                     if srv.local else None)
         finally:
             conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
-    used, waited = (cpu.usage(pids), cpu.waits(pids)) if pids else (None, None)
-    return Drain(reached.finished - started, reached.finished - reached.held, cpu_s=used,
-                 waits=waited, faults=cpu.faults(pids) if pids else None,
+    return Drain(reached.finished - started, reached.finished - reached.held,
+                 spent=cpu.spent(pids),
                  first_apply_seconds=reached.first - started)
 
 
@@ -408,14 +405,13 @@ def drain_cdcsync(srv: Servers, poller: Poller, config: dict[str, Any], workdir:
         with daemon:
             reached = poller.wait(slot, applied, f"cdcsync run ({decoder})", daemon.ensure_alive)
             pids = cpu.cdcsync_pids(poller.source, conn, daemon.pid, slot) if srv.local else None
-            used, waited = (cpu.usage(pids), cpu.waits(pids)) if pids else (None, None)
-            faulted = cpu.faults(pids) if pids else None
+            spent = cpu.spent(pids)
             code = daemon.stop()
         if code != 0:
             raise BenchError(f"cdcsync run exited with {code} after SIGTERM:\n{daemon.log_tail()}")
     gc = gcstats.read(daemon.gc_output) if daemon.gc_output is not None else None
     return Drain(reached.finished - started, reached.finished - reached.held,
-                 peak_rss_mb=daemon.peak_rss_mb, cpu_s=used, waits=waited, faults=faulted, gc=gc,
+                 peak_rss_mb=daemon.peak_rss_mb, spent=spent, gc=gc,
                  first_apply_seconds=reached.first - started)
 
 
@@ -506,11 +502,11 @@ def summarise(results: Sequence[RunResult]) -> list[dict[str, Any]]:
 def _cpu_columns(consumer: str, drains: Sequence[Drain]) -> dict[str, Any]:
     """Median CPU seconds of the drains, in all and per process role, and the median waits
     (voluntary context switches) per role."""
-    measured = [d.cpu_s for d in drains if d.cpu_s is not None]
+    measured = [d.spent.cpu_s for d in drains if d.spent is not None]
     if not measured:
         return {f"{consumer}_cpu_s": None, f"{consumer}_cpu_by_role": None,
                 f"{consumer}_waits_by_role": None}
-    waited = [d.waits for d in drains if d.waits is not None]
+    waited = [d.spent.waits for d in drains if d.spent is not None]
     return {f"{consumer}_cpu_s": round(median([sum(m.values()) for m in measured]), 2),
             f"{consumer}_cpu_by_role": {role: round(median([m.get(role, 0.0) for m in measured]), 2)
                                         for role in measured[0]},

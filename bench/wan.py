@@ -146,9 +146,10 @@ def run_once(srv: Servers, args: argparse.Namespace, workdir: Path, relays: tupl
             drains[consumer] = drain.drain_seconds
             if drain.first_apply_seconds is not None:
                 firsts[consumer] = drain.first_apply_seconds
-            spent[f"{consumer}_cpu_by_role"] = drain.cpu_s
-            spent[f"{consumer}_waits_by_role"] = drain.waits
-            spent[f"{consumer}_faults_by_role"] = drain.faults
+            used = drain.spent
+            spent[f"{consumer}_cpu_by_role"] = used.cpu_s if used else None
+            spent[f"{consumer}_waits_by_role"] = used.waits if used else None
+            spent[f"{consumer}_faults_by_role"] = used.faults if used else None
     batches = _checkpoint_writes(srv.target(tp.CDCSYNC_DB))
     verified = (tp.fingerprint(srv.target(tp.NATIVE_DB)) == expected
                 and tp.fingerprint(srv.target(tp.CDCSYNC_DB)) == expected)

@@ -83,25 +83,20 @@ class Running:
             alive = self._daemon.ensure_alive
         applied = poller.progress(position)
         pids = self._pids(consumer)
-        cpu_before, waits_before, faults_before = cpu.usage(pids), cpu.waits(pids), cpu.faults(pids)
+        before = cpu.spent(pids)
         if applied()[0]:
             raise BenchError(f"{consumer} applied part of the backlog while its link stalled")
         started = time.monotonic()
         self.relays[consumer].resume()
         reached = poller.wait(slot, applied, consumer, alive)
-        used = {role: round(s - cpu_before.get(role, 0.0), 2)
-                for role, s in cpu.usage(pids).items()}
-        waited = {role: w - waits_before.get(role, 0) for role, w in cpu.waits(pids).items()}
-        faulted = {role: f - faults_before.get(role, 0) for role, f in cpu.faults(pids).items()}
+        after = cpu.spent(pids)
         peak = None
         if consumer == "cdcsync" and self._daemon.rss is not None:
             self._daemon.rss.sample()  # VmHWM: the peak since the daemon started
             peak = self._daemon.rss.peak_kb / 1024
         seconds = reached.finished - started
         return tp.Drain(seconds, seconds, peak_rss_mb=peak,
-                        cpu_s=used if self.srv.local else None,
-                        waits=waited if self.srv.local else None,
-                        faults=faulted if self.srv.local else None,
+                        spent=after.since(before) if after and before else None,
                         first_apply_seconds=reached.first - started)
 
     def _pids(self, consumer: str) -> dict[str, list[int]]:
