@@ -20,9 +20,19 @@ Two measures:
   trigger fires before the apply commits, so it would miss the part a reader actually waits for;
 * ``cdcsync_lag_seconds`` from the daemon's ``/metrics``, sampled every 100 ms.
 
+Every second it also samples what the daemon holds (:mod:`bench.resources`: resident memory, file
+descriptors, threads, CPU seconds, its target connections, the WAL its slot retains) and reports
+the first and last samples and the resident memory's growth per hour over the second half of the
+run. With ``--window-s`` the run is cut into windows of that length, each with its own delays and
+the daemon's figures at its end: a soak (``--duration 1800 --window-s 300``) shows whether
+anything climbs while the daemon streams for long. ``--jobs-interval-s`` runs the daemon's
+periodic jobs that often (the scheduled verification and the retention job, off and every 300 s
+by default), so that a soak exercises them too.
+
 At the end both targets must equal the source (count and sums of the table ``bench``).
 
-Run: ``python -m bench.lag [--duration 60] [--rate 5000] [--repeat 1] [--json]``.
+Run: ``python -m bench.lag [--duration 60] [--rate 5000] [--repeat 1] [--window-s 0]
+[--jobs-interval-s 0] [--json]``.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from bench import resources
 from bench.common import (
     BenchError,
     Daemon,
@@ -113,6 +124,8 @@ class Writer(threading.Thread):
         self.transactions = 0
         self.markers = 0
         self.behind_max = 0.0  # the longest the writer fell behind its schedule
+        self.started = 0.0  # time.monotonic() of the first change; marker n is due n - 1
+        # marker intervals later
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -129,7 +142,7 @@ class Writer(threading.Thread):
         rng = random.Random(9)
         next_id, low = PRELOAD + 1, 1
         with connect(self.dsn) as conn:
-            start = time.monotonic()
+            start = self.started = time.monotonic()
             next_marker = start
             while (now := time.monotonic()) - start < self.duration:
                 if now >= next_marker:
@@ -183,12 +196,13 @@ class MarkerWatch(threading.Thread):
 
 
 class LagSampler(threading.Thread):
-    """Samples ``cdcsync_lag_seconds`` from the daemon's /metrics."""
+    """Samples ``cdcsync_lag_seconds`` from the daemon's /metrics, each with its
+    ``time.monotonic()``."""
 
     def __init__(self, url: str, interval: float = 0.1) -> None:
         super().__init__(name="lag-sampler", daemon=True)
         self.url, self.interval = url, interval
-        self.samples: list[float] = []
+        self.samples: list[tuple[float, float]] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -202,7 +216,7 @@ class LagSampler(threading.Thread):
                 if line.startswith("cdcsync_lag_seconds"):
                     value = float(line.rsplit(" ", 1)[1])
                     if not math.isnan(value):  # NaN while unknown
-                        self.samples.append(value)
+                        self.samples.append((time.monotonic(), value))
 
 
 def prepare(srv: Servers, config: dict[str, Any]) -> None:
@@ -255,9 +269,53 @@ def stats(values_s: Sequence[float]) -> dict[str, float]:
             "samples": len(values_s)}
 
 
+def rss_growth_mb_per_h(samples: Sequence[resources.Sample]) -> float | None:
+    """The resident memory's least-squares slope over the second half of ``samples``, in MB per
+    hour: the first half holds the working set's growth (caches, the pool, the jobs' first
+    runs), a leak keeps the second half climbing. None with fewer than 10 samples there."""
+    half = samples[len(samples) // 2:]
+    if len(half) < 10:
+        return None
+    mean_t = sum(s.at for s in half) / len(half)
+    mean_mb = sum(s.rss_mb for s in half) / len(half)
+    spread = sum((s.at - mean_t) ** 2 for s in half)
+    slope = sum((s.at - mean_t) * (s.rss_mb - mean_mb) for s in half) / spread
+    return round(slope * 3600, 1) + 0.0  # + 0.0: no "-0.0" for a flat line
+
+
+def windows(start: float, duration: float, window_s: float, marker_interval: float, *,
+            delays: dict[str, dict[int, float]], lag: Sequence[tuple[float, float]],
+            samples: Sequence[resources.Sample]) -> list[dict[str, Any]]:
+    """The run cut into windows of about ``window_s`` from ``start`` (the writer's start): in
+    each, the delays of the markers due then (marker n is due ``(n - 1) * marker_interval`` in),
+    the lag metric sampled then, the daemon's CPU seconds, the most WAL its slot retained, and
+    its other figures at the window's end."""
+    count = max(1, round(duration / window_s)) if window_s > 0 else 1
+    width = duration / count
+    out: list[dict[str, Any]] = []
+    before: resources.Sample | None = samples[0] if samples else None
+    for k in range(count):
+        low, high = k * width, (k + 1) * width
+        if k == count - 1:
+            high = math.inf  # the catch-up after the writer stopped belongs to the last window
+        row: dict[str, Any] = {"from_s": round(low), "to_s": round(min(high, duration))}
+        for name, seen in delays.items():
+            row[f"{name}_marker"] = stats([d for n, d in seen.items()
+                                           if low <= (n - 1) * marker_interval < high])
+        row["cdcsync_lag_metric"] = stats([v for at, v in lag if low <= at - start < high])
+        inside = [s for s in samples if low <= s.at - start < high]
+        if inside and before is not None:
+            row["daemon"] = {**inside[-1].report(),
+                             "cpu_s": round(inside[-1].cpu_s - before.cpu_s, 2),
+                             "retained_wal_mb": max(s.retained_wal_mb for s in inside)}
+            before = inside[-1]
+        out.append(row)
+    return out
+
+
 def run_once(srv: Servers, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     port = free_port()
-    config = {
+    config: dict[str, Any] = {
         "tables": ["public.bench", "public.markers"],
         "source": {"dsn": srv.source(SOURCE_DB), "slot": SLOT,
                    "publication": CDCSYNC_PUBLICATION},
@@ -266,6 +324,9 @@ def run_once(srv: Servers, args: argparse.Namespace, workdir: Path) -> dict[str,
         "log": {"level": "info", "format": "json"},
         "snapshot": {"mode": "never"},
     }
+    if args.jobs_interval_s:
+        config["verify"] = {"interval_s": args.jobs_interval_s}
+        config["retention"] = {"interval_s": args.jobs_interval_s}
     prepare(srv, config)
     watches = {"cdcsync": MarkerWatch(srv.target(CDCSYNC_DB), "cdcsync"),
                "native": MarkerWatch(srv.target(NATIVE_DB), "native")}
@@ -277,6 +338,9 @@ def run_once(srv: Servers, args: argparse.Namespace, workdir: Path) -> dict[str,
         for watch in watches.values():
             watch.start()
         sampler.start()
+        held = resources.ResourceSampler(daemon.pid, srv.source_admin, SLOT,
+                                         srv.target(CDCSYNC_DB))
+        held.start()
         writer = Writer(srv.source(SOURCE_DB), args.rate, args.txn_rows, args.duration,
                         args.marker_interval_ms / 1000)
         log(f"writing {args.rate:,} rows/s for {args.duration:.0f}s ...")
@@ -298,6 +362,7 @@ def run_once(srv: Servers, args: argparse.Namespace, workdir: Path) -> dict[str,
             watch.stop.set()
             watch.join()
         sampler.join()
+        samples = held.finish()
         code = daemon.stop()
     if code != 0:
         raise BenchError(f"cdcsync run exited with {code}:\n{daemon.log_tail()}")
@@ -308,9 +373,17 @@ def run_once(srv: Servers, args: argparse.Namespace, workdir: Path) -> dict[str,
         "poll_resolution_ms": round(max(w.resolution_ms() for w in watches.values()), 2),
         "cdcsync_marker": stats(list(watches["cdcsync"].delays.values())),
         "native_marker": stats(list(watches["native"].delays.values())),
-        "cdcsync_lag_metric": stats(sampler.samples),
+        "cdcsync_lag_metric": stats([v for _, v in sampler.samples]),
         "cdcsync_peak_rss_mb": round(daemon.peak_rss_mb, 1),
+        "cdcsync_daemon_first": samples[0].report() if samples else None,
+        "cdcsync_daemon_last": samples[-1].report() if samples else None,
+        "cdcsync_rss_growth_mb_per_h": rss_growth_mb_per_h(samples),
     }
+    if args.window_s:
+        result["windows"] = windows(
+            writer.started, args.duration, args.window_s, args.marker_interval_ms / 1000,
+            delays={name: w.delays for name, w in watches.items()}, lag=sampler.samples,
+            samples=samples)
     log(json.dumps(result))
     return result
 
@@ -323,7 +396,9 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def table(summary: dict[str, Any]) -> str:
+def table(summary: dict[str, Any], last: dict[str, Any]) -> str:
+    """The summary's delays; then, of the ``last`` run, what the daemon held first and last,
+    and its windows if it has them."""
     lines = [f"{summary['rows_per_s']:,.0f} rows/s of mixed changes, median of "
              f"{summary['runs']} run(s); marker poll resolution "
              f"{summary['poll_resolution_ms']:.1f} ms",
@@ -333,6 +408,22 @@ def table(summary: dict[str, Any]) -> str:
                        ("cdcsync_lag_metric", "cdcsync_lag_seconds (sampled)")):
         s = summary[key]
         lines.append(f"{title:<34}{s['p50_ms']:>10.1f}{s['p99_ms']:>10.1f}{s['max_ms']:>10.1f}")
+    first, final = last["cdcsync_daemon_first"], last["cdcsync_daemon_last"]
+    if first and final:
+        lines.append("the daemon in the last run, first and last sample: " + ", ".join(
+            f"{key} {first[key]} -> {final[key]}" for key in first if key != "cpu_s"))
+        lines.append(f"its resident memory's growth over the run's second half: "
+                     f"{last['cdcsync_rss_growth_mb_per_h']} MB per hour")
+    if "windows" in last:
+        lines.append(f"{'window s':<12}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}{'RSS MB':>8}"
+                     f"{'fds':>5}{'threads':>8}{'conns':>6}{'CPU s':>7}{'WAL MB':>8}")
+        for w in last["windows"]:
+            m, d = w["cdcsync_marker"], w.get("daemon")
+            held = (f"{d['rss_mb']:>8.1f}{d['fds']:>5}{d['threads']:>8}"
+                    f"{d['target_connections']:>6}{d['cpu_s']:>7.2f}{d['retained_wal_mb']:>8.1f}"
+                    if d else "")
+            lines.append(f"{w['from_s']:>5}-{w['to_s']:<6}{m['p50_ms']:>8.1f}{m['p99_ms']:>8.1f}"
+                         f"{m['max_ms']:>8.1f}{held}")
     return "\n".join(lines)
 
 
@@ -344,10 +435,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--txn-rows", type=int, default=20, help="rows per source transaction")
     parser.add_argument("--marker-interval-ms", type=float, default=50.0)
     parser.add_argument("--repeat", type=int, default=1, help="runs; medians shown")
+    parser.add_argument("--window-s", type=float, default=0.0,
+                        help="report each window of this many seconds too (0: none)")
+    parser.add_argument("--jobs-interval-s", type=float, default=0.0,
+                        help="run the scheduled verification and the retention job this often "
+                             "(0: the daemon's defaults)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.txn_rows < 5 or args.rate < args.txn_rows or args.duration <= 0:
         parser.error("--txn-rows must be >= 5, --rate >= --txn-rows, --duration > 0")
+    if args.window_s < 0 or args.jobs_interval_s < 0:
+        parser.error("--window-s and --jobs-interval-s must be >= 0")
     return args
 
 
@@ -368,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     summary = summarise(runs)
     print(json.dumps({"summary": summary, "runs": runs}, indent=2) if args.json
-          else table(summary))
+          else table(summary, runs[-1]))
     return 0
 
 
