@@ -18,7 +18,8 @@ Two measures:
   Stamping on the target with a trigger would be no better: cdcsync copies every column (no
   target-side DEFAULT survives), its apply runs with ``session_replication_role = replica``, and a
   trigger fires before the apply commits, so it would miss the part a reader actually waits for;
-* ``cdcsync_lag_seconds`` from the daemon's ``/metrics``, sampled every 100 ms.
+* ``cdcsync_lag_seconds`` from the daemon's ``/metrics``, sampled every 100 ms while the writer
+  writes (once it stops, the metric grows with the quiet until the next heartbeat).
 
 Every second it also samples what the daemon holds (:mod:`bench.resources`: resident memory, file
 descriptors, threads, CPU seconds, its target connections, the WAL its slot retains) and reports
@@ -366,6 +367,9 @@ def run_once(srv: Servers, args: argparse.Namespace, workdir: Path) -> dict[str,
         code = daemon.stop()
     if code != 0:
         raise BenchError(f"cdcsync run exited with {code}:\n{daemon.log_tail()}")
+    # While the writer wrote: after it, the metric measures the quiet (it grows while nothing is
+    # applied, until the next heartbeat), not a lag; the last markers' catch-up is in their delays.
+    lagged = [(at, v) for at, v in sampler.samples if at - writer.started <= args.duration]
     result = {
         "rows": writer.rows, "transactions": writer.transactions, "markers": writer.markers,
         "rows_per_s": round(writer.rows / args.duration),
@@ -373,7 +377,7 @@ def run_once(srv: Servers, args: argparse.Namespace, workdir: Path) -> dict[str,
         "poll_resolution_ms": round(max(w.resolution_ms() for w in watches.values()), 2),
         "cdcsync_marker": stats(list(watches["cdcsync"].delays.values())),
         "native_marker": stats(list(watches["native"].delays.values())),
-        "cdcsync_lag_metric": stats([v for _, v in sampler.samples]),
+        "cdcsync_lag_metric": stats([v for _, v in lagged]),
         "cdcsync_peak_rss_mb": round(daemon.peak_rss_mb, 1),
         "cdcsync_daemon_first": samples[0].report() if samples else None,
         "cdcsync_daemon_last": samples[-1].report() if samples else None,
@@ -382,7 +386,7 @@ def run_once(srv: Servers, args: argparse.Namespace, workdir: Path) -> dict[str,
     if args.window_s:
         result["windows"] = windows(
             writer.started, args.duration, args.window_s, args.marker_interval_ms / 1000,
-            delays={name: w.delays for name, w in watches.items()}, lag=sampler.samples,
+            delays={name: w.delays for name, w in watches.items()}, lag=lagged,
             samples=samples)
     log(json.dumps(result))
     return result
