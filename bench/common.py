@@ -30,6 +30,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from bench import gcstats
+from bench.cpu import status_number
 from cdcsync import localpg
 
 
@@ -199,16 +200,6 @@ def to_toml(data: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _status_kb(pid: int, field: str) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 class RssSampler(threading.Thread):
     """Samples a process's VmRSS every ``interval`` seconds; ``peak_kb`` also folds in VmHWM."""
 
@@ -226,7 +217,7 @@ class RssSampler(threading.Thread):
 
     def sample(self) -> None:
         for field in ("VmRSS", "VmHWM"):
-            kb = _status_kb(self.pid, field)
+            kb = status_number(self.pid, field)
             if kb is not None:
                 self.peak_kb = max(self.peak_kb, kb)
 

@@ -40,17 +40,22 @@ def process_faults(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[7])
 
 
+def status_number(pid: int, field: str) -> int | None:
+    """The number a line of ``/proc/PID/status`` gives ``field`` (``VmRSS`` in kB, ``Threads``,
+    ...); None if the process is gone or has no such line."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def process_waits(pid: int) -> int | None:
     """How often ``pid`` gave the CPU up to wait (voluntary context switches): a walsender
     waits when its consumer's socket is full, a consumer when nothing has arrived."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    for line in status.splitlines():
-        if line.startswith("voluntary_ctxt_switches:"):
-            return int(line.split()[1])
-    return None
+    return status_number(pid, "voluntary_ctxt_switches")
 
 
 @dataclass(frozen=True)

@@ -125,8 +125,8 @@ class Writer(threading.Thread):
         self.transactions = 0
         self.markers = 0
         self.behind_max = 0.0  # the longest the writer fell behind its schedule
-        self.started = 0.0  # time.monotonic() of the first change; marker n is due n - 1
-        # marker intervals later
+        # time.monotonic() of the first change; marker n is due n - 1 marker intervals later.
+        self.started = 0.0
         self.error: BaseException | None = None
 
     def run(self) -> None:

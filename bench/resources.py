@@ -15,13 +15,12 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import psycopg
 
 from bench.common import connect
-from bench.cpu import process_seconds
+from bench.cpu import process_seconds, status_number
 
 RETAINED_WAL = ("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn) "
                 "FROM pg_replication_slots WHERE slot_name = %s")
@@ -47,14 +46,6 @@ class Sample:
         return fields
 
 
-def _status(pid: int) -> dict[str, str]:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return {}
-    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-
-
 class ResourceSampler(threading.Thread):
     """Samples the daemon ``pid`` (see the module docstring) until :meth:`finish`."""
 
@@ -78,20 +69,20 @@ class ResourceSampler(threading.Thread):
             self.error = exc
 
     def _sample(self, source: psycopg.Connection[Any], target: psycopg.Connection[Any]) -> None:
-        status = _status(self.pid)
+        rss_kb = status_number(self.pid, "VmRSS")
+        threads = status_number(self.pid, "Threads")
         cpu_s = process_seconds(self.pid)
         try:
             fds = len(os.listdir(f"/proc/{self.pid}/fd"))
         except OSError:
             return
-        if not status or cpu_s is None:
+        if rss_kb is None or threads is None or cpu_s is None:
             return
         retained = source.execute(RETAINED_WAL, (self.slot,)).fetchone()
         connections = target.execute(CONNECTIONS).fetchone()
         self.samples.append(Sample(
             at=time.monotonic(),
-            rss_mb=round(int(status["VmRSS"].split()[0]) / 1024, 1),
-            fds=fds, threads=int(status["Threads"]), cpu_s=cpu_s,
+            rss_mb=round(rss_kb / 1024, 1), fds=fds, threads=threads, cpu_s=cpu_s,
             target_connections=int(connections[0]) if connections else 0,
             retained_wal_mb=round(float(retained[0] or 0) / (1 << 20), 1) if retained else 0.0))
 
