@@ -17,6 +17,12 @@ configuration), to show what a user waits for. Finally one run with 100 rows cha
 shows the cost of finding differences. Medians are over ``--repeat`` runs; the load average
 before and after the series tells how busy the machine was.
 
+Before the runs it places each table's first-level ranges once, as the scheduled verification
+does at the start of each pass, and prints how many, the seconds and the peak of Python's
+allocations meanwhile (``tracemalloc``: the rows psycopg returns and what is built from them;
+libpq's own buffers are not counted). A daemon keeps the memory it frees for reuse
+(:mod:`cdcsync.allocator`), so that peak is memory a long-running daemon holds.
+
 Run: ``python -m bench.verify --rows 1000000 --repeat 5 [--json]``.
 """
 
@@ -29,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +55,7 @@ from cdcsync.config import Settings
 from cdcsync.source import catalog
 from cdcsync.verify import sql as q
 from cdcsync.verify.command import verify
+from cdcsync.verify.compare import TableVerifier
 from cdcsync.verify.sides import fetch, open_sides
 from cdcsync.verify.spec import table_spec
 from cdcsync.verify.sql import KeyRange
@@ -115,6 +123,27 @@ def hashing_pass(settings: Settings) -> float:
         return time.perf_counter() - started
 
 
+def ranges_cost(settings: Settings) -> dict[str, dict[str, float]]:
+    """Per table: its first-level ranges, the seconds to place them and Python's peak
+    allocation meanwhile, in KiB (see the module docstring)."""
+    out: dict[str, dict[str, float]] = {}
+    with open_sides(settings) as sides:
+        for table in catalog.selected_tables(sides.source, settings.tables):
+            verifier = TableVerifier(
+                sides, table_spec(sides.source, sides.target, settings, table), settings.verify)
+            tracemalloc.start()
+            started = time.perf_counter()
+            try:
+                ranges = verifier.ranges()
+                seconds = time.perf_counter() - started
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            out[table.name] = {"ranges": len(ranges), "seconds": round(seconds, 3),
+                               "python_peak_kib": round(peak / 1024)}
+    return out
+
+
 def command_seconds(config: Path) -> float:
     """Wall time of ``cdcsync verify --json`` as a new process, which must find the tables equal."""
     started = time.perf_counter()
@@ -166,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = Settings.model_validate({
                 "tables": tuple(f"public.{t}" for t in TABLES),
                 "source": {"dsn": source, "slot": "bench_verify"}, "target": {"dsn": target}})
+            ranges = ranges_cost(settings)
+            log(f"first-level ranges: {ranges}")
             load_before = os.getloadavg()[0]
             runs = []
             with tempfile.TemporaryDirectory(prefix="cdcsync-bench-verify-") as workdir:
@@ -195,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_average_before": load_before, "load_average_after": load_after,
         "one_seq_read_blocks": runs[0]["one_seq_read_blocks"],
         "with_100_differences_seconds": differing["seconds"],
+        **{f"ranges_{table}": cost for table, cost in ranges.items()},
     }
     summary["source_blocks_per_seq_read"] = (summary["median_source_blocks"]
                                              / summary["one_seq_read_blocks"])

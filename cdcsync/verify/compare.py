@@ -2,10 +2,10 @@
 
 Both servers first summarise the whole table at once (count and xor of row hashes): one sequential
 scan each, so a table in sync costs one hashing pass on each side and nothing more (no sample, no
-ranges). Only a table whose summaries differ is cut into key ranges, whose boundaries come from a
-block sample of the source, in key order. A range whose summaries differ is cut again, at every
-n-th key of its larger side, until it is small enough to list its keys with their row hashes and
-diff them.
+ranges). Only a table whose summaries differ is cut into key ranges, whose boundaries the source
+picks from a block sample of its pages, in key order. A range whose summaries differ is cut
+again, at every n-th key of its larger side, until it is small enough to list its keys with their
+row hashes and diff them.
 
 While ``cdcsync run`` holds the slot, a difference may just be a change in flight. Each differing
 key is then read again on the source, the target's checkpoint is awaited past the source's WAL
@@ -70,13 +70,11 @@ class TableVerifier:
         # the quantiles only when each range gets several sampled pages.
         percent = 100.0 if estimate < 0 else min(
             100.0, 100.0 * SAMPLE_PAGES_PER_RANGE * count / max(pages, 1))
-        sample = self.sides.on_source(fetch(q.sample_keys(self.spec.source, percent)))
-        if estimate < 0:
-            count = math.ceil(len(sample) / self.conf.range_rows)
         width = 1 if self.spec.bucketed else len(self.spec.key_columns)
-        keys = [tuple(str(v) for v in r[:width]) for r in sample]
-        bounds = [keys[len(keys) * i // count] for i in range(1, count)] if keys else []
-        return _split(KeyRange(None, None), bounds)
+        bounds = self.sides.on_source(fetch(q.sample_bounds(
+            self.spec.source, percent, count if estimate >= 0 else None, self.conf.range_rows,
+            width)))
+        return _split(KeyRange(None, None), [tuple(str(v) for v in b) for b in bounds])
 
     def compare_table(self, progress: Progress | None = None) -> Outcome:
         """Compare the whole table down to differing keys (see the module docstring)."""

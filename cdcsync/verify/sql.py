@@ -105,11 +105,26 @@ def keys_hashes(side: Side, keys: Sequence[Key]) -> Query:
     return query, [list(c) for c in columns]
 
 
-def sample_keys(side: Side, percent: float) -> Query:
-    """Keys of a block sample of the whole table, in key order (a few percent of its pages)."""
-    query = sql.SQL("SELECT {} FROM {} TABLESAMPLE SYSTEM (%s) REPEATABLE (0) ORDER BY {}").format(
-        _aliased(side), side.table, sql.SQL(", ").join(side.keys))
-    return query, [percent]
+def sample_bounds(side: Side, percent: float, parts: int | None, range_rows: int,
+                  width: int) -> Query:
+    """Keys cutting a block sample of the whole table (a few percent of its pages), in key order,
+    into ``parts`` runs of equal row counts, or into runs of ``range_rows`` sampled rows when
+    ``parts`` is None. Only the ``parts - 1`` bounds (their first ``width`` key columns) leave
+    the server: the sample itself grows with the table, and a client holding it would keep that
+    memory for as long as it runs.
+
+    The bound at 0-based position ``j`` of the ``n`` sampled keys is chosen when some ``i`` in
+    ``1 .. parts - 1`` has ``j == n * i // parts``: when ``ceil((j + 1) * parts / n)`` exceeds
+    both ``ceil(j * parts / n)`` and 1."""
+    query = sql.SQL(
+        "SELECT {} FROM (SELECT *, coalesce(%s::bigint, ceil(n / %s::numeric)::bigint) AS parts "
+        "FROM (SELECT {}, row_number() OVER (ORDER BY {}) AS rn, count(*) OVER () AS n "
+        "FROM {} TABLESAMPLE SYSTEM (%s) REPEATABLE (0)) s) t "
+        "WHERE (rn * parts + n - 1) / n > greatest(((rn - 1) * parts + n - 1) / n, 1) ORDER BY rn"
+    ).format(
+        sql.SQL(", ").join(sql.Identifier(f"k{i}") for i in range(width)),
+        _aliased(side), sql.SQL(", ").join(side.keys), side.table)
+    return query, [parts, range_rows, percent]
 
 
 def _aliased(side: Side) -> sql.Composed:

@@ -5,19 +5,26 @@ from __future__ import annotations
 import json
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql
 
 from cdcsync import admin
 from cdcsync.metrics import Metrics
+from cdcsync.source import catalog
+from cdcsync.verify import sql as q
 from cdcsync.verify.command import verify, verify_keys
+from cdcsync.verify.compare import TableVerifier
 from cdcsync.verify.job import ScheduledVerify
 from cdcsync.verify.report import Differences
+from cdcsync.verify.sides import Sides, fetch, open_sides
+from cdcsync.verify.spec import table_spec
 from tests.conftest import DbPair
 from tests.harness import (
     cli,
@@ -246,6 +253,56 @@ def test_verify_keys_checks_exactly_the_given_keys(pair: DbPair) -> None:
         _copy(pair, "items WHERE id IN (31, 32)", "copy_items",
               "id, qty, label, price, seen, updated_at")
     assert verify_keys(settings, "public.items", keys) == Differences()
+
+
+@contextmanager
+def _verifiers(pair: DbPair, range_rows: int) -> Iterator[tuple[Sides, dict[str, TableVerifier]]]:
+    settings = settings_for(pair, TABLES, table=OVERRIDES, verify={"range_rows": range_rows})
+    with open_sides(settings) as sides:
+        tables = catalog.selected_tables(sides.source, settings.tables)
+        yield sides, {t.qualified: TableVerifier(
+            sides, table_spec(sides.source, sides.target, settings, t), settings.verify)
+            for t in tables}
+
+
+@pytest.mark.parametrize(("table", "width"), [("public.items", 1), ("public.pairs", 1),
+                                                ("public.pairs", 2), ("public.words", 1)])
+def test_range_bounds_are_the_samples_quantiles(pair: DbPair, table: str, width: int) -> None:
+    """The source picks the bounds at positions ``n * i // parts`` of the sampled keys, as the
+    whole sample would give them, for every split from one part to more parts than keys; with
+    no number of parts, runs of ``range_rows`` sampled keys."""
+    with _verifiers(pair, 100) as (sides, verifiers):
+        side = verifiers[table].spec.source
+        # Aliased: ORDER BY would take a bare key name for the text column and sort as text.
+        every_key = sql.SQL("SELECT {} FROM {} ORDER BY {}").format(
+            sql.SQL(", ").join(sql.SQL("{} AS {}").format(t, sql.Identifier(f"k{i}"))
+                               for i, t in enumerate(side.key_texts)),
+            side.table, sql.SQL(", ").join(side.keys))
+        keys = [r[:width] for r in sides.on_source(fetch((every_key, [])))]
+        n = len(keys)
+
+        def bounds(parts: int | None, range_rows: int) -> list[tuple[Any, ...]]:
+            query = q.sample_bounds(side, 100.0, parts, range_rows, width)
+            return list(dict.fromkeys(sides.on_source(fetch(query))))
+
+        for parts in (1, 2, 7, 12, n - 1, n, n + 5):
+            expected = list(dict.fromkeys(keys[n * i // parts] for i in range(1, parts)))
+            assert bounds(parts, 100) == expected, (parts, n)
+        parts = -(-n // 250)
+        assert bounds(None, 250) == list(
+            dict.fromkeys(keys[n * i // parts] for i in range(1, parts)))
+
+
+def test_first_level_ranges_hold_about_range_rows(pair: DbPair) -> None:
+    """An analysed table of 12,000 rows in ranges of 1,000: twelve ranges covering every row,
+    none more than twice its share."""
+    with _verifiers(pair, 1_000) as (sides, verifiers):
+        side = verifiers["public.items"].spec.source
+        ranges = verifiers["public.items"].ranges()
+        counts = [int(r[1]) for r in sides.on_source(fetch(q.summaries(side, ranges)))]
+    assert len(ranges) == 12
+    assert sum(counts) == ROWS
+    assert max(counts) <= 2_000
 
 
 def test_progress_counts_every_range(pair: DbPair) -> None:
