@@ -13,7 +13,6 @@ from typing import Any
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from psycopg import sql
 
 from cdcsync import admin
 from cdcsync.metrics import Metrics
@@ -25,6 +24,7 @@ from cdcsync.verify.job import ScheduledVerify
 from cdcsync.verify.report import Differences
 from cdcsync.verify.sides import Sides, fetch, open_sides
 from cdcsync.verify.spec import table_spec
+from cdcsync.verify.sql import KeyRange
 from tests.conftest import DbPair
 from tests.harness import (
     cli,
@@ -273,24 +273,20 @@ def test_range_bounds_are_the_samples_quantiles(pair: DbPair, table: str, width:
     no number of parts, runs of ``range_rows`` sampled keys."""
     with _verifiers(pair, 100) as (sides, verifiers):
         side = verifiers[table].spec.source
-        # Aliased: ORDER BY would take a bare key name for the text column and sort as text.
-        every_key = sql.SQL("SELECT {} FROM {} ORDER BY {}").format(
-            sql.SQL(", ").join(sql.SQL("{} AS {}").format(t, sql.Identifier(f"k{i}"))
-                               for i, t in enumerate(side.key_texts)),
-            side.table, sql.SQL(", ").join(side.keys))
-        keys = [r[:width] for r in sides.on_source(fetch((every_key, [])))]
+        every_key = q.every_nth_key(side, KeyRange(None, None), 1)
+        keys = [r[:width] for r in sides.on_source(fetch(every_key))]
         n = len(keys)
+
+        def expected(parts: int) -> list[tuple[Any, ...]]:
+            return list(dict.fromkeys(keys[n * i // parts] for i in range(1, parts)))
 
         def bounds(parts: int | None, range_rows: int) -> list[tuple[Any, ...]]:
             query = q.sample_bounds(side, 100.0, parts, range_rows, width)
             return list(dict.fromkeys(sides.on_source(fetch(query))))
 
         for parts in (1, 2, 7, 12, n - 1, n, n + 5):
-            expected = list(dict.fromkeys(keys[n * i // parts] for i in range(1, parts)))
-            assert bounds(parts, 100) == expected, (parts, n)
-        parts = -(-n // 250)
-        assert bounds(None, 250) == list(
-            dict.fromkeys(keys[n * i // parts] for i in range(1, parts)))
+            assert bounds(parts, 100) == expected(parts), (parts, n)
+        assert bounds(None, 250) == expected(-(-n // 250))
 
 
 def test_first_level_ranges_hold_about_range_rows(pair: DbPair) -> None:
