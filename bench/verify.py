@@ -23,7 +23,12 @@ allocations meanwhile (``tracemalloc``: the rows psycopg returns and what is bui
 libpq's own buffers are not counted). A daemon keeps the memory it frees for reuse
 (:mod:`cdcsync.allocator`), so that peak is memory a long-running daemon holds.
 
-Run: ``python -m bench.verify --rows 1000000 --repeat 5 [--json]``.
+Last, one pass of the scheduled verification (``[verify] sample_ranges`` 4) over ``orders``,
+during which ``--appended`` rows are added above its greatest key on both sides, as a table with
+ascending keys grows: the seconds of each of the pass's runs, whose slowest should cost about what
+the others do.
+
+Run: ``python -m bench.verify --rows 1000000 --repeat 5 [--appended N] [--json]``.
 """
 
 from __future__ import annotations
@@ -52,10 +57,12 @@ from bench.common import (
     to_toml,
 )
 from cdcsync.config import Settings
+from cdcsync.metrics import Metrics
 from cdcsync.source import catalog
 from cdcsync.verify import sql as q
 from cdcsync.verify.command import verify
 from cdcsync.verify.compare import TableVerifier
+from cdcsync.verify.job import ScheduledVerify
 from cdcsync.verify.sides import fetch, open_sides
 from cdcsync.verify.spec import table_spec
 from cdcsync.verify.sql import KeyRange
@@ -74,6 +81,10 @@ INSERT INTO orders SELECT g, g % 5000, (g % 100000) / 100.0,
     now() FROM generate_series(1, {rows}) g;
 INSERT INTO events SELECT g / 100, g % 100, 'kind ' || g % 7, md5(g::text),
     '2024-01-01'::timestamptz + g * interval '1 second' FROM generate_series(1, {rows}) g;
+"""
+APPEND = """
+INSERT INTO orders SELECT m + g, g % 5000, 1, 'new', '2025-01-01'::timestamptz + g * interval '1 s',
+    '2025-01-01' FROM (SELECT max(id) AS m FROM orders) t, generate_series(1, {appended}) g
 """
 STATIO = """
 SELECT sum(coalesce(heap_blks_read, 0) + coalesce(heap_blks_hit, 0)
@@ -144,6 +155,28 @@ def ranges_cost(settings: Settings) -> dict[str, dict[str, float]]:
     return out
 
 
+def scheduled_pass(settings: Settings, source: str, target: str, appended: int) -> list[float]:
+    """Seconds of each run of one scheduled pass over ``orders``, ``appended`` rows being added
+    on both sides after its first run."""
+    ended: list[float] = []  # the job reads its clock only to stamp a full pass
+
+    def stamp() -> float:
+        ended.append(time.time())
+        return ended[-1]
+
+    only_orders = settings.model_copy(update={"tables": ("public.orders",)})
+    job = ScheduledVerify(only_orders, Metrics("bench_verify"), clock=stamp)
+    seconds: list[float] = []
+    while not ended:
+        started = time.perf_counter()
+        job.run()
+        seconds.append(time.perf_counter() - started)
+        if len(seconds) == 1:
+            for dsn in (source, target):
+                execute(dsn, APPEND.format(appended=appended))
+    return seconds
+
+
 def command_seconds(config: Path) -> float:
     """Wall time of ``cdcsync verify --json`` as a new process, which must find the tables equal."""
     started = time.perf_counter()
@@ -177,6 +210,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows per table")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--appended", type=int,
+                        help="rows added during the scheduled pass (default: half of --rows)")
     parser.add_argument("--source-dsn", help="an existing source server (admin DSN)")
     parser.add_argument("--target-dsn", help="an existing target server (admin DSN)")
     parser.add_argument("--json", action="store_true")
@@ -211,6 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             execute(target, "UPDATE orders SET amount = amount + 1 WHERE id % 10000 = 0")
             differing = run_once(settings, source, target)
             log(f"with {differing['differences']} differences: {differing}")
+            execute(target, "UPDATE orders SET amount = amount - 1 WHERE id % 10000 = 0")
+            appended = args.rows // 2 if args.appended is None else args.appended
+            pass_runs = scheduled_pass(settings, source, target, appended)
+            log(f"scheduled pass, {appended} rows appended after its first run: {pass_runs}")
     except (BenchError, psycopg.Error) as exc:
         log(f"bench failed: {exc}")
         return 1
@@ -227,6 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "one_seq_read_blocks": runs[0]["one_seq_read_blocks"],
         "with_100_differences_seconds": differing["seconds"],
         **{f"ranges_{table}": cost for table, cost in ranges.items()},
+        "scheduled_pass_runs": len(pass_runs),
+        "scheduled_pass_median_run_seconds": median(pass_runs),
+        "scheduled_pass_slowest_run_seconds": max(pass_runs),
     }
     summary["source_blocks_per_seq_read"] = (summary["median_source_blocks"]
                                              / summary["one_seq_read_blocks"])

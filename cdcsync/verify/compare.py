@@ -76,6 +76,16 @@ class TableVerifier:
             width)))
         return _split(KeyRange(None, None), [tuple(str(v) for v in b) for b in bounds])
 
+    def top(self) -> Key | None:
+        """The greatest key on either side, or None when both tables are empty."""
+        src, tgt = self.sides.both(fetch(q.last_key(self.spec.source)),
+                                   fetch(q.last_key(self.spec.target)))
+        keys = [tuple(str(v) for v in rows[0]) for rows in (src, tgt) if rows]
+        if len(keys) < 2:
+            return keys[0] if keys else None
+        ((source_first,),) = self.sides.on_source(fetch(q.precedes(self.spec.source, *keys)))
+        return keys[1] if source_first else keys[0]
+
     def compare_table(self, progress: Progress | None = None) -> Outcome:
         """Compare the whole table down to differing keys (see the module docstring)."""
         whole = KeyRange(None, None)
@@ -209,7 +219,8 @@ def _split(key_range: KeyRange, bounds: Sequence[Key]) -> list[KeyRange]:
         edges = edges[1:]
     lows: list[Key | None] = [key_range.lo, *edges]
     highs: list[Key | None] = [*edges, key_range.hi]
-    return [KeyRange(lo, hi) for lo, hi in zip(lows, highs, strict=True)]
+    closed = [False] * len(edges) + [key_range.closed]
+    return [KeyRange(lo, hi, c) for lo, hi, c in zip(lows, highs, closed, strict=True)]
 
 
 def _hashes(rows: Sequence[tuple[Any, ...]]) -> dict[Key, int]:

@@ -2,6 +2,11 @@
 selected table, so that over successive runs every range is compared (a full pass) at a bounded
 cost per run. Ranges are sampled afresh at the start of each table's pass.
 
+A pass that takes more than one run ends at the greatest key either side holds at its start: keys
+inserted above it during the pass are left to the next pass, which samples them. Left open, the
+last range would collect every row appended since the pass began (a table with ascending keys
+appends there), and the run reaching it would cost as much as the pass's whole growth.
+
 ``cdcsync_verify_differences{table}`` shows the differences of the table's last full pass, or more
 as soon as the pass under way has found more: a known difference is never hidden before a whole
 pass has shown it gone. ``cdcsync_verify_last_full_pass_timestamp_seconds`` is set when every
@@ -23,6 +28,15 @@ from cdcsync.verify.compare import TableVerifier
 from cdcsync.verify.sides import open_sides
 from cdcsync.verify.spec import table_spec
 from cdcsync.verify.sql import KeyRange
+
+
+def _pass_ranges(verifier: TableVerifier, per_run: int) -> list[KeyRange]:
+    """The table's ranges for a new pass, closed at the greatest key if it spans several runs."""
+    ranges = verifier.ranges()
+    top = verifier.top() if len(ranges) > per_run else None
+    if top is not None:
+        ranges[-1] = KeyRange(ranges[-1].lo, top, closed=True)
+    return ranges
 
 
 @dataclass
@@ -56,7 +70,8 @@ class ScheduledVerify:
                 state = self._passes.get(table.qualified)
                 if state is None or state.done:
                     previous = state.found if state is not None else None
-                    state = _TablePass(verifier.ranges(), last_full_pass=previous)
+                    state = _TablePass(_pass_ranges(verifier, self.settings.verify.sample_ranges),
+                                       last_full_pass=previous)
                     self._passes[table.qualified] = state
                 chosen = state.ranges[state.next_range:
                                       state.next_range + self.settings.verify.sample_ranges]

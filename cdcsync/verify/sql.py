@@ -25,11 +25,13 @@ Query = tuple[sql.Composed, list[object]]
 
 @dataclass(frozen=True, slots=True)
 class KeyRange:
-    """Keys ``lo <= key < hi``; ``None`` is unbounded on that end. A bound may be a prefix of the
-    key (its first columns): ``(7,)`` then stands for the smallest key starting with 7."""
+    """Keys ``lo <= key < hi``, or ``lo <= key <= hi`` when ``closed``; ``None`` is unbounded on
+    that end. A bound may be a prefix of the key (its first columns): ``(7,)`` then stands for the
+    smallest key starting with 7."""
 
     lo: Key | None
     hi: Key | None
+    closed: bool = False
 
 
 def row_hash(side: Side) -> sql.Composed:
@@ -56,7 +58,8 @@ def condition(side: Side, key_range: KeyRange) -> Query:
     orders keys)."""
     parts: list[sql.Composable] = []
     params: list[object] = []
-    for bound, operator in ((key_range.lo, ">="), (key_range.hi, "<")):
+    upper = "<=" if key_range.closed else "<"
+    for bound, operator in ((key_range.lo, ">="), (key_range.hi, upper)):
         if bound is not None:
             parts.append(sql.SQL("{} {} {}").format(
                 _key_tuple(side, len(bound)), sql.SQL(operator), _param_tuple(side, len(bound))))
@@ -132,6 +135,21 @@ def _aliased(side: Side) -> sql.Composed:
     # same name and sort keys as text.
     return sql.SQL(", ").join(sql.SQL("{} AS {}").format(t, sql.Identifier(f"k{i}"))
                               for i, t in enumerate(side.key_texts))
+
+
+def last_key(side: Side) -> Query:
+    """The greatest key of the table (no row if it is empty), read backwards from the index."""
+    query = sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 1").format(
+        _aliased(side), side.table,
+        sql.SQL(", ").join(sql.SQL("{} DESC").format(k) for k in side.keys))
+    return query, []
+
+
+def precedes(side: Side, first: Key, second: Key) -> Query:
+    """Whether key ``first`` sorts before key ``second`` on ``side``."""
+    query = sql.SQL("SELECT {} < {}").format(_param_tuple(side, len(first)),
+                                             _param_tuple(side, len(second)))
+    return query, [*first, *second]
 
 
 def every_nth_key(side: Side, key_range: KeyRange, step: int) -> Query:

@@ -401,3 +401,41 @@ def test_scheduled_verification_rotates_through_ranges(pair: DbPair) -> None:
         }
     finally:
         _copy(pair, "words WHERE c = 450", "words")
+
+
+def _full_pass(job: ScheduledVerify, metrics: Metrics) -> tuple[int, float]:
+    """Run ``job`` until it stamps a full pass: the runs it took and the differences it shows."""
+    stamp = _gauges(metrics).get("cdcsync_verify_last_full_pass_timestamp_seconds")
+    for runs in range(1, 20):
+        job.run()
+        gauges = _gauges(metrics)
+        if gauges.get("cdcsync_verify_last_full_pass_timestamp_seconds") != stamp:
+            return runs, gauges["cdcsync_verify_differences[public.appended]"]
+    raise AssertionError("no full pass in 19 runs")
+
+
+def test_a_scheduled_pass_ends_at_the_greatest_key_at_its_start(pair: DbPair) -> None:
+    """Rows appended during a pass are left to the next pass instead of swelling its last range;
+    the greatest key at the start, here a row only the target holds, is compared."""
+    table = "CREATE TABLE appended (id bigint PRIMARY KEY, v text)"
+    execute(pair.source_dsn, table, "INSERT INTO appended SELECT g, md5(g::text) "
+                                    "FROM generate_series(1, 40000) g", "ANALYZE appended")
+    execute(pair.target_dsn, table)
+    _copy(pair, "appended", "appended")
+    execute(pair.target_dsn, "INSERT INTO appended VALUES (50000, 'only on the target')")
+    runs = iter(range(1, 100))
+    try:
+        # 10,000-row ranges are cut again (more than 5,000 rows), the closed one too.
+        settings = settings_for(pair, ("public.appended",),
+                                verify={"range_rows": 10_000, "sample_ranges": 1})
+        metrics = Metrics(pair.slot)
+        job = ScheduledVerify(settings, metrics, clock=lambda: float(next(runs)))
+        job.run()
+        execute(pair.source_dsn, "INSERT INTO appended SELECT g, 'new' "
+                                 "FROM generate_series(50001, 60000) g")
+        first_runs, first = _full_pass(job, metrics)
+        assert (1 + first_runs, first) == (4, 1.0)
+        assert _full_pass(job, metrics)[1] == 10_001.0
+    finally:
+        for dsn in (pair.source_dsn, pair.target_dsn):
+            execute(dsn, "DROP TABLE appended")

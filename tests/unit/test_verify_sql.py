@@ -58,6 +58,15 @@ def test_a_prefix_bound_compares_the_leading_key_columns() -> None:
     assert params == ["eu", "us", "3"]
 
 
+def test_a_closed_range_holds_its_upper_bound() -> None:
+    """A closed range compares its upper bound with <=, and only the last of its parts is closed."""
+    closed = KeyRange(("eu",), ("us", "3"), closed=True)
+    assert condition(SIDE, closed)[0].as_string(None).endswith(
+        '("region", "n") <= (%s::text, %s::integer)')
+    assert _split(closed, [("fr",)]) == [KeyRange(("eu",), ("fr",)),
+                                          KeyRange(("fr",), ("us", "3"), closed=True)]
+
+
 def test_split_drops_repeated_bounds() -> None:
     """Cutting at repeated bounds, or at the range's own start, makes no empty range."""
     parts = _split(KeyRange(("a",), None), [("a",), ("c",), ("c",), ("f",)])
