@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -72,7 +73,8 @@ class Jobs:
             # be draining, and the verifier's modules cost about 20 ms of CPU.
             from cdcsync.verify.job import ScheduledVerify  # noqa: PLC0415
 
-            self._scheduler.add_job(ScheduledVerify(self.settings, self.metrics).run, "interval",
+            scheduled = ScheduledVerify(self.settings, self.metrics, consuming=True)
+            self._scheduler.add_job(self.verify, "interval", args=(scheduled.run,),
                                     seconds=self.settings.verify.interval_s, id="verify",
                                     max_instances=1, coalesce=True)
         self._scheduler.add_job(self.observe, "interval",
@@ -95,6 +97,14 @@ class Jobs:
         with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10) as conn:
             conn.execute("SELECT pg_logical_emit_message(true, %s, now()::text)",
                          (HEARTBEAT_PREFIX,))
+
+    def verify(self, run: Callable[[], None]) -> None:
+        """The scheduled verification, while this process streams the slot or reconnects to
+        stream it again. Not before its snapshot is done (the target is still being filled), nor
+        in a standby (the active process verifies), nor once halted or stopping (the checkpoint
+        it would await no longer moves)."""
+        if self.health.state in ("streaming", "reconnecting"):
+            run()
 
     def observe(self) -> None:
         """Lag, slot statistics and every alert threshold, from one look at the source."""

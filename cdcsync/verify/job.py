@@ -58,11 +58,14 @@ class ScheduledVerify:
     settings: Settings
     metrics: Metrics
     clock: Callable[[], float] = time.time
+    # Whether this process streams the slot, as the daemon that schedules the job does: a
+    # difference is then always awaited past the checkpoint, even while the daemon reconnects.
+    consuming: bool = False
     _passes: dict[str, _TablePass] = field(default_factory=dict)
 
     def run(self) -> None:
         slot = self.settings.source.slot
-        with open_sides(self.settings) as sides:
+        with open_sides(self.settings, self.consuming) as sides:
             tables = sides.on_source(lambda c: catalog.selected_tables(c, self.settings.tables))
             for table in tables:
                 spec = table_spec(sides.source, sides.target, self.settings, table)

@@ -53,6 +53,9 @@ class Sides:
     slot: str
     _source_thread: ThreadPoolExecutor
     _target_thread: ThreadPoolExecutor
+    # This process streams the slot (the daemon's own scheduled verification): changes may be
+    # in flight even while it reconnects, holding neither the slot nor its lock.
+    consuming: bool = False
 
     def both(self, on_source: Callable[[Conn], T], on_target: Callable[[Conn], U]
              ) -> tuple[T, U]:
@@ -70,7 +73,9 @@ class Sides:
     def streaming(self) -> bool:
         """Whether changes may be in flight to the target: a consumer holds the slot, or a
         cdcsync process holds the slot's lock on the target (it may be between two connections
-        to the source, reconnecting after a fault)."""
+        to the source, reconnecting after a fault), or this process is the consumer."""
+        if self.consuming:
+            return True
         row = self.on_source(lambda c: c.execute(_SLOT_ACTIVE_SQL, (self.slot,)).fetchone())
         if row and row[0]:
             return True
@@ -112,7 +117,7 @@ def source_lsn(conn: Conn) -> Lsn:
 
 
 @contextmanager
-def open_sides(settings: Settings) -> Iterator[Sides]:
+def open_sides(settings: Settings, consuming: bool = False) -> Iterator[Sides]:
     with ExitStack() as stack:
         conns = []
         for side, dsn in (("source", settings.source.dsn), ("target", settings.target.dsn)):
@@ -125,7 +130,7 @@ def open_sides(settings: Settings) -> Iterator[Sides]:
             conns.append(stack.enter_context(conn))
         threads = [stack.enter_context(ThreadPoolExecutor(1, f"verify-{n}"))
                    for n in ("source", "target")]
-        yield Sides(conns[0], conns[1], settings.source.slot, threads[0], threads[1])
+        yield Sides(conns[0], conns[1], settings.source.slot, threads[0], threads[1], consuming)
 
 
 def fetch(query: tuple[sql.Composed, list[object]]) -> Callable[[Conn], list[tuple[Any, ...]]]:

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cdcsync import admin
+from cdcsync.errors import VerifyError
 from cdcsync.metrics import Metrics
 from cdcsync.source import catalog
 from cdcsync.verify import sql as q
@@ -401,6 +402,28 @@ def test_scheduled_verification_rotates_through_ranges(pair: DbPair) -> None:
         }
     finally:
         _copy(pair, "words WHERE c = 450", "words")
+
+
+def test_the_daemons_own_verification_awaits_changes_in_flight(dbpair_factory: Any) -> None:
+    """The daemon's scheduled verification treats a difference as a change in flight even when
+    neither the slot nor its lock is held, as while the daemon reconnects after a target restart:
+    it awaits the checkpoint and fails, saying so, rather than report an unapplied change."""
+    with dbpair_factory("verify_consuming") as live:
+        execute(live.source_dsn, "CREATE TABLE live (id int PRIMARY KEY, v int, "
+                                 "updated_at timestamptz NOT NULL DEFAULT now())")
+        settings = settings_for(live, ("public.live",), verify={"catchup_timeout_s": 1})
+        admin.setup(settings, create_tables=True)
+        with running(settings) as runner:
+            execute(live.source_dsn, "INSERT INTO live (id, v) SELECT g, 0 "
+                                     "FROM generate_series(1, 100) g")
+            wait_for(converged(live, ["public.live"]), runner=runner, timeout=60)
+        execute(live.source_dsn, "UPDATE live SET v = 1 WHERE id = 7")
+        metrics = Metrics(live.slot)
+        with pytest.raises(VerifyError, match="did not reach the source position"):
+            ScheduledVerify(settings, metrics, consuming=True).run()
+        assert "cdcsync_verify_differences[public.live]" not in _gauges(metrics)
+        ScheduledVerify(settings, metrics).run()  # nothing streams: the difference stands
+        assert _gauges(metrics)["cdcsync_verify_differences[public.live]"] == 1.0
 
 
 def _full_pass(job: ScheduledVerify, metrics: Metrics) -> tuple[int, float]:

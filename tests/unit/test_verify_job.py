@@ -26,7 +26,9 @@ def _failed_jobs(interval_s: float, caplog: pytest.LogCaptureFixture) -> set[str
         "tables": ("a.b",), "source": {"dsn": dsn, "slot": slot, "heartbeat_interval_s": 0},
         "target": {"dsn": dsn}, "alerts": {"check_interval_s": 0.2},
         "verify": {"interval_s": interval_s}})
-    jobs = Jobs(settings, Progress(), Metrics("s"), Health(),
+    health = Health()
+    health.set_state("streaming")
+    jobs = Jobs(settings, Progress(), Metrics("s"), health,
                 Alerter(Thresholds(), slot="s", sentry=False))
     caplog.set_level(logging.WARNING, logger="cdcsync")
     logging.getLogger("cdcsync").propagate = True
@@ -52,3 +54,20 @@ def test_verify_job_runs_only_when_configured(caplog: pytest.LogCaptureFixture,
                                               interval_s: float, expected: set[str]) -> None:
     """With the source unreachable every job fails, which shows which jobs are scheduled."""
     assert _failed_jobs(interval_s, caplog) == expected
+
+
+@pytest.mark.parametrize(("state", "runs"), [
+    ("streaming", 1), ("reconnecting", 1), ("starting", 0), ("snapshotting", 0), ("standby", 0),
+    ("halted", 0), ("stopping", 0)])
+def test_verify_runs_while_the_process_streams_or_reconnects(state: str, runs: int) -> None:
+    """Not during the snapshot, in a standby, or once halted or stopping."""
+    settings = Settings.model_validate({
+        "tables": ("a.b",), "source": {"dsn": "host=h dbname=x", "slot": "s"},
+        "target": {"dsn": "host=h dbname=x"}})
+    health = Health()
+    health.set_state(state)
+    jobs = Jobs(settings, Progress(), Metrics("s"), health,
+                Alerter(Thresholds(), slot="s", sentry=False))
+    calls: list[str] = []
+    jobs.verify(lambda: calls.append(state))
+    assert len(calls) == runs
