@@ -36,6 +36,7 @@ class SourceSettings(_Section):
     binary: bool = True
     status_interval_s: float = Field(default=10.0, gt=0, le=60)
     heartbeat_interval_s: float = Field(default=10.0, ge=0)
+    receive_timeout_s: float = Field(default=60.0, ge=0)
 
     @field_validator("slot")
     @classmethod

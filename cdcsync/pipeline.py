@@ -409,6 +409,7 @@ class Pipeline:
         stream = adopted or ReplicationStream(
             self.settings.source.dsn.get_secret_value(), slot,
             status_interval_s=self.settings.source.status_interval_s)
+        stream.receive_timeout_s = self.settings.source.receive_timeout_s
         try:
             with self.pool.connection() as conn:
                 if saved is None:

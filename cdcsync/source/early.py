@@ -70,7 +70,8 @@ def _spec(settings: Settings) -> _Spec:
 # slot than the default this reading would assume, so it opens nothing; a key added there and not
 # here only delays the stream until the settings are validated.
 _SOURCE_KEYS: Final = frozenset({"dsn", "slot", "publication", "decoder", "binary",
-                                 "status_interval_s", "heartbeat_interval_s"})
+                                 "status_interval_s", "heartbeat_interval_s",
+                                 "receive_timeout_s"})
 
 
 def _unvalidated_spec(source: dict[str, Any]) -> _Spec | None:

@@ -97,12 +97,19 @@ class ReplicationStream:
     """One logical slot streamed over one replication connection; not thread-safe."""
 
     def __init__(self, dsn: str, slot: str, *, status_interval_s: float = 10.0,
-                 batched: bool = True) -> None:
+                 batched: bool = True, receive_timeout_s: float = 0.0) -> None:
         self._dsn = with_session_options(dsn, "cdcsync")
         self._batched = batched
         self._take: Take | None = None
         self.slot = slot
         self._status_interval_s = status_interval_s
+        # A connection that died without a reset (a host gone, a NAT's entry dropped) stays
+        # silent: after half of this without a byte while waiting on it, the walsender is asked
+        # for a reply; after all of it, the connection counts as lost. 0: wait forever. Settable
+        # after the start, for the stream opened before the configuration was validated.
+        self.receive_timeout_s = receive_timeout_s
+        self._silent_s = 0.0  # spent waiting on the socket since the last byte came
+        self._pinged = False
         self._conn: psycopg.Connection[TupleRow] | None = None
         self._confirmed = Lsn(0)
         self._reported = Lsn(0)
@@ -155,6 +162,7 @@ class ReplicationStream:
             self._take = batch_reader()
         self._confirmed = max(self._confirmed, start_lsn)
         self._last_status = time.monotonic()
+        self._silent_s, self._pinged = 0.0, False
 
     @property
     def last_start(self) -> Lsn:
@@ -192,10 +200,13 @@ class ReplicationStream:
             if waited:
                 return
             trickling = self._haul < _TRICKLE_BYTES
+            before = time.monotonic()
             readable, _, _ = select.select([pgconn.socket], [], [], timeout_s)
             waited = True
             if not readable:
+                self._silence(time.monotonic() - before)
                 return
+            self._silent_s, self._pinged = 0.0, False
             if trickling and time.monotonic() - self._woke_at < _TRICKLE_GAP_S:
                 time.sleep(_GATHER_S)
             self._woke_at = time.monotonic()
@@ -204,6 +215,23 @@ class ReplicationStream:
                 pgconn.consume_input()
             except psycopg.Error as exc:
                 raise ConnectionLost(f"replication stream failed: {exc}") from exc
+
+    def _silence(self, seconds: float) -> None:
+        """Count ``seconds`` more of waiting for nothing; ping, then give up (see __init__).
+        Only time spent waiting counts: while the reader is held back, the walsender waits for
+        it, not the other way round."""
+        self._silent_s += seconds
+        limit = self.receive_timeout_s
+        if limit <= 0:
+            return
+        if self._silent_s >= limit:
+            raise ConnectionLost(
+                f"the source sent nothing for {self._silent_s:.0f} s, not even an answer to a "
+                "status update asking for one: the connection is presumed dead "
+                "([source] receive_timeout_s)")
+        if self._silent_s >= limit / 2 and not self._pinged:
+            self.send_status(reply=True)
+            self._pinged = True
 
     def _messages(self, pgconn: pq.abc.PGconn) -> tuple[list[bytes], int]:
         """Messages libpq holds now, and what its last PQgetCopyData returned (see
@@ -248,10 +276,11 @@ class ReplicationStream:
         if since >= self._status_interval_s or (self._confirmed > self._reported and since >= 1):
             self.send_status()
 
-    def send_status(self) -> None:
+    def send_status(self, reply: bool = False) -> None:
+        """Report the confirmed position; with ``reply``, ask the walsender to answer at once."""
         pgconn = self._require()
         lsn = self._confirmed
-        message = _STATUS.pack(b"r", lsn, lsn, lsn, _now_pg_us(), 0)
+        message = _STATUS.pack(b"r", lsn, lsn, lsn, _now_pg_us(), int(reply))
         try:
             pgconn.put_copy_data(message)
             libpq.flush(pgconn)

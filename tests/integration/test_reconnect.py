@@ -7,7 +7,9 @@ import time
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from bench.relay import Relay
 from cdcsync import daemon
 from cdcsync.errors import PrerequisiteError
 from cdcsync.model import Lsn
@@ -67,6 +69,37 @@ def test_walsender_terminated_is_survived(pair: DbPair) -> None:
                          "WHERE slot_name = %s", (pair.slot,))
         _insert(pair.source_dsn, 2011, 10)
         wait_for(converged(pair, ["public.t"]), runner=runner, timeout=30, what="reconnect")
+
+
+def test_a_silent_source_connection_is_given_up(pair: DbPair,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """The link to the source stalls with its connections kept (no reset, as when a host or a
+    NAT's entry vanishes): past [source] receive_timeout_s without a byte, the walsender having
+    been asked to answer, the daemon gives the connection up and streams again once it can. An
+    idle stream on a live link is kept: the walsender answers the question."""
+
+    def given_up() -> bool:
+        return any("the source sent nothing for 2 s" in str(
+            getattr(r, "cdcsync_fields", {}).get("error")) for r in caplog.records)
+
+    port = int(conninfo_to_dict(pair.source_dsn)["port"] or 5432)
+    with Relay(port, 0.0) as relay:
+        through = make_conninfo(pair.source_dsn, host="127.0.0.1", port=relay.port)
+        settings = settings_for(pair, source={"dsn": through, "receive_timeout_s": 2,
+                                              "heartbeat_interval_s": 0})
+        with running(settings) as runner:
+            _insert(pair.source_dsn, 2501, 10)
+            wait_for(converged(pair, ["public.t"]), runner=runner)
+            time.sleep(5)  # idle, nothing to stream: two and a half timeouts
+            assert not given_up()
+            relay.stall()
+            try:
+                wait_for(given_up, timeout=20, what="the silent connection given up",
+                         runner=runner)
+            finally:
+                relay.resume()
+            _insert(pair.source_dsn, 2511, 10)
+            wait_for(converged(pair, ["public.t"]), runner=runner, timeout=60, what="reconnect")
 
 
 def test_target_that_lost_applied_changes_is_refused(pair: DbPair) -> None:
