@@ -10,7 +10,12 @@ in a shuffled order, each after a random pause:
 * ``source_restart``: the same on the source;
 * ``walsender``: ``pg_terminate_backend`` of the walsender holding the slot;
 * ``target_hang``: SIGSTOP the target postmaster and all its backends for ``hang_s`` seconds,
-  then SIGCONT: the target's sockets stay open and silent, so only timeouts can notice.
+  then SIGCONT: the target's sockets stay open and silent, so only timeouts can notice;
+* ``source_stall``: the link between the daemon and the source stops carrying bytes for
+  ``hang_s`` seconds, its connections kept (the daemon reaches the source through a relay,
+  :mod:`bench.relay`, which stalls): the source itself goes on, its writers too. The daemon's
+  ``[source] receive_timeout_s`` is half the stall, so it must notice the silence, give the
+  connection up and stream again once the link returns.
 
 After each fault the source's WAL insert position is read as soon as the fault is over (servers
 answering, daemon restarted); "caught up" is the target checkpoint reaching it, and the recovery
@@ -47,14 +52,16 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from bench.common import to_toml
+from bench.relay import Relay
 from cdcsync import admin, localpg
 from cdcsync.config import Settings
 from cdcsync.keyrange import Key
 from cdcsync.verify.command import verify, verify_keys
 
-KINDS = ("kill9", "target_restart", "source_restart", "walsender", "target_hang")
+KINDS = ("kill9", "target_restart", "source_restart", "walsender", "target_hang", "source_stall")
 TABLES = ("public.accounts", "public.orders", "public.events")
 SCHEMA = """
 CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL, note text,
@@ -262,9 +269,10 @@ class Chaos:
     """Injects faults into one source/target cluster pair replicated by one daemon."""
 
     def __init__(self, settings: Settings, daemon: DaemonProcess, source: localpg.LocalCluster,
-                 target: localpg.LocalCluster, *, hang_s: float, catchup_timeout_s: float = 120.0,
-                 gap_s: tuple[float, float] = (0.3, 1.5), seed: int = 9) -> None:
-        self.settings, self.daemon = settings, daemon
+                 target: localpg.LocalCluster, source_link: Relay, *, hang_s: float,
+                 catchup_timeout_s: float = 120.0, gap_s: tuple[float, float] = (0.3, 1.5),
+                 seed: int = 9) -> None:
+        self.settings, self.daemon, self.source_link = settings, daemon, source_link
         self.source, self.target = source, target
         self.hang_s, self.catchup_timeout_s, self.gap_s = hang_s, catchup_timeout_s, gap_s
         self.rng = random.Random(seed)
@@ -372,6 +380,12 @@ class Chaos:
                 time.sleep(self.hang_s)
             finally:
                 _signal_all(pids, signal.SIGCONT)
+        elif kind == "source_stall":
+            self.source_link.stall()
+            try:
+                time.sleep(self.hang_s)
+            finally:
+                self.source_link.resume()
         else:
             raise ValueError(kind)
 
@@ -433,12 +447,19 @@ class Chaos:
 
 # --- the benchmark --------------------------------------------------------------------------------
 
+def daemon_source(dsn: str, link: Relay, hang_s: float) -> dict[str, Any]:
+    """The daemon's ``[source]`` DSN and receive timeout: through ``link`` (see source_stall)."""
+    return {"dsn": make_conninfo(dsn, host="127.0.0.1", port=link.port),
+            "receive_timeout_s": hang_s / 2}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-kind", type=int, default=10, help="faults of each kind")
     parser.add_argument("--hang-s", type=float, default=15.0,
-                        help="how long the target stays stopped (SIGSTOP) per target_hang")
+                        help="how long the target stays stopped (SIGSTOP) per target_hang, "
+                             "and the link to the source per source_stall")
     parser.add_argument("--catchup-timeout", type=float, default=180.0)
     parser.add_argument("--seed", type=int, default=9)
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
@@ -448,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tmp = args.workdir or tempfile.mkdtemp(prefix="cdcsync-chaos-")
     Path(tmp).mkdir(parents=True, exist_ok=True)
-    with localpg.local_clusters() as (source, target):
+    with localpg.local_clusters() as (source, target), Relay(source.port, 0.0) as link:
         for cluster, dbname in ((source, "chaos"), (target, "chaos")):
             with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
                 conn.execute(f"CREATE DATABASE {dbname}".encode())
@@ -456,12 +477,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             conn.execute(SCHEMA.encode())
         config: dict[str, Any] = {
             "tables": list(TABLES),
-            "source": {"dsn": source.dsn("chaos"), "slot": "chaos", "publication": "chaos"},
+            "source": {**daemon_source(source.dsn("chaos"), link, args.hang_s), "slot": "chaos",
+                       "publication": "chaos"},
             "target": {"dsn": target.dsn("chaos")},
             "http": {"listen": "127.0.0.1:0"},
             "log": {"format": "json"},
         }
-        settings = Settings(**config)
+        # The bench itself (setup, verify, catching up) reaches the source directly.
+        settings = Settings(**{**config, "source": {**config["source"],
+                                                     "dsn": source.dsn("chaos")}})
         admin.setup(settings, create_tables=True)
         config_path = Path(tmp) / "cdcsync.toml"
         config_path.write_text(to_toml(config))
@@ -469,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workload = Workload(source.dsn("chaos"))
         workload.start()
         daemon.start()
-        chaos = Chaos(settings, daemon, source, target, hang_s=args.hang_s,
+        chaos = Chaos(settings, daemon, source, target, link, hang_s=args.hang_s,
                       catchup_timeout_s=args.catchup_timeout, gap_s=(0.5, 3.0), seed=args.seed)
         try:
             report = chaos.run(args.per_kind, workload, args.kinds,

@@ -3,7 +3,8 @@
 The bounded version of ``python -m bench.chaos``: after each fault the daemon must catch up on
 its own (no restart other than the one the fault itself is), and no difference ``cdcsync verify``
 reports may persist once the writers pause; with the workload stopped, a last verify must find
-none at all. The target hang is shorter than in the benchmark to keep the suite fast.
+none at all. The target hang and the stall of the link to the source are shorter than in the
+benchmark to keep the suite fast.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.chaos import KINDS, SCHEMA, TABLES, Chaos, DaemonProcess, Workload
+from bench.chaos import KINDS, SCHEMA, TABLES, Chaos, DaemonProcess, Workload, daemon_source
+from bench.relay import Relay
 from tests.conftest import DbPair
 from tests.harness import cli, execute, settings_for, write_config
 
 pytestmark = pytest.mark.slow
 
 PER_KIND = 3
+HANG_S = 3.0
 
 
 def test_faults_of_every_kind_leave_the_target_equal_to_the_source(
@@ -28,20 +31,23 @@ def test_faults_of_every_kind_leave_the_target_equal_to_the_source(
     if dbpair.source_cluster is None or dbpair.target_cluster is None:
         pytest.skip("needs the throwaway clusters: the test stops and pauses the servers")
     execute(dbpair.source_dsn, SCHEMA)
-    config = write_config(tmp_path / "cdcsync.toml", dbpair, tables=TABLES)
-    setup = cli("setup", "--create-tables", config=config)
-    assert setup.returncode == 0, setup.stderr
-    daemon = DaemonProcess(config, tmp_path / "daemon.log")
-    workload = Workload(dbpair.source_dsn)
-    workload.start()
-    daemon.start()
-    chaos = Chaos(settings_for(dbpair, tables=TABLES), daemon, dbpair.source_cluster,
-                  dbpair.target_cluster, hang_s=3.0, catchup_timeout_s=90.0, gap_s=(0.1, 0.8))
-    try:
-        report = chaos.run(PER_KIND, workload)
-    finally:
-        workload.close()
-        stopped = daemon.stop()
+    with Relay(dbpair.source_cluster.port, 0.0) as link:
+        config = write_config(tmp_path / "cdcsync.toml", dbpair, tables=TABLES,
+                              source=daemon_source(dbpair.source_dsn, link, HANG_S))
+        setup = cli("setup", "--create-tables", config=config)
+        assert setup.returncode == 0, setup.stderr
+        daemon = DaemonProcess(config, tmp_path / "daemon.log")
+        workload = Workload(dbpair.source_dsn)
+        workload.start()
+        daemon.start()
+        chaos = Chaos(settings_for(dbpair, tables=TABLES), daemon, dbpair.source_cluster,
+                      dbpair.target_cluster, link, hang_s=HANG_S, catchup_timeout_s=90.0,
+                      gap_s=(0.1, 0.8))
+        try:
+            report = chaos.run(PER_KIND, workload)
+        finally:
+            workload.close()
+            stopped = daemon.stop()
     summary = report.summary()
     detail = json.dumps(summary, indent=1) + "\n" + daemon.log_tail(20)
     assert summary["needed_human"] == [], detail
