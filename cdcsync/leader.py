@@ -222,12 +222,17 @@ class SlotLock:
                 return
 
     def _keep(self, term: threading.Event) -> None:
-        """Check the lock connection every interval; end the term at once when it fails."""
+        """Check the lock connection every interval, and every pass while the stream finds the
+        target down; end the term at once when it fails."""
         conn = self._conn
         assert conn is not None
         next_check = time.monotonic() + self._every
         while not term.is_set() and not self._stop.wait(0.2):
-            if time.monotonic() < next_check:
+            # A target that restarted took the lock's session with it. Found out only at the
+            # next interval, the loss would end the term after the stream had reconnected and
+            # caught up, leaving the slot unheld for the standby's turn (see acquire): a verify
+            # run then could not tell changes in flight from differences.
+            if time.monotonic() < next_check and not self._target_down():
                 continue
             next_check = time.monotonic() + self._every
             try:
@@ -240,6 +245,10 @@ class SlotLock:
                 self._close()
                 break
         term.set()
+
+    def _target_down(self) -> bool:
+        return self._health.state == "reconnecting" and \
+            (self._health.reason or "").startswith("target down")
 
     def release(self) -> None:
         """Give the lock up (closing its session) and stop the keeper."""

@@ -86,3 +86,27 @@ def test_a_lock_taken_ahead_is_held_once_acquired_and_one_held_elsewhere_is_wait
         stop.set()
         ahead.release()
         other.release()
+
+
+def test_the_lock_is_checked_at_once_while_the_stream_finds_the_target_down(
+        dbpair: DbPair) -> None:
+    """A target restart ends the lock's session: with the stream reconnecting to a target it
+    found down, the keeper checks now, not at its next interval (30 s here), so the term ends
+    before the stream could catch up and then let the slot go."""
+    stop = threading.Event()
+    health = Health()
+    lock = SlotLock(dbpair.target_dsn, dbpair.slot, health, stop, check_every_s=30)
+    try:
+        term = lock.acquire()
+        assert term is not None
+        health.set_state("streaming")
+        with psycopg.connect(dbpair.target_dsn, autocommit=True) as conn:
+            holder = lock_holder(conn, dbpair.slot)
+            assert holder is not None
+            conn.execute("SELECT pg_terminate_backend(%s)", (holder.backend_pid,))
+        assert not term.wait(1.0), "the keeper checked before its interval with nothing amiss"
+        health.set_state("reconnecting", "target down: server closed the connection")
+        assert term.wait(2.0), "the keeper did not check while the target was down"
+    finally:
+        stop.set()
+        lock.release()
