@@ -97,7 +97,7 @@ class ReplicationStream:
     """One logical slot streamed over one replication connection; not thread-safe."""
 
     def __init__(self, dsn: str, slot: str, *, status_interval_s: float = 10.0,
-                 batched: bool = True, receive_timeout_s: float = 0.0) -> None:
+                 batched: bool = True) -> None:
         self._dsn = with_session_options(dsn, "cdcsync")
         self._batched = batched
         self._take: Take | None = None
@@ -105,9 +105,10 @@ class ReplicationStream:
         self._status_interval_s = status_interval_s
         # A connection that died without a reset (a host gone, a NAT's entry dropped) stays
         # silent: after half of this without a byte while waiting on it, the walsender is asked
-        # for a reply; after all of it, the connection counts as lost. 0: wait forever. Settable
-        # after the start, for the stream opened before the configuration was validated.
-        self.receive_timeout_s = receive_timeout_s
+        # for a reply; after all of it, the connection counts as lost. 0: wait forever. Set by
+        # the pipeline when it takes the stream, which may have been opened before the
+        # configuration was validated.
+        self.receive_timeout_s = 0.0
         self._silent_s = 0.0  # spent waiting on the socket since the last byte came
         self._pinged = False
         self._conn: psycopg.Connection[TupleRow] | None = None
