@@ -18,6 +18,7 @@ host that vanished without closing its connection is released in about 15 s, not
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import logging
 import os
@@ -135,6 +136,9 @@ class SlotLock:
         self._lost = False
         self._opening: threading.Thread | None = None
         self._taken_ahead = False
+        # The target's start time when the lock was last taken: a later one means the target
+        # restarted, which ended every session, this process's lock with them.
+        self._target_started: dt.datetime | None = None
 
     def open_ahead(self, *, take: bool = False,
                    opened: Callable[[], Conn | None] | None = None) -> None:
@@ -167,9 +171,11 @@ class SlotLock:
         self._health.set_role("standby")
         if self._lost:
             # Leave the first try to a standby that has been waiting: the lock was lost for a
-            # reason (a partition, a restart) that may hit this host again.
+            # reason (a partition) that may hit this host again. Not when the target restarted:
+            # that ended every session alike, and handing over would only add a failover.
             self._lost = False
-            self._wait(2)
+            if not self._target_restarted():
+                self._wait(2)
         while not self._stop.is_set():
             if self._try():
                 term = self._term = threading.Event()
@@ -197,11 +203,7 @@ class SlotLock:
                 return True
             holder = lock_holder(self._conn, self.slot)
         except psycopg.Error as exc:
-            self._close()
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self._health.set_state("reconnecting", f"target down: {reason}")
-            event(logging.WARNING, "reconnecting", slot=self.slot, side="target",
-                  delay_s=self._every, error=reason)
+            self._down(exc)
             return False
         who = holder.describe() if holder else "another session"
         if self._health.state != "standby" or self._health.reason != f"lock held by {who}":
@@ -209,9 +211,32 @@ class SlotLock:
         self._health.set_state("standby", f"lock held by {who}")
         return False
 
+    def _down(self, exc: psycopg.Error) -> None:
+        self._close()
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        self._health.set_state("reconnecting", f"target down: {reason}")
+        event(logging.WARNING, "reconnecting", slot=self.slot, side="target",
+              delay_s=self._every, error=reason)
+
     def _take(self, conn: Conn) -> bool:
-        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+        row = conn.execute("SELECT pg_try_advisory_lock(%s), pg_postmaster_start_time()",
+                           (self.key,)).fetchone()
+        if row and row[0]:
+            self._target_started = row[1]
         return bool(row and row[0])
+
+    def _target_restarted(self) -> bool:
+        """Whether the target started again since the lock was taken; waits for it to answer."""
+        while not self._stop.is_set():
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = psycopg.connect(self._dsn, autocommit=True)
+                row = self._conn.execute("SELECT pg_postmaster_start_time()").fetchone()
+                return row is not None and row[0] != self._target_started
+            except psycopg.Error as exc:
+                self._down(exc)
+                self._wait(1)
+        return False
 
     def _wait(self, intervals: int) -> None:
         """Sleep check intervals in slices, beating: a waiting standby is a healthy loop."""

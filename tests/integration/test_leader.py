@@ -6,6 +6,7 @@ import threading
 import time
 
 import psycopg
+import pytest
 
 from cdcsync.health import Health
 from cdcsync.leader import SlotLock, application_name, lock_holder
@@ -107,6 +108,41 @@ def test_the_lock_is_checked_at_once_while_the_stream_finds_the_target_down(
         assert not term.wait(1.0), "the keeper checked before its interval with nothing amiss"
         health.set_state("reconnecting", "target down: server closed the connection")
         assert term.wait(2.0), "the keeper did not check while the target was down"
+    finally:
+        stop.set()
+        lock.release()
+
+
+def test_after_a_target_restart_the_lock_is_taken_again_without_the_standbys_turn(
+        dbpair: DbPair) -> None:
+    """A lock lost any other way (its session terminated here) leaves a waiting standby the
+    first try, two check intervals; one lost to a target restart, which ended every session
+    alike, is taken again at once."""
+    if dbpair.target_cluster is None:
+        pytest.skip("needs the throwaway target cluster: the test restarts it")
+    stop = threading.Event()
+    lock = SlotLock(dbpair.target_dsn, dbpair.slot, Health(), stop, check_every_s=1.0)
+
+    def again() -> tuple[threading.Event | None, float]:
+        lock.release()
+        started = time.monotonic()
+        return lock.acquire(), time.monotonic() - started
+
+    try:
+        term = lock.acquire()
+        assert term is not None
+        with psycopg.connect(dbpair.target_dsn, autocommit=True) as conn:
+            holder = lock_holder(conn, dbpair.slot)
+            assert holder is not None
+            conn.execute("SELECT pg_terminate_backend(%s)", (holder.backend_pid,))
+        assert term.wait(3)
+        term, seconds = again()
+        assert term is not None and seconds >= 2.0
+        dbpair.target_cluster.stop("immediate")
+        dbpair.target_cluster.start()
+        assert term.wait(3)
+        term, seconds = again()
+        assert term is not None and seconds < 1.0
     finally:
         stop.set()
         lock.release()
