@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from cdcsync import checkpoint, leader
+from cdcsync import checkpoint, leader, probe
 from cdcsync.backfill import state
 from cdcsync.config import Settings
 from cdcsync.dsn import describe, with_session_options
@@ -333,16 +331,11 @@ def _copies(tgt: Conn, slot: str) -> dict[str, Any]:
 
 def daemon_view(listen: str) -> dict[str, Any]:
     """What a running daemon reports on its HTTP port: state, readiness, applied counts."""
-    host, _, port = listen.rpartition(":")
-    if port == "0":
+    base = probe.base_url(listen)
+    if base is None:
         return {"daemon": "unknown (listen port 0)"}
-    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
-    try:
-        with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
-            ready = orjson.loads(response.read())
-    except urllib.error.HTTPError as err:
-        ready = orjson.loads(err.read())
-    except (OSError, ValueError):
+    ready = probe.readiness(base)
+    if ready is None:
         return {"daemon": f"not reachable at {base}"}
     with urllib.request.urlopen(f"{base}/metrics", timeout=2) as response:
         text = response.read().decode()

@@ -18,7 +18,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
-from cdcsync import leader
+from cdcsync import leader, probe
 from cdcsync.admin import connection_error
 from cdcsync.config import Settings
 from cdcsync.dsn import with_session_options
@@ -56,6 +56,8 @@ class Sides:
     # This process streams the slot (the daemon's own scheduled verification): changes may be
     # in flight even while it reconnects, holding neither the slot nor its lock.
     consuming: bool = False
+    # Where the configuration's daemon answers its probes (see streaming), if anywhere.
+    daemon: str | None = None
 
     def both(self, on_source: Callable[[Conn], T], on_target: Callable[[Conn], U]
              ) -> tuple[T, U]:
@@ -73,13 +75,19 @@ class Sides:
     def streaming(self) -> bool:
         """Whether changes may be in flight to the target: a consumer holds the slot, or a
         cdcsync process holds the slot's lock on the target (it may be between two connections
-        to the source, reconnecting after a fault), or this process is the consumer."""
+        to the source, reconnecting after a fault), or this process is the consumer. Or the
+        daemon of this configuration answers its probe, neither halted nor stopping: it holds
+        neither for a few seconds after losing its lock (to a target restart, say), before it
+        takes the lock again and applies what it has not yet."""
         if self.consuming:
             return True
         row = self.on_source(lambda c: c.execute(_SLOT_ACTIVE_SQL, (self.slot,)).fetchone())
         if row and row[0]:
             return True
-        return self.on_target(lambda c: leader.lock_holder(c, self.slot)) is not None
+        if self.on_target(lambda c: leader.lock_holder(c, self.slot)) is not None:
+            return True
+        ready = probe.readiness(self.daemon) if self.daemon is not None else None
+        return ready is not None and ready.get("state") not in ("halted", "stopping")
 
     def wait_for_checkpoint(self, lsn: Lsn, timeout_s: float) -> None:
         """Return once the target holds every source commit up to ``lsn``."""
@@ -130,7 +138,8 @@ def open_sides(settings: Settings, consuming: bool = False) -> Iterator[Sides]:
             conns.append(stack.enter_context(conn))
         threads = [stack.enter_context(ThreadPoolExecutor(1, f"verify-{n}"))
                    for n in ("source", "target")]
-        yield Sides(conns[0], conns[1], settings.source.slot, threads[0], threads[1], consuming)
+        yield Sides(conns[0], conns[1], settings.source.slot, threads[0], threads[1], consuming,
+                    probe.base_url(settings.http.listen))
 
 
 def fetch(query: tuple[sql.Composed, list[object]]) -> Callable[[Conn], list[tuple[Any, ...]]]:

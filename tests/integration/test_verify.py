@@ -14,8 +14,9 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cdcsync import admin
+from cdcsync import admin, leader
 from cdcsync.errors import VerifyError
+from cdcsync.localpg import free_port
 from cdcsync.metrics import Metrics
 from cdcsync.source import catalog
 from cdcsync.verify import sql as q
@@ -372,6 +373,39 @@ def test_workload_during_verify_reports_nothing(dbpair_factory: Any) -> None:
                     thread.join(10)
         assert [r.tables[0].differences.count for r in reports] == [0, 0, 0]
         assert all(r.tables[0].rows_compared >= 3000 for r in reports)
+
+
+def test_verify_awaits_a_daemon_that_lost_its_lock_for_a_moment(dbpair_factory: Any) -> None:
+    """Its lock's session killed, the daemon stops streaming and holds neither the slot nor the
+    lock for a few seconds (a standby's turn) before it takes the lock again. A change written
+    meanwhile is not reported: verify finds the daemon answering its probe and awaits the
+    checkpoint."""
+    with dbpair_factory("verify_probe") as live:
+        execute(live.source_dsn, "CREATE TABLE live (id int PRIMARY KEY, v int, "
+                                 "updated_at timestamptz NOT NULL DEFAULT now())")
+        settings = settings_for(live, ("public.live",),
+                                http={"listen": f"127.0.0.1:{free_port()}"})
+        admin.setup(settings, create_tables=True)
+        with running(settings) as runner:
+            execute(live.source_dsn, "INSERT INTO live (id, v) SELECT g, 0 "
+                                     "FROM generate_series(1, 100) g")
+            wait_for(converged(live, ["public.live"]), runner=runner, timeout=60)
+            with psycopg.connect(live.target_dsn, autocommit=True) as conn:
+                holder = leader.lock_holder(conn, live.slot)
+                assert holder is not None
+                conn.execute("SELECT pg_terminate_backend(%s)", (holder.backend_pid,))
+            wait_for(lambda: not _slot_held(live), runner=runner, timeout=10,
+                     what="the daemon letting the slot go")
+            execute(live.source_dsn, "UPDATE live SET v = 1 WHERE id = 7")
+            report = verify(settings)
+        assert report.tables[0].differences.count == 0, report.tables[0].differences
+
+
+def _slot_held(pair: DbPair) -> bool:
+    with psycopg.connect(pair.source_dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
+                           (pair.slot,)).fetchone()
+    return bool(row and row[0])
 
 
 def _gauges(metrics: Metrics) -> dict[str, float]:
