@@ -403,9 +403,8 @@ def test_verify_awaits_a_daemon_that_lost_its_lock_for_a_moment(dbpair_factory: 
 
 def _slot_held(pair: DbPair) -> bool:
     with psycopg.connect(pair.source_dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
-                           (pair.slot,)).fetchone()
-    return bool(row and row[0])
+        info = catalog.slot_info(conn, pair.slot)
+    return info is not None and info.active_pid is not None
 
 
 def _gauges(metrics: Metrics) -> dict[str, float]:
