@@ -141,10 +141,10 @@ def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str,
         time.sleep(interval)
 
 
-def readyz(port: int) -> dict[str, Any]:
+def readyz(port: int, host: str = "127.0.0.1") -> dict[str, Any]:
     """The body of a daemon's ``/readyz`` on ``port`` (ready or not), or {} if none answers."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+        with urllib.request.urlopen(f"http://{host}:{port}/readyz", timeout=2) as response:
             return dict(json.loads(response.read()))
     except urllib.error.HTTPError as err:
         return dict(json.loads(err.read()))
@@ -152,10 +152,10 @@ def readyz(port: int) -> dict[str, Any]:
         return {}
 
 
-def streaming(port: int) -> bool:
+def streaming(port: int, host: str = "127.0.0.1") -> bool:
     """Whether the daemon answering on ``port`` is the active one and streams. Not the same as
     its slot being active: the slot's stream opens while the daemon still starts."""
-    body = readyz(port)
+    body = readyz(port, host)
     return body.get("role") == "active" and body.get("state") == "streaming"
 
 
@@ -233,8 +233,10 @@ class Daemon:
     """``cdcsync run`` as a subprocess: TOML config and JSON log in ``workdir``."""
 
     def __init__(self, config: Mapping[str, Any], workdir: Path, *, name: str = "cdcsync",
-                 py_spy_output: Path | None = None, gc_stats: bool = False) -> None:
+                 py_spy_output: Path | None = None, gc_stats: bool = False,
+                 prefix: Sequence[str] = ()) -> None:
         self.workdir = workdir
+        self.prefix = list(prefix)  # run through, as ``ip netns exec NAME``: it execs, same pid
         self.config_path = workdir / f"{name}.toml"
         self.log_path = workdir / f"{name}.log"
         self.config_path.write_text(to_toml(config))
@@ -247,7 +249,8 @@ class Daemon:
         self._spy: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "cdcsync.cli", "--config", str(self.config_path), "run"]
+        cmd = [*self.prefix, sys.executable, "-m", "cdcsync.cli", "--config",
+               str(self.config_path), "run"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if self.gc_output is not None:
             self.gc_output.unlink(missing_ok=True)

@@ -14,6 +14,17 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 SESSION_OPTIONS = ("-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 "
                    "-c bytea_output=hex -c client_encoding=UTF8")
 
+# A peer that vanished without closing the connection (its host lost power or was partitioned
+# away) answers nothing, and only timeouts find out; the system defaults take hours. Each server
+# ends the session after 5 + 3 * 3 s of silence when idle, or 10 s of unacknowledged sending:
+# a walsender, which would hold the slot until wal_sender_timeout, and a target backend, which
+# would keep an open transaction's row locks, are gone before a standby needs them. The client
+# side does the same for cdcsync's own waits.
+PEER_TIMEOUT_OPTIONS = ("-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=3 "
+                        "-c tcp_keepalives_count=3 -c tcp_user_timeout=10000")
+CLIENT_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "3",
+                     "keepalives_count": "3", "tcp_user_timeout": "10000"}
+
 _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*(?=@)", re.IGNORECASE)
 _KV_PASSWORD = re.compile(r"(?P<head>password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
@@ -25,11 +36,14 @@ def redact(text: str) -> str:
 
 
 def with_session_options(dsn: str, application_name: str) -> str:
-    """Add cdcsync's session settings to a DSN without discarding the user's own options."""
+    """Add cdcsync's session settings and dead-peer timeouts to a DSN. The user's own options
+    come last, so their ``-c`` settings win, and their libpq keepalive parameters are kept."""
     params = conninfo_to_dict(dsn)
     user_options = str(params.get("options") or "")
-    params["options"] = f"{SESSION_OPTIONS} {user_options}".strip()
+    params["options"] = f"{SESSION_OPTIONS} {PEER_TIMEOUT_OPTIONS} {user_options}".strip()
     params.setdefault("application_name", application_name)
+    for name, value in CLIENT_KEEPALIVES.items():
+        params.setdefault(name, value)
     return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
 
 

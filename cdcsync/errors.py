@@ -58,6 +58,11 @@ class ConnectionLost(CdcsyncError):
     """A database connection was lost."""
 
 
+class SlotBusy(ConnectionLost):
+    """Another walsender still streams the slot: most often the previous holder's, which the
+    source ends once its peer is found gone."""
+
+
 class TextNeeded(CdcsyncError):
     """A relation of the binary stream has a column whose values must travel as text."""
 

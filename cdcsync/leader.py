@@ -11,8 +11,9 @@ Guarantee: a process streams only while its lock connection answers. The keeper 
 again. The slot itself is the second fence: the source lets one walsender use it at a time, and
 the pipeline starts only once the previous holder's stream is gone.
 
-The lock connection asks the target for TCP keepalives (``tcp_keepalives_*``), so the lock of a
-host that vanished without closing its connection is released in about 15 s, not hours.
+Like every cdcsync connection, the lock's asks the target for TCP keepalives and a user timeout
+(:data:`cdcsync.dsn.PEER_TIMEOUT_OPTIONS`), so the lock of a host that vanished without closing
+its connection is released in about 15 s, not hours.
 """
 
 from __future__ import annotations
@@ -34,20 +35,13 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
+from cdcsync.dsn import with_session_options
 from cdcsync.logs import event
 
 if TYPE_CHECKING:
     from cdcsync.health import Health
 
 Conn = psycopg.Connection[TupleRow]
-
-# Server side: a silent peer is declared dead after 5 + 3 * 3 s. Client side: libpq gives up on
-# unacknowledged writes after 10 s, so a check on a dead network fails instead of hanging.
-_SERVER_KEEPALIVES = ("-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=3 "
-                      "-c tcp_keepalives_count=3")
-_CLIENT_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "3",
-                      "keepalives_count": "3", "tcp_user_timeout": "10000",
-                      "connect_timeout": "10"}
 
 _HOLDER = """
 SELECT a.application_name, a.pid, host(a.client_addr)
@@ -111,11 +105,11 @@ def lock_holder(conn: Conn, slot: str) -> Holder | None:
 
 
 def lock_dsn(dsn: str) -> str:
-    params = conninfo_to_dict(dsn)
-    params["options"] = f"{params.get('options') or ''} {_SERVER_KEEPALIVES}".strip()
+    """The lock connection's DSN: named for this process (``PID@HOST``), which shows who holds
+    the lock; a connection attempt to a lost host gives up after 10 s."""
+    params = conninfo_to_dict(with_session_options(dsn, "cdcsync"))
     params["application_name"] = application_name()
-    for name, value in _CLIENT_KEEPALIVES.items():
-        params.setdefault(name, value)
+    params.setdefault("connect_timeout", "10")
     return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
 
 

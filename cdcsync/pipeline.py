@@ -40,6 +40,7 @@ from cdcsync.errors import (
     ConnectionLost,
     PrerequisiteError,
     SchemaMismatch,
+    SlotBusy,
     TextNeeded,
     is_transient,
 )
@@ -97,6 +98,7 @@ _GC_THRESHOLDS = (100_000, 10, 10)
 CATCH_UP_ROWS = 1000
 _IDLE_ADVANCE_EVERY_S = 1.0
 _CHECK_AFTER_S = 1.0
+_SLOT_BUSY_RETRY_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,6 +386,11 @@ class Pipeline:
                     raise
                 attempt = 0 if self.progress.commits > commits_before else attempt + 1
                 delay = min(30.0, 0.5 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0)
+                if isinstance(exc, SlotBusy):
+                    # Only a walsender stands in the way, and the source ends a vanished
+                    # holder's within seconds (dsn.PEER_TIMEOUT_OPTIONS); backing off to 30 s
+                    # would add up to that much to a takeover, for a cheap question.
+                    delay = min(delay, _SLOT_BUSY_RETRY_S)
                 # ConnectionLost comes from the source side; every other transient error from
                 # the target's connections.
                 side = "source" if isinstance(exc, ConnectionLost) else "target"
@@ -523,7 +530,7 @@ class Pipeline:
         catalog.refuse_other_plugin(slot, info, self.settings.source.decoder)
         if info.active_pid is not None and info.active_pid != ours:
             # After a takeover the previous holder's walsender may linger a moment: retry.
-            raise ConnectionLost(
+            raise SlotBusy(
                 f"replication slot {slot!r} is still in use by PID {info.active_pid}",
                 fix="wait for the previous cdcsync's stream to close, or stop the other "
                     "consumer of this slot")

@@ -28,7 +28,7 @@ from psycopg.rows import TupleRow
 
 from cdcsync import libpq
 from cdcsync.dsn import with_session_options
-from cdcsync.errors import ConnectionLost, PrerequisiteError
+from cdcsync.errors import ConnectionLost, PrerequisiteError, SlotBusy
 from cdcsync.model import PG_EPOCH, ZERO_LSN, Lsn
 
 _XLOG_HEADER: Final = struct.Struct(">cQQq")  # 'w', data start, WAL end, send time
@@ -321,7 +321,7 @@ def _start_error(slot: str, message: str) -> Exception:
         # The daemon checks that the slot is free (under the slot's lock) right before: what
         # took it since is a stream that had not quite ended, or the early stream of a standby
         # starting up (cdcsync.source.early), which lets go within a second. Retried.
-        return ConnectionLost(
+        return SlotBusy(
             f"replication slot {slot!r} is in use by another process: {message}",
             fix="stop the other consumer of this slot, or configure a different [source] slot",
         )

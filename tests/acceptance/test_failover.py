@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -15,9 +16,10 @@ from typing import Any
 import psycopg
 import pytest
 
+from bench import failover, netns
 from bench.common import readyz
 from cdcsync.localpg import free_port
-from tests.conftest import DbPair
+from tests.conftest import SOURCE_DSN_ENV, TARGET_DSN_ENV, DbPair
 from tests.harness import cli, converged, execute, start_daemon, wait_for, write_config, writer
 
 pytestmark = pytest.mark.slow
@@ -132,3 +134,23 @@ def test_standby_takes_over(dbpair: DbPair, tmp_path: Path) -> None:
 def _host() -> str:
     return subprocess.run(["hostname"], capture_output=True, text=True,
                           check=True).stdout.strip()[:40]
+
+
+def test_standby_takes_over_from_a_host_that_vanished(tmp_path: Path) -> None:
+    """The active daemon's host drops off the network (every packet lost, nothing reset), while
+    a batch's target transaction is most often open: the servers end its sessions, the standby
+    streams, and the lost daemon comes back as a standby once its link returns."""
+    if os.environ.get(SOURCE_DSN_ENV) or os.environ.get(TARGET_DSN_ENV):
+        pytest.skip("needs throwaway clusters it may make listen on the namespaces' links")
+    missing = netns.unavailable()
+    if missing is not None:
+        pytest.skip(missing)
+    result = failover.run(1, tmp_path, "vanish", target_delay_ms=200)
+    assert result["converged"], result
+    # Each server ends the sessions 10 s after its first unanswered send (tcp_user_timeout), or
+    # after 5 + 3 * 3 s of silence; the system defaults would keep them for hours, and the slot
+    # until wal_sender_timeout (60 s).
+    assert all(seconds is not None and seconds < 20
+               for side in ("source", "target")
+               for seconds in result[f"{side}_sessions_ended_s"]), result
+    assert result["takeover_s"][0] < 25, result

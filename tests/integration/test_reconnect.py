@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
+from typing import Any
 
 import psycopg
 import pytest
@@ -11,6 +14,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench.relay import Relay
 from cdcsync import daemon
+from cdcsync.dsn import with_session_options
 from cdcsync.errors import PrerequisiteError
 from cdcsync.model import Lsn
 from tests.conftest import DbPair
@@ -140,3 +144,33 @@ def test_idle_slot_is_confirmed_past_unrelated_wal(pair: DbPair) -> None:
     with psycopg.connect(pair.target_dsn) as conn:
         row = conn.execute("SELECT lsn::text FROM cdcsync.checkpoint").fetchone()
     assert row is not None and Lsn.parse(row[0]) >= written
+
+
+def _socket_option(conn: psycopg.Connection[Any], level: int, option: int) -> int:
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        return sock.getsockopt(level, option)
+
+
+def test_every_connection_times_out_a_vanished_peer_at_both_ends(dbpair: DbPair) -> None:
+    """A host that vanishes answers nothing: the server must end its sessions (a walsender
+    holding the slot, a transaction holding row locks) in seconds, not the system's hours, and
+    cdcsync must give up its own waits. The user's DSN still wins."""
+    if str(conninfo_to_dict(dbpair.source_dsn).get("host") or "").startswith("/"):
+        pytest.skip("TCP settings; the given servers are reached over a Unix socket")
+    ours = with_session_options(dbpair.source_dsn, "cdcsync-test")
+    with psycopg.connect(ours, autocommit=True) as conn, \
+            psycopg.connect(ours, autocommit=True, replication="database") as walsender:
+        for session in (conn, walsender):
+            settings = [session.execute(f"SHOW {name}").fetchone()
+                        for name in ("tcp_keepalives_idle", "tcp_keepalives_interval",
+                                     "tcp_keepalives_count", "tcp_user_timeout")]
+            assert settings == [("5",), ("3",), ("3",), ("10000",)]
+        assert _socket_option(conn, socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert _socket_option(conn, socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 5
+        assert _socket_option(conn, socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 10000
+    theirs = make_conninfo(dbpair.source_dsn, keepalives_idle="30",
+                           options="-c tcp_user_timeout=0")
+    with psycopg.connect(with_session_options(theirs, "cdcsync-test"), autocommit=True) as conn:
+        assert conn.execute("SHOW tcp_user_timeout").fetchone() == ("0",)
+        assert conn.execute("SHOW tcp_keepalives_idle").fetchone() == ("5",)
+        assert _socket_option(conn, socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30

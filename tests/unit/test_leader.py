@@ -46,10 +46,10 @@ def test_readyz_of_a_standby() -> None:
 
 def test_lock_connection_detects_a_vanished_peer() -> None:
     """The lock connection asks both ends for TCP keepalives (the server releases the lock of a
-    lost host in about 15 s) and keeps the user's own options."""
+    lost host in about 15 s) and keeps the user's own options, last so that they win."""
     params = conninfo_to_dict(lock_dsn("host=db dbname=app options='-c search_path=x'"))
     options = str(params["options"])
-    assert options.startswith("-c search_path=x ")
+    assert options.endswith(" -c search_path=x")
     assert "-c tcp_keepalives_idle=5" in options
     assert (params["keepalives"], params["tcp_user_timeout"]) == ("1", "10000")
     assert params["application_name"] == application_name()
