@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
 import orjson
 
@@ -50,6 +50,9 @@ _NOT_READY = {
 }
 
 
+Side = Literal["source", "target"]
+
+
 class HealthObserver(Protocol):
     """Told of every state change and main-loop beat (systemd notify); must not block or raise."""
 
@@ -77,6 +80,7 @@ class Health:
         self._lock = threading.Lock()
         self._state = State.STARTING
         self._reason: str | None = None
+        self._down: Side | None = None
         self._lag: tuple[float, float] | None = None  # (seconds, clock() when reported)
         self._last_beat = clock()
         self._role: str | None = None
@@ -96,12 +100,24 @@ class Health:
         return self._role
 
     def set_state(self, state: str, reason: str | None = None) -> None:
-        """Enter ``state``; when reconnecting, ``reason`` names the side: "target down: ..."."""
-        new = State(state)  # ValueError on a typo rather than a probe that never turns ready
+        """Enter ``state``, with ``reason`` for the probes. Reconnecting to a side found down
+        is :meth:`set_down`."""
+        self._enter(State(state), reason, None)
+
+    def set_down(self, side: Side, reason: str) -> None:
+        """Reconnecting because ``side`` failed; the probes say "``side`` down: ``reason``"."""
+        self._enter(State.RECONNECTING, f"{side} down: {reason}", side)
+
+    def _enter(self, new: State, reason: str | None, down: Side | None) -> None:
         with self._lock:
-            self._state, self._reason = new, reason
+            self._state, self._reason, self._down = new, reason, down
         for observer in self._observers:
             observer.state_changed(str(new), reason)
+
+    @property
+    def down(self) -> Side | None:
+        """The side whose failure the daemon is reconnecting from, if that is its state."""
+        return self._down
 
     def set_lag(self, seconds: float | None) -> None:
         """Lag as measured now (None: unknown). It ages with the clock until the next report."""

@@ -208,7 +208,7 @@ class SlotLock:
     def _down(self, exc: psycopg.Error) -> None:
         self._close()
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        self._health.set_state("reconnecting", f"target down: {reason}")
+        self._health.set_down("target", reason)
         event(logging.WARNING, "reconnecting", slot=self.slot, side="target",
               delay_s=self._every, error=reason)
 
@@ -251,7 +251,7 @@ class SlotLock:
             # next interval, the loss would end the term after the stream had reconnected and
             # caught up, leaving the slot unheld for the standby's turn (see acquire): a verify
             # run then could not tell changes in flight from differences.
-            if time.monotonic() < next_check and not self._target_down():
+            if time.monotonic() < next_check and self._health.down != "target":
                 continue
             next_check = time.monotonic() + self._every
             try:
@@ -264,10 +264,6 @@ class SlotLock:
                 self._close()
                 break
         term.set()
-
-    def _target_down(self) -> bool:
-        return self._health.state == "reconnecting" and \
-            (self._health.reason or "").startswith("target down")
 
     def release(self) -> None:
         """Give the lock up (closing its session) and stop the keeper."""

@@ -45,7 +45,7 @@ from cdcsync.errors import (
     is_transient,
 )
 from cdcsync.handoff import Handoff
-from cdcsync.health import Health
+from cdcsync.health import Health, Side
 from cdcsync.logs import event
 from cdcsync.metrics import Metrics
 from cdcsync.model import (
@@ -393,8 +393,8 @@ class Pipeline:
                     delay = min(delay, _SLOT_BUSY_RETRY_S)
                 # ConnectionLost comes from the source side; every other transient error from
                 # the target's connections.
-                side = "source" if isinstance(exc, ConnectionLost) else "target"
-                self.health.set_state("reconnecting", f"{side} down: {reason}")
+                side: Side = "source" if isinstance(exc, ConnectionLost) else "target"
+                self.health.set_down(side, reason)
                 event(logging.WARNING, "reconnecting", slot=self.settings.source.slot,
                       attempt=attempt, delay_s=round(delay, 2), error=str(exc).splitlines()[0])
                 self._pause(delay)

@@ -106,7 +106,7 @@ def test_the_lock_is_checked_at_once_while_the_stream_finds_the_target_down(
             assert holder is not None
             conn.execute("SELECT pg_terminate_backend(%s)", (holder.backend_pid,))
         assert not term.wait(1.0), "the keeper checked before its interval with nothing amiss"
-        health.set_state("reconnecting", "target down: server closed the connection")
+        health.set_down("target", "server closed the connection")
         assert term.wait(2.0), "the keeper did not check while the target was down"
     finally:
         stop.set()

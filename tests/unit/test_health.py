@@ -106,6 +106,21 @@ def test_healthz_alive_while_reconnecting(server: HttpServer, health: Health) ->
     assert get_json(server, "/healthz")[0] == 200
 
 
+def test_the_side_found_down_is_known_while_reconnecting_from_it(
+        server: HttpServer, health: Health) -> None:
+    """The slot lock's keeper checks its lock at once while the target is down: it asks which
+    side is down, not the text of the reason, which the probe shows as it is."""
+    health.set_down("target", "connection refused")
+    assert (health.state, health.down) == ("reconnecting", "target")
+    assert get_json(server, "/readyz")[1]["reason"] == "target down: connection refused"
+    health.set_down("source", "walsender terminated")
+    assert health.down == "source"
+    health.set_state("streaming")
+    assert health.down is None
+    health.set_state("reconnecting", "during the snapshot: refused")
+    assert health.down is None
+
+
 def test_readyz_streaming_under_threshold(server: HttpServer, health: Health) -> None:
     """/readyz is 200 when streaming with a known lag under ready_lag_s."""
     streaming(health, lag=1.0)
