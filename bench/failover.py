@@ -15,12 +15,17 @@ The faults (``--fault``):
   round also measures when the source and the target had ended all of its sessions. With
   ``--target-delay-ms`` each batch's insert on the target takes that long, so the cut most
   often comes while one of the daemon's target transactions is open, holding its rows' locks.
+* ``partition``: its host loses its route to the source alone. The daemons reach the target
+  through its Unix socket, which no namespace's link carries, so the cut leaves the struck
+  daemon its lock; it must give the lock up itself (``[source] failover_after_s``, set with
+  ``--failover-after-s``; ``--receive-timeout-s`` sets how soon its stream gives up).
 
-The struck daemon is started again (``kill9``) or its link restored (``vanish``), and it must
-become the next standby by itself. After the rounds, the writer stops and the target must equal
-the source (count and sum).
+The struck daemon is started again (``kill9``) or its link restored, and it must become the
+next standby by itself. After the rounds, the writer stops and the target must equal the source
+(count and sum).
 
-Run: ``python -m bench.failover --rounds 5`` or ``--fault vanish --target-delay-ms 200``.
+Run: ``python -m bench.failover --rounds 5``, ``--fault vanish --target-delay-ms 200`` or
+``--fault partition --receive-timeout-s 10 --failover-after-s 10``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+from psycopg.conninfo import make_conninfo
 
 from bench import netns
 from bench.common import (
@@ -115,8 +122,24 @@ def sessions_from(dsn: str, address: str) -> int:
     return int(row[0]) if row else 0
 
 
-def _members(config: dict[str, Any], workdir: Path,
-             spaces: Sequence[netns.Namespace] | None) -> list[Member]:
+@dataclass(frozen=True)
+class Plan:
+    """The fault, and what the daemons are told."""
+
+    fault: str  # kill9, vanish or partition
+    target_delay_ms: int = 0
+    source: dict[str, float] = field(default_factory=dict)  # more [source] settings
+
+    @property
+    def cut_sides(self) -> tuple[str, ...]:
+        """The servers a struck namespace loses."""
+        return {"vanish": ("source", "target"), "partition": ("source",)}.get(self.fault, ())
+
+
+def _members(config: dict[str, Any], workdir: Path, spaces: Sequence[netns.Namespace] | None,
+             target_socket: str | None) -> list[Member]:
+    """The two daemons; in namespaces when ``spaces`` are given, reaching the target through
+    ``target_socket`` (a Unix socket's directory, which no namespace's link carries) if set."""
     members = []
     for index, name in enumerate(("a", "b")):
         port = free_port()
@@ -127,24 +150,31 @@ def _members(config: dict[str, Any], workdir: Path,
         ns = spaces[index]
         own = {**config,
                "source": {**config["source"], "dsn": netns.dsn_from(ns, config["source"]["dsn"])},
-               "target": {"dsn": netns.dsn_from(ns, config["target"]["dsn"])},
+               "target": {"dsn": make_conninfo(config["target"]["dsn"], host=target_socket)
+                          if target_socket else netns.dsn_from(ns, config["target"]["dsn"])},
                "http": {"listen": f"{ns.address}:{port}"}}
         members.append(Member(Daemon(own, workdir, name=name, prefix=ns.command([])),
                               ns.address, port, ns))
     return members
 
 
-def _sessions_ended(address: str, admins: Sequence[str], since: float) -> dict[str, float | None]:
-    """Seconds from ``since`` until each server had ended every session from ``address``, or
-    None when some were left after ``SESSIONS_TIMEOUT_S``."""
-    ended: dict[str, float | None] = {}
-    for side, dsn in zip(("source", "target"), admins, strict=True):
-        try:
-            ended[side] = wait_until(partial(lambda d: sessions_from(d, address) == 0, dsn),
-                                     timeout=SESSIONS_TIMEOUT_S, what="") - since
-        except BenchError:
-            ended[side] = None
-    return ended
+class SessionsWatch(threading.Thread):
+    """From the cut on, polls each server every 50 ms for the sessions from ``address``: when
+    the last of them was gone, in seconds from ``since``, or None after ``SESSIONS_TIMEOUT_S``."""
+
+    def __init__(self, address: str, admins: dict[str, str], since: float) -> None:
+        super().__init__(daemon=True)
+        self.address, self.admins, self.since = address, admins, since
+        self.ended: dict[str, float | None] = dict.fromkeys(admins)
+
+    def run(self) -> None:
+        pending = dict(self.admins)
+        while pending and time.monotonic() < self.since + SESSIONS_TIMEOUT_S:
+            for side, dsn in list(pending.items()):
+                if sessions_from(dsn, self.address) == 0:
+                    self.ended[side] = time.monotonic() - self.since
+                    del pending[side]
+            time.sleep(0.05)
 
 
 def open_transactions(dsn: str, address: str) -> int:
@@ -153,19 +183,19 @@ def open_transactions(dsn: str, address: str) -> int:
     return int(row[0]) if row else 0
 
 
-def run(rounds: int, workdir: Path, fault: str, target_delay_ms: int) -> dict[str, Any]:
-    if fault == "kill9":
+def run(rounds: int, workdir: Path, plan: Plan) -> dict[str, Any]:
+    if plan.fault == "kill9":
         with servers() as srv:
-            return _rounds(srv, rounds, workdir, fault, target_delay_ms=target_delay_ms,
-                           spaces=None)
+            return _rounds(srv, rounds, workdir, plan, spaces=None, target_socket=None)
     missing = netns.unavailable()
     if missing is not None:
-        raise BenchError(f"--fault vanish: {missing}")
+        raise BenchError(f"--fault {plan.fault}: {missing}")
     with localpg.local_clusters() as (source, target), netns.namespaces(2) as spaces:
         for cluster in (source, target):
             netns.expose(cluster, spaces)
-        return _rounds(Servers(source.dsn(), target.dsn(), local=True), rounds, workdir, fault,
-                       target_delay_ms=target_delay_ms, spaces=spaces)
+        socket = str(target.socket_dir) if "target" not in plan.cut_sides else None
+        return _rounds(Servers(source.dsn(), target.dsn(), local=True), rounds, workdir, plan,
+                       spaces=spaces, target_socket=socket)
 
 
 def _strike(victim: Member) -> float:
@@ -188,26 +218,28 @@ def _revive(victim: Member) -> None:
     wait_until(victim.standby, timeout=120, what="the struck daemon to come back as a standby")
 
 
-def _rounds(srv: Servers, rounds: int, workdir: Path, fault: str, *, target_delay_ms: int,
-            spaces: Sequence[netns.Namespace] | None) -> dict[str, Any]:
+def _rounds(srv: Servers, rounds: int, workdir: Path, plan: Plan, *,
+            spaces: Sequence[netns.Namespace] | None, target_socket: str | None
+            ) -> dict[str, Any]:
     recreate_database(srv.source_admin, DB)
     recreate_database(srv.target_admin, DB)
     source, target = srv.source(DB), srv.target(DB)
     execute(source, "CREATE TABLE ticks (id bigserial PRIMARY KEY, v int)")
     config: dict[str, Any] = {
         "tables": ["public.ticks"],
-        "source": {"dsn": source, "slot": SLOT, "publication": SLOT},
+        "source": {"dsn": source, "slot": SLOT, "publication": SLOT, **plan.source},
         "target": {"dsn": target},
         "log": {"format": "json"},
     }
     admin.setup(Settings(**config), create_tables=True)
-    if target_delay_ms:
-        execute(target, SLOW_TARGET.format(seconds=target_delay_ms / 1000))
-    members = _members(config, workdir, spaces)
+    if plan.target_delay_ms:
+        execute(target, SLOW_TARGET.format(seconds=plan.target_delay_ms / 1000))
+    members = _members(config, workdir, spaces, target_socket)
     figures = Figures()
     try:
-        _play(members, rounds, (srv.source_admin, srv.target_admin), source=source, target=target,
-              figures=figures)
+        admins = {"source": srv.source_admin, "target": srv.target_admin}
+        _play(members, rounds, {side: admins[side] for side in plan.cut_sides}, source=source,
+              target=target, figures=figures)
         wait_until(lambda: fetch_one(source, "SELECT count(*), sum(id) FROM ticks")
                    == fetch_one(target, "SELECT count(*), sum(id) FROM ticks"),
                    timeout=60, what="convergence")
@@ -215,7 +247,7 @@ def _rounds(srv: Servers, rounds: int, workdir: Path, fault: str, *, target_dela
         for member in members:
             member.daemon.stop()
     result: dict[str, Any] = {
-        "fault": fault, "rounds": rounds,
+        "fault": plan.fault, "rounds": rounds, **plan.source,
         "takeover_s": [round(t, 2) for t in figures.takeovers],
         "takeover_median_s": round(median(figures.takeovers), 2),
         "first_change_median_s": round(median(figures.first_changes), 2), "converged": True}
@@ -237,8 +269,9 @@ class Figures:
     open_at_cut: list[int] = field(default_factory=list)
 
 
-def _play(members: list[Member], rounds: int, admins: tuple[str, str], *, source: str, target: str,
-          figures: Figures) -> None:
+def _play(members: list[Member], rounds: int, admins: dict[str, str], *, source: str,
+          target: str, figures: Figures) -> None:
+    """The rounds; ``admins`` are the servers the struck daemon loses, by side."""
     members[0].daemon.start()
     wait_until(members[0].streaming, timeout=60, what="the first to stream")
     members[1].daemon.start()
@@ -253,7 +286,10 @@ def _play(members: list[Member], rounds: int, admins: tuple[str, str], *, source
             tick = writer.last + 1
             # A vanished daemon's target transaction holds the locks of the rows its batch wrote,
             # which the heir writes again from the checkpoint.
-            open_at_cut = open_transactions(admins[1], victim.host) if victim.ns else 0
+            watch = SessionsWatch(victim.host, admins, struck)
+            watch.start()
+            open_at_cut = (open_transactions(admins["target"], victim.host)
+                           if "target" in admins else 0)
             took = wait_until(heir.streaming, timeout=120, what="the takeover") - struck
             wait_until(partial(writer.reached, tick), timeout=10, what="a new tick")
             first = wait_until(partial(on_target, target, tick), timeout=120,
@@ -261,10 +297,12 @@ def _play(members: list[Member], rounds: int, admins: tuple[str, str], *, source
             figures.takeovers.append(took)
             figures.first_changes.append(first)
             line = f"round {number + 1}: takeover {took:.2f} s, first change {first:.2f} s"
-            if victim.ns is not None:
+            if "target" in admins:
                 figures.open_at_cut.append(open_at_cut)
                 line += f", {open_at_cut} target transactions open at the cut"
-                for side, seconds in _sessions_ended(victim.host, admins, struck).items():
+            watch.join()
+            if victim.ns is not None:
+                for side, seconds in watch.ended.items():
                     figures.ended[side].append(seconds)
                     line += (f", {side} sessions ended {seconds:.2f} s" if seconds is not None
                              else f", {side} sessions left after {SESSIONS_TIMEOUT_S} s")
@@ -279,15 +317,23 @@ def _play(members: list[Member], rounds: int, admins: tuple[str, str], *, source
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--fault", choices=("kill9", "vanish"), default="kill9",
+    parser.add_argument("--fault", choices=("kill9", "vanish", "partition"), default="kill9",
                         help="kill9: SIGKILL the active daemon; vanish: cut its host off the "
-                             "network, every packet lost (needs root)")
+                             "network, every packet lost; partition: cut it off the source "
+                             "only (both need root)")
     parser.add_argument("--target-delay-ms", type=int, default=0,
                         help="make each batch's insert on the target take this long")
+    parser.add_argument("--receive-timeout-s", type=float,
+                        help="the daemons' [source] receive_timeout_s")
+    parser.add_argument("--failover-after-s", type=float,
+                        help="the daemons' [source] failover_after_s")
     args = parser.parse_args(argv)
+    more = {"receive_timeout_s": args.receive_timeout_s, "failover_after_s": args.failover_after_s}
+    plan = Plan(args.fault, args.target_delay_ms,
+                {key: value for key, value in more.items() if value is not None})
     try:
         with tempfile.TemporaryDirectory(prefix="cdcsync-failover-") as tmp:
-            result = run(args.rounds, Path(tmp), args.fault, args.target_delay_ms)
+            result = run(args.rounds, Path(tmp), plan)
     except BenchError as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         return 1

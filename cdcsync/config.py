@@ -37,6 +37,7 @@ class SourceSettings(_Section):
     status_interval_s: float = Field(default=10.0, gt=0, le=60)
     heartbeat_interval_s: float = Field(default=10.0, ge=0)
     receive_timeout_s: float = Field(default=60.0, ge=0)
+    failover_after_s: float = Field(default=60.0, ge=0)
 
     @field_validator("slot")
     @classmethod

@@ -132,7 +132,8 @@ def run(settings: Settings, stop: threading.Event | None = None,
         health.watch(SystemdReporter(notifier, lambda: health.lag_seconds))
     server = HttpServer(settings.http.listen, metrics, health)
     server.start()
-    lock = SlotLock(settings.target.dsn.get_secret_value(), slot, health, stop)
+    lock = SlotLock(settings.target.dsn.get_secret_value(), slot, health, stop,
+                    failover_after_s=settings.source.failover_after_s)
     pool: ConnectionPool | None = None
     try:
         with ask_target(settings, ahead) as (tgt, known):

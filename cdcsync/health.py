@@ -81,6 +81,7 @@ class Health:
         self._state = State.STARTING
         self._reason: str | None = None
         self._down: Side | None = None
+        self._down_since = 0.0
         self._lag: tuple[float, float] | None = None  # (seconds, clock() when reported)
         self._last_beat = clock()
         self._role: str | None = None
@@ -110,6 +111,8 @@ class Health:
 
     def _enter(self, new: State, reason: str | None, down: Side | None) -> None:
         with self._lock:
+            if down is not None and down != self._down:
+                self._down_since = self._clock()
             self._state, self._reason, self._down = new, reason, down
         for observer in self._observers:
             observer.state_changed(str(new), reason)
@@ -118,6 +121,12 @@ class Health:
     def down(self) -> Side | None:
         """The side whose failure the daemon is reconnecting from, if that is its state."""
         return self._down
+
+    def down_for(self, side: Side) -> float:
+        """Seconds since ``side`` was first found down, through every retry since; 0 while it
+        is not down."""
+        with self._lock:
+            return self._clock() - self._down_since if self._down == side else 0.0
 
     def set_lag(self, seconds: float | None) -> None:
         """Lag as measured now (None: unknown). It ages with the clock until the next report."""

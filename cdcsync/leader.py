@@ -116,14 +116,16 @@ def lock_dsn(dsn: str) -> str:
 class SlotLock:
     """Contends for the slot's lock until it holds it; then keeps watching the connection."""
 
-    def __init__(self, target_dsn: str, slot: str, health: Health, stop: threading.Event,
-                 check_every_s: float = 2.0) -> None:
+    def __init__(self, target_dsn: str, slot: str, health: Health, stop: threading.Event, *,
+                 check_every_s: float = 2.0, failover_after_s: float = 0.0) -> None:
         self._dsn = lock_dsn(target_dsn)
         self.slot = slot
         self.key = lock_key(slot)
         self._health = health
         self._stop = stop
         self._every = check_every_s
+        self._failover_after_s = failover_after_s
+        self._term_started = 0.0
         self._conn: Conn | None = None
         self._keeper: threading.Thread | None = None
         self._term: threading.Event | None = None
@@ -172,6 +174,7 @@ class SlotLock:
                 self._wait(2)
         while not self._stop.is_set():
             if self._try():
+                self._term_started = time.monotonic()
                 term = self._term = threading.Event()
                 self._keeper = threading.Thread(target=self._keep, args=(term,),
                                                 name="cdcsync-lock", daemon=True)
@@ -242,11 +245,15 @@ class SlotLock:
 
     def _keep(self, term: threading.Event) -> None:
         """Check the lock connection every interval, and every pass while the stream finds the
-        target down; end the term at once when it fails."""
+        target down; end the term at once when it fails, or give the lock up when the stream
+        has not reached the source for ``failover_after_s``."""
         conn = self._conn
         assert conn is not None
         next_check = time.monotonic() + self._every
         while not term.is_set() and not self._stop.wait(0.2):
+            if self._cannot_stream():
+                self._give_way()
+                break
             # A target that restarted took the lock's session with it. Found out only at the
             # next interval, the loss would end the term after the stream had reconnected and
             # caught up, leaving the slot unheld for the standby's turn (see acquire): a verify
@@ -264,6 +271,23 @@ class SlotLock:
                 self._close()
                 break
         term.set()
+
+    def _cannot_stream(self) -> bool:
+        """Whether the stream has failed to reach the source for ``failover_after_s``: this
+        host may have lost its route to the source alone, and a standby that can reach it
+        should have the slot. If the source itself is down, the standby fails alike and the
+        lock comes back after its turn."""
+        limit = self._failover_after_s
+        # Counted from the term's start too: a term taken back after giving way gets its tries.
+        return limit > 0 and min(self._health.down_for("source"),
+                                 time.monotonic() - self._term_started) >= limit
+
+    def _give_way(self) -> None:
+        event(logging.WARNING, "lock_released", slot=self.slot,
+              reason=f"the source unreachable for {self._failover_after_s:g} s; a standby "
+                     "that reaches it may take over")
+        self._lost = True  # the standby's turn first, as after a partition
+        self._close()
 
     def release(self) -> None:
         """Give the lock up (closing its session) and stop the keeper."""

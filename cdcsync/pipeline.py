@@ -391,10 +391,15 @@ class Pipeline:
                     # holder's within seconds (dsn.PEER_TIMEOUT_OPTIONS); backing off to 30 s
                     # would add up to that much to a takeover, for a cheap question.
                     delay = min(delay, _SLOT_BUSY_RETRY_S)
-                # ConnectionLost comes from the source side; every other transient error from
-                # the target's connections.
-                side: Side = "source" if isinstance(exc, ConnectionLost) else "target"
-                self.health.set_down(side, reason)
+                if isinstance(exc, SlotBusy):
+                    # The source answers: this process can stream once the slot is free, and a
+                    # standby could do no better (see SlotLock's failover_after_s).
+                    self.health.set_state("reconnecting", f"slot busy: {reason}")
+                else:
+                    # ConnectionLost comes from the source side; every other transient error
+                    # from the target's connections.
+                    side: Side = "source" if isinstance(exc, ConnectionLost) else "target"
+                    self.health.set_down(side, reason)
                 event(logging.WARNING, "reconnecting", slot=self.settings.source.slot,
                       attempt=attempt, delay_s=round(delay, 2), error=str(exc).splitlines()[0])
                 self._pause(delay)

@@ -71,7 +71,7 @@ def _spec(settings: Settings) -> _Spec:
 # here only delays the stream until the settings are validated.
 _SOURCE_KEYS: Final = frozenset({"dsn", "slot", "publication", "decoder", "binary",
                                  "status_interval_s", "heartbeat_interval_s",
-                                 "receive_timeout_s"})
+                                 "receive_timeout_s", "failover_after_s"})
 
 
 def _unvalidated_spec(source: dict[str, Any]) -> _Spec | None:

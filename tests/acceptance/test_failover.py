@@ -145,7 +145,7 @@ def test_standby_takes_over_from_a_host_that_vanished(tmp_path: Path) -> None:
     missing = netns.unavailable()
     if missing is not None:
         pytest.skip(missing)
-    result = failover.run(1, tmp_path, "vanish", target_delay_ms=200)
+    result = failover.run(1, tmp_path, failover.Plan("vanish", target_delay_ms=200))
     assert result["converged"], result
     # Each server ends the sessions 10 s after its first unanswered send (tcp_user_timeout), or
     # after 5 + 3 * 3 s of silence; the system defaults would keep them for hours, and the slot
@@ -154,3 +154,21 @@ def test_standby_takes_over_from_a_host_that_vanished(tmp_path: Path) -> None:
                for side in ("source", "target")
                for seconds in result[f"{side}_sessions_ended_s"]), result
     assert result["takeover_s"][0] < 25, result
+
+
+def test_standby_takes_over_from_a_host_that_lost_the_source_alone(tmp_path: Path) -> None:
+    """The active daemon's host loses its route to the source and keeps the target's: it keeps
+    its lock's connection, so only giving the lock up (failover_after_s) lets the standby,
+    which reaches the source, stream. Without it the standby never takes over."""
+    if os.environ.get(SOURCE_DSN_ENV) or os.environ.get(TARGET_DSN_ENV):
+        pytest.skip("needs throwaway clusters it may make listen on the namespaces' links")
+    missing = netns.unavailable()
+    if missing is not None:
+        pytest.skip(missing)
+    plan = failover.Plan("partition", source={"receive_timeout_s": 2, "failover_after_s": 3})
+    result = failover.run(1, tmp_path, plan)
+    assert result["converged"], result
+    # The stream gives the silent source up after 2 s, the lock goes 3 s later, and the source
+    # ends the lost daemon's walsender 10 s after its first unanswered send.
+    assert result["takeover_s"][0] < 25, result
+    assert result["source_sessions_ended_s"][0] is not None, result

@@ -121,6 +121,25 @@ def test_the_side_found_down_is_known_while_reconnecting_from_it(
     assert health.down is None
 
 
+def test_a_side_is_down_from_its_first_failure_through_every_retry(
+        health: Health, clock: FakeClock) -> None:
+    """How long the source has been out of reach decides whether the active process gives its
+    lock up (SlotLock's failover_after_s): retries do not restart the count, a success does."""
+    assert health.down_for("source") == 0.0
+    health.set_down("source", "connection refused")
+    clock.now += 20
+    health.set_down("source", "connection timeout expired")
+    clock.now += 25
+    assert (health.down_for("source"), health.down_for("target")) == (45.0, 0.0)
+    health.set_down("target", "connection refused")
+    assert health.down_for("source") == 0.0
+    health.set_down("source", "connection refused")
+    clock.now += 5
+    assert health.down_for("source") == 5.0
+    health.set_state("streaming")
+    assert health.down_for("source") == 0.0
+
+
 def test_readyz_streaming_under_threshold(server: HttpServer, health: Health) -> None:
     """/readyz is 200 when streaming with a known lag under ready_lag_s."""
     streaming(health, lag=1.0)
