@@ -51,6 +51,14 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
   AND l.classid = {classid}::bigint::oid AND l.objid = {objid}::bigint::oid
 """
 
+# Standbys waiting for the slot's lock, each holding the slot's standby key shared.
+_STANDBYS = """
+SELECT count(*) FROM pg_locks
+WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND mode = 'ShareLock'
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND classid = %s::bigint::oid AND objid = %s::bigint::oid
+"""
+
 
 def _key(text: str) -> int:
     digest = hashlib.sha256(text.encode()).digest()
@@ -60,6 +68,12 @@ def _key(text: str) -> int:
 def lock_key(slot: str) -> int:
     """A stable signed 64-bit advisory lock key for ``slot`` (the same on every host)."""
     return _key(f"cdcsync slot {slot}")
+
+
+def standby_key(slot: str) -> int:
+    """The key each standby of ``slot`` holds shared while it waits: a try for the slot's lock
+    leaves no trace, and the active process must know whether anyone would take over."""
+    return _key(f"cdcsync standby {slot}")
 
 
 # Serializes installs of the target's cdcsync schema (shared by every slot).
@@ -126,6 +140,9 @@ class SlotLock:
         self._every = check_every_s
         self._failover_after_s = failover_after_s
         self._term_started = 0.0
+        self._standby_key = standby_key(slot)
+        # The connection on which this process holds the standby key, if any.
+        self._standing_on: Conn | None = None
         self._conn: Conn | None = None
         self._keeper: threading.Thread | None = None
         self._term: threading.Event | None = None
@@ -199,6 +216,10 @@ class SlotLock:
             if self._take(self._conn):
                 return True
             holder = lock_holder(self._conn, self.slot)
+            if self._standing_on is not self._conn:
+                self._conn.execute("SELECT pg_try_advisory_lock_shared(%s)",
+                                   (self._standby_key,))
+                self._standing_on = self._conn
         except psycopg.Error as exc:
             self._down(exc)
             return False
@@ -218,9 +239,13 @@ class SlotLock:
     def _take(self, conn: Conn) -> bool:
         row = conn.execute("SELECT pg_try_advisory_lock(%s), pg_postmaster_start_time()",
                            (self.key,)).fetchone()
-        if row and row[0]:
-            self._target_started = row[1]
-        return bool(row and row[0])
+        if not (row and row[0]):
+            return False
+        self._target_started = row[1]
+        if self._standing_on is conn:
+            conn.execute("SELECT pg_advisory_unlock_shared(%s)", (self._standby_key,))
+            self._standing_on = None
+        return True
 
     def _target_restarted(self) -> bool:
         """Whether the target started again since the lock was taken; waits for it to answer."""
@@ -246,14 +271,13 @@ class SlotLock:
     def _keep(self, term: threading.Event) -> None:
         """Check the lock connection every interval, and every pass while the stream finds the
         target down; end the term at once when it fails, or give the lock up when the stream
-        has not reached the source for ``failover_after_s``."""
+        has not reached the source for ``failover_after_s`` and a standby waits."""
         conn = self._conn
         assert conn is not None
+        standbys = (_STANDBYS, _key_halves(self._standby_key))
+        alone_told = False
         next_check = time.monotonic() + self._every
         while not term.is_set() and not self._stop.wait(0.2):
-            if self._cannot_stream():
-                self._give_way()
-                break
             # A target that restarted took the lock's session with it. Found out only at the
             # next interval, the loss would end the term after the stream had reconnected and
             # caught up, leaving the slot unheld for the standby's turn (see acquire): a verify
@@ -262,7 +286,7 @@ class SlotLock:
                 continue
             next_check = time.monotonic() + self._every
             try:
-                conn.execute("SELECT 1")
+                waiting = conn.execute(*standbys).fetchone()
             except psycopg.Error as exc:
                 text = str(exc).strip()
                 event(logging.ERROR, "lock_lost", slot=self.slot,
@@ -270,12 +294,24 @@ class SlotLock:
                 self._lost = True
                 self._close()
                 break
+            if not self._cannot_stream():
+                alone_told = False
+            elif waiting and waiting[0]:
+                self._give_way()
+                break
+            elif not alone_told:
+                # Giving way with no one to take over would only stop this process for the
+                # standby's turn, every failover_after_s, while the source is out.
+                alone_told = True
+                event(logging.WARNING, "lock_kept", slot=self.slot,
+                      reason=f"the source unreachable for {self._failover_after_s:g} s, but no "
+                             "standby waits to take over")
         term.set()
 
     def _cannot_stream(self) -> bool:
         """Whether the stream has failed to reach the source for ``failover_after_s``: this
-        host may have lost its route to the source alone, and a standby that can reach it
-        should have the slot. If the source itself is down, the standby fails alike and the
+        host may have lost its route to the source alone, and a waiting standby that can reach
+        it should have the slot. If the source itself is down, the standby fails alike and the
         lock comes back after its turn."""
         limit = self._failover_after_s
         # Counted from the term's start too: a term taken back after giving way gets its tries.

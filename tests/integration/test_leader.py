@@ -115,35 +115,44 @@ def test_the_lock_is_checked_at_once_while_the_stream_finds_the_target_down(
 
 def test_the_lock_is_given_up_when_the_source_stays_out_of_reach(dbpair: DbPair) -> None:
     """This host may have lost its route to the source alone: once the stream has failed to
-    reach it for failover_after_s, the active process gives the lock up for a standby's turn.
-    A target found down, or a source out of reach for less, keeps it."""
+    reach it for failover_after_s, the active process gives the lock up to a waiting standby.
+    With the source out of reach for less, while streaming, or with no standby, it keeps it."""
     stop = threading.Event()
     health = Health()
     lock = SlotLock(dbpair.target_dsn, dbpair.slot, health, stop, check_every_s=0.5,
                     failover_after_s=1.5)
+    standby = SlotLock(dbpair.target_dsn, dbpair.slot, Health(), stop, check_every_s=0.5,
+                       failover_after_s=1.5)
     try:
         term = lock.acquire()
         assert term is not None
         health.set_down("source", "connection timeout expired")
-        assert not term.wait(1.0), "gave the lock up before failover_after_s"
+        assert not term.wait(2.5), "gave the lock up with no standby to take it"
         health.set_state("streaming")
+        thread, taken = _acquire_in_thread(standby)
         assert not term.wait(1.0), "gave the lock up while streaming"
         health.set_down("source", "connection timeout expired")
-        assert term.wait(2.5), "kept the lock with the source out of reach"
-        with psycopg.connect(dbpair.target_dsn, autocommit=True) as conn:
-            assert lock_holder(conn, dbpair.slot) is None
-        started = time.monotonic()
-        term = lock.acquire()
+        assert not term.wait(1.0), "gave the lock up before failover_after_s"
+        assert term.wait(1.5), "kept the lock with the source out of reach and a standby waiting"
+        thread.join(timeout=5)
+        assert taken and taken[0] is not None, "the standby did not take over"
+        # The standby lets the lock go, and this process, waiting in turn, takes it back with
+        # a term of its own: the source still out of reach, it has failover_after_s of tries
+        # before giving way to the next standby.
+        thread, taken = _acquire_in_thread(lock)
+        time.sleep(1.0)
+        standby.release()
+        thread.join(timeout=5)
+        term = taken[0]
         assert term is not None
-        # A standby that has waited gets the first try: two check intervals.
-        assert time.monotonic() - started >= 1.0
-        # The source still out of reach, the new term has failover_after_s of its own.
+        thread, _ = _acquire_in_thread(standby)
         assert health.down == "source"
         assert not term.wait(1.0), "gave the lock up again at once"
-        assert term.wait(1.5)
+        assert term.wait(2.0)
     finally:
         stop.set()
         lock.release()
+        standby.release()
 
 
 def test_after_a_target_restart_the_lock_is_taken_again_without_the_standbys_turn(
