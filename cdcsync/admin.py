@@ -285,8 +285,10 @@ def status(settings: Settings) -> dict[str, Any]:
         copies = _copies(tgt, settings.source.slot)
         letters = tgt.execute("SELECT count(*) FROM cdcsync.dead_letters").fetchone()
         holder = leader.lock_holder(tgt, settings.source.slot)
+        standbys = leader.waiting_standbys(tgt, settings.source.slot)
     # The active process: the session holding the slot's lock ("cdcsync PID@HOST").
     result["active_process"] = holder.describe() if holder else None
+    result["standbys_waiting"] = standbys
     result["conflicts_by_table"] = {str(t): int(n) for t, n in by_table}
     result["checkpoint_lsn"] = str(saved.lsn) if saved else None
     result["checkpoint_commit_time"] = saved.commit_time.isoformat() if saved and \

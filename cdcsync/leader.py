@@ -112,6 +112,12 @@ def holder_query(slot: str) -> sql.Composed:
     return sql.SQL(_HOLDER).format(classid=classid, objid=objid)
 
 
+def waiting_standbys(conn: Conn, slot: str) -> int:
+    """How many processes wait as standbys for ``slot``'s lock on this connection's target."""
+    row = conn.execute(_STANDBYS, _key_halves(standby_key(slot))).fetchone()
+    return int(row[0]) if row else 0
+
+
 def lock_holder(conn: Conn, slot: str) -> Holder | None:
     """Who holds ``slot``'s lock on the target this connection points at, if anyone."""
     row = conn.execute(holder_query(slot)).fetchone()
@@ -274,7 +280,6 @@ class SlotLock:
         has not reached the source for ``failover_after_s`` and a standby waits."""
         conn = self._conn
         assert conn is not None
-        standbys = (_STANDBYS, _key_halves(self._standby_key))
         alone_told = False
         next_check = time.monotonic() + self._every
         while not term.is_set() and not self._stop.wait(0.2):
@@ -286,7 +291,7 @@ class SlotLock:
                 continue
             next_check = time.monotonic() + self._every
             try:
-                waiting = conn.execute(*standbys).fetchone()
+                waiting = waiting_standbys(conn, self.slot)
             except psycopg.Error as exc:
                 text = str(exc).strip()
                 event(logging.ERROR, "lock_lost", slot=self.slot,
@@ -296,7 +301,7 @@ class SlotLock:
                 break
             if not self._cannot_stream():
                 alone_told = False
-            elif waiting and waiting[0]:
+            elif waiting:
                 self._give_way()
                 break
             elif not alone_told:
