@@ -43,21 +43,18 @@ if TYPE_CHECKING:
 
 Conn = psycopg.Connection[TupleRow]
 
-_HOLDER = """
+# The granted holds of one bigint advisory key in this database.
+_HELD = sql.SQL("""l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid = {classid}::bigint::oid AND l.objid = {objid}::bigint::oid""")
+
+_HOLDER = sql.SQL("""
 SELECT a.application_name, a.pid, host(a.client_addr)
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.classid = {classid}::bigint::oid AND l.objid = {objid}::bigint::oid
-"""
+WHERE """)
 
 # Standbys waiting for the slot's lock, each holding the slot's standby key shared.
-_STANDBYS = """
-SELECT count(*) FROM pg_locks
-WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND mode = 'ShareLock'
-  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND classid = %s::bigint::oid AND objid = %s::bigint::oid
-"""
+_STANDBYS = sql.SQL("SELECT count(*) FROM pg_locks l WHERE l.mode = 'ShareLock' AND ")
 
 
 def _key(text: str) -> int:
@@ -105,16 +102,20 @@ class Holder:
         return f"{self.application_name or '(no application_name)'}{where}"
 
 
+def _key_query(select: sql.SQL, key: int) -> sql.Composed:
+    classid, objid = _key_halves(key)
+    return select + _HELD.format(classid=classid, objid=objid)
+
+
 def holder_query(slot: str) -> sql.Composed:
     """The query naming who holds ``slot``'s lock, values included: it can travel with others
     in one round trip."""
-    classid, objid = _key_halves(lock_key(slot))
-    return sql.SQL(_HOLDER).format(classid=classid, objid=objid)
+    return _key_query(_HOLDER, lock_key(slot))
 
 
 def waiting_standbys(conn: Conn, slot: str) -> int:
     """How many processes wait as standbys for ``slot``'s lock on this connection's target."""
-    row = conn.execute(_STANDBYS, _key_halves(standby_key(slot))).fetchone()
+    row = conn.execute(_key_query(_STANDBYS, standby_key(slot))).fetchone()
     return int(row[0]) if row else 0
 
 
@@ -173,8 +174,7 @@ class SlotLock:
     def _open_quietly(self, take: bool, opened: Callable[[], Conn | None] | None) -> None:
         with contextlib.suppress(psycopg.Error):
             conn = opened() if opened is not None else None
-            self._conn = (conn if conn is not None and not conn.closed
-                          else psycopg.connect(self._dsn, autocommit=True))
+            self._conn = conn if conn is not None and not conn.closed else self._connected()
             if take:
                 self._taken_ahead = self._take(self._conn)
 
@@ -217,15 +217,13 @@ class SlotLock:
         if taken_ahead and self._conn is not None and not self._conn.closed:
             return True
         try:
-            if self._conn is None or self._conn.closed:
-                self._conn = psycopg.connect(self._dsn, autocommit=True)
-            if self._take(self._conn):
+            conn = self._connected()
+            if self._take(conn):
                 return True
-            holder = lock_holder(self._conn, self.slot)
-            if self._standing_on is not self._conn:
-                self._conn.execute("SELECT pg_try_advisory_lock_shared(%s)",
-                                   (self._standby_key,))
-                self._standing_on = self._conn
+            holder = lock_holder(conn, self.slot)
+            if self._standing_on is not conn:
+                conn.execute("SELECT pg_try_advisory_lock_shared(%s)", (self._standby_key,))
+                self._standing_on = conn
         except psycopg.Error as exc:
             self._down(exc)
             return False
@@ -234,6 +232,12 @@ class SlotLock:
             event(logging.INFO, "standby", slot=self.slot, holder=who)
         self._health.set_state("standby", f"lock held by {who}")
         return False
+
+    def _connected(self) -> Conn:
+        """The lock's connection, opened again if it was closed or lost."""
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self._dsn, autocommit=True)
+        return self._conn
 
     def _down(self, exc: psycopg.Error) -> None:
         self._close()
@@ -257,9 +261,7 @@ class SlotLock:
         """Whether the target started again since the lock was taken; waits for it to answer."""
         while not self._stop.is_set():
             try:
-                if self._conn is None or self._conn.closed:
-                    self._conn = psycopg.connect(self._dsn, autocommit=True)
-                row = self._conn.execute("SELECT pg_postmaster_start_time()").fetchone()
+                row = self._connected().execute("SELECT pg_postmaster_start_time()").fetchone()
                 return row is not None and row[0] != self._target_started
             except psycopg.Error as exc:
                 self._down(exc)
@@ -290,8 +292,13 @@ class SlotLock:
             if time.monotonic() < next_check and self._health.down != "target":
                 continue
             next_check = time.monotonic() + self._every
+            stuck = self._cannot_stream()
+            waiting = 0
             try:
-                waiting = waiting_standbys(conn, self.slot)
+                if stuck:
+                    waiting = waiting_standbys(conn, self.slot)
+                else:
+                    conn.execute("SELECT 1")
             except psycopg.Error as exc:
                 text = str(exc).strip()
                 event(logging.ERROR, "lock_lost", slot=self.slot,
@@ -299,7 +306,7 @@ class SlotLock:
                 self._lost = True
                 self._close()
                 break
-            if not self._cannot_stream():
+            if not stuck:
                 alone_told = False
             elif waiting:
                 self._give_way()

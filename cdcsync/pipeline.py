@@ -389,11 +389,9 @@ class Pipeline:
                 if isinstance(exc, SlotBusy):
                     # Only a walsender stands in the way, and the source ends a vanished
                     # holder's within seconds (dsn.PEER_TIMEOUT_OPTIONS); backing off to 30 s
-                    # would add up to that much to a takeover, for a cheap question.
+                    # would add up to that much to a takeover, for a cheap question. The source
+                    # answers: a standby could do no better (see SlotLock's failover_after_s).
                     delay = min(delay, _SLOT_BUSY_RETRY_S)
-                if isinstance(exc, SlotBusy):
-                    # The source answers: this process can stream once the slot is free, and a
-                    # standby could do no better (see SlotLock's failover_after_s).
                     self.health.set_state("reconnecting", f"slot busy: {reason}")
                 else:
                     # ConnectionLost comes from the source side; every other transient error
