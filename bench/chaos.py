@@ -16,6 +16,12 @@ in a shuffled order, each after a random pause:
   :mod:`bench.relay`, which stalls): the source itself goes on, its writers too. The daemon's
   ``[source] receive_timeout_s`` is half the stall, so it must notice the silence, give the
   connection up and stream again once the link returns.
+* ``target_link_dead``: the link between the daemon and the target (through a relay too)
+  stops carrying bytes on every connection it has, for good, while new connections pass: a
+  middlebox that lost track of its connections but keeps them open, its kernel acknowledging
+  every packet, so TCP's timeouts never fire. The daemon's link watch
+  (:mod:`cdcsync.link_watch`) must find the connections dead, end their sessions on the
+  target and stream again on new ones.
 
 After each fault the source's WAL insert position is read as soon as the fault is over (servers
 answering, daemon restarted); "caught up" is the target checkpoint reaching it, and the recovery
@@ -61,7 +67,8 @@ from cdcsync.config import Settings
 from cdcsync.keyrange import Key
 from cdcsync.verify.command import verify, verify_keys
 
-KINDS = ("kill9", "target_restart", "source_restart", "walsender", "target_hang", "source_stall")
+KINDS = ("kill9", "target_restart", "source_restart", "walsender", "target_hang", "source_stall",
+         "target_link_dead")
 TABLES = ("public.accounts", "public.orders", "public.events")
 SCHEMA = """
 CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL, note text,
@@ -269,10 +276,11 @@ class Chaos:
     """Injects faults into one source/target cluster pair replicated by one daemon."""
 
     def __init__(self, settings: Settings, daemon: DaemonProcess, source: localpg.LocalCluster,
-                 target: localpg.LocalCluster, source_link: Relay, *, hang_s: float,
-                 catchup_timeout_s: float = 120.0, gap_s: tuple[float, float] = (0.3, 1.5),
-                 seed: int = 9) -> None:
-        self.settings, self.daemon, self.source_link = settings, daemon, source_link
+                 target: localpg.LocalCluster, source_link: Relay, *,
+                 target_link: Relay, hang_s: float, catchup_timeout_s: float = 120.0,
+                 gap_s: tuple[float, float] = (0.3, 1.5), seed: int = 9) -> None:
+        self.settings, self.daemon = settings, daemon
+        self.source_link, self.target_link = source_link, target_link
         self.source, self.target = source, target
         self.hang_s, self.catchup_timeout_s, self.gap_s = hang_s, catchup_timeout_s, gap_s
         self.rng = random.Random(seed)
@@ -386,6 +394,8 @@ class Chaos:
                 time.sleep(self.hang_s)
             finally:
                 self.source_link.resume()
+        elif kind == "target_link_dead":
+            self.target_link.freeze()
         else:
             raise ValueError(kind)
 
@@ -453,6 +463,11 @@ def daemon_source(dsn: str, link: Relay, hang_s: float) -> dict[str, Any]:
             "receive_timeout_s": hang_s / 2}
 
 
+def daemon_target(dsn: str, link: Relay) -> str:
+    """The daemon's target DSN: through ``link`` (see target_link_dead)."""
+    return make_conninfo(dsn, host="127.0.0.1", port=link.port)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -469,7 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tmp = args.workdir or tempfile.mkdtemp(prefix="cdcsync-chaos-")
     Path(tmp).mkdir(parents=True, exist_ok=True)
-    with localpg.local_clusters() as (source, target), Relay(source.port, 0.0) as link:
+    with localpg.local_clusters() as (source, target), Relay(source.port, 0.0) as link, \
+            Relay(target.port, 0.0) as target_link:
         for cluster, dbname in ((source, "chaos"), (target, "chaos")):
             with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
                 conn.execute(f"CREATE DATABASE {dbname}".encode())
@@ -479,13 +495,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "tables": list(TABLES),
             "source": {**daemon_source(source.dsn("chaos"), link, args.hang_s), "slot": "chaos",
                        "publication": "chaos"},
-            "target": {"dsn": target.dsn("chaos")},
+            "target": {"dsn": daemon_target(target.dsn("chaos"), target_link)},
             "http": {"listen": "127.0.0.1:0"},
             "log": {"format": "json"},
         }
-        # The bench itself (setup, verify, catching up) reaches the source directly.
+        # The bench itself (setup, verify, catching up) reaches both servers directly.
         settings = Settings(**{**config, "source": {**config["source"],
-                                                     "dsn": source.dsn("chaos")}})
+                                                     "dsn": source.dsn("chaos")},
+                               "target": {"dsn": target.dsn("chaos")}})
         admin.setup(settings, create_tables=True)
         config_path = Path(tmp) / "cdcsync.toml"
         config_path.write_text(to_toml(config))
@@ -493,8 +510,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         workload = Workload(source.dsn("chaos"))
         workload.start()
         daemon.start()
-        chaos = Chaos(settings, daemon, source, target, link, hang_s=args.hang_s,
-                      catchup_timeout_s=args.catchup_timeout, gap_s=(0.5, 3.0), seed=args.seed)
+        chaos = Chaos(settings, daemon, source, target, link, target_link=target_link,
+                      hang_s=args.hang_s, catchup_timeout_s=args.catchup_timeout,
+                      gap_s=(0.5, 3.0), seed=args.seed)
         try:
             report = chaos.run(args.per_kind, workload, args.kinds,
                                progress=lambda f: log(json.dumps(asdict(f))))

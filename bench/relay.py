@@ -18,6 +18,9 @@ takes up to ``TICK_S`` more, while a query sent after a pause, and its answer, a
 :meth:`Relay.stall` stops it relaying, in both directions and on every connection, until
 :meth:`Relay.resume`: a link that stalls for a while, its connections kept. Nothing is lost; the
 bytes wait in the relay and in the sockets, and their senders block once those are full.
+:meth:`Relay.freeze` stops relaying on the connections open at the time, for good, while new
+ones are relayed as before: a middlebox that lost track of its connections but keeps them open
+(its kernel acknowledging every packet and keepalive).
 
 ``Relay`` runs its own event loop on a daemon thread: ``with Relay(port) as relay:`` then connect
 to ``relay.port`` on 127.0.0.1 instead of ``port``. ``python -m bench.relay PORT [--delay-ms 10]``
@@ -75,8 +78,13 @@ class Link:
         self._answered = True
 
 
+async def _open(gates: tuple[asyncio.Event, ...]) -> None:
+    for gate in gates:
+        await gate.wait()
+
+
 async def _pump(source: socket.socket, sink: socket.socket, delay_s: float,
-                seen: Callable[[], None], flowing: asyncio.Event) -> None:
+                seen: Callable[[], None], gates: tuple[asyncio.Event, ...]) -> None:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
@@ -88,14 +96,14 @@ async def _pump(source: socket.socket, sink: socket.socket, delay_s: float,
             wait = due - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
-            await flowing.wait()
+            await _open(gates)
             await loop.sock_sendall(sink, data)
 
     sender = asyncio.create_task(deliver())
     last = -STREAM_GAP_S
     try:
         while True:
-            await flowing.wait()
+            await _open(gates)
             if not (data := await loop.sock_recv(source, CHUNK)):
                 break
             now = loop.time()
@@ -129,6 +137,8 @@ class Relay:
         # the pumps wait on it.
         self._flowing = asyncio.Event()
         self._flowing.set()
+        # Each open connection's own gate (see freeze).
+        self._gates: list[asyncio.Event] = []
         self.links: list[Link] = []
 
     @property
@@ -151,6 +161,14 @@ class Relay:
         """Relay again what waited, then the rest, as before :meth:`stall`."""
         self._on_loop(self._flowing.set)
 
+    def freeze(self) -> None:
+        """Stop relaying on every connection open now, for as long as the relay runs; new
+        connections are relayed."""
+        def close_gates() -> None:
+            for gate in self._gates:
+                gate.clear()
+        self._on_loop(close_gates)
+
     def _on_loop(self, action: Callable[[], None]) -> None:
         async def run() -> None:
             action()
@@ -169,12 +187,17 @@ class Relay:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         link = Link()
         self.links.append(link)
+        gate = asyncio.Event()
+        gate.set()
+        self._gates.append(gate)
+        gates = (self._flowing, gate)
         try:
             await asyncio.gather(
-                _pump(client, upstream, self.delay_s, link.from_client, self._flowing),
-                _pump(upstream, client, self.delay_s, link.from_server, self._flowing),
+                _pump(client, upstream, self.delay_s, link.from_client, gates),
+                _pump(upstream, client, self.delay_s, link.from_server, gates),
                 return_exceptions=True)
         finally:
+            self._gates.remove(gate)
             client.close()
             upstream.close()
 

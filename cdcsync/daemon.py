@@ -27,6 +27,7 @@ from cdcsync.config import Settings
 from cdcsync.errors import PrerequisiteError, is_transient
 from cdcsync.health import Health, HttpServer
 from cdcsync.leader import SlotLock
+from cdcsync.link_watch import LinkWatch
 from cdcsync.logs import event
 from cdcsync.metrics import Metrics
 from cdcsync.notify import Notifier, SystemdReporter
@@ -132,8 +133,9 @@ def run(settings: Settings, stop: threading.Event | None = None,
         health.watch(SystemdReporter(notifier, lambda: health.lag_seconds))
     server = HttpServer(settings.http.listen, metrics, health)
     server.start()
+    links = LinkWatch(slot)
     lock = SlotLock(settings.target.dsn.get_secret_value(), slot, health, stop,
-                    failover_after_s=settings.source.failover_after_s)
+                    failover_after_s=settings.source.failover_after_s, links=links)
     pool: ConnectionPool | None = None
     try:
         with ask_target(settings, ahead) as (tgt, known):
@@ -144,9 +146,9 @@ def run(settings: Settings, stop: threading.Event | None = None,
             lock.open_ahead(take=active, opened=None if ahead is None else partial(
                 ahead.lock_connection, settings.target.dsn.get_secret_value(), slot))
             if active:
-                pool = open_target_pool(settings)
+                pool = open_target_pool(settings, links)
             described = preflight(settings, tgt, known, early)
-        _contend(settings, stop, metrics, health, lock, ahead=pool, early=early,
+        _contend(settings, stop, metrics, health, lock, links=links, ahead=pool, early=early,
                  described=described)
     finally:
         if pool is not None:
@@ -156,13 +158,14 @@ def run(settings: Settings, stop: threading.Event | None = None,
         if early is not None:
             early.close()
         lock.release()
+        links.close()
         server.close()
     event(logging.INFO, "stopped", slot=slot)
 
 
 def _contend(settings: Settings, stop: threading.Event, metrics: Metrics, health: Health,
-             lock: SlotLock, *, ahead: ConnectionPool | None, early: EarlyStream | None,
-             described: dict[str, ColumnRows] | None = None) -> None:
+             lock: SlotLock, *, links: LinkWatch, ahead: ConnectionPool | None,
+             early: EarlyStream | None, described: dict[str, ColumnRows] | None = None) -> None:
     """Alternate between standby and active terms until ``stop``; the first term streams with
     the pool ``ahead``, when given, which opened its connections while the lock was asked for,
     and resolves its tables from the checks' catalog rows, ``described``, if it streams at once
@@ -177,7 +180,7 @@ def _contend(settings: Settings, stop: threading.Event, metrics: Metrics, health
     def make_jobs() -> Jobs:
         from cdcsync.jobs import Jobs  # noqa: PLC0415 (see JobsOnceSettled)
 
-        return Jobs(settings, progress, metrics, health, alerter)
+        return Jobs(settings, progress, metrics, health, alerter, links=links)
 
     jobs = JobsOnceSettled(make_jobs)
     health.watch(jobs)
@@ -197,10 +200,10 @@ def _contend(settings: Settings, stop: threading.Event, metrics: Metrics, health
         # A term as the active process ends on stop or when the lock is lost; then this
         # process waits as a standby again.
         while (term := lock.acquire(waiting=standing_by)) is not None:
-            pool, ahead = ahead or open_target_pool(settings), None
+            pool, ahead = ahead or open_target_pool(settings, links), None
             try:
                 _stream(settings, term, pool, progress, metrics=metrics, health=health,
-                        early=early, described=described)
+                        links=links, early=early, described=described)
                 early = described = None
             finally:
                 if stop.is_set():
@@ -215,7 +218,7 @@ def _contend(settings: Settings, stop: threading.Event, metrics: Metrics, health
 
 
 def _stream(settings: Settings, term: threading.Event, pool: ConnectionPool,
-            progress: Progress, *, metrics: Metrics, health: Health,
+            progress: Progress, *, metrics: Metrics, health: Health, links: LinkWatch,
             early: EarlyStream | None, described: dict[str, ColumnRows] | None = None) -> None:
     """One term as the active process: copy what needs copying, stream (from ``early`` first,
     if given, resolving tables from ``described``) until ``term`` is set; then close ``pool``."""
@@ -225,7 +228,7 @@ def _stream(settings: Settings, term: threading.Event, pool: ConnectionPool,
         if term.is_set():
             return
         resyncer.start()
-        Pipeline(settings, pool, term, metrics, health, progress=progress,
+        Pipeline(settings, pool, term, metrics, health, progress=progress, links=links,
                  on_message=resyncer.on_message, early=early, saved=saved,
                  described=described).run()
     finally:

@@ -20,11 +20,13 @@ import psycopg
 from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 from psycopg import sql
+from psycopg.rows import TupleRow
 
 from cdcsync.alerts import Alerter
 from cdcsync.config import Settings
 from cdcsync.dsn import with_session_options
 from cdcsync.health import Health
+from cdcsync.link_watch import LinkWatch
 from cdcsync.logs import LOGGER, event
 from cdcsync.metrics import Metrics
 from cdcsync.model import Lsn
@@ -49,8 +51,10 @@ class Jobs:
     """The heartbeat and the observation job, started and stopped with the daemon."""
 
     def __init__(self, settings: Settings, progress: Progress, metrics: Metrics, health: Health,
-                 alerter: Alerter) -> None:
+                 alerter: Alerter, *, links: LinkWatch | None = None) -> None:
         self.settings = settings
+        # A job stuck on a dead link would skip its later runs, the lag alerts with them.
+        self._links = links
         self.progress = progress
         self.metrics = metrics
         self.health = health
@@ -94,7 +98,7 @@ class Jobs:
         an idle slot moves forward and the lag in seconds stays measurable without traffic."""
         if self.health.state == "standby":
             return  # another process streams this slot and sends its own
-        with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10) as conn:
+        with self._connect(self._dsn) as conn:
             conn.execute("SELECT pg_logical_emit_message(true, %s, now()::text)",
                          (HEARTBEAT_PREFIX,))
 
@@ -118,7 +122,7 @@ class Jobs:
             self.health.set_lag(lag)
         self.alerter.check_lag(lag)
         self.alerter.check_apply_errors(self.progress.consecutive_failures)
-        with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10) as conn:
+        with self._connect(self._dsn) as conn:
             info = catalog.slot_info(conn, self.settings.source.slot)
             current = Lsn.parse(catalog.current_wal_lsn(conn))
         pending = max(0, current - self.progress.checkpoint) if self.progress.checkpoint else None
@@ -135,7 +139,7 @@ class Jobs:
             return
         conf = self.settings.retention
         remaining: dict[str, int] = {}
-        with psycopg.connect(self._target_dsn, autocommit=True, connect_timeout=10) as conn:
+        with self._connect(self._target_dsn) as conn:
             for table, days in (("conflicts", conf.conflicts_days),
                                 ("dead_letters", conf.dead_letters_days)):
                 name = sql.Identifier("cdcsync", table)
@@ -149,6 +153,12 @@ class Jobs:
                 row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(name)).fetchone()
                 remaining[table] = int(row[0]) if row else 0
         self.metrics.stored_rows(remaining["conflicts"], remaining["dead_letters"])
+
+    def _connect(self, dsn: str) -> psycopg.Connection[TupleRow]:
+        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+        if self._links is not None:
+            self._links.watch(conn, dsn)
+        return conn
 
     def _failed(self, job_event: JobExecutionEvent) -> None:
         self.metrics.error("job")

@@ -40,6 +40,7 @@ from cdcsync.logs import event
 
 if TYPE_CHECKING:
     from cdcsync.health import Health
+    from cdcsync.link_watch import LinkWatch
 
 Conn = psycopg.Connection[TupleRow]
 
@@ -134,12 +135,24 @@ def lock_dsn(dsn: str) -> str:
     return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
 
 
+_TAKE = sql.SQL("SELECT pg_try_advisory_lock(%s), pg_postmaster_start_time()")
+_TAKE_AND_LIMIT_IDLE = sql.SQL("SELECT pg_try_advisory_lock(%s), pg_postmaster_start_time(), "
+                               "set_config('idle_session_timeout', {}, false)")
+_IDLE_SESSION_TIMEOUT_SINCE = 140000
+# A lock session idle for this many check intervals has lost its process (see _take).
+_IDLE_INTERVALS = 15
+
+
 class SlotLock:
     """Contends for the slot's lock until it holds it; then keeps watching the connection."""
 
     def __init__(self, target_dsn: str, slot: str, health: Health, stop: threading.Event, *,
-                 check_every_s: float = 2.0, failover_after_s: float = 0.0) -> None:
+                 check_every_s: float = 2.0, failover_after_s: float = 0.0,
+                 links: LinkWatch | None = None) -> None:
         self._dsn = lock_dsn(target_dsn)
+        # A lock connection whose link died holds the lock on the target for as long as a
+        # middlebox keeps it: the watch ends that session (see cdcsync.link_watch).
+        self._links = links
         self.slot = slot
         self.key = lock_key(slot)
         self._health = health
@@ -174,9 +187,13 @@ class SlotLock:
     def _open_quietly(self, take: bool, opened: Callable[[], Conn | None] | None) -> None:
         with contextlib.suppress(psycopg.Error):
             conn = opened() if opened is not None else None
-            self._conn = conn if conn is not None and not conn.closed else self._connected()
+            if conn is not None and not conn.closed:
+                self._conn = conn
+                self._watch(conn)
+            else:
+                conn = self._connected()
             if take:
-                self._taken_ahead = self._take(self._conn)
+                self._taken_ahead = self._take(conn)
 
     def _opened(self) -> None:
         opening, self._opening = self._opening, None
@@ -237,7 +254,12 @@ class SlotLock:
         """The lock's connection, opened again if it was closed or lost."""
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self._dsn, autocommit=True)
+            self._watch(self._conn)
         return self._conn
+
+    def _watch(self, conn: Conn) -> None:
+        if self._links is not None:
+            self._links.watch(conn, self._dsn)
 
     def _down(self, exc: psycopg.Error) -> None:
         self._close()
@@ -247,8 +269,15 @@ class SlotLock:
               delay_s=self._every, error=reason)
 
     def _take(self, conn: Conn) -> bool:
-        row = conn.execute("SELECT pg_try_advisory_lock(%s), pg_postmaster_start_time()",
-                           (self.key,)).fetchone()
+        query: sql.SQL | sql.Composed = _TAKE
+        if conn.info.server_version >= _IDLE_SESSION_TIMEOUT_SINCE:
+            # Holding the lock or waiting for it, this session is asked something every
+            # interval; one idle for many more has lost its process (killed while a middlebox
+            # kept its connection open, which TCP's timeouts cannot tell from a live one). The
+            # server then ends it, and the lock or the standby's key goes with it.
+            query = _TAKE_AND_LIMIT_IDLE.format(
+                sql.Literal(str(round(_IDLE_INTERVALS * self._every * 1000))))
+        row = conn.execute(query, (self.key,)).fetchone()
         if not (row and row[0]):
             return False
         self._target_started = row[1]

@@ -46,6 +46,7 @@ from cdcsync.errors import (
 )
 from cdcsync.handoff import Handoff
 from cdcsync.health import Health, Side
+from cdcsync.link_watch import LinkWatch
 from cdcsync.logs import event
 from cdcsync.metrics import Metrics
 from cdcsync.model import (
@@ -161,19 +162,33 @@ class _TargetPool(ConnectionPool[psycopg.Connection[TupleRow]]):
     giving them back. Marked by psycopg_pool's ``reset`` callback, they went back through a
     worker task, which a closed pool drops: the connection given back right before the pool
     closed stayed open, one per stop of a daemon running in a thread (tests, the demo), until
-    the garbage collector found it."""
+    the garbage collector found it. Each new connection is given to ``links`` to watch; once
+    one is cut, the others, idle here, are replaced."""
 
-    def __init__(self, conninfo: str, checker: _RecentUse, **kwargs: Any) -> None:
+    def __init__(self, conninfo: str, checker: _RecentUse, links: LinkWatch | None,
+                 **kwargs: Any) -> None:
         self._checker = checker
-        super().__init__(conninfo, check=checker.check, configure=checker.used, **kwargs)
+        self._links = links
+        self._dsn = conninfo
+        super().__init__(conninfo, check=checker.check, configure=self._configure, **kwargs)
+
+    def _configure(self, conn: psycopg.Connection[TupleRow]) -> None:
+        self._checker.used(conn)
+        if self._links is not None:
+            self._links.watch(conn, self._dsn, self._replace_idle)
+
+    def _replace_idle(self) -> None:
+        if not self.closed:
+            self.drain()
 
     def putconn(self, conn: psycopg.Connection[TupleRow]) -> None:
         self._checker.used(conn)
         super().putconn(conn)
 
 
-def open_target_pool(settings: Settings) -> ConnectionPool:
-    """The target pool shared by the applier and every other user of the target.
+def open_target_pool(settings: Settings, links: LinkWatch | None = None) -> ConnectionPool:
+    """The target pool shared by the applier and every other user of the target, its
+    connections watched by ``links``.
 
     As many connections from the start, opened side by side, as the stream takes as it starts:
     the copies' queue (the resyncer), the applier's workers and the reader's resolver of the
@@ -181,6 +196,7 @@ def open_target_pool(settings: Settings) -> ConnectionPool:
     return _TargetPool(
         with_session_options(settings.target.dsn.get_secret_value(), "cdcsync"),
         _RecentUse(),
+        links,
         min_size=min(settings.target.pool_size, settings.apply.workers + 2),
         max_size=settings.target.pool_size,
         name="cdcsync-target",
@@ -311,6 +327,7 @@ class Pipeline:
 
     def __init__(self, settings: Settings, pool: ConnectionPool, stop: threading.Event,
                  metrics: Metrics, health: Health, *, progress: Progress | None = None,
+                 links: LinkWatch | None = None,
                  on_message: MessageHandler | None = None,
                  early: EarlyStream | None = None,
                  saved: checkpoint.Checkpoint | None = None,
@@ -345,7 +362,7 @@ class Pipeline:
         self._described = described if described and saved is not None else {}
         # Where the slot stands and each new table's column types, asked on one connection a
         # stream (closed as the stream ends).
-        self._catalog = CatalogSession(settings.source.dsn.get_secret_value())
+        self._catalog = CatalogSession(settings.source.dsn.get_secret_value(), links)
         # The rows a batch merges, learnt from the link to the target: kept across reconnects.
         self._batch_size = BatchSize(settings.apply.max_rows)
         self._logged_limit = self._batch_size.rows()

@@ -101,15 +101,16 @@ def set_up(pair: DbPair, *source_ddl: str) -> DbPair:
 
 
 def write_config(path: Path, pair: DbPair, tables: tuple[str, ...] = ("public.*",),
-                 extra: str = "", source: dict[str, Any] | None = None) -> Path:
+                 extra: str = "", source: dict[str, Any] | None = None, *,
+                 target_dsn: str | None = None) -> Path:
     """A TOML configuration for the CLI, as a user would write it; ``source`` overrides
-    ``[source]`` keys."""
+    ``[source]`` keys, ``target_dsn`` the target's DSN."""
     keys = {"dsn": pair.source_dsn, "slot": pair.slot, "publication": pair.publication,
             "decoder": pair.decoder, **(source or {})}
     path.write_text(
         f"tables = {list(tables)!r}\n[source]\n"
         + "".join(f"{k} = {v!r}\n" for k, v in keys.items())
-        + f"[target]\ndsn = {pair.target_dsn!r}\n"
+        + f"[target]\ndsn = {target_dsn or pair.target_dsn!r}\n"
         f"[apply]\nmax_delay_ms = 50\n[http]\nlisten = \"127.0.0.1:0\"\n"
         f"[log]\nformat = \"json\"\n{extra}",
         encoding="utf-8",

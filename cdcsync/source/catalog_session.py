@@ -5,7 +5,8 @@ A question asked on a connection of its own pays for connecting: a round trip or
 more with TLS, and a backend started on the source. At a stream's start every table's first
 change asks one, on the reader's path. So the session opens its connection at the first question
 and keeps it until the stream ends. A kept connection may have died since (an idle timeout, a
-restart): a question that fails on it is asked once more on a new one.
+restart): a question that fails on it is asked once more on a new one. One whose link died while
+a question waited is cut by the link watch (:mod:`cdcsync.link_watch`), if given.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from psycopg.rows import TupleRow
 
 from cdcsync.dsn import with_session_options
 from cdcsync.errors import ConnectionLost, is_transient
+from cdcsync.link_watch import LinkWatch
 
 Conn = psycopg.Connection[TupleRow]
 T = TypeVar("T")
@@ -28,8 +30,9 @@ class CatalogSession:
     """Asks questions of the source's catalog on one kept autocommit connection; safe to share
     between threads (one question at a time)."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, links: LinkWatch | None = None) -> None:
         self._dsn = with_session_options(dsn, "cdcsync")
+        self._links = links
         self._lock = threading.Lock()
         self._conn: Conn | None = None
 
@@ -58,9 +61,12 @@ class CatalogSession:
 
     def _connect(self) -> Conn:
         try:
-            return psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
+            conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
         except psycopg.OperationalError as exc:
             raise ConnectionLost(f"cannot reach the source: {exc}") from exc
+        if self._links is not None:
+            self._links.watch(conn, self._dsn)
+        return conn
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None

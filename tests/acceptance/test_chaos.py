@@ -15,7 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from bench.chaos import KINDS, SCHEMA, TABLES, Chaos, DaemonProcess, Workload, daemon_source
+from bench.chaos import (
+    KINDS,
+    SCHEMA,
+    TABLES,
+    Chaos,
+    DaemonProcess,
+    Workload,
+    daemon_source,
+    daemon_target,
+)
 from bench.relay import Relay
 from tests.conftest import DbPair
 from tests.harness import cli, execute, settings_for, write_config
@@ -31,9 +40,11 @@ def test_faults_of_every_kind_leave_the_target_equal_to_the_source(
     if dbpair.source_cluster is None or dbpair.target_cluster is None:
         pytest.skip("needs the throwaway clusters: the test stops and pauses the servers")
     execute(dbpair.source_dsn, SCHEMA)
-    with Relay(dbpair.source_cluster.port, 0.0) as link:
+    with Relay(dbpair.source_cluster.port, 0.0) as link, \
+            Relay(dbpair.target_cluster.port, 0.0) as target_link:
         config = write_config(tmp_path / "cdcsync.toml", dbpair, tables=TABLES,
-                              source=daemon_source(dbpair.source_dsn, link, HANG_S))
+                              source=daemon_source(dbpair.source_dsn, link, HANG_S),
+                              target_dsn=daemon_target(dbpair.target_dsn, target_link))
         setup = cli("setup", "--create-tables", config=config)
         assert setup.returncode == 0, setup.stderr
         daemon = DaemonProcess(config, tmp_path / "daemon.log")
@@ -41,8 +52,8 @@ def test_faults_of_every_kind_leave_the_target_equal_to_the_source(
         workload.start()
         daemon.start()
         chaos = Chaos(settings_for(dbpair, tables=TABLES), daemon, dbpair.source_cluster,
-                      dbpair.target_cluster, link, hang_s=HANG_S, catchup_timeout_s=90.0,
-                      gap_s=(0.1, 0.8))
+                      dbpair.target_cluster, link, target_link=target_link, hang_s=HANG_S,
+                      catchup_timeout_s=90.0, gap_s=(0.1, 0.8))
         try:
             report = chaos.run(PER_KIND, workload)
         finally:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from bench.relay import Relay
 from cdcsync.errors import ConnectionLost
+from cdcsync.link_watch import LinkWatch
 from cdcsync.source import catalog
 from cdcsync.source.catalog_session import CatalogSession
 from tests.conftest import DbPair
@@ -27,6 +30,12 @@ def _pid(conn: psycopg.Connection[psycopg.rows.TupleRow]) -> int:
     return conn.info.backend_pid
 
 
+def _server_pid(conn: psycopg.Connection[psycopg.rows.TupleRow]) -> int:
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def test_questions_share_one_connection_and_a_dead_one_is_replaced(pair: DbPair) -> None:
     session = CatalogSession(pair.source_dsn)
     try:
@@ -38,6 +47,28 @@ def test_questions_share_one_connection_and_a_dead_one_is_replaced(pair: DbPair)
         assert session.ask(_pid) != first
     finally:
         session.close()
+
+
+def test_a_question_stuck_on_a_dead_link_is_asked_again_on_a_new_connection(
+        pair: DbPair) -> None:
+    """The kept connection's link dies behind a middlebox that keeps it open: the link watch
+    cuts it, and the question is answered on a new connection instead of waiting for ever."""
+    if pair.source_cluster is None:
+        pytest.skip("needs a local source the relay can reach on 127.0.0.1")
+    port = int(conninfo_to_dict(pair.source_dsn)["port"] or 5432)
+    with Relay(port, 0.0) as relay:
+        watch = LinkWatch(pair.slot, silent_s=0.5, check_every_s=0.1)
+        session = CatalogSession(make_conninfo(pair.source_dsn, host="127.0.0.1",
+                                               port=relay.port), watch)
+        try:
+            first = session.ask(_server_pid)
+            relay.freeze()
+            started = time.monotonic()
+            assert session.ask(_server_pid) != first
+            assert time.monotonic() - started < 5
+        finally:
+            session.close()
+            watch.close()
 
 
 def test_an_unreachable_source_is_a_lost_connection(pair: DbPair) -> None:

@@ -7,7 +7,9 @@ import time
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from bench.relay import Relay
 from cdcsync.health import Health
 from cdcsync.leader import SlotLock, application_name, lock_holder
 from tests.conftest import DbPair
@@ -188,3 +190,30 @@ def test_after_a_target_restart_the_lock_is_taken_again_without_the_standbys_tur
     finally:
         stop.set()
         lock.release()
+
+
+def test_a_lock_session_whose_process_is_lost_behind_a_middlebox_is_ended(
+        dbpair: DbPair) -> None:
+    """The holder's connection goes through a middlebox that stops relaying it but keeps it open,
+    and the holder is never heard again (as when killed then): the server ends the session once
+    it has been idle for 15 check intervals, and the standby takes the lock."""
+    if dbpair.target_cluster is None:
+        pytest.skip("needs a local target the relay can reach on 127.0.0.1")
+    stop, holder_stop = threading.Event(), threading.Event()
+    port = int(conninfo_to_dict(dbpair.target_dsn)["port"] or 5432)
+    with Relay(port, 0.0) as relay:
+        through = make_conninfo(dbpair.target_dsn, host="127.0.0.1", port=relay.port)
+        holder = SlotLock(through, dbpair.slot, Health(), holder_stop, check_every_s=0.2)
+        standby = SlotLock(dbpair.target_dsn, dbpair.slot, Health(), stop, check_every_s=0.2)
+        try:
+            assert holder.acquire() is not None
+            relay.freeze()
+            frozen = time.monotonic()
+            thread, got = _acquire_in_thread(standby)
+            thread.join(timeout=20)
+            assert got and got[0] is not None, "the standby never took the lock"
+            assert 2.5 <= time.monotonic() - frozen < 10.0
+        finally:
+            stop.set()
+            holder_stop.set()
+            standby.release()

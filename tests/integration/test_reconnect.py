@@ -106,6 +106,39 @@ def test_a_silent_source_connection_is_given_up(pair: DbPair,
             wait_for(converged(pair, ["public.t"]), runner=runner, timeout=60, what="reconnect")
 
 
+def _sessions(dsn: str) -> set[int]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name LIKE "
+                            "'cdcsync%' AND state = 'idle in transaction'").fetchall()
+    return {int(row[0]) for row in rows}
+
+
+def test_a_dead_link_to_the_target_kept_by_a_middlebox_is_cut(
+        pair: DbPair, caplog: pytest.LogCaptureFixture) -> None:
+    """A middlebox between the daemon and the target stops relaying the connections it has but
+    keeps them open, so TCP's timeouts never fire. The link watch finds the daemon and the
+    target waiting on each other, ends the target's sessions and cuts the connections: the
+    daemon streams again on new ones, and no session is left holding a transaction open."""
+    port = int(conninfo_to_dict(pair.target_dsn)["port"] or 5432)
+    with Relay(port, 0.0) as relay:
+        through = make_conninfo(pair.target_dsn, host="127.0.0.1", port=relay.port)
+        with running(settings_for(pair, target={"dsn": through})) as runner:
+            _insert(pair.source_dsn, 6001, 10)
+            wait_for(converged(pair, ["public.t"]), runner=runner)
+            relay.freeze()
+            frozen = time.monotonic()
+            _insert(pair.source_dsn, 6011, 10)
+            wait_for(converged(pair, ["public.t"]), runner=runner, timeout=90,
+                     what="streaming past the dead link")
+            took = time.monotonic() - frozen
+            cuts = [r for r in caplog.records if r.getMessage() == "link_cut"]
+            assert cuts, "the dead connections were cut"
+            assert took < 60, took
+            _insert(pair.source_dsn, 6021, 10)
+            wait_for(converged(pair, ["public.t"]), runner=runner, timeout=30)
+            assert not _sessions(pair.target_dsn)
+
+
 def test_target_that_lost_applied_changes_is_refused(pair: DbPair) -> None:
     """A target whose checkpoint went back (restored from a backup) halts with the fix."""
     with running(settings_for(pair)) as runner:

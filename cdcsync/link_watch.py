@@ -1,0 +1,216 @@
+"""Connections whose link went dead while cdcsync waits on them: found, confirmed, and cut.
+
+TCP's keepalives and user timeout (see :mod:`cdcsync.dsn`) find a peer that vanished: its packets
+go unanswered. A middlebox between cdcsync and a server (a load balancer, a TCP proxy, a NAT
+gateway) that stops relaying a connection but keeps it open defeats them, as its own kernel
+acknowledges every packet. A query on such a connection waits for ever, and so does the thread
+that sent it: an apply lane, the slot lock's keeper, the stream's catalog questions, a scheduled
+job (whose later runs are skipped meanwhile, the lag alerts with them).
+
+Silence alone proves nothing: a query may run for minutes, or wait on another session's lock. So
+a connection that is waiting for a command's answer and has received and sent nothing for
+``silent_s`` is asked about on a fresh connection to the same server. If the server's session
+(the backend the connection's start-up named, under the same user and application name) is idle
+or in a ``Client`` wait, each end waits on the other, and only the link between them can be at
+fault. The watch then ends that session, whose open transaction would otherwise keep its row
+locks (or the slot's lock) as long as the middlebox keeps the connection, and shuts the
+connection's socket down: the waiting thread gets the error of a lost connection and reconnects.
+The connection's owner is then told (a pool drops its idle connections, which went through the
+same middlebox: each would stall its next user for as long again).
+
+Nothing is done without the server's word. A server that is down or paused (the fresh connection
+cannot be made or asked) answers the old connection again once it is back; a pooler or proxy
+that gives its clients backend ids of its own (PgBouncer does) shows no such session, and its
+connections are left to its own timeouts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import pq
+from psycopg.rows import TupleRow
+
+from cdcsync import libpq
+from cdcsync.dsn import describe
+from cdcsync.logs import event
+
+Conn = psycopg.Connection[TupleRow]
+
+SILENT_S = 10.0
+CHECK_EVERY_S = 2.0
+# The fresh connection's budget, to connect and then to answer: a watch stuck on a dead link of
+# its own would watch nothing more.
+_ASK_TIMEOUT_S = 10
+
+# struct tcp_info (linux/tcp.h): milliseconds since data was last sent, and since it was last
+# received, at these offsets since Linux 2.6.
+_TCP_INFO_LAST = struct.Struct("=I4xI")
+_TCP_INFO_LAST_OFFSET = 44
+
+# Ends the session only if the server shows it waiting on its client: the check and the act in
+# one statement, so a session that moved on meanwhile is left alone.
+_END_STALLED = (b"SELECT state, coalesce(wait_event, ''), pg_terminate_backend(pid) "
+                b"FROM pg_stat_activity WHERE pid = $1 AND usename = current_user "
+                b"AND application_name = $2 "
+                b"AND (state LIKE 'idle%' OR wait_event_type = 'Client')")
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """A connection the watch cut: its server's session, what the server said it was doing, and
+    how long the connection had been silent."""
+
+    pid: int
+    server_state: str
+    silent_s: float
+
+
+@dataclass(slots=True)
+class _Watched:
+    dsn: str
+    pid: int
+    application_name: str
+    on_cut: Callable[[], None] | None
+    # The silence at which the server is asked (again): each answer that the session is at
+    # work doubles it, so a query running for an hour costs a dozen questions, not 1,800.
+    ask_at_s: float
+
+
+class LinkWatch:
+    """Watches registered connections from a thread of its own (see the module docstring);
+    connections closed or forgotten by their users drop out by themselves."""
+
+    def __init__(self, slot: str, *, silent_s: float = SILENT_S,
+                 check_every_s: float = CHECK_EVERY_S) -> None:
+        self.slot = slot
+        self._silent_s = silent_s
+        self._every = check_every_s
+        self._conns: weakref.WeakKeyDictionary[Conn, _Watched] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, conn: Conn, dsn: str, on_cut: Callable[[], None] | None = None) -> None:
+        """Watch ``conn``, opened with ``dsn`` (which the fresh connection reuses); call
+        ``on_cut`` from the watch's thread once it is cut."""
+        name = conn.info.parameter_status("application_name") or ""
+        with self._lock:
+            self._conns[conn] = _Watched(dsn, conn.info.backend_pid, name, on_cut,
+                                         self._silent_s)
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._run, name="cdcsync-link-watch",
+                                                daemon=True)
+                self._thread.start()
+
+    def close(self) -> None:
+        """Stop watching. A pass asking a server finishes on its own: the thread is a daemon's,
+        and a shutdown does not wait the question's timeout out."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=1)
+
+    def check(self) -> list[Cut]:
+        """One pass over the watched connections; the ones cut."""
+        with self._lock:
+            watched = list(self._conns.items())
+        cuts = []
+        for conn, info in watched:
+            silent = _silence(conn)
+            if silent is None or silent[0] < self._silent_s:
+                info.ask_at_s = self._silent_s
+                continue
+            if silent[0] < info.ask_at_s:
+                continue
+            state = _end_session(info)
+            if state is None:
+                info.ask_at_s = 2 * silent[0]
+                continue
+            # The socket may have closed, and its descriptor been reused, while the server was
+            # asked: shut it only if it still joins the same two ends.
+            if _silence(conn) is not None and _ends(conn) == silent[1]:
+                _shut(conn)
+            cut = Cut(info.pid, state, silent[0])
+            event(logging.WARNING, "link_cut", slot=self.slot, server=describe(info.dsn),
+                  backend_pid=info.pid, server_state=state, silent_s=round(silent[0], 1))
+            cuts.append(cut)
+            if info.on_cut is not None:
+                info.on_cut()
+        return cuts
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                self.check()
+            except Exception as exc:  # the watch must outlive whatever one pass meets
+                event(logging.WARNING, "link_watch_failed", slot=self.slot, error=repr(exc))
+
+
+def _silence(conn: Conn) -> tuple[float, tuple[object, object]] | None:
+    """While ``conn`` waits for a command's answer over TCP: the seconds since it last sent or
+    received data, whichever is shorter, and its two ends; otherwise None."""
+    pgconn = conn.pgconn
+    waiting = pgconn.transaction_status == pq.TransactionStatus.ACTIVE
+    if pgconn.status != pq.ConnStatus.OK or not waiting:
+        return None
+    try:
+        with socket.socket(fileno=os.dup(pgconn.socket)) as sock:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                return None  # a Unix socket has no middlebox
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            sent_ms, received_ms = _TCP_INFO_LAST.unpack_from(info, _TCP_INFO_LAST_OFFSET)
+            return min(sent_ms, received_ms) / 1000, (sock.getsockname(), sock.getpeername())
+    except (OSError, psycopg.Error):
+        return None
+
+
+def _ends(conn: Conn) -> tuple[object, object] | None:
+    try:
+        with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+            return sock.getsockname(), sock.getpeername()
+    except (OSError, psycopg.Error):
+        return None
+
+
+def _shut(conn: Conn) -> None:
+    # shutdown acts on the socket itself, which the duplicate shares: the waiting thread's poll
+    # wakes, and libpq reads the end of the connection.
+    try:
+        with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, psycopg.Error):
+        pass
+
+
+def _end_session(info: _Watched) -> str | None:
+    """Ask the server, on a fresh connection, to end the session if it waits on its client; what
+    it was doing (its state, and its wait), or None when it was not ended or the server could
+    not be asked."""
+    try:
+        conn = psycopg.connect(info.dsn, autocommit=True, connect_timeout=_ASK_TIMEOUT_S,
+                               application_name="cdcsync-link-watch")
+    except psycopg.Error:
+        return None
+    with conn:
+        pgconn = conn.pgconn
+        try:
+            pgconn.send_query_params(_END_STALLED, [str(info.pid).encode(),
+                                                    info.application_name.encode()])
+            libpq.flush(pgconn, _ASK_TIMEOUT_S)
+            answers = libpq.results(pgconn, _ASK_TIMEOUT_S)
+        except psycopg.Error:
+            return None
+    for result in answers:
+        if result.status == pq.ExecStatus.TUPLES_OK and result.ntuples:
+            state, wait = (bytes(result.get_value(0, i) or b"").decode() for i in (0, 1))
+            return f"{state}, waiting on {wait}" if wait else state
+    return None

@@ -1,0 +1,142 @@
+"""The link watch on real connections through a relay that can freeze them (a middlebox that
+keeps its connections open but relays nothing more on them)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from bench.relay import Relay
+from cdcsync.dsn import with_session_options
+from cdcsync.link_watch import Cut, LinkWatch
+from tests.conftest import DbPair
+from tests.harness import execute, wait_for
+
+Conn = psycopg.Connection[Any]
+
+
+@pytest.fixture(scope="module")
+def target(dbpair: DbPair) -> str:
+    if dbpair.target_cluster is None:
+        pytest.skip("needs a local target the relay can reach on 127.0.0.1")
+    execute(dbpair.target_dsn, "CREATE TABLE IF NOT EXISTS link_watch_t (id int PRIMARY KEY)",
+            "INSERT INTO link_watch_t VALUES (1) ON CONFLICT DO NOTHING")
+    return dbpair.target_dsn
+
+
+@contextmanager
+def _relayed(dsn: str) -> Iterator[tuple[Relay, str]]:
+    port = int(conninfo_to_dict(dsn)["port"] or 5432)
+    with Relay(port, 0.0) as relay:
+        yield relay, with_session_options(
+            make_conninfo(dsn, host="127.0.0.1", port=relay.port), "cdcsync-watched")
+
+
+class _Query(threading.Thread):
+    """One query on ``conn`` in a thread of its own: what it returned, or raised."""
+
+    def __init__(self, conn: Conn, query: str) -> None:
+        super().__init__(daemon=True)
+        self.conn, self.query = conn, query
+        self.result: Any = None
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.conn.execute(self.query.encode()).fetchall()
+        except Exception as exc:
+            self.error = exc
+
+
+def _checked_until_done(watch: LinkWatch, query: _Query, timeout: float) -> list[Cut]:
+    cuts: list[Cut] = []
+    deadline = time.monotonic() + timeout
+    while query.is_alive() and time.monotonic() < deadline:
+        cuts += watch.check()
+        time.sleep(0.1)
+    query.join(1)
+    return cuts
+
+
+def _session_count(dsn: str, pid: int) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                           (pid,)).fetchone()
+    return int(row[0]) if row else -1
+
+
+def test_a_dead_link_is_cut_and_its_session_with_its_locks_ended(target: str) -> None:
+    """A query sent on a connection the middlebox froze, its transaction holding a row lock:
+    the watch finds both ends waiting on each other, ends the server's session (the lock
+    with it) and cuts the connection, whose thread gets the error of a lost connection."""
+    with _relayed(target) as (relay, dsn):
+        conn = psycopg.connect(dsn)
+        watch = LinkWatch("s", silent_s=1.0, check_every_s=3600)
+        watch.watch(conn, dsn)
+        pid = conn.info.backend_pid
+        conn.execute("SELECT id FROM link_watch_t WHERE id = 1 FOR UPDATE")
+        relay.freeze()
+        query = _Query(conn, "SELECT 1")
+        query.start()
+        started = time.monotonic()
+        cuts = _checked_until_done(watch, query, timeout=15)
+        assert not query.is_alive(), "the waiting thread was not woken"
+        assert isinstance(query.error, psycopg.OperationalError)
+        assert time.monotonic() - started < 5
+        assert [(c.pid, c.server_state) for c in cuts] == [(pid, "idle in transaction, "
+                                                                 "waiting on ClientRead")]
+        assert cuts[0].silent_s >= 1.0
+        wait_for(lambda: _session_count(target, pid) == 0, timeout=10, what="session ended")
+        with psycopg.connect(target, autocommit=True) as other:
+            other.execute("SELECT id FROM link_watch_t WHERE id = 1 FOR UPDATE NOWAIT")
+        conn.close()
+
+
+def test_an_owner_hears_of_its_cut_connection(target: str) -> None:
+    """``on_cut`` is called once the connection is cut (a pool replaces its idle ones then)."""
+    told = threading.Event()
+    with _relayed(target) as (relay, dsn):
+        conn = psycopg.connect(dsn, autocommit=True)
+        watch = LinkWatch("s", silent_s=0.5, check_every_s=0.1)
+        watch.watch(conn, dsn, told.set)
+        relay.freeze()
+        query = _Query(conn, "SELECT 1")
+        query.start()
+        try:
+            assert told.wait(10), "the owner was not told"
+            query.join(5)
+            assert isinstance(query.error, psycopg.OperationalError)
+        finally:
+            watch.close()
+            conn.close()
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["long query", "lock wait"])
+def test_a_server_at_work_is_left_alone(target: str, blocked: bool) -> None:
+    """Silence while the server runs the query, or waits on another session's lock, is not a
+    dead link: the watch asks the server, and leaves the connection to finish. It asks again
+    only as the silence doubles (at 0.5, 1 and 2 s here, not every 0.1 s)."""
+    with _relayed(target) as (relay, dsn), psycopg.connect(target) as holder:
+        conn = psycopg.connect(dsn, autocommit=True)
+        watch = LinkWatch("s", silent_s=0.5, check_every_s=3600)
+        watch.watch(conn, dsn)
+        if blocked:
+            holder.execute("SELECT id FROM link_watch_t WHERE id = 1 FOR UPDATE")
+            query = _Query(conn, "SELECT id FROM link_watch_t WHERE id = 1 FOR UPDATE")
+            threading.Timer(2.5, holder.rollback).start()
+        else:
+            query = _Query(conn, "SELECT pg_sleep(2.5), 1")
+        query.start()
+        cuts = _checked_until_done(watch, query, timeout=15)
+        assert cuts == []
+        assert query.error is None and query.result
+        assert len(relay.links) == 1 + 3, "the connection, and one fresh one per question"
+        conn.close()
+
