@@ -50,8 +50,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
-from contextlib import suppress
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,7 +199,8 @@ class DaemonProcess:
 
 # --- faults ---------------------------------------------------------------------------------------
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -213,10 +214,22 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _signal_all(pids: Sequence[int], sig: signal.Signals) -> None:
+def signal_all(pids: Sequence[int], sig: signal.Signals) -> None:
     for pid in pids:
         with suppress(ProcessLookupError):
             os.kill(pid, sig)
+
+
+@contextmanager
+def paused(postmaster: int) -> Iterator[None]:
+    """The server stopped (SIGSTOP, the postmaster and every backend) until the block ends: its
+    sockets stay open and silent."""
+    pids = [postmaster, *children(postmaster)]
+    signal_all(pids, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        signal_all(pids, signal.SIGCONT)
 
 
 @dataclass
@@ -382,12 +395,8 @@ class Chaos:
         elif kind == "target_hang":
             postmaster = self.target.pid()
             assert postmaster is not None, "the target is not running"
-            pids = [postmaster, *_children(postmaster)]
-            _signal_all(pids, signal.SIGSTOP)
-            try:
+            with paused(postmaster):
                 time.sleep(self.hang_s)
-            finally:
-                _signal_all(pids, signal.SIGCONT)
         elif kind == "source_stall":
             self.source_link.stall()
             try:

@@ -35,12 +35,14 @@ def redact(text: str) -> str:
     return _KV_PASSWORD.sub(r"\g<head>***", text)
 
 
-def with_session_options(dsn: str, application_name: str) -> str:
-    """Add cdcsync's session settings and dead-peer timeouts to a DSN. The user's own options
-    come last, so their ``-c`` settings win, and their libpq keepalive parameters are kept."""
+def with_session_options(dsn: str, application_name: str, extra: str = "") -> str:
+    """Add cdcsync's session settings, dead-peer timeouts and ``extra`` startup options to a
+    DSN. The user's own options come last, so their ``-c`` settings win, and their libpq
+    keepalive parameters are kept."""
     params = conninfo_to_dict(dsn)
     user_options = str(params.get("options") or "")
-    params["options"] = f"{SESSION_OPTIONS} {PEER_TIMEOUT_OPTIONS} {user_options}".strip()
+    params["options"] = " ".join(
+        o for o in (SESSION_OPTIONS, PEER_TIMEOUT_OPTIONS, extra, user_options) if o)
     params.setdefault("application_name", application_name)
     for name, value in CLIENT_KEEPALIVES.items():
         params.setdefault(name, value)

@@ -7,21 +7,24 @@ acknowledges every packet. A query on such a connection waits for ever, and so d
 that sent it: an apply lane, the slot lock's keeper, the stream's catalog questions, a scheduled
 job (whose later runs are skipped meanwhile, the lag alerts with them).
 
-Silence alone proves nothing: a query may run for minutes, or wait on another session's lock. So
-a connection that is waiting for a command's answer and has received and sent nothing for
+Silence alone proves nothing: a query may run for minutes, or wait on another session's lock.
+So a connection that is waiting for a command's answer and has received and sent nothing for
 ``silent_s`` is asked about on a fresh connection to the same server. If the server's session
-(the backend the connection's start-up named, under the same user and application name) is idle
-or in a ``Client`` wait, each end waits on the other, and only the link between them can be at
-fault. The watch then ends that session, whose open transaction would otherwise keep its row
-locks (or the slot's lock) as long as the middlebox keeps the connection, and shuts the
-connection's socket down: the waiting thread gets the error of a lost connection and reconnects.
-The connection's owner is then told (a pool drops its idle connections, which went through the
-same middlebox: each would stall its next user for as long again).
+(the backend the connection's start-up named, under the same user and application name) is
+idle or in a ``Client`` wait, each end waits on the other, and only the link between them can
+be at fault. A server that was paused (a stopped process, a frozen virtual machine) shows the
+same until it has run again for a moment, so the watch looks again a second later. If the
+session has not moved and the connection is still silent, the watch ends the session, whose
+open transaction would otherwise keep its row locks (or the slot's lock) as long as the
+middlebox keeps the connection, and shuts the connection's socket down: the waiting thread gets
+the error of a lost connection and reconnects. The connection's owner is then told (a pool
+drops its idle connections, which went through the same middlebox: each would stall its next
+user for as long again).
 
-Nothing is done without the server's word. A server that is down or paused (the fresh connection
-cannot be made or asked) answers the old connection again once it is back; a pooler or proxy
-that gives its clients backend ids of its own (PgBouncer does) shows no such session, and its
-connections are left to its own timeouts.
+Nothing is done without the server's word. A server that is down or paused (the fresh
+connection cannot be made or asked) answers the old connection again once it is back, before
+the second look. A pooler or proxy that gives its clients backend ids of its own (PgBouncer
+does) shows no such session, and its connections are left to its own timeouts.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ import os
 import socket
 import struct
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import psycopg
 from psycopg import pq
@@ -56,12 +61,20 @@ _ASK_TIMEOUT_S = 10
 _TCP_INFO_LAST = struct.Struct("=I4xI")
 _TCP_INFO_LAST_OFFSET = 44
 
-# Ends the session only if the server shows it waiting on its client: the check and the act in
-# one statement, so a session that moved on meanwhile is left alone.
-_END_STALLED = (b"SELECT state, coalesce(wait_event, ''), pg_terminate_backend(pid) "
-                b"FROM pg_stat_activity WHERE pid = $1 AND usename = current_user "
-                b"AND application_name = $2 "
-                b"AND (state LIKE 'idle%' OR wait_event_type = 'Client')")
+# The session, if the server shows it waiting on its client (or idle: the query never came).
+_WAITING_SESSION = (b"FROM pg_stat_activity WHERE pid = $1 AND usename = current_user "
+                    b"AND application_name = $2 "
+                    b"AND (state LIKE 'idle%' OR wait_event_type = 'Client')")
+_SESSION_STATE = (b"SELECT state, coalesce(wait_event, ''), state_change::text "
+                  + _WAITING_SESSION)
+# Ends it only if it has not moved since it was first seen: the check and the act in one
+# statement, so a session that went on meanwhile is left alone.
+_END_SESSION = (b"SELECT pg_terminate_backend(pid) " + _WAITING_SESSION
+                + b" AND state_change::text = $3")
+# Between the two looks at the session. A server that was only paused (a stopped process, a
+# frozen virtual machine) shows its sessions as they were, idle while a query waits unread in
+# the socket, until it has run again for a moment: by then it has answered the connection too.
+_SETTLE_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,13 +144,13 @@ class LinkWatch:
                 continue
             if silent[0] < info.ask_at_s:
                 continue
-            state = _end_session(info)
+            state = _end_session(info, partial(_still_silent, conn, silent))
             if state is None:
                 info.ask_at_s = 2 * silent[0]
                 continue
             # The socket may have closed, and its descriptor been reused, while the server was
             # asked: shut it only if it still joins the same two ends.
-            if _silence(conn) is not None and _ends(conn) == silent[1]:
+            if _still_silent(conn, silent):
                 _shut(conn)
             cut = Cut(info.pid, state, silent[0])
             event(logging.WARNING, "link_cut", slot=self.slot, server=describe(info.dsn),
@@ -173,12 +186,11 @@ def _silence(conn: Conn) -> tuple[float, tuple[object, object]] | None:
         return None
 
 
-def _ends(conn: Conn) -> tuple[object, object] | None:
-    try:
-        with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
-            return sock.getsockname(), sock.getpeername()
-    except (OSError, psycopg.Error):
-        return None
+def _still_silent(conn: Conn, before: tuple[float, tuple[object, object]]) -> bool:
+    """Whether ``conn`` still waits on the same socket, and nothing moved on it since ``before``
+    was measured."""
+    now = _silence(conn)
+    return now is not None and now[1] == before[1] and now[0] >= before[0]
 
 
 def _shut(conn: Conn) -> None:
@@ -191,26 +203,40 @@ def _shut(conn: Conn) -> None:
         pass
 
 
-def _end_session(info: _Watched) -> str | None:
-    """Ask the server, on a fresh connection, to end the session if it waits on its client; what
-    it was doing (its state, and its wait), or None when it was not ended or the server could
-    not be asked."""
+def _end_session(info: _Watched, still_silent: Callable[[], bool]) -> str | None:
+    """Ask the server, on a fresh connection, about the session; if it waits on its client,
+    and still does a moment later with the connection still silent (``still_silent``), end it.
+    What it was doing (its state, and its wait), or None when it was not ended or the server
+    could not be asked."""
     try:
         conn = psycopg.connect(info.dsn, autocommit=True, connect_timeout=_ASK_TIMEOUT_S,
                                application_name="cdcsync-link-watch")
     except psycopg.Error:
         return None
     with conn:
-        pgconn = conn.pgconn
-        try:
-            pgconn.send_query_params(_END_STALLED, [str(info.pid).encode(),
-                                                    info.application_name.encode()])
-            libpq.flush(pgconn, _ASK_TIMEOUT_S)
-            answers = libpq.results(pgconn, _ASK_TIMEOUT_S)
-        except psycopg.Error:
+        params = [str(info.pid).encode(), info.application_name.encode()]
+        seen = _first_row(conn, _SESSION_STATE, params)
+        if seen is None:
             return None
+        time.sleep(_SETTLE_S)
+        if not still_silent() or _first_row(conn, _END_SESSION,
+                                             [*params, seen[2].encode()]) is None:
+            return None
+    state, wait, _ = seen
+    return f"{state}, waiting on {wait}" if wait else state
+
+
+def _first_row(conn: Conn, query: bytes, params: list[bytes]) -> list[str] | None:
+    """The first row of ``query``'s answer, as text; None if there is none, or no answer within
+    the budget."""
+    pgconn = conn.pgconn
+    try:
+        pgconn.send_query_params(query, list(params))
+        libpq.flush(pgconn, _ASK_TIMEOUT_S)
+        answers = libpq.results(pgconn, _ASK_TIMEOUT_S)
+    except psycopg.Error:
+        return None
     for result in answers:
         if result.status == pq.ExecStatus.TUPLES_OK and result.ntuples:
-            state, wait = (bytes(result.get_value(0, i) or b"").decode() for i in (0, 1))
-            return f"{state}, waiting on {wait}" if wait else state
+            return [bytes(result.get_value(0, i) or b"").decode() for i in range(result.nfields)]
     return None

@@ -186,6 +186,13 @@ class _TargetPool(ConnectionPool[psycopg.Connection[TupleRow]]):
         super().putconn(conn)
 
 
+# A process killed while a middlebox kept its connection open (see cdcsync.link_watch) may
+# leave its batch's transaction open on the target, for as long as the middlebox keeps the
+# connection, with row locks that block the next process's batches. No live process leaves a
+# transaction idle for minutes: the server ends such a session, and its locks with it.
+ORPHAN_TRANSACTION_OPTIONS = "-c idle_in_transaction_session_timeout=300000"
+
+
 def open_target_pool(settings: Settings, links: LinkWatch | None = None) -> ConnectionPool:
     """The target pool shared by the applier and every other user of the target, its
     connections watched by ``links``.
@@ -194,7 +201,8 @@ def open_target_pool(settings: Settings, links: LinkWatch | None = None) -> Conn
     the copies' queue (the resyncer), the applier's workers and the reader's resolver of the
     first table. Each opened later would cost the first batch a connection's round trips."""
     return _TargetPool(
-        with_session_options(settings.target.dsn.get_secret_value(), "cdcsync"),
+        with_session_options(settings.target.dsn.get_secret_value(), "cdcsync",
+                             ORPHAN_TRANSACTION_OPTIONS),
         _RecentUse(),
         links,
         min_size=min(settings.target.pool_size, settings.apply.workers + 2),

@@ -3,6 +3,7 @@ keeps its connections open but relays nothing more on them)."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from bench.chaos import children, signal_all
 from bench.relay import Relay
 from cdcsync.dsn import with_session_options
 from cdcsync.link_watch import Cut, LinkWatch
@@ -140,3 +142,32 @@ def test_a_server_at_work_is_left_alone(target: str, blocked: bool) -> None:
         assert len(relay.links) == 1 + 3, "the connection, and one fresh one per question"
         conn.close()
 
+
+
+def test_a_paused_server_is_not_taken_for_a_dead_link(dbpair: DbPair, target: str) -> None:
+    """The target stopped (SIGSTOP) past the silence, the connection's backend resuming half a
+    second after the rest: the server answers the watch at once, showing the session as it was
+    (idle, the query unread in its socket). The second look, a second later, finds the
+    connection answered, and nothing is cut."""
+    assert dbpair.target_cluster is not None
+    postmaster = dbpair.target_cluster.pid()
+    assert postmaster is not None
+    with _relayed(target) as (_relay, dsn):
+        conn = psycopg.connect(dsn, autocommit=True)
+        ours = conn.info.backend_pid
+        watch = LinkWatch("s", silent_s=1.0, check_every_s=0.2)
+        watch.watch(conn, dsn)
+        query = _Query(conn, "SELECT 1")
+        others = [pid for pid in (postmaster, *children(postmaster)) if pid != ours]
+        signal_all([*others, ours], signal.SIGSTOP)
+        try:
+            query.start()
+            time.sleep(3)
+            signal_all(others, signal.SIGCONT)
+            time.sleep(0.5)
+        finally:
+            signal_all([*others, ours], signal.SIGCONT)
+            query.join(10)
+            watch.close()
+        assert query.error is None and query.result == [(1,)]
+        conn.close()

@@ -13,7 +13,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench.relay import Relay
-from cdcsync import daemon
+from cdcsync import daemon, pipeline
 from cdcsync.dsn import with_session_options
 from cdcsync.errors import PrerequisiteError
 from cdcsync.model import Lsn
@@ -207,3 +207,16 @@ def test_every_connection_times_out_a_vanished_peer_at_both_ends(dbpair: DbPair)
         assert conn.execute("SHOW tcp_user_timeout").fetchone() == ("0",)
         assert conn.execute("SHOW tcp_keepalives_idle").fetchone() == ("5",)
         assert _socket_option(conn, socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+
+
+def test_the_target_ends_a_pool_session_left_idle_in_a_transaction(dbpair: DbPair) -> None:
+    """A process killed behind a middlebox that keeps its connection open may leave a batch's
+    transaction open, its row locks with it: the target pool's sessions ask the server to end
+    them after 5 minutes idle in a transaction. The user's options still win."""
+    with pipeline.open_target_pool(settings_for(dbpair)) as pool, pool.connection() as conn:
+        assert conn.execute("SHOW idle_in_transaction_session_timeout").fetchone() == ("5min",)
+    theirs = make_conninfo(dbpair.target_dsn,
+                           options="-c idle_in_transaction_session_timeout=0")
+    with pipeline.open_target_pool(settings_for(dbpair, target={"dsn": theirs})) as pool, \
+            pool.connection() as conn:
+        assert conn.execute("SHOW idle_in_transaction_session_timeout").fetchone() == ("0",)
