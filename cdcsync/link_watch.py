@@ -19,7 +19,8 @@ open transaction would otherwise keep its row locks (or the slot's lock) as long
 middlebox keeps the connection, and shuts the connection's socket down: the waiting thread gets
 the error of a lost connection and reconnects. The connection's owner is then told (a pool
 drops its idle connections, which went through the same middlebox: each would stall its next
-user for as long again).
+user for as long again), and for a while the watch asks about the server's other connections
+after a second of silence: one lent before the pool dropped it is stuck behind the same box.
 
 Nothing is done without the server's word. A server that is down or paused (the fresh
 connection cannot be made or asked) answers the old connection again once it is back, before
@@ -30,6 +31,7 @@ does) shows no such session, and its connections are left to its own timeouts.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import struct
@@ -38,7 +40,6 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import psycopg
 from psycopg import pq
@@ -75,6 +76,10 @@ _END_SESSION = (b"SELECT pg_terminate_backend(pid) " + _WAITING_SESSION
 # frozen virtual machine) shows its sessions as they were, idle while a query waits unread in
 # the socket, until it has run again for a moment: by then it has answered the connection too.
 _SETTLE_S = 1.0
+# Once a connection to a server was cut, the middlebox is known to drop connections: others to
+# the same server that went silent later (lent by a pool since) are asked about after this much
+# silence, for three times silent_s.
+_SUSPECT_SILENT_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +98,20 @@ class _Watched:
     pid: int
     application_name: str
     on_cut: Callable[[], None] | None
-    # The silence at which the server is asked (again): each answer that the session is at
-    # work doubles it, so a query running for an hour costs a dozen questions, not 1,800.
-    ask_at_s: float
+    # The silence at which the server is asked again: each answer that the session is at work
+    # doubles it, so a query running for an hour costs a dozen questions, not 1,800.
+    ask_at_s: float = 0.0
+
+
+@dataclass(slots=True)
+class _Suspect:
+    """A connection silent long enough to ask about, and what the server said at first."""
+
+    conn: Conn
+    info: _Watched
+    silent: tuple[float, tuple[object, object]]
+    probe: Conn
+    seen: list[str]
 
 
 class LinkWatch:
@@ -111,14 +127,15 @@ class LinkWatch:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # When a connection to each DSN was last cut.
+        self._cut_at: dict[str, float] = {}
 
     def watch(self, conn: Conn, dsn: str, on_cut: Callable[[], None] | None = None) -> None:
         """Watch ``conn``, opened with ``dsn`` (which the fresh connection reuses); call
         ``on_cut`` from the watch's thread once it is cut."""
         name = conn.info.parameter_status("application_name") or ""
         with self._lock:
-            self._conns[conn] = _Watched(dsn, conn.info.backend_pid, name, on_cut,
-                                         self._silent_s)
+            self._conns[conn] = _Watched(dsn, conn.info.backend_pid, name, on_cut)
             if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(target=self._run, name="cdcsync-link-watch",
                                                 daemon=True)
@@ -133,32 +150,62 @@ class LinkWatch:
             thread.join(timeout=1)
 
     def check(self) -> list[Cut]:
-        """One pass over the watched connections; the ones cut."""
+        """One pass over the watched connections; the ones cut. The connections silent long
+        enough are asked about together, one fresh connection per server, and looked at again
+        after one pause."""
         with self._lock:
             watched = list(self._conns.items())
-        cuts = []
-        for conn, info in watched:
-            silent = _silence(conn)
-            if silent is None or silent[0] < self._silent_s:
-                info.ask_at_s = self._silent_s
-                continue
-            if silent[0] < info.ask_at_s:
-                continue
-            state = _end_session(info, partial(_still_silent, conn, silent))
-            if state is None:
-                info.ask_at_s = 2 * silent[0]
-                continue
-            # The socket may have closed, and its descriptor been reused, while the server was
-            # asked: shut it only if it still joins the same two ends.
-            if _still_silent(conn, silent):
-                _shut(conn)
-            cut = Cut(info.pid, state, silent[0])
-            event(logging.WARNING, "link_cut", slot=self.slot, server=describe(info.dsn),
-                  backend_pid=info.pid, server_state=state, silent_s=round(silent[0], 1))
-            cuts.append(cut)
-            if info.on_cut is not None:
-                info.on_cut()
-        return cuts
+        probes: dict[str, Conn | None] = {}
+        try:
+            suspects = [found for conn, info in watched
+                        if (found := self._first_look(conn, info, probes)) is not None]
+            if suspects:
+                time.sleep(_SETTLE_S)
+            return [cut for found in suspects if (cut := self._second_look(found)) is not None]
+        finally:
+            for probe in probes.values():
+                if probe is not None:
+                    probe.close()
+
+    def _first_look(self, conn: Conn, info: _Watched,
+                    probes: dict[str, Conn | None]) -> _Suspect | None:
+        silent = _silence(conn)
+        cut_at = self._cut_at.get(info.dsn, -math.inf)
+        recent = time.monotonic() - cut_at < 3 * self._silent_s
+        limit = _SUSPECT_SILENT_S if recent else self._silent_s
+        if silent is None or silent[0] < limit:
+            info.ask_at_s = 0.0
+            return None
+        if silent[0] < info.ask_at_s:
+            return None
+        if info.dsn not in probes:
+            probes[info.dsn] = _connect(info.dsn)
+        probe = probes[info.dsn]
+        seen = None if probe is None else _first_row(probe, _SESSION_STATE, _params(info))
+        if probe is None or seen is None:
+            info.ask_at_s = 2 * silent[0]
+            return None
+        return _Suspect(conn, info, silent, probe, seen)
+
+    def _second_look(self, suspect: _Suspect) -> Cut | None:
+        conn, info, silent = suspect.conn, suspect.info, suspect.silent
+        # The socket may have closed, and its descriptor been reused, while the server was
+        # asked: the same two ends, nothing moved on them.
+        if not _still_silent(conn, silent) or _first_row(
+                suspect.probe, _END_SESSION, [*_params(info), suspect.seen[2].encode()]) is None:
+            info.ask_at_s = 2 * silent[0]
+            return None
+        if _still_silent(conn, silent):
+            _shut(conn)
+        self._cut_at[info.dsn] = time.monotonic()
+        state, wait, _ = suspect.seen
+        cut = Cut(info.pid, f"{state}, waiting on {wait}" if wait else state, silent[0])
+        event(logging.WARNING, "link_cut", slot=self.slot, server=describe(info.dsn),
+              backend_pid=info.pid, server_state=cut.server_state,
+              silent_s=round(silent[0], 1))
+        if info.on_cut is not None:
+            info.on_cut()
+        return cut
 
     def _run(self) -> None:
         while not self._stop.wait(self._every):
@@ -203,27 +250,16 @@ def _shut(conn: Conn) -> None:
         pass
 
 
-def _end_session(info: _Watched, still_silent: Callable[[], bool]) -> str | None:
-    """Ask the server, on a fresh connection, about the session; if it waits on its client,
-    and still does a moment later with the connection still silent (``still_silent``), end it.
-    What it was doing (its state, and its wait), or None when it was not ended or the server
-    could not be asked."""
+def _connect(dsn: str) -> Conn | None:
     try:
-        conn = psycopg.connect(info.dsn, autocommit=True, connect_timeout=_ASK_TIMEOUT_S,
+        return psycopg.connect(dsn, autocommit=True, connect_timeout=_ASK_TIMEOUT_S,
                                application_name="cdcsync-link-watch")
     except psycopg.Error:
         return None
-    with conn:
-        params = [str(info.pid).encode(), info.application_name.encode()]
-        seen = _first_row(conn, _SESSION_STATE, params)
-        if seen is None:
-            return None
-        time.sleep(_SETTLE_S)
-        if not still_silent() or _first_row(conn, _END_SESSION,
-                                             [*params, seen[2].encode()]) is None:
-            return None
-    state, wait, _ = seen
-    return f"{state}, waiting on {wait}" if wait else state
+
+
+def _params(info: _Watched) -> list[bytes]:
+    return [str(info.pid).encode(), info.application_name.encode()]
 
 
 def _first_row(conn: Conn, query: bytes, params: list[bytes]) -> list[str] | None:
