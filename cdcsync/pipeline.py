@@ -371,6 +371,9 @@ class Pipeline:
         # Where the slot stands and each new table's column types, asked on one connection a
         # stream (closed as the stream ends).
         self._catalog = CatalogSession(settings.source.dsn.get_secret_value(), links)
+        # The walsender of the last stream this process closed. Closed on a dead link (given up
+        # for its silence), it may still hold the slot: the close reached no one.
+        self._closed_walsender: int | None = None
         # The rows a batch merges, learnt from the link to the target: kept across reconnects.
         self._batch_size = BatchSize(settings.apply.max_rows)
         self._logged_limit = self._batch_size.rows()
@@ -445,18 +448,20 @@ class Pipeline:
             self.settings.source.dsn.get_secret_value(), slot,
             status_interval_s=self.settings.source.status_interval_s)
         stream.receive_timeout_s = self.settings.source.receive_timeout_s
+        walsender = stream.backend_pid
         try:
             with self.pool.connection() as conn:
                 if saved is None:
                     with roundtrip.autocommit(conn):
                         saved = checkpoint.load(conn, slot)
-                start = self._resume_position(saved, ours=stream.backend_pid)
+                start = self._resume_position(saved, ours=walsender)
                 self.progress.checkpoint = start
                 binary = self._binary
                 assembler = self._assembler(start, texts=copies_straight(conn), binary=binary,
                                             described=described)
                 if adopted is None:
                     stream.start(start, start_options(self.settings, binary=binary))
+                    walsender = stream.backend_pid
                 else:
                     # It streams from the slot's confirmed position, at or before the
                     # checkpoint: the assembler skips what the target already has.
@@ -464,6 +469,9 @@ class Pipeline:
                 self._stream_from(stream, assembler, conn, start, binary,
                                   opened_early=adopted is not None)
         finally:
+            # libpq forgets the pid of a connection it found broken: the one read once the
+            # stream started stands in.
+            self._closed_walsender = stream.backend_pid or walsender
             stream.close()
             self._catalog.close()
 
@@ -556,6 +564,13 @@ class Pipeline:
                 f"replication slot {slot!r} does not exist on the source",
                 fix="run `cdcsync setup`; the next run then re-copies every table")
         catalog.refuse_other_plugin(slot, info, self.settings.source.decoder)
+        if info.active_pid is not None and info.active_pid == self._closed_walsender:
+            # A link that died behind a middlebox keeping it open carried the close to no one:
+            # the walsender would hold the slot until wal_sender_timeout (60 s by default).
+            pid = info.active_pid
+            if self._catalog.ask(lambda src: catalog.end_walsender(src, slot, pid)):
+                event(logging.WARNING, "walsender_ended", slot=slot, pid=pid,
+                      reason="the walsender of a stream this process closed still held the slot")
         if info.active_pid is not None and info.active_pid != ours:
             # After a takeover the previous holder's walsender may linger a moment: retry.
             raise SlotBusy(

@@ -139,6 +139,13 @@ class SlotInfo:
     safe_wal_size: int | None
 
 
+def end_walsender(conn: Conn, slot: str, pid: int) -> bool:
+    """End walsender ``pid`` if it still holds ``slot``; whether it was asked to end."""
+    row = conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                       "WHERE slot_name = %s AND active_pid = %s", (slot, pid)).fetchone()
+    return bool(row and row[0])
+
+
 def slot_info(conn: Conn, slot: str) -> SlotInfo | None:
     row = conn.execute(
         """

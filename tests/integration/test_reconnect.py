@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -105,6 +106,29 @@ def test_a_silent_source_connection_is_given_up(pair: DbPair,
             _insert(pair.source_dsn, 2511, 10)
             wait_for(converged(pair, ["public.t"]), runner=runner, timeout=60, what="reconnect")
 
+
+def test_a_walsender_left_behind_a_dead_link_is_ended(
+        pair: DbPair, caplog: pytest.LogCaptureFixture) -> None:
+    """The link to the source dies behind a middlebox that keeps it open: the daemon gives the
+    silent stream up, but the source never hears of it, and its walsender would hold the slot
+    until wal_sender_timeout (60 s). The daemon ends that walsender, its own, and streams again
+    through a new connection in seconds."""
+    caplog.set_level(logging.INFO, logger="cdcsync")
+    port = int(conninfo_to_dict(pair.source_dsn)["port"] or 5432)
+    with Relay(port, 0.0) as relay:
+        through = make_conninfo(pair.source_dsn, host="127.0.0.1", port=relay.port)
+        settings = settings_for(pair, source={"dsn": through, "receive_timeout_s": 2,
+                                              "heartbeat_interval_s": 0})
+        with running(settings) as runner:
+            wait_for(lambda: any(r.getMessage() == "streaming" for r in caplog.records),
+                     runner=runner, what="the stream through the relay")
+            _insert(pair.source_dsn, 7001, 10)
+            wait_for(converged(pair, ["public.t"]), runner=runner)
+            relay.freeze()
+            _insert(pair.source_dsn, 7011, 10)
+            wait_for(converged(pair, ["public.t"]), runner=runner, timeout=20,
+                     what="streaming again before wal_sender_timeout")
+    assert any(r.getMessage() == "walsender_ended" for r in caplog.records)
 
 def _sessions(dsn: str) -> set[int]:
     with psycopg.connect(dsn, autocommit=True) as conn:
