@@ -7,6 +7,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -15,6 +17,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench.relay import Relay
 from cdcsync import daemon, pipeline
+from cdcsync.daemon import DaemonThread
 from cdcsync.dsn import with_session_options
 from cdcsync.errors import PrerequisiteError
 from cdcsync.model import Lsn
@@ -76,6 +79,18 @@ def test_walsender_terminated_is_survived(pair: DbPair) -> None:
         wait_for(converged(pair, ["public.t"]), runner=runner, timeout=30, what="reconnect")
 
 
+@contextmanager
+def _source_through_relay(pair: DbPair) -> Iterator[tuple[Relay, DaemonThread]]:
+    """A daemon reaching the source through a relay, giving a silent stream up after 2 s."""
+    port = int(conninfo_to_dict(pair.source_dsn)["port"] or 5432)
+    with Relay(port, 0.0) as relay:
+        through = make_conninfo(pair.source_dsn, host="127.0.0.1", port=relay.port)
+        settings = settings_for(pair, source={"dsn": through, "receive_timeout_s": 2,
+                                              "heartbeat_interval_s": 0})
+        with running(settings) as runner:
+            yield relay, runner
+
+
 def test_a_silent_source_connection_is_given_up(pair: DbPair,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     """The link to the source stalls with its connections kept (no reset, as when a host or a
@@ -87,24 +102,19 @@ def test_a_silent_source_connection_is_given_up(pair: DbPair,
         return any("the source sent nothing for 2 s" in str(
             getattr(r, "cdcsync_fields", {}).get("error")) for r in caplog.records)
 
-    port = int(conninfo_to_dict(pair.source_dsn)["port"] or 5432)
-    with Relay(port, 0.0) as relay:
-        through = make_conninfo(pair.source_dsn, host="127.0.0.1", port=relay.port)
-        settings = settings_for(pair, source={"dsn": through, "receive_timeout_s": 2,
-                                              "heartbeat_interval_s": 0})
-        with running(settings) as runner:
-            _insert(pair.source_dsn, 2501, 10)
-            wait_for(converged(pair, ["public.t"]), runner=runner)
-            time.sleep(5)  # idle, nothing to stream: two and a half timeouts
-            assert not given_up()
-            relay.stall()
-            try:
-                wait_for(given_up, timeout=20, what="the silent connection given up",
-                         runner=runner)
-            finally:
-                relay.resume()
-            _insert(pair.source_dsn, 2511, 10)
-            wait_for(converged(pair, ["public.t"]), runner=runner, timeout=60, what="reconnect")
+    with _source_through_relay(pair) as (relay, runner):
+        _insert(pair.source_dsn, 2501, 10)
+        wait_for(converged(pair, ["public.t"]), runner=runner)
+        time.sleep(5)  # idle, nothing to stream: two and a half timeouts
+        assert not given_up()
+        relay.stall()
+        try:
+            wait_for(given_up, timeout=20, what="the silent connection given up",
+                     runner=runner)
+        finally:
+            relay.resume()
+        _insert(pair.source_dsn, 2511, 10)
+        wait_for(converged(pair, ["public.t"]), runner=runner, timeout=60, what="reconnect")
 
 
 def test_a_walsender_left_behind_a_dead_link_is_ended(
@@ -114,20 +124,15 @@ def test_a_walsender_left_behind_a_dead_link_is_ended(
     until wal_sender_timeout (60 s). The daemon ends that walsender, its own, and streams again
     through a new connection in seconds."""
     caplog.set_level(logging.INFO, logger="cdcsync")
-    port = int(conninfo_to_dict(pair.source_dsn)["port"] or 5432)
-    with Relay(port, 0.0) as relay:
-        through = make_conninfo(pair.source_dsn, host="127.0.0.1", port=relay.port)
-        settings = settings_for(pair, source={"dsn": through, "receive_timeout_s": 2,
-                                              "heartbeat_interval_s": 0})
-        with running(settings) as runner:
-            wait_for(lambda: any(r.getMessage() == "streaming" for r in caplog.records),
-                     runner=runner, what="the stream through the relay")
-            _insert(pair.source_dsn, 7001, 10)
-            wait_for(converged(pair, ["public.t"]), runner=runner)
-            relay.freeze()
-            _insert(pair.source_dsn, 7011, 10)
-            wait_for(converged(pair, ["public.t"]), runner=runner, timeout=20,
-                     what="streaming again before wal_sender_timeout")
+    with _source_through_relay(pair) as (relay, runner):
+        wait_for(lambda: any(r.getMessage() == "streaming" for r in caplog.records),
+                 runner=runner, what="the stream through the relay")
+        _insert(pair.source_dsn, 7001, 10)
+        wait_for(converged(pair, ["public.t"]), runner=runner)
+        relay.freeze()
+        _insert(pair.source_dsn, 7011, 10)
+        wait_for(converged(pair, ["public.t"]), runner=runner, timeout=20,
+                 what="streaming again before wal_sender_timeout")
     assert any(r.getMessage() == "walsender_ended" for r in caplog.records)
 
 def _sessions(dsn: str) -> set[int]:
