@@ -222,7 +222,7 @@ def _stream(settings: Settings, term: threading.Event, pool: ConnectionPool,
             early: EarlyStream | None, described: dict[str, ColumnRows] | None = None) -> None:
     """One term as the active process: copy what needs copying, stream (from ``early`` first,
     if given, resolving tables from ``described``) until ``term`` is set; then close ``pool``."""
-    resyncer = Resyncer(settings, pool, lambda: progress.checkpoint, term)
+    resyncer = Resyncer(settings, pool, lambda: progress.checkpoint, term, links)
     try:
         saved = _prepare_copies(settings, pool, term, health)
         if term.is_set():

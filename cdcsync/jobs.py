@@ -77,7 +77,8 @@ class Jobs:
             # be draining, and the verifier's modules cost about 20 ms of CPU.
             from cdcsync.verify.job import ScheduledVerify  # noqa: PLC0415
 
-            scheduled = ScheduledVerify(self.settings, self.metrics, consuming=True)
+            scheduled = ScheduledVerify(self.settings, self.metrics, consuming=True,
+                                        links=self._links)
             self._scheduler.add_job(self.verify, "interval", args=(scheduled.run,),
                                     seconds=self.settings.verify.interval_s, id="verify",
                                     max_instances=1, coalesce=True)

@@ -5,7 +5,8 @@ go unanswered. A middlebox between cdcsync and a server (a load balancer, a TCP 
 gateway) that stops relaying a connection but keeps it open defeats them, as its own kernel
 acknowledges every packet. A query on such a connection waits for ever, and so does the thread
 that sent it: an apply lane, the slot lock's keeper, the stream's catalog questions, a scheduled
-job (whose later runs are skipped meanwhile, the lag alerts with them).
+job (whose later runs are skipped meanwhile, the lag alerts with them), a resync's chunk, a
+verification.
 
 Silence alone proves nothing: a query may run for minutes, or wait on another session's lock.
 So a connection that is waiting for a command's answer and has received and sent nothing for
@@ -201,7 +202,8 @@ class LinkWatch:
         state, wait, _ = suspect.seen
         cut = Cut(info.pid, f"{state}, waiting on {wait}" if wait else state, silent[0])
         event(logging.WARNING, "link_cut", slot=self.slot, server=describe(info.dsn),
-              backend_pid=info.pid, server_state=cut.server_state,
+              backend_pid=info.pid, application=info.application_name,
+              server_state=cut.server_state,
               silent_s=round(silent[0], 1))
         if info.on_cut is not None:
             info.on_cut()

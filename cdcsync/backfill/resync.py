@@ -35,6 +35,7 @@ from cdcsync.config import Settings
 from cdcsync.dsn import with_session_options
 from cdcsync.errors import CdcsyncError
 from cdcsync.keyrange import Key, KeyOrder, Span
+from cdcsync.link_watch import LinkWatch
 from cdcsync.logs import event
 from cdcsync.model import CopiedRows, Lsn, Relation, SourceMessage, TargetTable
 
@@ -77,8 +78,9 @@ class Resyncer:
     """Performs the slot's resync requests beside the stream (see the module docstring)."""
 
     def __init__(self, settings: Settings, pool: ConnectionPool, position: Callable[[], Lsn],
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, links: LinkWatch | None = None) -> None:
         self.settings = settings
+        self.links = links
         self.slot = settings.source.slot
         self.pool = pool
         self.position = position
@@ -143,6 +145,11 @@ class Resyncer:
                                           "cdcsync-resync")
         with psycopg.connect(source_dsn, autocommit=True, connect_timeout=10) as src, \
                 psycopg.connect(target_dsn, autocommit=True, connect_timeout=10) as tgt:
+            # Both only ask and read answers (a chunk is read whole before it is merged), so
+            # a silent one waiting on its server is a dead link, as for the stream's own.
+            if self.links is not None:
+                self.links.watch(src, source_dsn)
+                self.links.watch(tgt, target_dsn)
             try:
                 relation = source_rows.relation_of(src, request.table)
                 table = tables.resolve(tgt, self.settings, relation)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cdcsync.config import Settings
+from cdcsync.link_watch import LinkWatch
 from cdcsync.logs import event
 from cdcsync.metrics import Metrics
 from cdcsync.source import catalog
@@ -61,11 +62,12 @@ class ScheduledVerify:
     # Whether this process streams the slot, as the daemon that schedules the job does: a
     # difference is then always awaited past the checkpoint, even while the daemon reconnects.
     consuming: bool = False
+    links: LinkWatch | None = None
     _passes: dict[str, _TablePass] = field(default_factory=dict)
 
     def run(self) -> None:
         slot = self.settings.source.slot
-        with open_sides(self.settings, self.consuming) as sides:
+        with open_sides(self.settings, self.consuming, self.links) as sides:
             tables = sides.on_source(lambda c: catalog.selected_tables(c, self.settings.tables))
             for table in tables:
                 spec = table_spec(sides.source, sides.target, self.settings, table)

@@ -23,6 +23,7 @@ from cdcsync.admin import connection_error
 from cdcsync.config import Settings
 from cdcsync.dsn import with_session_options
 from cdcsync.errors import VerifyError
+from cdcsync.link_watch import LinkWatch
 from cdcsync.model import Lsn
 
 Conn = psycopg.Connection[TupleRow]
@@ -125,17 +126,25 @@ def source_lsn(conn: Conn) -> Lsn:
 
 
 @contextmanager
-def open_sides(settings: Settings, consuming: bool = False) -> Iterator[Sides]:
+def open_sides(settings: Settings, consuming: bool = False,
+               links: LinkWatch | None = None) -> Iterator[Sides]:
+    """Both connections, watched by ``links`` (or by a watch of their own while open): each
+    only asks and reads whole answers, so one left silent while its server waits on it sits
+    behind a dead link, and a comparison of hours would otherwise wait on it for ever."""
     with ExitStack() as stack:
+        if links is None:
+            links = LinkWatch(settings.source.slot)
+            stack.callback(links.close)
         conns = []
         for side, dsn in (("source", settings.source.dsn), ("target", settings.target.dsn)):
             secret = dsn.get_secret_value()
+            pinned = pinned_dsn(secret, "cdcsync-verify")
             try:
-                conn = psycopg.connect(pinned_dsn(secret, "cdcsync-verify"), autocommit=True,
-                                       connect_timeout=10)
+                conn = psycopg.connect(pinned, autocommit=True, connect_timeout=10)
             except psycopg.OperationalError as exc:
                 raise connection_error(exc, secret, side) from None
             conns.append(stack.enter_context(conn))
+            links.watch(conn, pinned)
         threads = [stack.enter_context(ThreadPoolExecutor(1, f"verify-{n}"))
                    for n in ("source", "target")]
         yield Sides(conns[0], conns[1], settings.source.slot, threads[0], threads[1], consuming,

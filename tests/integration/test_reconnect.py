@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -17,9 +18,11 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench.relay import Relay
 from cdcsync import daemon, pipeline
+from cdcsync.backfill import resync, state
 from cdcsync.daemon import DaemonThread
 from cdcsync.dsn import with_session_options
 from cdcsync.errors import PrerequisiteError
+from cdcsync.link_watch import LinkWatch
 from cdcsync.model import Lsn
 from tests.conftest import DbPair
 from tests.harness import converged, execute, running, set_up, settings_for, wait_for
@@ -30,6 +33,11 @@ def pair(dbpair: DbPair) -> DbPair:
     if dbpair.source_cluster is None or dbpair.target_cluster is None:
         pytest.skip("needs local clusters it may stop and start")
     return set_up(dbpair, "CREATE TABLE t (id int PRIMARY KEY, v int)")
+
+
+# The link watch's silence threshold in these tests: the server's answer, not the threshold,
+# keeps live connections from being cut, and the default 10 s would only make them slower.
+_SILENT_S = 2.0
 
 
 def _insert(dsn: str, first: int, count: int) -> None:
@@ -80,13 +88,14 @@ def test_walsender_terminated_is_survived(pair: DbPair) -> None:
 
 
 @contextmanager
-def _source_through_relay(pair: DbPair) -> Iterator[tuple[Relay, DaemonThread]]:
+def _source_through_relay(pair: DbPair, **sections: Any
+                          ) -> Iterator[tuple[Relay, DaemonThread]]:
     """A daemon reaching the source through a relay, giving a silent stream up after 2 s."""
     port = int(conninfo_to_dict(pair.source_dsn)["port"] or 5432)
     with Relay(port, 0.0) as relay:
         through = make_conninfo(pair.source_dsn, host="127.0.0.1", port=relay.port)
         settings = settings_for(pair, source={"dsn": through, "receive_timeout_s": 2,
-                                              "heartbeat_interval_s": 0})
+                                              "heartbeat_interval_s": 0}, **sections)
         with running(settings) as runner:
             yield relay, runner
 
@@ -135,6 +144,34 @@ def test_a_walsender_left_behind_a_dead_link_is_ended(
                  what="streaming again before wal_sender_timeout")
     assert any(r.getMessage() == "walsender_ended" for r in caplog.records)
 
+def test_a_resync_whose_source_link_dies_is_performed_again(
+        pair: DbPair, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The link to the source dies behind a middlebox while the daemon performs a resync: the
+    worker's connection, waiting on a chunk's answer that never comes, is cut by the link
+    watch, and the request is claimed again and done through a new connection."""
+    caplog.set_level(logging.INFO, logger="cdcsync")
+    monkeypatch.setattr(daemon, "LinkWatch", partial(LinkWatch, silent_s=_SILENT_S))
+    _insert(pair.source_dsn, 8001, 3000)
+    with _source_through_relay(pair, snapshot={"chunk_rows": 100}) as (relay, runner):
+        wait_for(converged(pair, ["public.t"]), runner=runner)
+        execute(pair.target_dsn, "DELETE FROM t WHERE id = 9000")
+        with psycopg.connect(pair.target_dsn, autocommit=True) as conn:
+            request = state.enqueue(conn, pair.slot, "public.t", None, "resync")
+
+            def copying() -> bool:
+                got = state.get(conn, request)
+                return got is not None and got.rows_copied > 0
+
+            wait_for(copying, runner=runner, what="the resync's first chunk")
+            relay.freeze()
+            done = resync.wait_for(conn, request, slot=pair.slot, timeout_s=60)
+        assert (done.state, done.error) == ("done", None)
+        assert converged(pair, ["public.t"])()
+    cut = [getattr(r, "cdcsync_fields", {}).get("application") for r in caplog.records
+           if r.getMessage() == "link_cut"]
+    assert "cdcsync-resync" in cut, cut
+
+
 def _sessions(dsn: str) -> set[int]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name LIKE "
@@ -143,11 +180,12 @@ def _sessions(dsn: str) -> set[int]:
 
 
 def test_a_dead_link_to_the_target_kept_by_a_middlebox_is_cut(
-        pair: DbPair, caplog: pytest.LogCaptureFixture) -> None:
+        pair: DbPair, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """A middlebox between the daemon and the target stops relaying the connections it has but
     keeps them open, so TCP's timeouts never fire. The link watch finds the daemon and the
     target waiting on each other, ends the target's sessions and cuts the connections: the
     daemon streams again on new ones, and no session is left holding a transaction open."""
+    monkeypatch.setattr(daemon, "LinkWatch", partial(LinkWatch, silent_s=_SILENT_S))
     port = int(conninfo_to_dict(pair.target_dsn)["port"] or 5432)
     with Relay(port, 0.0) as relay:
         through = make_conninfo(pair.target_dsn, host="127.0.0.1", port=relay.port)

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from bench.relay import Relay
 from cdcsync import admin, leader
 from cdcsync.errors import VerifyError
+from cdcsync.link_watch import LinkWatch
 from cdcsync.localpg import free_port
 from cdcsync.metrics import Metrics
 from cdcsync.source import catalog
+from cdcsync.verify import sides as sides_module
 from cdcsync.verify import sql as q
 from cdcsync.verify.command import verify, verify_keys
 from cdcsync.verify.compare import TableVerifier
@@ -495,3 +502,28 @@ def test_a_scheduled_pass_ends_at_the_greatest_key_at_its_start(pair: DbPair) ->
     finally:
         for dsn in (pair.source_dsn, pair.target_dsn):
             execute(dsn, "DROP TABLE appended")
+
+
+def test_a_verify_whose_target_link_dies_fails_instead_of_waiting(
+        pair: DbPair, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A middlebox stops relaying the target connection but keeps it open: verify's question
+    would wait for ever. The link watch verify runs while open finds the target waiting on
+    verify and verify on the target, and cuts the connection, so verify fails with the lost
+    connection's error instead."""
+    monkeypatch.setattr(sides_module, "LinkWatch", partial(LinkWatch, silent_s=1.0))
+    port = int(conninfo_to_dict(pair.target_dsn)["port"] or 5432)
+    with Relay(port, 0.0) as relay:
+        through = make_conninfo(pair.target_dsn, host="127.0.0.1", port=relay.port)
+        with open_sides(settings_for(pair, TABLES, target={"dsn": through})) as sides:
+            assert sides.on_target(lambda c: c.execute("SELECT 1").fetchone()) == (1,)
+            relay.freeze()
+            asked = sides._target_thread.submit(lambda: sides.target.execute("SELECT 1"))
+            try:
+                assert isinstance(asked.exception(timeout=30), psycopg.OperationalError)
+            finally:
+                if not asked.done():  # uncut, it would keep closing the sides waiting too
+                    with socket.socket(fileno=os.dup(sides.target.fileno())) as sock:
+                        sock.shutdown(socket.SHUT_RDWR)
+    cut = [getattr(r, "cdcsync_fields", {}).get("application") for r in caplog.records
+           if r.getMessage() == "link_cut"]
+    assert cut == ["cdcsync-verify"]
