@@ -224,7 +224,7 @@ def _stream(settings: Settings, term: threading.Event, pool: ConnectionPool,
     if given, resolving tables from ``described``) until ``term`` is set; then close ``pool``."""
     resyncer = Resyncer(settings, pool, lambda: progress.checkpoint, term, links)
     try:
-        saved = _prepare_copies(settings, pool, term, health)
+        saved = _prepare_copies(settings, pool, term, health, links)
         if term.is_set():
             return
         resyncer.start()
@@ -237,14 +237,15 @@ def _stream(settings: Settings, term: threading.Event, pool: ConnectionPool,
 
 
 def _prepare_copies(settings: Settings, pool: ConnectionPool, term: threading.Event,
-                    health: Health) -> Checkpoint | None:
+                    health: Health, links: LinkWatch) -> Checkpoint | None:
     """The initial snapshot or the queueing of online copies, retried like the stream when a
     connection is lost, until ``term`` ends; the checkpoint :func:`snapshot.prepare` read."""
     attempt = 0
     while not term.is_set():
         try:
             return snapshot.prepare(settings, pool, term, snapshot.Hooks(
-                started=lambda: health.set_state("snapshotting"), alive=health.beat))
+                started=lambda: health.set_state("snapshotting"), alive=health.beat,
+                links=links))
         except snapshot.Stopped:
             return None
         except Exception as exc:

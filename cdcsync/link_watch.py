@@ -5,8 +5,8 @@ go unanswered. A middlebox between cdcsync and a server (a load balancer, a TCP 
 gateway) that stops relaying a connection but keeps it open defeats them, as its own kernel
 acknowledges every packet. A query on such a connection waits for ever, and so does the thread
 that sent it: an apply lane, the slot lock's keeper, the stream's catalog questions, a scheduled
-job (whose later runs are skipped meanwhile, the lag alerts with them), a resync's chunk, a
-verification.
+job (whose later runs are skipped meanwhile, the lag alerts with them), the initial snapshot's
+copy, a resync's chunk, a verification.
 
 Silence alone proves nothing: a query may run for minutes, or wait on another session's lock.
 So a connection that is waiting for a command's answer and has received and sent nothing for
@@ -99,6 +99,9 @@ class _Watched:
     pid: int
     application_name: str
     on_cut: Callable[[], None] | None
+    # The other end of a pipe this connection feeds or is fed by (see LinkWatch.pair).
+    partner: weakref.ref[Conn] | None = None
+    cut: bool = False
     # The silence at which the server is asked again: each answer that the session is at work
     # doubles it, so a query running for an hour costs a dozen questions, not 1,800.
     ask_at_s: float = 0.0
@@ -142,6 +145,18 @@ class LinkWatch:
                                                 daemon=True)
                 self._thread.start()
 
+    def pair(self, one: Conn, other: Conn) -> None:
+        """Make two watched connections the ends of a pipe (a ``COPY TO STDOUT`` whose data
+        goes straight into a ``COPY FROM STDIN``). Each end's server rightly waits on the
+        client while the other end is slow (a source query yet to send its next rows, a target
+        busy with its indexes), so an end is cut only when its partner has no command in
+        flight, or its server waits on the client too, or it was cut."""
+        with self._lock:
+            for conn, partner in ((one, other), (other, one)):
+                info = self._conns.get(conn)
+                if info is not None:
+                    info.partner = weakref.ref(partner)
+
     def close(self) -> None:
         """Stop watching. A pass asking a server finishes on its own: the thread is a daemon's,
         and a shutdown does not wait the question's timeout out."""
@@ -162,7 +177,14 @@ class LinkWatch:
                         if (found := self._first_look(conn, info, probes)) is not None]
             if suspects:
                 time.sleep(_SETTLE_S)
-            return [cut for found in suspects if (cut := self._second_look(found)) is not None]
+            # Decided for all before any is cut: a cut ends the session a partner is asked about.
+            free = []
+            for found in suspects:
+                if self._partner_waits(found, probes):
+                    free.append(found)
+                else:  # waiting on a partner at work, asked about as one at work itself
+                    found.info.ask_at_s = 2 * found.silent[0]
+            return [cut for found in free if (cut := self._second_look(found)) is not None]
         finally:
             for probe in probes.values():
                 if probe is not None:
@@ -188,6 +210,24 @@ class LinkWatch:
             return None
         return _Suspect(conn, info, silent, probe, seen)
 
+    def _partner_waits(self, suspect: _Suspect, probes: dict[str, Conn | None]) -> bool:
+        """Whether the suspect's partner, if it has one, is not at work: no command in flight,
+        or its server waiting on the client too (asked whatever the partner's silence: a
+        partner blocked behind the suspect's dead link may be on a Unix socket)."""
+        partner = None if suspect.info.partner is None else suspect.info.partner()
+        if partner is None or partner.pgconn.transaction_status != pq.TransactionStatus.ACTIVE:
+            return True
+        with self._lock:
+            info = self._conns.get(partner)
+        if info is None:
+            return False
+        if info.cut:  # its owner, blocked on this end, has yet to find out
+            return True
+        if info.dsn not in probes:
+            probes[info.dsn] = _connect(info.dsn)
+        probe = probes[info.dsn]
+        return probe is not None and _first_row(probe, _SESSION_STATE, _params(info)) is not None
+
     def _second_look(self, suspect: _Suspect) -> Cut | None:
         conn, info, silent = suspect.conn, suspect.info, suspect.silent
         # The socket may have closed, and its descriptor been reused, while the server was
@@ -198,7 +238,15 @@ class LinkWatch:
             return None
         if _still_silent(conn, silent):
             _shut(conn)
+        info.cut = True
         self._cut_at[info.dsn] = time.monotonic()
+        partner = None if info.partner is None else info.partner()
+        with self._lock:
+            other = None if partner is None else self._conns.get(partner)
+        if other is not None:
+            # The pipe's owner may be blocked on the partner, which waits on a partner at
+            # work no more: asked about at once rather than when its silence doubled.
+            other.ask_at_s = 0.0
         state, wait, _ = suspect.seen
         cut = Cut(info.pid, f"{state}, waiting on {wait}" if wait else state, silent[0])
         event(logging.WARNING, "link_cut", slot=self.slot, server=describe(info.dsn),

@@ -33,13 +33,17 @@ from cdcsync.backfill import copy_format, copy_pipe, source_rows, state
 from cdcsync.backfill.progress import ProgressLine
 from cdcsync.config import Settings
 from cdcsync.dsn import with_session_options
-from cdcsync.errors import CdcsyncError, ConnectionLost, PrerequisiteError
+from cdcsync.errors import CdcsyncError, ConnectionLost, PrerequisiteError, is_transient
 from cdcsync.keyrange import Span
+from cdcsync.link_watch import LinkWatch
 from cdcsync.logs import event
 from cdcsync.model import CopiedRows, Lsn, Relation, TargetTable
 from cdcsync.source import catalog
 
 Conn = psycopg.Connection[TupleRow]
+
+# The budget of the fresh connection that ends an exporting session left behind.
+_ASK_TIMEOUT_S = 5
 
 
 class Stopped(CdcsyncError):
@@ -60,10 +64,12 @@ def needed(states: dict[str, state.TableState], names: list[str]) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Hooks:
-    """How the snapshot tells the daemon it started, and that it is alive while it copies."""
+    """How the snapshot tells the daemon it started, and that it is alive while it copies; and
+    the daemon's watch over the links of the snapshot's connections."""
 
     started: Callable[[], None]
     alive: Callable[[], None]
+    links: LinkWatch | None = None
 
 
 def take(settings: Settings, pool_conn: Conn, names: list[str], stop: threading.Event,
@@ -78,16 +84,39 @@ def take(settings: Settings, pool_conn: Conn, names: list[str], stop: threading.
         exporter = psycopg.connect(source_dsn, replication="database", autocommit=True)
     except psycopg.OperationalError as exc:
         raise ConnectionLost(f"cannot open a replication connection: {exc}") from exc
-    with exporter:
-        start, snapshot = _export_slot(exporter, slot, settings.source.decoder)
-        # Committed before any table is: a crash from here on resumes at the new slot.
-        with pool_conn.cursor() as cur:
-            checkpoint.save(cur, slot, start, None)
-        pool_conn.commit()
-        event(logging.INFO, "snapshot_started", slot=slot, lsn=str(start), tables=len(names),
-              workers=settings.snapshot.workers)
-        hooks.started()
-        return _copy_all(settings, names, snapshot, start, stop=stop, alive=hooks.alive)
+    pid = exporter.info.backend_pid
+    try:
+        with exporter:
+            start, snapshot = _export_slot(exporter, slot, settings.source.decoder)
+            # Committed before any table is: a crash from here on resumes at the new slot.
+            with pool_conn.cursor() as cur:
+                checkpoint.save(cur, slot, start, None)
+            pool_conn.commit()
+            event(logging.INFO, "snapshot_started", slot=slot, lsn=str(start),
+                  tables=len(names), workers=settings.snapshot.workers)
+            hooks.started()
+            return _copy_all(settings, names, snapshot, start, stop=stop, hooks=hooks)
+    except Exception as exc:
+        if is_transient(exc):
+            _end_exporter(source_dsn, slot, pid)
+        raise
+
+
+def _end_exporter(dsn: str, slot: str, pid: int) -> None:
+    """After a snapshot lost a connection, and closed its exporting session: end that session
+    from a fresh connection if it is still there. Its link may have died behind a middlebox
+    that keeps it open, which the close never crossed, and the session would stay idle in the
+    exported snapshot's transaction, holding back the source's vacuum, for as long as the
+    middlebox keeps it. Best effort: the source may be out of reach too."""
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=_ASK_TIMEOUT_S) as conn:
+            ended = catalog.end_exporter(conn, pid)
+    except psycopg.Error:
+        return
+    if ended:
+        event(logging.WARNING, "walsender_ended", slot=slot, pid=pid,
+              reason="the exporting session of a snapshot that lost a connection outlived its "
+                     "close")
 
 
 def _export_slot(conn: Conn, slot: str, plugin: str) -> tuple[Lsn, str]:
@@ -105,12 +134,12 @@ def _export_slot(conn: Conn, slot: str, plugin: str) -> tuple[Lsn, str]:
 
 
 def _copy_all(settings: Settings, names: list[str], snapshot: str, start: Lsn, *,
-              stop: threading.Event, alive: Callable[[], None]) -> int:
+              stop: threading.Event, hooks: Hooks) -> int:
     slot = settings.source.slot
-    target_dsn = with_session_options(settings.target.dsn.get_secret_value(), "cdcsync-snapshot")
-    with psycopg.connect(target_dsn, autocommit=True) as tgt:
+    links = hooks.links
+    with _target(settings, links, autocommit=True) as tgt:
         resolved = {}
-        with _source(settings, snapshot) as src:
+        with _source(settings, snapshot, links) as src:
             for name in names:
                 relation = source_rows.relation_of(src, name)
                 resolved[name] = (relation, tables.resolve(tgt, settings, relation),
@@ -119,7 +148,7 @@ def _copy_all(settings: Settings, names: list[str], snapshot: str, start: Lsn, *
     by_oid = {t.oid: n for n, (_, t, _) in resolved.items()}
     line = ProgressLine("snapshot", sum(e for _, _, e in resolved.values()), slot=slot)
     abort = threading.Event()
-    copier = _Copier(settings, snapshot, start, line, abort)
+    copier = _Copier(settings, snapshot, start, line, abort, links)
     done: set[str] = set()
     running: dict[Future[int], str] = {}
     total = 0
@@ -138,7 +167,7 @@ def _copy_all(settings: Settings, names: list[str], snapshot: str, start: Lsn, *
                     relation, table, estimate = resolved[name]
                     running[pool.submit(copier.copy_table, relation, table, estimate)] = name
                 finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
-                alive()
+                hooks.alive()
                 if stop.is_set():
                     abort.set()
                 for future in finished:
@@ -153,15 +182,25 @@ def _copy_all(settings: Settings, names: list[str], snapshot: str, start: Lsn, *
     return total
 
 
-def _source(settings: Settings, snapshot: str) -> Conn:
+def _source(settings: Settings, snapshot: str, links: LinkWatch | None) -> Conn:
     dsn = with_session_options(settings.source.dsn.get_secret_value(), "cdcsync-snapshot")
     conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+    if links is not None:
+        links.watch(conn, dsn)
     # A long COPY must not hit a statement_timeout the provider sets (Supabase does).
     conn.execute("SET statement_timeout = 0")
     conn.autocommit = False
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     conn.read_only = True
     conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+    return conn
+
+
+def _target(settings: Settings, links: LinkWatch | None, *, autocommit: bool = False) -> Conn:
+    dsn = with_session_options(settings.target.dsn.get_secret_value(), "cdcsync-snapshot")
+    conn = psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10)
+    if links is not None:
+        links.watch(conn, dsn)
     return conn
 
 
@@ -174,13 +213,15 @@ class _Copier:
     start: Lsn
     line: ProgressLine
     stop: threading.Event
+    links: LinkWatch | None
 
     def copy_table(self, relation: Relation, table: TargetTable, estimate: int) -> int:
         slot = self.settings.source.slot
         name = relation.qualified
-        target_dsn = with_session_options(self.settings.target.dsn.get_secret_value(),
-                                          "cdcsync-snapshot")
-        with _source(self.settings, self.snapshot) as src, psycopg.connect(target_dsn) as tgt:
+        with _source(self.settings, self.snapshot, self.links) as src, \
+                _target(self.settings, self.links) as tgt:
+            if self.links is not None:
+                self.links.pair(src, tgt)
             tgt.execute("SET statement_timeout = 0")
             state.set_state(tgt, slot, name, "copying", rows_copied=0, rows_estimate=estimate)
             tgt.commit()
@@ -221,7 +262,7 @@ class _Copier:
                 event(logging.WARNING, "copy_refused", slot=self.settings.source.slot,
                       table=relation.qualified, reason=str(exc).strip().splitlines()[0],
                       then="copying through the staging tables and the merge")
-            with _source(self.settings, self.snapshot) as fresh:
+            with _source(self.settings, self.snapshot, self.links) as fresh:
                 return self._fill_merged(fresh, tgt, relation, table), "merge"
         return self._fill_merged(src, tgt, relation, table), "merge"
 

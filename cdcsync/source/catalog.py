@@ -146,6 +146,15 @@ def end_walsender(conn: Conn, slot: str, pid: int) -> bool:
     return bool(row and row[0])
 
 
+def end_exporter(conn: Conn, pid: int) -> bool:
+    """End walsender ``pid`` if it is still idle in the transaction of the snapshot it exported;
+    whether it was asked to end."""
+    row = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s "
+                       "AND backend_type = 'walsender' AND state = 'idle in transaction'",
+                       (pid,)).fetchone()
+    return bool(row and row[0])
+
+
 def slot_info(conn: Conn, slot: str) -> SlotInfo | None:
     row = conn.execute(
         """

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import signal
 import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from bench.relay import Relay
+from cdcsync import admin
+from cdcsync import daemon as cdcsync_daemon
+from cdcsync.link_watch import LinkWatch
 from tests.conftest import DbPair
 from tests.harness import (
     cli,
@@ -203,3 +210,51 @@ def test_a_row_the_target_refuses_during_the_snapshot_becomes_a_dead_letter(
             letters = conn.execute("SELECT table_name, key, operation "
                                    "FROM cdcsync.dead_letters").fetchall()
         assert letters == [("public.checked", {"id": "777"}, "insert")]
+
+
+def _snapshot_copying(dsn: str) -> bool:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                           "'cdcsync-snapshot' AND state = 'active' AND query LIKE 'COPY%'"
+                           ).fetchone()
+    return bool(row and row[0])
+
+
+def test_a_snapshot_copying_through_a_dead_source_link_is_cut_and_copied_again(
+        dbpair_factory: Callable[[str], AbstractContextManager[DbPair]],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A middlebox between the daemon and the source stops relaying mid-copy but keeps the
+    connections open. The link watch finds both ends of the copy's pipe waiting on the client
+    and cuts them; the table is copied again online. The snapshot's exporting session never
+    hears of its close, and would hold the source's vacuum back in its transaction for good:
+    the daemon ends it. (A dead target link under a pipe: test_link_watch.py.)"""
+    caplog.set_level(logging.INFO, logger="cdcsync")
+    monkeypatch.setattr(cdcsync_daemon, "LinkWatch", partial(LinkWatch, silent_s=2.0))
+    with dbpair_factory("deadsnap") as pair:
+        execute(pair.source_dsn, BIG)
+        admin.setup(settings_for(pair), create_tables=True)
+        port = int(conninfo_to_dict(pair.source_dsn)["port"] or 5432)
+        with Relay(port, 0.0) as relay:
+            through = make_conninfo(pair.source_dsn, host="127.0.0.1", port=relay.port)
+            settings = settings_for(pair, snapshot={"workers": 1}, source={"dsn": through})
+            with running(settings) as runner:
+                wait_for(lambda: _snapshot_copying(pair.target_dsn), runner=runner,
+                         what="the snapshot's COPY")
+                relay.freeze()
+                tables = ["public.a_small", "public.b_big"]
+                wait_for(lambda: _all_ready(pair.target_dsn, tables), runner=runner,
+                         timeout=60, what="the copy done again")
+                wait_for(converged(pair, tables), runner=runner, what="convergence")
+                with psycopg.connect(pair.source_dsn, autocommit=True) as conn:
+                    left = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE "
+                                        "backend_type = 'walsender' AND "
+                                        "state = 'idle in transaction'").fetchone()
+    assert left == (0,)
+    fields = [getattr(r, "cdcsync_fields", {}) for r in caplog.records]
+    cut = [f.get("application") for r, f in zip(caplog.records, fields, strict=True)
+           if r.getMessage() == "link_cut"]
+    assert "cdcsync-snapshot" in cut, cut
+    ended = [f.get("reason") for r, f in zip(caplog.records, fields, strict=True)
+             if r.getMessage() == "walsender_ended"]
+    assert ended == ["the exporting session of a snapshot that lost a connection outlived its "
+                     "close"]

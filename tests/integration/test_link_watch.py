@@ -12,10 +12,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench.chaos import children, signal_all
 from bench.relay import Relay
+from cdcsync.backfill import copy_pipe
 from cdcsync.dsn import with_session_options
 from cdcsync.link_watch import Cut, LinkWatch
 from tests.conftest import DbPair
@@ -178,3 +180,88 @@ def test_after_a_cut_the_same_servers_connections_are_asked_about_sooner(target:
         assert cuts[0].silent_s < 3.0
         for conn in (first, second):
             conn.close()
+
+
+class _Pipe(threading.Thread):
+    """A COPY piped from the source into the target's ``link_watch_pipe``, in a thread."""
+
+    def __init__(self, source: Conn, target: Conn, out: str) -> None:
+        super().__init__(daemon=True)
+        self.source, self.target, self.out = source, target, out
+        self.rows: int | None = None
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self.rows = copy_pipe.pipe(self.source, self.target, sql.SQL(self.out),
+                                       sql.SQL("COPY link_watch_pipe FROM STDIN"), lambda _: None)
+        except Exception as exc:
+            self.error = exc
+
+
+@contextmanager
+def _piped(dbpair: DbPair, target: str, out: str
+           ) -> Iterator[tuple[Relay, LinkWatch, _Pipe, list[int]]]:
+    """A pipe from the source into the target through a relay, both ends watched as partners
+    with a 0.5 s silence threshold; the target's session pid last."""
+    execute(target, "CREATE TABLE IF NOT EXISTS link_watch_pipe (id int)")
+    source_dsn = with_session_options(dbpair.source_dsn, "cdcsync-watched")
+    with _relayed(target) as (relay, dsn), psycopg.connect(source_dsn) as src, \
+            psycopg.connect(dsn) as tgt:
+        watch = LinkWatch("s", silent_s=0.5, check_every_s=3600)
+        watch.watch(src, source_dsn)
+        watch.watch(tgt, dsn)
+        watch.pair(src, tgt)
+        pipe = _Pipe(src, tgt, out)
+        yield relay, watch, pipe, [src.info.backend_pid, tgt.info.backend_pid]
+
+
+def _copying(dsn: str, pid: int) -> bool:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT query FROM pg_stat_activity WHERE pid = %s AND state = "
+                           "'active'", (pid,)).fetchone()
+    return row is not None and str(row[0]).startswith("COPY")
+
+
+def _checked_until_piped(watch: LinkWatch, pipe: _Pipe, timeout: float) -> list[Cut]:
+    cuts: list[Cut] = []
+    deadline = time.monotonic() + timeout
+    while pipe.is_alive() and time.monotonic() < deadline:
+        cuts += watch.check()
+        time.sleep(0.1)
+    pipe.join(1)
+    return cuts
+
+
+def test_a_pipe_waiting_on_a_slow_source_is_left_alone(dbpair: DbPair, target: str) -> None:
+    """The target's end of a piped COPY is silent, its server waiting on the client, while the
+    source's query has yet to send its first row: that end's partner is at work, and nothing
+    is cut."""
+    # Rows enough to fill the server's 8 kB output buffer, so the COPY starts on both ends;
+    # then the source sleeps before the last row.
+    out = ("COPY (SELECT g FROM generate_series(1, 5001) g "
+           "WHERE g <= 5000 OR (SELECT true FROM pg_sleep(3))) TO STDOUT")
+    with _piped(dbpair, target, out) as (_relay, watch, pipe, _pids):
+        pipe.start()
+        cuts = _checked_until_piped(watch, pipe, timeout=15)
+    assert (pipe.error, pipe.rows, cuts) == (None, 5001, [])
+
+
+def test_a_pipe_into_a_dead_link_is_cut(dbpair: DbPair, target: str) -> None:
+    """The link to the target dies under a piped COPY: the client's writes to the target stall,
+    so it stops reading the source, and both servers wait on the client. The target's end is
+    cut (the source's too, when it is found first), and the copy fails with a lost connection's
+    error in seconds. The target's end was asked about, and left, while the source slept: once
+    the source's end is cut, it is asked about again at once."""
+    out = "COPY (SELECT g FROM pg_sleep(1), generate_series(1, 3000000) g) TO STDOUT"
+    with _piped(dbpair, target, out) as (relay, watch, pipe, pids):
+        pipe.start()
+        wait_for(lambda: _copying(target, pids[1]), timeout=10, what="the target's COPY")
+        relay.freeze()
+        frozen = time.monotonic()
+        cuts = _checked_until_piped(watch, pipe, timeout=20)
+        took = time.monotonic() - frozen
+    assert isinstance(pipe.error, psycopg.OperationalError), pipe.error
+    assert pids[1] in [c.pid for c in cuts]
+    # Not the kernel's TCP_USER_TIMEOUT (10 s, see cdcsync.dsn) giving the target's end up.
+    assert took < 8, took
