@@ -55,7 +55,7 @@ def test_daemon_notifies_systemd(dbpair: DbPair, tmp_path: Path) -> None:
 
 
 def test_watchdog_petted_while_source_is_down(dbpair: DbPair, tmp_path: Path) -> None:
-    """With the source stopped for 10 s the daemon backs off ever longer between attempts, yet
+    """With the source stopped for 6 s the daemon backs off ever longer between attempts, yet
     WATCHDOG=1 keeps coming about every second (no restart by systemd) while STATUS= says
     reconnecting; then it streams again."""
     if dbpair.source_cluster is None:
@@ -76,7 +76,7 @@ def test_watchdog_petted_while_source_is_down(dbpair: DbPair, tmp_path: Path) ->
             pass
         dbpair.source_cluster.stop("immediate")
         try:
-            down_until = time.monotonic() + 10
+            down_until = time.monotonic() + 6
             while time.monotonic() < down_until:
                 message = sock.recv(4096).decode()
                 if message.startswith("WATCHDOG=1"):
@@ -93,5 +93,5 @@ def test_watchdog_petted_while_source_is_down(dbpair: DbPair, tmp_path: Path) ->
             daemon.kill()
         sock.close()
     gaps = [b - a for a, b in itertools.pairwise(pings)]
-    assert len(pings) >= 7 and max(gaps) < 2.5, gaps
+    assert len(pings) >= 4 and max(gaps) < 2.5, gaps
     assert any("reconnecting: source down" in s for s in statuses), statuses
