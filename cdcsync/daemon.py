@@ -232,6 +232,9 @@ def _stream(settings: Settings, term: threading.Event, pool: ConnectionPool,
                  on_message=resyncer.on_message, early=early, saved=saved,
                  described=described).run()
     finally:
+        # The term ends here, on a halt too, whose lock is released only after: the resync
+        # worker, which waits on the term, stops now rather than at the join's timeout.
+        term.set()
         resyncer.join(timeout=5)
         pool.close(timeout=2)
 
