@@ -59,13 +59,14 @@ class _Query(threading.Thread):
             self.error = exc
 
 
-def _checked_until_done(watch: LinkWatch, query: _Query, timeout: float) -> list[Cut]:
+def _checked_until_done(watch: LinkWatch, worker: threading.Thread,
+                        timeout: float) -> list[Cut]:
     cuts: list[Cut] = []
     deadline = time.monotonic() + timeout
-    while query.is_alive() and time.monotonic() < deadline:
+    while worker.is_alive() and time.monotonic() < deadline:
         cuts += watch.check()
         time.sleep(0.1)
-    query.join(1)
+    worker.join(1)
     return cuts
 
 
@@ -223,19 +224,9 @@ def _copying(dsn: str, pid: int) -> bool:
     return row is not None and str(row[0]).startswith("COPY")
 
 
-def _checked_until_piped(watch: LinkWatch, pipe: _Pipe, timeout: float) -> list[Cut]:
-    cuts: list[Cut] = []
-    deadline = time.monotonic() + timeout
-    while pipe.is_alive() and time.monotonic() < deadline:
-        cuts += watch.check()
-        time.sleep(0.1)
-    pipe.join(1)
-    return cuts
-
-
 def test_a_pipe_waiting_on_a_slow_source_is_left_alone(dbpair: DbPair, target: str) -> None:
     """The target's end of a piped COPY is silent, its server waiting on the client, while the
-    source's query has yet to send its first row: that end's partner is at work, and nothing
+    source's query has yet to send its next rows: that end's partner is at work, and nothing
     is cut."""
     # Rows enough to fill the server's 8 kB output buffer, so the COPY starts on both ends;
     # then the source sleeps before the last row.
@@ -243,7 +234,7 @@ def test_a_pipe_waiting_on_a_slow_source_is_left_alone(dbpair: DbPair, target: s
            "WHERE g <= 5000 OR (SELECT true FROM pg_sleep(3))) TO STDOUT")
     with _piped(dbpair, target, out) as (_relay, watch, pipe, _pids):
         pipe.start()
-        cuts = _checked_until_piped(watch, pipe, timeout=15)
+        cuts = _checked_until_done(watch, pipe, timeout=15)
     assert (pipe.error, pipe.rows, cuts) == (None, 5001, [])
 
 
@@ -259,7 +250,7 @@ def test_a_pipe_into_a_dead_link_is_cut(dbpair: DbPair, target: str) -> None:
         wait_for(lambda: _copying(target, pids[1]), timeout=10, what="the target's COPY")
         relay.freeze()
         frozen = time.monotonic()
-        cuts = _checked_until_piped(watch, pipe, timeout=20)
+        cuts = _checked_until_done(watch, pipe, timeout=20)
         took = time.monotonic() - frozen
     assert isinstance(pipe.error, psycopg.OperationalError), pipe.error
     assert pids[1] in [c.pid for c in cuts]
