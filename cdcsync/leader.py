@@ -126,6 +126,35 @@ def lock_holder(conn: Conn, slot: str) -> Holder | None:
     return None if row is None else Holder(str(row[0] or ""), int(row[1]), row[2])
 
 
+def _gone_from_here(holder: Holder) -> bool:
+    """Whether ``holder`` names a process of this host (``cdcsync PID@HOST``) that no longer
+    runs. Its session outlived it: killed while a middlebox kept its connection open, or before
+    the host restarted, it never closed. (A PID taken since by another process, or a container
+    whose new process has the old PID, is taken for alive: the server's idle timeout ends
+    the session then, see _take.)"""
+    name = holder.application_name
+    pid_text = name.removeprefix("cdcsync ").partition("@")[0]
+    if not pid_text.isdigit() or application_name(int(pid_text)) != name:
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _ends_left_session(conn: Conn, holder: Holder) -> bool:
+    """End ``holder``'s session if it comes from the address this connection comes from (the
+    same host, not one of the same name elsewhere); whether it was asked to end."""
+    row = conn.execute("SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a "
+                       "WHERE a.pid = %s AND a.application_name = %s AND "
+                       "host(a.client_addr) IS NOT DISTINCT FROM host(inet_client_addr())",
+                       (holder.backend_pid, holder.application_name)).fetchone()
+    return bool(row and row[0])
+
+
 def lock_dsn(dsn: str) -> str:
     """The lock connection's DSN: named for this process (``PID@HOST``), which shows who holds
     the lock; a connection attempt to a lost host gives up after 10 s."""
@@ -141,6 +170,8 @@ _TAKE_AND_LIMIT_IDLE = sql.SQL("SELECT pg_try_advisory_lock(%s), pg_postmaster_s
 _IDLE_SESSION_TIMEOUT_SINCE = 140000
 # A lock session idle for this many check intervals has lost its process (see _take).
 _IDLE_INTERVALS = 15
+# How long a lock session asked to end may take to release the lock.
+_RELEASE_S = 1.0
 
 
 class SlotLock:
@@ -238,6 +269,13 @@ class SlotLock:
             if self._take(conn):
                 return True
             holder = lock_holder(conn, self.slot)
+            if holder is not None and _gone_from_here(holder) and _ends_left_session(conn,
+                                                                                     holder):
+                event(logging.WARNING, "lock_session_ended", slot=self.slot,
+                      holder=holder.describe(),
+                      reason="its process no longer runs on this host")
+                if self._take_once_released(conn):
+                    return True
             if self._standing_on is not conn:
                 conn.execute("SELECT pg_try_advisory_lock_shared(%s)", (self._standby_key,))
                 self._standing_on = conn
@@ -249,6 +287,16 @@ class SlotLock:
             event(logging.INFO, "standby", slot=self.slot, holder=who)
         self._health.set_state("standby", f"lock held by {who}")
         return False
+
+    def _take_once_released(self, conn: Conn) -> bool:
+        """Take the lock a session asked to end holds, once its backend has exited (at once,
+        as a rule): a process just started then streams without a standby's wait."""
+        deadline = time.monotonic() + _RELEASE_S
+        while not self._take(conn):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def _connected(self) -> Conn:
         """The lock's connection, opened again if it was closed or lost."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 import time
 
@@ -11,7 +13,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench.relay import Relay
 from cdcsync.health import Health
-from cdcsync.leader import SlotLock, application_name, lock_holder
+from cdcsync.leader import SlotLock, application_name, lock_holder, lock_key
 from tests.conftest import DbPair
 
 
@@ -217,3 +219,37 @@ def test_a_lock_session_whose_process_is_lost_behind_a_middlebox_is_ended(
             stop.set()
             holder_stop.set()
             standby.release()
+
+
+@pytest.mark.parametrize("process", ["gone", "running"])
+def test_a_lock_left_by_a_process_gone_from_this_host_is_taken_at_once(
+        dbpair: DbPair, process: str) -> None:
+    """A session holds the lock under the name of a process of this host that no longer runs
+    (killed while a middlebox kept its connection open, or before the host restarted): a
+    process starting ends that session and takes the lock at once, rather than after the
+    server's idle timeout. A holder whose process runs is left alone."""
+    if process == "gone":
+        ended = subprocess.Popen(["true"])
+        ended.wait()
+        pid = ended.pid
+    else:
+        pid = os.getpid()
+    orphan = psycopg.connect(dbpair.target_dsn, autocommit=True,
+                             application_name=application_name(pid))
+    orphan.execute("SELECT pg_advisory_lock(%s)", (lock_key(dbpair.slot),))
+    stop = threading.Event()
+    lock = SlotLock(dbpair.target_dsn, dbpair.slot, Health(), stop, check_every_s=0.2)
+    try:
+        thread, got = _acquire_in_thread(lock)
+        thread.join(timeout=3)
+        if process == "gone":
+            assert got and got[0] is not None, "the lock was not taken"
+            with pytest.raises(psycopg.OperationalError):
+                orphan.execute("SELECT 1")
+        else:
+            assert not got, "a live holder's lock was taken"
+            assert orphan.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        stop.set()
+        lock.release()
+        orphan.close()
