@@ -141,7 +141,7 @@ def _gone_from_here(holder: Holder) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:
-        return False
+        pass  # it runs, under another user
     return False
 
 
@@ -269,8 +269,8 @@ class SlotLock:
             if self._take(conn):
                 return True
             holder = lock_holder(conn, self.slot)
-            if holder is not None and _gone_from_here(holder) and _ends_left_session(conn,
-                                                                                     holder):
+            if holder is not None and _gone_from_here(holder) \
+                    and _ends_left_session(conn, holder):
                 event(logging.WARNING, "lock_session_ended", slot=self.slot,
                       holder=holder.describe(),
                       reason="its process no longer runs on this host")
