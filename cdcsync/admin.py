@@ -14,11 +14,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from cdcsync import checkpoint, leader, probe
+from cdcsync import checkpoint, leader, link_watch, probe
 from cdcsync.backfill import state
 from cdcsync.config import Settings
 from cdcsync.dsn import describe, with_session_options
 from cdcsync.errors import CdcsyncError, ConnectionLost, PrerequisiteError
+from cdcsync.link_watch import LinkWatch
 from cdcsync.model import Lsn
 from cdcsync.source import catalog
 
@@ -26,15 +27,18 @@ Conn = psycopg.Connection[TupleRow]
 
 
 @contextmanager
-def connect(dsn: str, side: str) -> Iterator[Conn]:
-    """An autocommit connection whose failure names the side and the fix, never the password."""
-    try:
-        conn = psycopg.connect(with_session_options(dsn, "cdcsync-admin"), autocommit=True,
-                               connect_timeout=10)
-    except psycopg.OperationalError as exc:
-        raise connection_error(exc, dsn, side) from None
-    with conn:
-        yield conn
+def connect(dsn: str, side: str, links: LinkWatch | None = None) -> Iterator[Conn]:
+    """An autocommit connection whose failure names the side and the fix, never the password,
+    watched by ``links`` (or by a watch of its own while open): an operator's command, or a
+    monitor's `cdcsync status`, on a link that went dead behind a middlebox fails with the lost
+    connection's error instead of waiting for ever."""
+    with link_watch.watching(links, None) as watch:
+        try:
+            conn = link_watch.connect(with_session_options(dsn, "cdcsync-admin"), watch)
+        except psycopg.OperationalError as exc:
+            raise connection_error(exc, dsn, side) from None
+        with conn:
+            yield conn
 
 
 def connection_error(exc: psycopg.OperationalError, dsn: str, side: str) -> CdcsyncError:

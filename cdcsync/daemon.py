@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from cdcsync import __version__, alerts, leader, prerequisites
+from cdcsync import __version__, alerts, leader, link_watch, prerequisites
 from cdcsync.admin import Conn, connect, connection_error
 from cdcsync.alerts import Alerter, Thresholds
 from cdcsync.apply.tables import ColumnRows
@@ -40,19 +40,22 @@ if TYPE_CHECKING:
 
 
 @contextmanager
-def ask_target(settings: Settings, ahead: TargetAhead | None = None
+def ask_target(settings: Settings, ahead: TargetAhead | None = None,
+               links: LinkWatch | None = None
                ) -> Iterator[tuple[Conn, TargetState | PrerequisiteError]]:
     """A connection to the target and its answer to :func:`target_ahead.target_state` (or its
-    refusal): those asked ``ahead`` when they are for these settings, else asked now."""
+    refusal): those asked ``ahead`` when they are for these settings, else asked now. The
+    connection is watched by ``links`` (or by a watch of its own while open)."""
     dsn, slot = settings.target.dsn.get_secret_value(), settings.source.slot
     answered = ahead.take(dsn, slot) if ahead is not None else None
     if isinstance(answered, psycopg.OperationalError):
         raise connection_error(answered, dsn, "target") from None
-    if answered is not None:
-        with answered[0]:
+    if answered is not None and ahead is not None:
+        with link_watch.watching(links, slot) as watch, answered[0] as tgt:
+            watch.watch(tgt, ahead.session_dsn)
             yield answered
         return
-    with connect(dsn, "target") as tgt:
+    with connect(dsn, "target", links) as tgt:
         try:
             known: TargetState | PrerequisiteError = target_state(tgt, slot)
         except PrerequisiteError as exc:
@@ -61,11 +64,13 @@ def ask_target(settings: Settings, ahead: TargetAhead | None = None
 
 
 def preflight(settings: Settings, tgt: Conn, known: TargetState | PrerequisiteError,
-              early: EarlyStream | None = None) -> dict[str, ColumnRows]:
+              early: EarlyStream | None = None, links: LinkWatch | None = None
+              ) -> dict[str, ColumnRows]:
     """Fail fast, with the fix, on what no retry would cure. ``tgt`` and ``known`` come from
     :func:`ask_target`. The ``early`` stream is closed if this process will not stream from it
     first: as a standby, or when the initial snapshot is to re-create the slot. Return the
     target's catalog rows of every target table (see :func:`prerequisites.check_target`).
+    The source's connection is watched by ``links`` (or by a watch of its own while open).
 
     The target is asked everything it is asked here in two round trips (a target far away pays
     each one at every start), the first of them usually while the daemon loaded: the lock's
@@ -74,7 +79,7 @@ def preflight(settings: Settings, tgt: Conn, known: TargetState | PrerequisiteEr
     # Refused only after the source's checks, whose failures come first.
     standby = (known.standby if isinstance(known, TargetState)
                else leader.lock_holder(tgt, slot) is not None)
-    with connect(settings.source.dsn.get_secret_value(), "source") as src:
+    with connect(settings.source.dsn.get_secret_value(), "source", links) as src:
         selected, found = prerequisites.check_source(
             src, settings, standby=standby, ours=early.backend_pid if early else None)
     if isinstance(known, PrerequisiteError):
@@ -138,7 +143,7 @@ def run(settings: Settings, stop: threading.Event | None = None,
                     failover_after_s=settings.source.failover_after_s, links=links)
     pool: ConnectionPool | None = None
     try:
-        with ask_target(settings, ahead) as (tgt, known):
+        with ask_target(settings, ahead, links) as (tgt, known):
             active = isinstance(known, TargetState) and not known.standby
             # The checks wait on both databases: meanwhile, the lock's connection (opened
             # while the daemon loaded, where the target was asked then) takes the lock where
@@ -147,7 +152,7 @@ def run(settings: Settings, stop: threading.Event | None = None,
                 ahead.lock_connection, settings.target.dsn.get_secret_value(), slot))
             if active:
                 pool = open_target_pool(settings, links)
-            described = preflight(settings, tgt, known, early)
+            described = preflight(settings, tgt, known, early, links)
         _contend(settings, stop, metrics, health, lock, links=links, ahead=pool, early=early,
                  described=described)
     finally:

@@ -16,12 +16,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import psycopg
 from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 from psycopg import sql
-from psycopg.rows import TupleRow
 
+from cdcsync import link_watch
 from cdcsync.alerts import Alerter
 from cdcsync.config import Settings
 from cdcsync.dsn import with_session_options
@@ -99,7 +98,7 @@ class Jobs:
         an idle slot moves forward and the lag in seconds stays measurable without traffic."""
         if self.health.state == "standby":
             return  # another process streams this slot and sends its own
-        with self._connect(self._dsn) as conn:
+        with link_watch.connect(self._dsn, self._links) as conn:
             conn.execute("SELECT pg_logical_emit_message(true, %s, now()::text)",
                          (HEARTBEAT_PREFIX,))
 
@@ -123,7 +122,7 @@ class Jobs:
             self.health.set_lag(lag)
         self.alerter.check_lag(lag)
         self.alerter.check_apply_errors(self.progress.consecutive_failures)
-        with self._connect(self._dsn) as conn:
+        with link_watch.connect(self._dsn, self._links) as conn:
             info = catalog.slot_info(conn, self.settings.source.slot)
             current = Lsn.parse(catalog.current_wal_lsn(conn))
         pending = max(0, current - self.progress.checkpoint) if self.progress.checkpoint else None
@@ -140,7 +139,7 @@ class Jobs:
             return
         conf = self.settings.retention
         remaining: dict[str, int] = {}
-        with self._connect(self._target_dsn) as conn:
+        with link_watch.connect(self._target_dsn, self._links) as conn:
             for table, days in (("conflicts", conf.conflicts_days),
                                 ("dead_letters", conf.dead_letters_days)):
                 name = sql.Identifier("cdcsync", table)
@@ -154,12 +153,6 @@ class Jobs:
                 row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(name)).fetchone()
                 remaining[table] = int(row[0]) if row else 0
         self.metrics.stored_rows(remaining["conflicts"], remaining["dead_letters"])
-
-    def _connect(self, dsn: str) -> psycopg.Connection[TupleRow]:
-        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
-        if self._links is not None:
-            self._links.watch(conn, dsn)
-        return conn
 
     def _failed(self, job_event: JobExecutionEvent) -> None:
         self.metrics.error("job")

@@ -6,7 +6,7 @@ gateway) that stops relaying a connection but keeps it open defeats them, as its
 acknowledges every packet. A query on such a connection waits for ever, and so does the thread
 that sent it: an apply lane, the slot lock's keeper, the stream's catalog questions, a scheduled
 job (whose later runs are skipped meanwhile, the lag alerts with them), the initial snapshot's
-copy, a resync's chunk, a verification.
+copy, a resync's chunk, a verification, an operator's command.
 
 Silence alone proves nothing: a query may run for minutes, or wait on another session's lock.
 So a connection that is waiting for a command's answer and has received and sent nothing for
@@ -39,7 +39,8 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
@@ -120,9 +121,10 @@ class _Suspect:
 
 class LinkWatch:
     """Watches registered connections from a thread of its own (see the module docstring);
-    connections closed or forgotten by their users drop out by themselves."""
+    connections closed or forgotten by their users drop out by themselves. Its events name
+    ``slot``, if the watch serves one (an operator's command may not)."""
 
-    def __init__(self, slot: str, *, silent_s: float = SILENT_S,
+    def __init__(self, slot: str | None, *, silent_s: float = SILENT_S,
                  check_every_s: float = CHECK_EVERY_S) -> None:
         self.slot = slot
         self._silent_s = silent_s
@@ -263,6 +265,28 @@ class LinkWatch:
                 self.check()
             except Exception as exc:  # the watch must outlive whatever one pass meets
                 event(logging.WARNING, "link_watch_failed", slot=self.slot, error=repr(exc))
+
+
+@contextmanager
+def watching(links: LinkWatch | None, slot: str | None) -> Iterator[LinkWatch]:
+    """``links``, or else a watch of its own until the block ends."""
+    if links is not None:
+        yield links
+        return
+    own = LinkWatch(slot)
+    try:
+        yield own
+    finally:
+        own.close()
+
+
+def connect(dsn: str, links: LinkWatch | None, *, autocommit: bool = True,
+            connect_timeout: int = 10) -> Conn:
+    """A connection to ``dsn``, watched by ``links`` when there is a watch."""
+    conn = psycopg.connect(dsn, autocommit=autocommit, connect_timeout=connect_timeout)
+    if links is not None:
+        links.watch(conn, dsn)
+    return conn
 
 
 def _silence(conn: Conn) -> tuple[float, tuple[object, object]] | None:

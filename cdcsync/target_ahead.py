@@ -142,6 +142,8 @@ class TargetAhead:
     def __init__(self, dsn: str, slot: str) -> None:
         self.dsn = dsn
         self.slot = slot
+        # The one the connection handed over by take() was opened with.
+        self.session_dsn = with_session_options(dsn, "cdcsync-admin")
         self._asked: _Handover[Asked] = _Handover(self._ask, _close_asked,
                                                   "cdcsync-target-ahead")
         self._lock_conn: _Handover[Conn] = _Handover(self._open_lock_connection, _close_conn,
@@ -200,8 +202,7 @@ class TargetAhead:
 
     def _ask(self) -> Asked | None:
         try:
-            conn = psycopg.connect(with_session_options(self.dsn, "cdcsync-admin"),
-                                   autocommit=True, connect_timeout=10)
+            conn = psycopg.connect(self.session_dsn, autocommit=True, connect_timeout=10)
         except psycopg.OperationalError as exc:
             return exc
         except psycopg.Error:

@@ -27,6 +27,7 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
+from cdcsync import link_watch
 from cdcsync.apply import tables
 from cdcsync.apply.applier import Applier
 from cdcsync.backfill import source_rows, state
@@ -143,13 +144,10 @@ class Resyncer:
                                           "cdcsync-resync")
         target_dsn = with_session_options(self.settings.target.dsn.get_secret_value(),
                                           "cdcsync-resync")
-        with psycopg.connect(source_dsn, autocommit=True, connect_timeout=10) as src, \
-                psycopg.connect(target_dsn, autocommit=True, connect_timeout=10) as tgt:
-            # Both only ask and read answers (a chunk is read whole before it is merged), so
-            # a silent one waiting on its server is a dead link, as for the stream's own.
-            if self.links is not None:
-                self.links.watch(src, source_dsn)
-                self.links.watch(tgt, target_dsn)
+        # Both only ask and read answers (a chunk is read whole before it is merged), so a
+        # silent one waiting on its server is a dead link, as for the stream's own.
+        with link_watch.connect(source_dsn, self.links) as src, \
+                link_watch.connect(target_dsn, self.links) as tgt:
             try:
                 relation = source_rows.relation_of(src, request.table)
                 table = tables.resolve(tgt, self.settings, relation)

@@ -26,7 +26,7 @@ from psycopg import pq, sql
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
-from cdcsync import checkpoint, roundtrip
+from cdcsync import checkpoint, link_watch, roundtrip
 from cdcsync.apply import tables
 from cdcsync.apply.applier import Applier
 from cdcsync.backfill import copy_format, copy_pipe, source_rows, state
@@ -50,9 +50,9 @@ class Stopped(CdcsyncError):
     """The snapshot was asked to stop; the tables not ready are copied on the next start."""
 
 
-def selected(settings: Settings) -> list[str]:
+def selected(settings: Settings, links: LinkWatch | None = None) -> list[str]:
     dsn = with_session_options(settings.source.dsn.get_secret_value(), "cdcsync")
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as src:
+    with link_watch.connect(dsn, links) as src:
         return [t.qualified for t in catalog.selected_tables(src, settings.tables)]
 
 
@@ -78,7 +78,7 @@ def take(settings: Settings, pool_conn: Conn, names: list[str], stop: threading.
     slot's consistent point; return the rows copied."""
     slot = settings.source.slot
     source_dsn = with_session_options(settings.source.dsn.get_secret_value(), "cdcsync-snapshot")
-    with psycopg.connect(source_dsn, autocommit=True, connect_timeout=10) as src:
+    with link_watch.connect(source_dsn, hooks.links) as src:
         catalog.drop_slot(src, slot)
     try:
         exporter = psycopg.connect(source_dsn, replication="database", autocommit=True)
@@ -184,9 +184,7 @@ def _copy_all(settings: Settings, names: list[str], snapshot: str, start: Lsn, *
 
 def _source(settings: Settings, snapshot: str, links: LinkWatch | None) -> Conn:
     dsn = with_session_options(settings.source.dsn.get_secret_value(), "cdcsync-snapshot")
-    conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
-    if links is not None:
-        links.watch(conn, dsn)
+    conn = link_watch.connect(dsn, links)
     # A long COPY must not hit a statement_timeout the provider sets (Supabase does).
     conn.execute("SET statement_timeout = 0")
     conn.autocommit = False
@@ -198,10 +196,7 @@ def _source(settings: Settings, snapshot: str, links: LinkWatch | None) -> Conn:
 
 def _target(settings: Settings, links: LinkWatch | None, *, autocommit: bool = False) -> Conn:
     dsn = with_session_options(settings.target.dsn.get_secret_value(), "cdcsync-snapshot")
-    conn = psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10)
-    if links is not None:
-        links.watch(conn, dsn)
-    return conn
+    return link_watch.connect(dsn, links, autocommit=autocommit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +313,7 @@ def prepare(settings: Settings, pool: ConnectionPool, stop: threading.Event,
     Return the checkpoint the stream starts from, read with the copy states (a round trip saved
     where the target is far), unless a snapshot moved it since (None)."""
     slot = settings.source.slot
-    names = selected(settings)
+    names = selected(settings, hooks.links)
     initial = settings.snapshot.mode == "initial"
     with pool.connection() as conn:
         with roundtrip.autocommit(conn):
@@ -332,7 +327,7 @@ def prepare(settings: Settings, pool: ConnectionPool, stop: threading.Event,
         behind = [n for n in names if states[n].state != "ready"]
         if not behind:
             return saved
-        for name in _parents_first(settings, conn, behind):
+        for name in _parents_first(settings, conn, behind, hooks.links):
             request = state.enqueue(conn, slot, name, None, "snapshot")
             event(logging.INFO, "copy_queued", slot=slot, table=name, request=request,
                   reason=f"table state {states[name].state}")
@@ -340,9 +335,10 @@ def prepare(settings: Settings, pool: ConnectionPool, stop: threading.Event,
     return saved
 
 
-def _parents_first(settings: Settings, tgt: Conn, names: list[str]) -> list[str]:
+def _parents_first(settings: Settings, tgt: Conn, names: list[str],
+                   links: LinkWatch | None) -> list[str]:
     dsn = with_session_options(settings.source.dsn.get_secret_value(), "cdcsync")
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as src:
+    with link_watch.connect(dsn, links) as src:
         oids = {tables.resolve(tgt, settings, source_rows.relation_of(src, n)).oid: n
                 for n in names}
     order, _ = tables.foreign_key_order(tgt, list(oids))

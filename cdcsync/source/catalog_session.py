@@ -18,6 +18,7 @@ from typing import TypeVar
 import psycopg
 from psycopg.rows import TupleRow
 
+from cdcsync import link_watch
 from cdcsync.dsn import with_session_options
 from cdcsync.errors import ConnectionLost, is_transient
 from cdcsync.link_watch import LinkWatch
@@ -61,12 +62,9 @@ class CatalogSession:
 
     def _connect(self) -> Conn:
         try:
-            conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
+            return link_watch.connect(self._dsn, self._links)
         except psycopg.OperationalError as exc:
             raise ConnectionLost(f"cannot reach the source: {exc}") from exc
-        if self._links is not None:
-            self._links.watch(conn, self._dsn)
-        return conn
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None

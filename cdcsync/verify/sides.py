@@ -18,7 +18,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
-from cdcsync import leader, probe
+from cdcsync import leader, link_watch, probe
 from cdcsync.admin import connection_error
 from cdcsync.config import Settings
 from cdcsync.dsn import with_session_options
@@ -132,19 +132,16 @@ def open_sides(settings: Settings, consuming: bool = False,
     only asks and reads whole answers, so one left silent while its server waits on it sits
     behind a dead link, and a comparison of hours would otherwise wait on it for ever."""
     with ExitStack() as stack:
-        if links is None:
-            links = LinkWatch(settings.source.slot)
-            stack.callback(links.close)
+        watch = stack.enter_context(link_watch.watching(links, settings.source.slot))
         conns = []
         for side, dsn in (("source", settings.source.dsn), ("target", settings.target.dsn)):
             secret = dsn.get_secret_value()
             pinned = pinned_dsn(secret, "cdcsync-verify")
             try:
-                conn = psycopg.connect(pinned, autocommit=True, connect_timeout=10)
+                conn = link_watch.connect(pinned, watch)
             except psycopg.OperationalError as exc:
                 raise connection_error(exc, secret, side) from None
             conns.append(stack.enter_context(conn))
-            links.watch(conn, pinned)
         threads = [stack.enter_context(ThreadPoolExecutor(1, f"verify-{n}"))
                    for n in ("source", "target")]
         yield Sides(conns[0], conns[1], settings.source.slot, threads[0], threads[1], consuming,

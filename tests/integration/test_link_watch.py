@@ -3,11 +3,14 @@ keeps its connections open but relays nothing more on them)."""
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -17,6 +20,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench.chaos import children, signal_all
 from bench.relay import Relay
+from cdcsync import admin, link_watch
 from cdcsync.backfill import copy_pipe
 from cdcsync.dsn import with_session_options
 from cdcsync.link_watch import Cut, LinkWatch
@@ -256,3 +260,30 @@ def test_a_pipe_into_a_dead_link_is_cut(dbpair: DbPair, target: str) -> None:
     assert pids[1] in [c.pid for c in cuts]
     # Not the kernel's TCP_USER_TIMEOUT (10 s, see cdcsync.dsn) giving the target's end up.
     assert took < 8, took
+
+
+def test_an_operators_command_on_a_dead_link_fails_instead_of_waiting(
+        target: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cdcsync status`, `check`, `setup` and the others connect through admin.connect, which
+    watches its connection while it is open: a monitor's `cdcsync status` on a link the
+    middlebox froze fails with the lost connection's error instead of waiting for ever, and
+    leaves no watch behind."""
+    monkeypatch.setattr(link_watch, "LinkWatch",
+                        partial(LinkWatch, silent_s=1.0, check_every_s=0.2))
+    before = set(threading.enumerate())
+    with _relayed(target) as (relay, dsn), admin.connect(dsn, "target") as conn:
+        pid = conn.info.backend_pid
+        conn.execute("SELECT 1")
+        relay.freeze()
+        query = _Query(conn, "SELECT count(*) FROM link_watch_t")
+        started = time.monotonic()
+        query.start()
+        query.join(30)
+        if query.is_alive():  # uncut, it would keep the relay's close waiting too
+            with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        assert isinstance(query.error, psycopg.OperationalError), "not cut"
+        assert time.monotonic() - started < 8
+    wait_for(lambda: _session_count(target, pid) == 0, timeout=10, what="session ended")
+    assert not [t for t in set(threading.enumerate()) - before
+                if t.name == "cdcsync-link-watch"]
