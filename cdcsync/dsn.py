@@ -16,12 +16,19 @@ SESSION_OPTIONS = ("-c datestyle=ISO -c intervalstyle=postgres -c extra_float_di
 
 # A peer that vanished without closing the connection (its host lost power or was partitioned
 # away) answers nothing, and only timeouts find out; the system defaults take hours. Each server
-# ends the session after 5 + 3 * 3 s of silence when idle, or 10 s of unacknowledged sending:
-# a walsender, which would hold the slot until wal_sender_timeout, and a target backend, which
-# would keep an open transaction's row locks, are gone before a standby needs them. The client
-# side does the same for cdcsync's own waits.
-PEER_TIMEOUT_OPTIONS = ("-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=3 "
-                        "-c tcp_keepalives_count=3 -c tcp_user_timeout=10000")
+# ends the session after 5 + 3 * 3 s of silence when idle, or 10 s of unacknowledged sending: a
+# target backend, which would keep an open transaction's row locks, is gone before a standby
+# needs it. The client side does the same for cdcsync's own waits.
+PEER_KEEPALIVE_OPTIONS = ("-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=3 "
+                          "-c tcp_keepalives_count=3")
+PEER_TIMEOUT_OPTIONS = f"{PEER_KEEPALIVE_OPTIONS} -c tcp_user_timeout=10000"
+# Linux (since 5.11) also ends a connection once its peer's receive window has stayed closed
+# for the user timeout, though every probe is answered: a live client that holds back its
+# reading. cdcsync holds back reading the slot's stream, and a snapshot's source COPY, for as
+# long as the target is slow (a batch waiting on a lock, a target paused), so their servers
+# keep the keepalives only. A walsender left by a host that vanished with data in flight then
+# stays until wal_sender_timeout, unless the next holder of the slot's lock ends it first.
+PACED_PEER_OPTIONS = f"{PEER_KEEPALIVE_OPTIONS} -c tcp_user_timeout=0"
 CLIENT_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "3",
                      "keepalives_count": "3", "tcp_user_timeout": "10000"}
 
@@ -35,14 +42,17 @@ def redact(text: str) -> str:
     return _KV_PASSWORD.sub(r"\g<head>***", text)
 
 
-def with_session_options(dsn: str, application_name: str, extra: str = "") -> str:
+def with_session_options(dsn: str, application_name: str, extra: str = "", *,
+                         paced: bool = False) -> str:
     """Add cdcsync's session settings, dead-peer timeouts and ``extra`` startup options to a
-    DSN. The user's own options come last, so their ``-c`` settings win, and their libpq
-    keepalive parameters are kept."""
+    DSN; ``paced`` for a connection whose reading cdcsync holds back (see
+    PACED_PEER_OPTIONS). The user's own options come last, so their ``-c`` settings win, and
+    their libpq keepalive parameters are kept."""
     params = conninfo_to_dict(dsn)
     user_options = str(params.get("options") or "")
+    peer = PACED_PEER_OPTIONS if paced else PEER_TIMEOUT_OPTIONS
     params["options"] = " ".join(
-        o for o in (SESSION_OPTIONS, PEER_TIMEOUT_OPTIONS, extra, user_options) if o)
+        o for o in (SESSION_OPTIONS, peer, extra, user_options) if o)
     params.setdefault("application_name", application_name)
     for name, value in CLIENT_KEEPALIVES.items():
         params.setdefault(name, value)

@@ -9,7 +9,8 @@ checkpoint.
 Guarantee: a process streams only while its lock connection answers. The keeper checks it every
 ``check_every_s``; when it fails, the stream is told to stop at once and the process contends
 again. The slot itself is the second fence: the source lets one walsender use it at a time, and
-the pipeline starts only once the previous holder's stream is gone.
+the pipeline starts only once the previous holder's stream is gone (it ends a walsender it finds
+still holding the slot, which streams for no one who holds the lock).
 
 Like every cdcsync connection, the lock's asks the target for TCP keepalives and a user timeout
 (:data:`cdcsync.dsn.PEER_TIMEOUT_OPTIONS`), so the lock of a host that vanished without closing

@@ -415,10 +415,10 @@ class Pipeline:
                 attempt = 0 if self.progress.commits > commits_before else attempt + 1
                 delay = min(30.0, 0.5 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0)
                 if isinstance(exc, SlotBusy):
-                    # Only a walsender stands in the way, and the source ends a vanished
-                    # holder's within seconds (dsn.PEER_TIMEOUT_OPTIONS); backing off to 30 s
-                    # would add up to that much to a takeover, for a cheap question. The source
-                    # answers: a standby could do no better (see SlotLock's failover_after_s).
+                    # Only a walsender stands in the way, which _resume_position has just
+                    # ended; backing off to 30 s would add up to that much to a takeover, for a
+                    # cheap question. The source answers: a standby could do no better (see
+                    # SlotLock's failover_after_s).
                     delay = min(delay, _SLOT_BUSY_RETRY_S)
                     self.health.set_state("reconnecting", f"slot busy: {reason}")
                 else:
@@ -564,15 +564,21 @@ class Pipeline:
                 f"replication slot {slot!r} does not exist on the source",
                 fix="run `cdcsync setup`; the next run then re-copies every table")
         catalog.refuse_other_plugin(slot, info, self.settings.source.decoder)
-        if info.active_pid is not None and info.active_pid == self._closed_walsender:
-            # A link that died behind a middlebox keeping it open carried the close to no one:
-            # the walsender would hold the slot until wal_sender_timeout (60 s by default).
+        if info.active_pid is not None and info.active_pid != ours and not self.stop.is_set():
+            # This process holds the slot's lock, so the walsender streams for no one who may:
+            # a stream this process closed on a link that died behind a middlebox keeping it
+            # open (the close reached no one), or the stream of a process that lost the lock
+            # (its host vanished or lost the source, with data in flight: see
+            # dsn.PACED_PEER_OPTIONS). Either would hold the slot until wal_sender_timeout
+            # (60 s by default).
             pid = info.active_pid
+            whose = ("a stream this process closed" if pid == self._closed_walsender
+                     else "a process that no longer holds the slot's lock")
             if self._catalog.ask(lambda src: catalog.end_walsender(src, slot, pid)):
                 event(logging.WARNING, "walsender_ended", slot=slot, pid=pid,
-                      reason="the walsender of a stream this process closed still held the slot")
+                      reason=f"the walsender of {whose} still held the slot")
         if info.active_pid is not None and info.active_pid != ours:
-            # After a takeover the previous holder's walsender may linger a moment: retry.
+            # An ended walsender takes a moment to release the slot: retry.
             raise SlotBusy(
                 f"replication slot {slot!r} is still in use by PID {info.active_pid}",
                 fix="wait for the previous cdcsync's stream to close, or stop the other "

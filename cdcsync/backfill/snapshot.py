@@ -183,7 +183,9 @@ def _copy_all(settings: Settings, names: list[str], snapshot: str, start: Lsn, *
 
 
 def _source(settings: Settings, snapshot: str, links: LinkWatch | None) -> Conn:
-    dsn = with_session_options(settings.source.dsn.get_secret_value(), "cdcsync-snapshot")
+    # Paced: its COPY is read only as fast as the target takes the rows.
+    dsn = with_session_options(settings.source.dsn.get_secret_value(), "cdcsync-snapshot",
+                               paced=True)
     conn = link_watch.connect(dsn, links)
     # A long COPY must not hit a statement_timeout the provider sets (Supabase does).
     conn.execute("SET statement_timeout = 0")

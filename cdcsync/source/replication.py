@@ -98,7 +98,7 @@ class ReplicationStream:
 
     def __init__(self, dsn: str, slot: str, *, status_interval_s: float = 10.0,
                  batched: bool = True) -> None:
-        self._dsn = with_session_options(dsn, "cdcsync")
+        self._dsn = with_session_options(dsn, "cdcsync", paced=True)
         self._batched = batched
         self._take: Take | None = None
         self.slot = slot

@@ -18,12 +18,16 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench.relay import Relay
 from cdcsync import daemon, pipeline
-from cdcsync.backfill import resync, state
+from cdcsync import dsn as dsn_module
+from cdcsync.backfill import resync, snapshot, state
+from cdcsync.config import Settings
 from cdcsync.daemon import DaemonThread
 from cdcsync.dsn import with_session_options
-from cdcsync.errors import PrerequisiteError
+from cdcsync.errors import ConnectionLost, PrerequisiteError
 from cdcsync.link_watch import LinkWatch
 from cdcsync.model import Lsn
+from cdcsync.source.early import start_options
+from cdcsync.source.replication import ReplicationStream
 from tests.conftest import DbPair
 from tests.harness import converged, execute, running, set_up, settings_for, wait_for
 
@@ -87,6 +91,48 @@ def test_walsender_terminated_is_survived(pair: DbPair) -> None:
         wait_for(converged(pair, ["public.t"]), runner=runner, timeout=30, what="reconnect")
 
 
+def _take_the_slot_from(pair: DbPair, settings: Settings) -> ReplicationStream:
+    """The daemon's walsender ended and the slot streamed by another consumer before the daemon
+    reconnects (a process that lost the lock, as the daemon sees it)."""
+    for _ in range(5):
+        execute(pair.source_dsn, f"SELECT pg_terminate_backend(active_pid) "
+                                 f"FROM pg_replication_slots WHERE slot_name = '{pair.slot}'")
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            other = ReplicationStream(pair.source_dsn, pair.slot)
+            try:
+                other.start(Lsn(0), start_options(settings, binary=False))
+                return other
+            except ConnectionLost:  # the ended walsender still holds it, or the daemon again
+                other.close()
+    raise AssertionError("the daemon took the slot back first every time")
+
+
+def test_a_walsender_of_a_process_without_the_lock_is_ended(
+        pair: DbPair, caplog: pytest.LogCaptureFixture) -> None:
+    """This process holds the slot's lock, so a walsender that holds the slot streams for a
+    process that lost the lock: its host vanished with data in flight, say, which the source
+    would notice only at wal_sender_timeout (60 s). The daemon ends it and streams."""
+    caplog.set_level(logging.INFO, logger="cdcsync")
+    settings = settings_for(pair)
+    with running(settings) as runner:
+        _insert(pair.source_dsn, 120_001, 10)
+        wait_for(converged(pair, ["public.t"]), runner=runner)
+        other = _take_the_slot_from(pair, settings)
+        pid = other.backend_pid
+        try:
+            _insert(pair.source_dsn, 120_011, 10)
+            wait_for(converged(pair, ["public.t"]), runner=runner, timeout=20,
+                     what="streaming again before wal_sender_timeout")
+        finally:
+            other.close()
+    ended = [getattr(r, "cdcsync_fields", {}) for r in caplog.records
+             if r.getMessage() == "walsender_ended"]
+    assert [(e["pid"], e["reason"]) for e in ended] == [
+        (pid, "the walsender of a process that no longer holds the slot's lock "
+                            "still held the slot")]
+
+
 @contextmanager
 def _source_through_relay(pair: DbPair, **sections: Any
                           ) -> Iterator[tuple[Relay, DaemonThread]]:
@@ -143,6 +189,33 @@ def test_a_walsender_left_behind_a_dead_link_is_ended(
         wait_for(converged(pair, ["public.t"]), runner=runner, timeout=20,
                  what="streaming again before wal_sender_timeout")
     assert any(r.getMessage() == "walsender_ended" for r in caplog.records)
+
+def test_a_stream_held_back_by_a_slow_target_keeps_its_walsender(
+        pair: DbPair, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch waits on a target lock while the source writes on: the daemon stops reading the
+    stream, and the walsender's socket finds the daemon's window closed for as long as the lock
+    is held. Linux ends such a connection after its tcp_user_timeout, every probe answered, so
+    the stream must not carry the one the other sessions do (2 s here, 10 s in production):
+    the daemon catches up on the same stream once the lock goes."""
+    if str(conninfo_to_dict(pair.source_dsn).get("host") or "").startswith("/"):
+        pytest.skip("TCP's user timeout; the source is reached over a Unix socket")
+    monkeypatch.setattr(dsn_module, "PEER_TIMEOUT_OPTIONS",
+                        f"{dsn_module.PEER_KEEPALIVE_OPTIONS} -c tcp_user_timeout=2000")
+    caplog.set_level(logging.INFO, logger="cdcsync")
+    with running(settings_for(pair)) as runner:
+        _insert(pair.source_dsn, 100_001, 10)
+        wait_for(converged(pair, ["public.t"]), runner=runner)
+        with psycopg.connect(pair.target_dsn) as blocker:
+            blocker.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+            # More than the reader's queue and both ends' socket buffers hold.
+            _insert(pair.source_dsn, 100_011, 400_000)
+            time.sleep(5)
+            blocker.rollback()
+        wait_for(converged(pair, ["public.t"]), runner=runner, timeout=60)
+    lost = [getattr(r, "cdcsync_fields", {}).get("error") for r in caplog.records
+            if r.getMessage() == "reconnecting"]
+    assert not lost, lost
+
 
 def test_a_resync_whose_source_link_dies_is_performed_again(
         pair: DbPair, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -254,17 +327,29 @@ def _socket_option(conn: psycopg.Connection[Any], level: int, option: int) -> in
 def test_every_connection_times_out_a_vanished_peer_at_both_ends(dbpair: DbPair) -> None:
     """A host that vanishes answers nothing: the server must end its sessions (a walsender
     holding the slot, a transaction holding row locks) in seconds, not the system's hours, and
-    cdcsync must give up its own waits. The user's DSN still wins."""
+    cdcsync must give up its own waits. A session whose reading cdcsync holds back (the slot's
+    stream) keeps the keepalives without the user timeout, under which the server would end it
+    while the target is slow. The user's DSN still wins."""
     if str(conninfo_to_dict(dbpair.source_dsn).get("host") or "").startswith("/"):
         pytest.skip("TCP settings; the given servers are reached over a Unix socket")
     ours = with_session_options(dbpair.source_dsn, "cdcsync-test")
+    paced = with_session_options(dbpair.source_dsn, "cdcsync-test", paced=True)
     with psycopg.connect(ours, autocommit=True) as conn, \
-            psycopg.connect(ours, autocommit=True, replication="database") as walsender:
-        for session in (conn, walsender):
+            psycopg.connect(paced, autocommit=True, replication="database") as walsender:
+        for session, user_timeout in ((conn, "10000"), (walsender, "0")):
             settings = [session.execute(f"SHOW {name}").fetchone()
                         for name in ("tcp_keepalives_idle", "tcp_keepalives_interval",
                                      "tcp_keepalives_count", "tcp_user_timeout")]
-            assert settings == [("5",), ("3",), ("3",), ("10000",)]
+            assert settings == [("5",), ("3",), ("3",), (user_timeout,)]
+        assert _socket_option(walsender, socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 10000
+        # The snapshot's source COPY is read as fast as the target takes its rows.
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        exported = conn.execute("SELECT pg_export_snapshot()").fetchone()
+        assert exported is not None
+        with snapshot._source(settings_for(dbpair), exported[0], None) as copying:
+            assert copying.execute("SHOW tcp_user_timeout").fetchone() == ("0",)
+            assert copying.execute("SHOW tcp_keepalives_idle").fetchone() == ("5",)
+        conn.execute("COMMIT")
         assert _socket_option(conn, socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         assert _socket_option(conn, socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 5
         assert _socket_option(conn, socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 10000
