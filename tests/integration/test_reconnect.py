@@ -116,12 +116,12 @@ def test_a_walsender_of_a_process_without_the_lock_is_ended(
     caplog.set_level(logging.INFO, logger="cdcsync")
     settings = settings_for(pair)
     with running(settings) as runner:
-        _insert(pair.source_dsn, 120_001, 10)
+        _insert(pair.source_dsn, 600_001, 10)
         wait_for(converged(pair, ["public.t"]), runner=runner)
         other = _take_the_slot_from(pair, settings)
         pid = other.backend_pid
         try:
-            _insert(pair.source_dsn, 120_011, 10)
+            _insert(pair.source_dsn, 600_011, 10)
             wait_for(converged(pair, ["public.t"]), runner=runner, timeout=20,
                      what="streaming again before wal_sender_timeout")
         finally:
@@ -212,6 +212,9 @@ def test_a_stream_held_back_by_a_slow_target_keeps_its_walsender(
             time.sleep(5)
             blocker.rollback()
         wait_for(converged(pair, ["public.t"]), runner=runner, timeout=60)
+        # The later tests copy the table, in small chunks.
+        execute(pair.source_dsn, "TRUNCATE t")
+        wait_for(converged(pair, ["public.t"]), runner=runner)
     lost = [getattr(r, "cdcsync_fields", {}).get("error") for r in caplog.records
             if r.getMessage() == "reconnecting"]
     assert not lost, lost
