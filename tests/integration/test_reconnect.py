@@ -126,11 +126,13 @@ def test_a_walsender_of_a_process_without_the_lock_is_ended(
                      what="streaming again before wal_sender_timeout")
         finally:
             other.close()
-    ended = [getattr(r, "cdcsync_fields", {}) for r in caplog.records
-             if r.getMessage() == "walsender_ended"]
-    assert [(e["pid"], e["reason"]) for e in ended] == [
+    events = [(r.getMessage(), getattr(r, "cdcsync_fields", {})) for r in caplog.records]
+    ended = [i for i, (name, _) in enumerate(events) if name == "walsender_ended"]
+    assert [(events[i][1]["pid"], events[i][1]["reason"]) for i in ended] == [
         (pid, "the walsender of a process that no longer holds the slot's lock "
-                            "still held the slot")]
+              "still held the slot")]
+    # The slot is taken as soon as the walsender lets it go, without a retry's backoff.
+    assert "reconnecting" not in [name for name, _ in events[ended[0]:]]
 
 
 @contextmanager
