@@ -60,7 +60,7 @@ class ConnectionLost(CdcsyncError):
 
 class SlotBusy(ConnectionLost):
     """Another walsender still streams the slot: most often the previous holder's, which the
-    source ends once its peer is found gone."""
+    process holding the slot's lock ends (see Pipeline._resume_position)."""
 
 
 class TextNeeded(CdcsyncError):
