@@ -577,7 +577,10 @@ class Pipeline:
             if self._catalog.ask(lambda src: catalog.end_walsender(src, slot, pid)):
                 event(logging.WARNING, "walsender_ended", slot=slot, pid=pid,
                       reason=f"the walsender of {whose} still held the slot")
-                info = self._released(pid) or info
+                # Streaming as soon as the walsender lets the slot go saves a retry's backoff.
+                info = self._catalog.ask(lambda src: catalog.slot_info_until(
+                    src, slot, lambda now: now is None or now.active_pid != pid,
+                    _SLOT_BUSY_RETRY_S, 0.05)) or info
         if info.active_pid is not None and info.active_pid != ours:
             raise SlotBusy(
                 f"replication slot {slot!r} is still in use by PID {info.active_pid}",
@@ -595,18 +598,6 @@ class Pipeline:
                     "`cdcsync setup`, then `cdcsync run` copies every table again",
             )
         return saved.lsn
-
-    def _released(self, pid: int) -> catalog.SlotInfo | None:
-        """The slot once walsender ``pid``, just ended, has let it go (within moments, or
-        None): streaming then saves a retry's backoff."""
-        slot = self.settings.source.slot
-        deadline = time.monotonic() + _SLOT_BUSY_RETRY_S
-        while time.monotonic() < deadline:
-            info = self._catalog.ask(lambda src: catalog.slot_info(src, slot))
-            if info is None or info.active_pid != pid:
-                return info
-            time.sleep(0.05)
-        return None
 
     def _apply_loop(self, reader: Reader, lanes: Lanes, items: Handoff[Group]) -> None:
         max_delay = self.settings.apply.max_delay_ms / 1000

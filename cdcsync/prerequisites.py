@@ -7,7 +7,6 @@ that is missing or lacks columns while schema changes are not to be added automa
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import psycopg
@@ -60,11 +59,8 @@ def check_source(src: Conn, settings: Settings, *, standby: bool = False,
     def taken(info: catalog.SlotInfo | None) -> bool:
         return info is not None and info.active_pid not in (None, ours)
 
-    info = catalog.slot_info(src, slot)
-    deadline = time.monotonic() + SLOT_RELEASE_WAIT_S
-    while not standby and taken(info) and time.monotonic() < deadline:
-        time.sleep(0.2)
-        info = catalog.slot_info(src, slot)
+    info = catalog.slot_info_until(src, slot, lambda info: standby or not taken(info),
+                                   SLOT_RELEASE_WAIT_S, 0.2)
     if not standby and info is not None and taken(info):
         raise PrerequisiteError(
             f"replication slot {slot!r} is in use by another process (pid {info.active_pid})",

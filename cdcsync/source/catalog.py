@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -176,6 +178,18 @@ def slot_info(conn: Conn, slot: str) -> SlotInfo | None:
         retained_bytes=int(row[6]) if row[6] is not None else None,
         safe_wal_size=int(row[7]) if row[7] is not None else None,
     )
+
+
+def slot_info_until(conn: Conn, slot: str, done: Callable[[SlotInfo | None], bool],
+                    within_s: float, every_s: float) -> SlotInfo | None:
+    """The slot as last read: read again every ``every_s`` until ``done`` with it or
+    ``within_s`` has passed (a walsender takes a moment to let the slot go)."""
+    info = slot_info(conn, slot)
+    deadline = time.monotonic() + within_s
+    while not done(info) and time.monotonic() < deadline:
+        time.sleep(every_s)
+        info = slot_info(conn, slot)
+    return info
 
 
 def refuse_other_plugin(slot: str, info: SlotInfo, decoder: str) -> None:
