@@ -28,7 +28,7 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
-from cdcsync import checkpoint, roundtrip
+from cdcsync import checkpoint, roundtrip, walsenders
 from cdcsync.apply import tables
 from cdcsync.apply.applier import Applier, Committed, copies_straight
 from cdcsync.apply.batch_size import BatchSize
@@ -454,7 +454,7 @@ class Pipeline:
                 if saved is None:
                     with roundtrip.autocommit(conn):
                         saved = checkpoint.load(conn, slot)
-                start = self._resume_position(saved, ours=walsender)
+                start = self._resume_position(saved, conn, ours=walsender)
                 self.progress.checkpoint = start
                 binary = self._binary
                 assembler = self._assembler(start, texts=copies_straight(conn), binary=binary,
@@ -484,6 +484,8 @@ class Pipeline:
         reader.start()
         lanes = Lanes(conn, self.pool, self.settings, functools.partial(self._record, reader),
                       self._batch_size)
+        if stream.backend_pid is not None:
+            lanes.current.stream_record = walsenders.record_statement(slot, stream.backend_pid)
         self.health.set_state("streaming")
         self.metrics.set_up(True)
         self.metrics.batch_limit(self._batch_size.rows(), self._batch_size.round_trip_s)
@@ -551,7 +553,8 @@ class Pipeline:
 
         return resolve
 
-    def _resume_position(self, saved: checkpoint.Checkpoint | None, *, ours: int | None) -> Lsn:
+    def _resume_position(self, saved: checkpoint.Checkpoint | None,
+                         conn: psycopg.Connection[TupleRow], *, ours: int | None) -> Lsn:
         """The checkpoint, once it is known to cover everything the slot has released; the slot
         may be active for ``ours`` only (the walsender of a stream this process opened)."""
         slot = self.settings.source.slot
@@ -564,16 +567,18 @@ class Pipeline:
                 f"replication slot {slot!r} does not exist on the source",
                 fix="run `cdcsync setup`; the next run then re-copies every table")
         catalog.refuse_other_plugin(slot, info, self.settings.source.decoder)
-        if info.active_pid is not None and info.active_pid != ours and not self.stop.is_set():
-            # This process holds the slot's lock, so the walsender streams for no one who may:
-            # a stream this process closed on a link that died behind a middlebox keeping it
-            # open (the close reached no one), or the stream of a process that lost the lock
-            # (its host vanished or lost the source, with data in flight: see
-            # dsn.PACED_PEER_OPTIONS). Either would hold the slot until wal_sender_timeout
-            # (60 s by default).
-            pid = info.active_pid
-            whose = ("a stream this process closed" if pid == self._closed_walsender
-                     else "a process that no longer holds the slot's lock")
+        pid = info.active_pid
+        if pid is not None and pid != ours and not self.stop.is_set():
+            whose = self._whose_walsender(conn, slot, pid)
+            if whose is None:
+                consumer = self._catalog.ask(lambda src: catalog.consumer(src, pid))
+                raise SlotBusy(
+                    f"replication slot {slot!r} is streamed by {consumer}, a walsender that no "
+                    "process syncing this target recorded as its stream",
+                    fix="stop that consumer: it confirms changes this target may not have "
+                        "applied (deployments syncing different targets need a slot each: "
+                        "[source] slot, then `cdcsync setup`). The stream of a cdcsync that "
+                        "stopped before its first commit ends by wal_sender_timeout")
             if self._catalog.ask(lambda src: catalog.end_walsender(src, slot, pid)):
                 event(logging.WARNING, "walsender_ended", slot=slot, pid=pid,
                       reason=f"the walsender of {whose} still held the slot")
@@ -589,15 +594,33 @@ class Pipeline:
         confirmed = Lsn.parse(info.confirmed_flush) if info.confirmed_flush else ZERO_LSN
         if confirmed > saved.lsn:
             # The slot only ever confirms what the checkpoint held, so the target has lost
-            # applied changes: restored from a backup, or it crashed without synchronous commit.
+            # applied changes (restored from a backup, or it crashed without synchronous
+            # commit), or another consumer of the slot confirmed them.
             raise PrerequisiteError(
                 f"the target's checkpoint {saved.lsn} is behind slot {slot!r}, which the source "
                 f"has already released up to {confirmed}: changes in between are missing on "
                 "the target",
                 fix="re-copy the tables from the source: `cdcsync teardown --yes`, "
-                    "`cdcsync setup`, then `cdcsync run` copies every table again",
+                    "`cdcsync setup`, then `cdcsync run` copies every table again. If another "
+                    "consumer streams this slot (a deployment syncing another target), give "
+                    "each its own [source] slot first",
             )
         return saved.lsn
+
+    def _whose_walsender(self, conn: psycopg.Connection[TupleRow], slot: str,
+                         pid: int) -> str | None:
+        """Whose stream walsender ``pid``, found holding the slot, serves, if it is this lock's
+        to end (the lock makes this process the slot's only rightful consumer): a stream this
+        process closed on a link that died behind a middlebox keeping it open (the close reached
+        no one), or the stream a process that lost the lock recorded (its host vanished or lost
+        the target, with data in flight: see dsn.PACED_PEER_OPTIONS). Either would hold the
+        slot until wal_sender_timeout (60 s by default). None for any other consumer."""
+        if pid == self._closed_walsender:
+            return "a stream this process closed"
+        with roundtrip.autocommit(conn):
+            if walsenders.recorded(conn, slot) == pid:
+                return "a process that no longer holds the slot's lock"
+        return None
 
     def _apply_loop(self, reader: Reader, lanes: Lanes, items: Handoff[Group]) -> None:
         max_delay = self.settings.apply.max_delay_ms / 1000

@@ -61,9 +61,10 @@ def check_source(src: Conn, settings: Settings, *, standby: bool = False,
 
     info = catalog.slot_info_until(src, slot, lambda info: standby or not taken(info),
                                    SLOT_RELEASE_WAIT_S, 0.2)
-    if not standby and info is not None and taken(info):
+    if not standby and info is not None and info.active_pid not in (None, ours):
         raise PrerequisiteError(
-            f"replication slot {slot!r} is in use by another process (pid {info.active_pid})",
+            f"replication slot {slot!r} is in use by another process: "
+            f"{catalog.consumer(src, info.active_pid)}",
             fix="stop the other `cdcsync run` or consumer of this slot, or configure a "
                 "different [source] slot")
     chosen = catalog.selected_tables(src, settings.tables)

@@ -126,6 +126,8 @@ class Applier:
         # large transaction, a window, a copied chunk, a TRUNCATE, an idle advance): the lanes
         # settle the commits in flight first (see cdcsync.apply.lanes).
         self.before_flush: Callable[[], None] | None = None
+        # Travels with this lane's next checkpoint (see cdcsync.walsenders), once.
+        self.stream_record: sql.Composed | None = None
 
     @property
     def in_source_transaction(self) -> bool:
@@ -292,7 +294,8 @@ class Applier:
         if save_checkpoint:
             # The checkpoint and the COMMIT travel with the last flush: no round trip of their own.
             save = [checkpoint.save_statement(self.slot, end.end_lsn, end.commit_time,
-                                              after=turn.after if turn else None)]
+                                              after=turn.after if turn else None),
+                    *self._take_stream_record()]
             if turn is not None and turn.wait is not None and not turn.early:
                 save.insert(0, turn.wait)
             self._flush(save, turn)
@@ -310,8 +313,12 @@ class Applier:
         """Checkpoint a position that holds no change of ours (nothing may be pending)."""
         if self.has_uncommitted or self._in_txn:
             raise ApplyError("idle advance requested with changes pending")
-        self._flush([checkpoint.save_statement(self.slot, lsn, None)])
+        self._flush([checkpoint.save_statement(self.slot, lsn, None), *self._take_stream_record()])
         return lsn
+
+    def _take_stream_record(self) -> list[sql.Composed]:
+        record, self.stream_record = self.stream_record, None
+        return [] if record is None else [record]
 
     def rollback(self) -> None:
         """Drop the open target transaction; its source transactions will be streamed again."""

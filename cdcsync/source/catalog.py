@@ -148,6 +148,17 @@ def end_walsender(conn: Conn, slot: str, pid: int) -> bool:
     return bool(row and row[0])
 
 
+def consumer(conn: Conn, pid: int) -> str:
+    """Who walsender ``pid`` streams for, as the source sees it: for an operator to find."""
+    row = conn.execute("SELECT application_name, host(client_addr) FROM pg_stat_activity "
+                       "WHERE pid = %s", (pid,)).fetchone()
+    if row is None:
+        return f"walsender PID {pid} (gone since)"
+    name = f"{row[0]!r}" if row[0] else "a consumer without an application_name"
+    where = f" from {row[1]}" if row[1] else ""
+    return f"{name}{where} (walsender PID {pid})"
+
+
 def end_exporter(conn: Conn, pid: int) -> bool:
     """End walsender ``pid`` if it is still idle in the transaction of the snapshot it exported;
     whether it was asked to end."""

@@ -18,6 +18,16 @@ CREATE TABLE IF NOT EXISTS cdcsync.checkpoint (
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 
+-- The walsender (the source backend's PID) of each slot's latest stream, written with the stream's
+-- first commit: the next holder of the slot's lock ends it if it still holds the slot, and leaves
+-- any other consumer of the slot alone (see cdcsync/walsenders.py).
+CREATE TABLE IF NOT EXISTS cdcsync.streams (
+    slot        text        PRIMARY KEY,
+    walsender   integer     NOT NULL,
+    process     text        NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now()
+);
+
 -- Every incoming change that lost to a newer row on the target.
 CREATE TABLE IF NOT EXISTS cdcsync.conflicts (
     id           bigserial PRIMARY KEY,

@@ -57,7 +57,8 @@ def pair(dbpair: DbPair) -> Iterator[DbPair]:
 
 @contextmanager
 def _slot_held(pair: DbPair) -> Iterator[None]:
-    stream = ReplicationStream(pair.source_dsn, pair.slot)
+    stream = ReplicationStream(make_conninfo(pair.source_dsn, application_name="other_consumer"),
+                               pair.slot)
     stream.start(ZERO_LSN, pgoutput.options(pair.publication))
     try:
         yield
@@ -97,7 +98,7 @@ CASES = {
                   "fix: run `cdcsync setup` first")),
     "slot in use": Case(
         around=_slot_held,
-        expected=("is in use by another process (pid ",
+        expected=("is in use by another process: 'other_consumer' from ", "(walsender PID ",
                   "fix: stop the other `cdcsync run` or consumer of this slot")),
     "publication lacks a table": Case(
         tables=("public.orders", "public.unpublished"),

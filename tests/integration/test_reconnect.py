@@ -91,34 +91,55 @@ def test_walsender_terminated_is_survived(pair: DbPair) -> None:
         wait_for(converged(pair, ["public.t"]), runner=runner, timeout=30, what="reconnect")
 
 
-def _take_the_slot_from(pair: DbPair, settings: Settings) -> ReplicationStream:
+def _take_the_slot_from(pair: DbPair, settings: Settings, *,
+                        recorded: bool) -> ReplicationStream:
     """The daemon's walsender ended and the slot streamed by another consumer before the daemon
-    reconnects (a process that lost the lock, as the daemon sees it)."""
+    reconnects: ``recorded`` in the target's cdcsync.streams, a process of this deployment that
+    lost the lock, as the daemon sees it; otherwise a consumer of its own."""
     for _ in range(5):
         execute(pair.source_dsn, f"SELECT pg_terminate_backend(active_pid) "
                                  f"FROM pg_replication_slots WHERE slot_name = '{pair.slot}'")
         deadline = time.monotonic() + 0.3
         while time.monotonic() < deadline:
-            other = ReplicationStream(pair.source_dsn, pair.slot)
+            other = ReplicationStream(make_conninfo(pair.source_dsn,
+                                                    application_name="other_consumer"), pair.slot)
             try:
                 other.start(Lsn(0), start_options(settings, binary=False))
-                return other
             except ConnectionLost:  # the ended walsender still holds it, or the daemon again
                 other.close()
+                continue
+            if recorded:
+                execute(pair.target_dsn, f"UPDATE cdcsync.streams SET walsender = "
+                                         f"{other.backend_pid} WHERE slot = '{pair.slot}'")
+            return other
     raise AssertionError("the daemon took the slot back first every time")
+
+
+def _recorded_walsender(pair: DbPair) -> tuple[int | None, int | None]:
+    """The walsender the target's cdcsync.streams names, and the one holding the slot."""
+    with psycopg.connect(pair.target_dsn) as conn:
+        row = conn.execute("SELECT walsender FROM cdcsync.streams WHERE slot = %s",
+                           (pair.slot,)).fetchone()
+    with psycopg.connect(pair.source_dsn) as conn:
+        active = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                              (pair.slot,)).fetchone()
+    return (row[0] if row else None), (active[0] if active else None)
 
 
 def test_a_walsender_of_a_process_without_the_lock_is_ended(
         pair: DbPair, caplog: pytest.LogCaptureFixture) -> None:
-    """This process holds the slot's lock, so a walsender that holds the slot streams for a
-    process that lost the lock: its host vanished with data in flight, say, which the source
-    would notice only at wal_sender_timeout (60 s). The daemon ends it and streams."""
+    """This process holds the slot's lock, so a walsender that holds the slot, recorded as the
+    stream of a process syncing this target, streams for a process that lost the lock: its host
+    vanished with data in flight, say, which the source would notice only at wal_sender_timeout
+    (60 s). The daemon ends it and streams."""
     caplog.set_level(logging.INFO, logger="cdcsync")
     settings = settings_for(pair)
     with running(settings) as runner:
         _insert(pair.source_dsn, 600_001, 10)
         wait_for(converged(pair, ["public.t"]), runner=runner)
-        other = _take_the_slot_from(pair, settings)
+        recorded, active = _recorded_walsender(pair)
+        assert recorded == active is not None, "the stream's first commit records its walsender"
+        other = _take_the_slot_from(pair, settings, recorded=True)
         pid = other.backend_pid
         try:
             _insert(pair.source_dsn, 600_011, 10)
@@ -133,6 +154,37 @@ def test_a_walsender_of_a_process_without_the_lock_is_ended(
               "still held the slot")]
     # The slot is taken as soon as the walsender lets it go, without a retry's backoff.
     assert "reconnecting" not in [name for name, _ in events[ended[0]:]]
+
+
+def test_a_consumer_of_the_slot_this_target_did_not_record_is_left_alone(
+        pair: DbPair, caplog: pytest.LogCaptureFixture) -> None:
+    """Another consumer streams the slot (a tool, or a deployment syncing another target under
+    the same slot name): not this lock's to end. The daemon waits, names it and what to do, and
+    streams once it has gone."""
+    caplog.set_level(logging.INFO, logger="cdcsync")
+    settings = settings_for(pair)
+    with running(settings) as runner:
+        _insert(pair.source_dsn, 610_001, 10)
+        wait_for(converged(pair, ["public.t"]), runner=runner)
+        other = _take_the_slot_from(pair, settings, recorded=False)
+        pid = other.backend_pid
+        try:
+            _insert(pair.source_dsn, 610_011, 10)
+            wait_for(lambda: any(r.getMessage() == "reconnecting"
+                                 and "is streamed by 'other_consumer'"
+                                 in getattr(r, "cdcsync_fields", {}).get("error", "")
+                                 for r in caplog.records),
+                     runner=runner, timeout=20, what="the slot reported busy")
+            assert _recorded_walsender(pair)[1] == pid, "the other consumer still streams"
+        finally:
+            other.close()
+        wait_for(converged(pair, ["public.t"]), runner=runner, timeout=20,
+                 what="streaming once the other consumer has gone")
+    events = [(r.getMessage(), getattr(r, "cdcsync_fields", {})) for r in caplog.records]
+    assert "walsender_ended" not in [name for name, _ in events]
+    busy = next(f["error"] for name, f in events
+                if name == "reconnecting" and "is streamed by" in f["error"])
+    assert f"(walsender PID {pid}), a walsender that no process syncing this target" in busy
 
 
 @contextmanager
