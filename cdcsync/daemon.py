@@ -81,7 +81,8 @@ def preflight(settings: Settings, tgt: Conn, known: TargetState | PrerequisiteEr
                else leader.lock_holder(tgt, slot) is not None)
     with connect(settings.source.dsn.get_secret_value(), "source", links) as src:
         selected, found = prerequisites.check_source(
-            src, settings, standby=standby, ours=early.backend_pid if early else None)
+            src, settings, standby=standby, ours=early.backend_pid if early else None,
+            recorded=known.recorded_walsender if isinstance(known, TargetState) else None)
     if isinstance(known, PrerequisiteError):
         raise known
     # The initial snapshot re-creates the slot; a crash in between leaves none, which the

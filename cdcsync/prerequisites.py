@@ -48,20 +48,23 @@ class Selected:
 
 
 def check_source(src: Conn, settings: Settings, *, standby: bool = False,
-                 ours: int | None = None) -> tuple[list[Selected], catalog.SlotInfo | None]:
+                 ours: int | None = None, recorded: int | None = None
+                 ) -> tuple[list[Selected], catalog.SlotInfo | None]:
     """The slot, if it exists (the initial snapshot may create it), is free, and the publication
     carries every configured table; return those, and the slot as last read (None: missing). A
     process that will wait as the standby of a running cdcsync (``standby``) expects the slot in
     use; one that streams it already expects it active for ``ours`` (that stream's
-    walsender)."""
+    walsender), or for the walsender the target ``recorded`` as the slot's latest stream's,
+    which no process holding the lock streams (else this one would be a standby): it ends that
+    walsender once it holds the lock (see Pipeline._resume_position)."""
     slot, publication = settings.source.slot, settings.source.publication
 
     def taken(info: catalog.SlotInfo | None) -> bool:
-        return info is not None and info.active_pid not in (None, ours)
+        return info is not None and info.active_pid not in (None, ours, recorded)
 
     info = catalog.slot_info_until(src, slot, lambda info: standby or not taken(info),
                                    SLOT_RELEASE_WAIT_S, 0.2)
-    if not standby and info is not None and info.active_pid not in (None, ours):
+    if not standby and info is not None and info.active_pid not in (None, ours, recorded):
         raise PrerequisiteError(
             f"replication slot {slot!r} is in use by another process: "
             f"{catalog.consumer(src, info.active_pid)}",

@@ -28,7 +28,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from cdcsync import checkpoint, leader
+from cdcsync import checkpoint, leader, walsenders
 from cdcsync.backfill import state
 from cdcsync.config_file import SLOT_NAME_RE, raw_section
 from cdcsync.dsn import with_session_options
@@ -50,6 +50,9 @@ class TargetState:
 
     standby: bool  # another process holds the slot's lock: this one will wait as its standby
     states: dict[str, state.TableState]
+    # The walsender the slot's latest stream recorded (see cdcsync.walsenders): if it still
+    # holds the slot, this process ends it once it holds the lock.
+    recorded_walsender: int | None = None
 
 
 def target_state(tgt: Conn, slot: str) -> TargetState:
@@ -63,6 +66,8 @@ def target_state(tgt: Conn, slot: str) -> TargetState:
         sql.SQL("SELECT pg_advisory_xact_lock({});").format(leader.METADATA_LOCK_KEY),
         sql.SQL(checkpoint.metadata_sql()),
         sql.SQL(";"),
+        walsenders.recorded_query(slot),
+        sql.SQL(";"),
         state.load_query(slot),
     ])
     try:
@@ -72,10 +77,15 @@ def target_state(tgt: Conn, slot: str) -> TargetState:
             raise
         raise PrerequisiteError("the target has no cdcsync schema",
                                 fix="run `cdcsync setup`") from None
-    row = cur.fetchone()
-    while cur.nextset():
-        pass
-    return TargetState(standby=bool(row and row[0]), states=state.from_rows(cur.fetchall()))
+    answers = []
+    while True:
+        if cur.description is not None:
+            answers.append(cur.fetchall())
+        if not cur.nextset():
+            break
+    holder, *_, recorded, states = answers
+    return TargetState(standby=bool(holder and holder[0][0]), states=state.from_rows(states),
+                       recorded_walsender=walsenders.from_rows(recorded))
 
 
 # What the checks may take: the connection, and the target's answer or its refusal.

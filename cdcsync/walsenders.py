@@ -33,7 +33,16 @@ def record_statement(slot: str, walsender: int) -> sql.Composed:
                                    process=sql.Literal(leader.application_name()))
 
 
+def recorded_query(slot: str) -> sql.Composed:
+    """The query :func:`from_rows` reads, values included (it can travel with others)."""
+    return sql.SQL("SELECT walsender FROM cdcsync.streams WHERE slot = {}").format(
+        sql.Literal(slot))
+
+
+def from_rows(rows: list[TupleRow]) -> int | None:
+    return int(rows[0][0]) if rows else None
+
+
 def recorded(conn: Conn, slot: str) -> int | None:
     """The walsender the last stream of ``slot`` that committed on this target recorded."""
-    row = conn.execute("SELECT walsender FROM cdcsync.streams WHERE slot = %s", (slot,)).fetchone()
-    return None if row is None else int(row[0])
+    return from_rows(conn.execute(recorded_query(slot)).fetchall())

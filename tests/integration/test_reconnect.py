@@ -156,6 +156,33 @@ def test_a_walsender_of_a_process_without_the_lock_is_ended(
     assert "reconnecting" not in [name for name, _ in events[ended[0]:]]
 
 
+def test_a_start_ends_the_walsender_its_predecessor_recorded(
+        pair: DbPair, caplog: pytest.LogCaptureFixture) -> None:
+    """A process started (not as a standby: no one holds the lock) while the slot is still held
+    by the walsender its predecessor recorded, whose host vanished with data in flight, say:
+    its checks let it start, and it ends that walsender once it holds the lock, instead of
+    failing its start until wal_sender_timeout."""
+    caplog.set_level(logging.INFO, logger="cdcsync")
+    settings = settings_for(pair)
+    with running(settings) as runner:
+        _insert(pair.source_dsn, 620_001, 10)
+        wait_for(converged(pair, ["public.t"]), runner=runner)
+    other = _take_the_slot_from(pair, settings, recorded=True)
+    pid = other.backend_pid
+    try:
+        _insert(pair.source_dsn, 620_011, 10)
+        with running(settings) as runner:
+            wait_for(converged(pair, ["public.t"]), runner=runner, timeout=20,
+                     what="streaming before wal_sender_timeout")
+    finally:
+        other.close()
+    ended = [getattr(r, "cdcsync_fields", {}) for r in caplog.records
+             if r.getMessage() == "walsender_ended"]
+    assert [(f["pid"], f["reason"]) for f in ended] == [
+        (pid, "the walsender of a process that no longer holds the slot's lock "
+              "still held the slot")]
+
+
 def test_a_consumer_of_the_slot_this_target_did_not_record_is_left_alone(
         pair: DbPair, caplog: pytest.LogCaptureFixture) -> None:
     """Another consumer streams the slot (a tool, or a deployment syncing another target under
