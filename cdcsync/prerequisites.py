@@ -64,7 +64,7 @@ def check_source(src: Conn, settings: Settings, *, standby: bool = False,
 
     info = catalog.slot_info_until(src, slot, lambda info: standby or not taken(info),
                                    SLOT_RELEASE_WAIT_S, 0.2)
-    if not standby and info is not None and info.active_pid not in (None, ours, recorded):
+    if not standby and info is not None and info.active_pid is not None and taken(info):
         raise PrerequisiteError(
             f"replication slot {slot!r} is in use by another process: "
             f"{catalog.consumer(src, info.active_pid)}",
