@@ -126,6 +126,17 @@ def _recorded_walsender(pair: DbPair) -> tuple[int | None, int | None]:
     return (row[0] if row else None), (active[0] if active else None)
 
 
+_LOST_PROCESS = ("the walsender of a process that no longer holds the slot's lock still held "
+                 "the slot")
+
+
+def _ended_walsenders(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+    """Each walsender_ended event's pid and reason, in order."""
+    fields = [getattr(r, "cdcsync_fields", {}) for r in caplog.records
+              if r.getMessage() == "walsender_ended"]
+    return [(f["pid"], f["reason"]) for f in fields]
+
+
 def test_a_walsender_of_a_process_without_the_lock_is_ended(
         pair: DbPair, caplog: pytest.LogCaptureFixture) -> None:
     """This process holds the slot's lock, so a walsender that holds the slot, recorded as the
@@ -147,13 +158,10 @@ def test_a_walsender_of_a_process_without_the_lock_is_ended(
                      what="streaming again before wal_sender_timeout")
         finally:
             other.close()
-    events = [(r.getMessage(), getattr(r, "cdcsync_fields", {})) for r in caplog.records]
-    ended = [i for i, (name, _) in enumerate(events) if name == "walsender_ended"]
-    assert [(events[i][1]["pid"], events[i][1]["reason"]) for i in ended] == [
-        (pid, "the walsender of a process that no longer holds the slot's lock "
-              "still held the slot")]
+    assert _ended_walsenders(caplog) == [(pid, _LOST_PROCESS)]
     # The slot is taken as soon as the walsender lets it go, without a retry's backoff.
-    assert "reconnecting" not in [name for name, _ in events[ended[0]:]]
+    names = [r.getMessage() for r in caplog.records]
+    assert "reconnecting" not in names[names.index("walsender_ended"):]
 
 
 def test_a_start_ends_the_walsender_its_predecessor_recorded(
@@ -176,11 +184,7 @@ def test_a_start_ends_the_walsender_its_predecessor_recorded(
                      what="streaming before wal_sender_timeout")
     finally:
         other.close()
-    ended = [getattr(r, "cdcsync_fields", {}) for r in caplog.records
-             if r.getMessage() == "walsender_ended"]
-    assert [(f["pid"], f["reason"]) for f in ended] == [
-        (pid, "the walsender of a process that no longer holds the slot's lock "
-              "still held the slot")]
+    assert _ended_walsenders(caplog) == [(pid, _LOST_PROCESS)]
 
 
 def test_a_consumer_of_the_slot_this_target_did_not_record_is_left_alone(
@@ -207,8 +211,8 @@ def test_a_consumer_of_the_slot_this_target_did_not_record_is_left_alone(
             other.close()
         wait_for(converged(pair, ["public.t"]), runner=runner, timeout=20,
                  what="streaming once the other consumer has gone")
+    assert _ended_walsenders(caplog) == []
     events = [(r.getMessage(), getattr(r, "cdcsync_fields", {})) for r in caplog.records]
-    assert "walsender_ended" not in [name for name, _ in events]
     busy = next(f["error"] for name, f in events
                 if name == "reconnecting" and "is streamed by" in f["error"])
     assert f"(walsender PID {pid}), a walsender that no process syncing this target" in busy
