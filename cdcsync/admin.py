@@ -262,6 +262,9 @@ def _initial_checkpoint(tgt: Conn, slot: str, slot_start: Lsn, outcome: str) -> 
         return [f"checkpoint for slot {slot!r} at {saved.lsn}"]
     with tgt.transaction(), tgt.cursor() as cur:
         cur.execute("DELETE FROM cdcsync.checkpoint WHERE slot = %s", (slot,))
+        # A walsender recorded for the slot this one replaces streamed another slot: its PID,
+        # taken since, must not name a stream of this one.
+        cur.execute("DELETE FROM cdcsync.streams WHERE slot = %s", (slot,))
         checkpoint.save(cur, slot, slot_start, None)
     lines = [f"checkpoint for slot {slot!r} starts at {slot_start}"]
     if saved is not None or outcome == "exists":
