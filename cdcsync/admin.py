@@ -305,10 +305,14 @@ def status(settings: Settings) -> dict[str, Any]:
     with connect(settings.source.dsn.get_secret_value(), "source") as src:
         info = catalog.slot_info(src, settings.source.slot)
         current = catalog.current_wal_lsn(src)
+        # Who streams the slot, as the source sees it: a consumer other than cdcsync shows here.
+        consumer = (catalog.consumer(src, info.active_pid)
+                    if info is not None and info.active_pid is not None else None)
     result["source_wal_lsn"] = current
     result["slot_exists"] = info is not None
     if info is not None:
         result["slot_active_pid"] = info.active_pid
+        result["slot_consumer"] = consumer
         result["slot_confirmed_lsn"] = info.confirmed_flush
         result["slot_retained_wal_bytes"] = info.retained_bytes
         result["slot_wal_status"] = info.wal_status
