@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -34,6 +36,13 @@ CLIENT_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "5", "keepalives_inte
 
 _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*(?=@)", re.IGNORECASE)
 _KV_PASSWORD = re.compile(r"(?P<head>password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def application_name(pid: int | None = None, host: str | None = None) -> str:
+    """``cdcsync PID@HOST``, cut to PostgreSQL's 63 bytes: the name of the sessions that stand
+    for this process (the slot lock's, the slot's stream), which status shows."""
+    name = f"cdcsync {pid or os.getpid()}@{host or socket.gethostname()}"
+    return name.encode()[:63].decode(errors="ignore")
 
 
 def redact(text: str) -> str:

@@ -24,7 +24,6 @@ import datetime as dt
 import hashlib
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
-from cdcsync.dsn import with_session_options
+from cdcsync.dsn import application_name, with_session_options
 from cdcsync.logs import event
 
 if TYPE_CHECKING:
@@ -83,12 +82,6 @@ def _key_halves(key: int) -> tuple[int, int]:
     """pg_locks shows a bigint advisory key as classid (high 32 bits) and objid (low 32 bits)."""
     unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
     return unsigned >> 32, unsigned & 0xFFFF_FFFF
-
-
-def application_name(pid: int | None = None, host: str | None = None) -> str:
-    """``cdcsync PID@HOST``, cut to PostgreSQL's 63 bytes: what status shows of the holder."""
-    name = f"cdcsync {pid or os.getpid()}@{host or socket.gethostname()}"
-    return name.encode()[:63].decode(errors="ignore")
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from cdcsync import leader
+from cdcsync.dsn import application_name
 
 Conn = psycopg.Connection[TupleRow]
 
@@ -30,7 +30,7 @@ ON CONFLICT (slot) DO UPDATE SET
 def record_statement(slot: str, walsender: int) -> sql.Composed:
     """The statement naming ``walsender`` the stream of ``slot``, for the stream's first commit."""
     return sql.SQL(_RECORD).format(slot=sql.Literal(slot), walsender=sql.Literal(walsender),
-                                   process=sql.Literal(leader.application_name()))
+                                   process=sql.Literal(application_name()))
 
 
 def recorded_query(slot: str) -> sql.Composed:

@@ -27,7 +27,7 @@ from psycopg import pq
 from psycopg.rows import TupleRow
 
 from cdcsync import libpq
-from cdcsync.dsn import with_session_options
+from cdcsync.dsn import application_name, with_session_options
 from cdcsync.errors import ConnectionLost, PrerequisiteError, SlotBusy
 from cdcsync.model import PG_EPOCH, ZERO_LSN, Lsn
 
@@ -98,7 +98,9 @@ class ReplicationStream:
 
     def __init__(self, dsn: str, slot: str, *, status_interval_s: float = 10.0,
                  batched: bool = True) -> None:
-        self._dsn = with_session_options(dsn, "cdcsync", paced=True)
+        # Named for this process, as its slot lock's session is: status and pg_stat_replication
+        # show which process streams the slot.
+        self._dsn = with_session_options(dsn, application_name(), paced=True)
         self._batched = batched
         self._take: Take | None = None
         self.slot = slot

@@ -91,7 +91,7 @@ def test_standby_takes_over(dbpair: DbPair, tmp_path: Path) -> None:
         assert status["role"] == "standby" and status["daemon"] == "standby"
         assert status["active_process"].startswith(f"cdcsync {first.pid}@")
         consumer = status["slot_consumer"]
-        assert consumer.startswith("'cdcsync'"), consumer
+        assert consumer.startswith(f"'cdcsync {first.pid}@"), consumer
         assert consumer.endswith(f"(walsender PID {status['slot_active_pid']})"), consumer
         assert status["standbys_waiting"] == 1
         assert f"cdcsync {first.pid}@" in readyz(second.port)["reason"]

@@ -12,8 +12,9 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench.relay import Relay
+from cdcsync.dsn import application_name
 from cdcsync.health import Health
-from cdcsync.leader import SlotLock, application_name, lock_holder, lock_key
+from cdcsync.leader import SlotLock, lock_holder, lock_key
 from tests.conftest import DbPair
 
 

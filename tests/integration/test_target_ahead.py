@@ -16,8 +16,9 @@ from psycopg.rows import TupleRow
 
 from cdcsync import commands
 from cdcsync.daemon import DaemonThread, ask_target
+from cdcsync.dsn import application_name
 from cdcsync.errors import ConnectionLost, PrerequisiteError
-from cdcsync.leader import application_name, holder_query, lock_key
+from cdcsync.leader import holder_query, lock_key
 from cdcsync.target_ahead import TargetAhead, TargetState
 from tests.conftest import DbPair
 from tests.harness import (

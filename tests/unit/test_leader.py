@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from psycopg.conninfo import conninfo_to_dict
 
+from cdcsync.dsn import application_name
 from cdcsync.health import Health
 from cdcsync.leader import (
     METADATA_LOCK_KEY,
     _key_halves,
-    application_name,
     lock_dsn,
     lock_key,
 )
