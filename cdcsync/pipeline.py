@@ -241,12 +241,16 @@ class Reader(threading.Thread):
     more); reports ``applied`` back to the server as flushed."""
 
     def __init__(self, stream: ReplicationStream, assembler: Assembler,
-                 items: Handoff[Group]) -> None:
+                 items: Handoff[Group], *, record_owed: bool = False) -> None:
         super().__init__(name="cdcsync-reader", daemon=True)
         self.stream = stream
         self.assembler = assembler
         self.items = items
         self.applied = assembler.skip_before
+        # The stream's walsender is recorded with its first checkpoint. On a quiet source that
+        # is an idle advance with nothing new to confirm: without it a successor would find
+        # the walsender unrecorded and wait out wal_sender_timeout if this host vanished.
+        self.record_owed = record_owed
         self.halt = threading.Event()
         self.error: BaseException | None = None
         # The commit LSN of the open transaction when a Relation message in it showed schema
@@ -308,13 +312,15 @@ class Reader(threading.Thread):
         # but an idle slot retains it until confirmed. Once everything received is applied, the
         # keepalive's send position is checkpointed like a commit and then confirmed.
         now = time.monotonic()
-        if (self.stream.sent_end > self.applied
+        if ((self.stream.sent_end > self.applied or self.record_owed)
                 and not self.assembler.in_transaction
                 and self.applied >= self.assembler.last_end_lsn
                 and self.items.empty()
                 and now - self._last_idle_advance >= _IDLE_ADVANCE_EVERY_S):
             self._last_idle_advance = now
-            self._put(Group([IdleAdvance(self.stream.sent_end)], _ITEM_BYTES, caught_up=True))
+            self.record_owed = False
+            self._put(Group([IdleAdvance(max(self.stream.sent_end, self.applied))], _ITEM_BYTES,
+                            caught_up=True))
 
     def _put(self, group: Group) -> None:
         while not self.halt.is_set():
@@ -480,7 +486,7 @@ class Pipeline:
                      opened_early: bool) -> None:
         slot = self.settings.source.slot
         items: Handoff[Group] = Handoff(HANDOFF_BYTES, _group_size)
-        reader = Reader(stream, assembler, items)
+        reader = Reader(stream, assembler, items, record_owed=stream.backend_pid is not None)
         reader.start()
         lanes = Lanes(conn, self.pool, self.settings, functools.partial(self._record, reader),
                       self._batch_size)
@@ -728,6 +734,7 @@ class Pipeline:
 
     def _checkpointed(self, reader: Reader, lsn: Lsn) -> None:
         reader.applied = lsn
+        reader.record_owed = False
         self.progress.checkpoint = lsn
         self.progress.commits += 1
         self.metrics.checkpoint(lsn)

@@ -187,6 +187,34 @@ def test_a_start_ends_the_walsender_its_predecessor_recorded(
     assert _ended_walsenders(caplog) == [(pid, _LOST_PROCESS)]
 
 
+def _confirmed_to_wal_end(pair: DbPair) -> bool:
+    with psycopg.connect(pair.source_dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT confirmed_flush_lsn >= pg_current_wal_lsn() "
+                           "FROM pg_replication_slots WHERE slot_name = %s",
+                           (pair.slot,)).fetchone()
+    return bool(row and row[0])
+
+
+def test_a_stream_on_a_quiet_source_records_its_walsender(pair: DbPair) -> None:
+    """A stream started with nothing to apply or confirm records its walsender too, at once: if
+    its host vanished while the source is quiet, its successor ends that walsender instead of
+    waiting for the source's wal_sender_timeout."""
+    settings = settings_for(pair)
+    with running(settings) as runner:
+        _insert(pair.source_dsn, 630_001, 10)
+        wait_for(converged(pair, ["public.t"]), runner=runner)
+        wait_for(lambda: _confirmed_to_wal_end(pair), runner=runner, timeout=20,
+                 what="the slot confirmed up to the source's WAL end")
+    execute(pair.target_dsn, f"DELETE FROM cdcsync.streams WHERE slot = '{pair.slot}'")
+    with running(settings) as runner:
+        def recorded() -> bool:
+            walsender, active = _recorded_walsender(pair)
+            return walsender == active is not None
+
+        wait_for(recorded, runner=runner, timeout=10, what="the quiet stream's walsender recorded")
+        assert _confirmed_to_wal_end(pair), "the source wrote WAL: the stream was not quiet"
+
+
 def test_a_consumer_of_the_slot_this_target_did_not_record_is_left_alone(
         pair: DbPair, caplog: pytest.LogCaptureFixture) -> None:
     """Another consumer streams the slot (a tool, or a deployment syncing another target under
