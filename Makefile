@@ -62,6 +62,12 @@ pg:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql-15-wal2json \
 	    || echo "warning: could not install postgresql-15-wal2json; wal2json tests will fail or skip"; \
 	fi
+	@# The tests of a target behind a connection pooler run a real PgBouncer; they skip without it.
+	@if [ "$$(id -u)" = 0 ] && ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then \
+	  echo "Installing pgbouncer (best effort)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer \
+	    || echo "warning: could not install pgbouncer; the pooler tests will skip"; \
+	fi
 
 test: build pg
 	$(VENV)/bin/pytest -q tests

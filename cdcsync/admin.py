@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from cdcsync import checkpoint, leader, link_watch, probe
+from cdcsync import checkpoint, leader, link_watch, pooler, probe
 from cdcsync.backfill import state
 from cdcsync.config import Settings
 from cdcsync.dsn import describe, with_session_options
@@ -52,6 +52,11 @@ def connection_error(exc: psycopg.OperationalError, dsn: str, side: str) -> Cdcs
         fix = f"create the database or correct dbname in the {side} DSN"
     elif "role" in text and "does not exist" in text:
         fix = f"create the role or correct the user in the {side} DSN"
+    elif "unsupported startup parameter" in text:
+        fix = (f"the {side} DSN reaches a connection pooler (PgBouncer, Neon's '-pooler' host, "
+               f"Supabase's pooler), which refuses the session settings cdcsync asks for: point "
+               f"it at the server itself (Neon: the host without '-pooler'; Supabase: "
+               f"db.<project>.supabase.co, port 5432)")
     elif "certificate" in text or "SSL" in text:
         fix = (f"check sslmode and sslrootcert in the {side} DSN: sslrootcert must be the CA "
                "that signed the server's certificate, and the host its certificate names")
@@ -192,6 +197,17 @@ def _target_checks(report: CheckReport, settings: Settings, tgt: Conn, source_ds
                     "run `cdcsync setup --create-tables` or create them")
         return f"{len(chosen)} tables present with their columns"
 
+    def sessions() -> str:
+        row = tgt.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        if not pooler.behind_pooler(tgt, row[0]):
+            return "direct to the server"
+        if pooler.lends_sessions(tgt, with_session_options(settings.target.dsn.get_secret_value(),
+                                                           "cdcsync-admin"), row[0]):
+            raise pooler.refused()
+        return "through a pooler that keeps each client's session"
+
+    _check_step(report, "target sessions", sessions)
     _check_step(report, "target metadata", metadata)
     _check_step(report, "target tables", tables)
 

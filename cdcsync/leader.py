@@ -35,7 +35,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
+from cdcsync import pooler
 from cdcsync.dsn import application_name, with_session_options
+from cdcsync.errors import PrerequisiteError
 from cdcsync.logs import event
 
 if TYPE_CHECKING:
@@ -158,9 +160,9 @@ def lock_dsn(dsn: str) -> str:
     return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
 
 
-_TAKE = sql.SQL("SELECT pg_try_advisory_lock(%s), pg_postmaster_start_time()")
+_TAKE = sql.SQL("SELECT pg_try_advisory_lock(%s), pg_postmaster_start_time(), pg_backend_pid()")
 _TAKE_AND_LIMIT_IDLE = sql.SQL("SELECT pg_try_advisory_lock(%s), pg_postmaster_start_time(), "
-                               "set_config('idle_session_timeout', {}, false)")
+                               "pg_backend_pid(), set_config('idle_session_timeout', {}, false)")
 _IDLE_SESSION_TIMEOUT_SINCE = 140000
 # A lock session idle for this many check intervals has lost its process (see _take).
 _IDLE_INTERVALS = 15
@@ -189,6 +191,8 @@ class SlotLock:
         # The connection on which this process holds the standby key, if any.
         self._standing_on: Conn | None = None
         self._conn: Conn | None = None
+        # The lock's connection, found to keep its server session behind a pooler.
+        self._own_session: Conn | None = None
         self._keeper: threading.Thread | None = None
         self._term: threading.Event | None = None
         self._lost = False
@@ -210,7 +214,7 @@ class SlotLock:
         self._opening.start()
 
     def _open_quietly(self, take: bool, opened: Callable[[], Conn | None] | None) -> None:
-        with contextlib.suppress(psycopg.Error):
+        with contextlib.suppress(psycopg.Error, PrerequisiteError):
             conn = opened() if opened is not None else None
             if conn is not None and not conn.closed:
                 self._conn = conn
@@ -322,6 +326,10 @@ class SlotLock:
         row = conn.execute(query, (self.key,)).fetchone()
         if not (row and row[0]):
             return False
+        if pooler.behind_pooler(conn, row[2]) and self._own_session is not conn:
+            if pooler.lends_sessions(conn, self._dsn, row[2], unlock=self.key):
+                raise pooler.refused()
+            self._own_session = conn
         self._target_started = row[1]
         if self._standing_on is conn:
             conn.execute("SELECT pg_advisory_unlock_shared(%s)", (self._standby_key,))
