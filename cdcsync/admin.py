@@ -18,9 +18,10 @@ from cdcsync import checkpoint, leader, link_watch, pooler, probe
 from cdcsync.backfill import state
 from cdcsync.config import Settings
 from cdcsync.dsn import describe, with_session_options
-from cdcsync.errors import CdcsyncError, ConnectionLost, PrerequisiteError
+from cdcsync.errors import CdcsyncError, PrerequisiteError
 from cdcsync.link_watch import LinkWatch
 from cdcsync.model import Lsn
+from cdcsync.refusals import connection_error
 from cdcsync.source import catalog
 
 Conn = psycopg.Connection[TupleRow]
@@ -39,31 +40,6 @@ def connect(dsn: str, side: str, links: LinkWatch | None = None) -> Iterator[Con
             raise connection_error(exc, dsn, side) from None
         with conn:
             yield conn
-
-
-def connection_error(exc: psycopg.OperationalError, dsn: str, side: str) -> CdcsyncError:
-    # libpq puts the reason (refused, timeout, authentication) on the first line and a hint on
-    # the next: keep both, on one line.
-    text = " ".join(line.strip() for line in str(exc).strip().splitlines()) or type(exc).__name__
-    where = f"{side} {describe(dsn)}"
-    if "password authentication failed" in text or "no password supplied" in text:
-        fix = f"check the user and password in the {side} DSN"
-    elif "database" in text and "does not exist" in text:
-        fix = f"create the database or correct dbname in the {side} DSN"
-    elif "role" in text and "does not exist" in text:
-        fix = f"create the role or correct the user in the {side} DSN"
-    elif "unsupported startup parameter" in text:
-        fix = (f"the {side} DSN reaches a connection pooler (PgBouncer, Neon's '-pooler' host, "
-               f"Supabase's pooler), which refuses the session settings cdcsync asks for: point "
-               f"it at the server itself (Neon: the host without '-pooler'; Supabase: "
-               f"db.<project>.supabase.co, port 5432)")
-    elif "certificate" in text or "SSL" in text:
-        fix = (f"check sslmode and sslrootcert in the {side} DSN: sslrootcert must be the CA "
-               "that signed the server's certificate, and the host its certificate names")
-    else:
-        return ConnectionLost(f"cannot connect to the {where}: {text}",
-                              fix=f"check host, port and network access for the {side} DSN")
-    return PrerequisiteError(f"cannot connect to the {where}: {text}", fix=fix)
 
 
 @dataclass
@@ -150,6 +126,16 @@ def _source_checks(report: CheckReport, settings: Settings, src: Conn) -> None:
             return f"FAIL|role {user} lacks REPLICATION; run ALTER ROLE {user} WITH REPLICATION;"
         return f"role {row[1]} has REPLICATION"
 
+    def replication_connection() -> str:
+        dsn = with_session_options(settings.source.dsn.get_secret_value(), "cdcsync-admin")
+        try:
+            with psycopg.connect(dsn, replication="database", autocommit=True,
+                                 connect_timeout=10) as conn:
+                conn.execute("IDENTIFY_SYSTEM")
+        except psycopg.OperationalError as exc:
+            raise connection_error(exc, dsn, "source") from None
+        return "opens"
+
     def tables() -> str:
         chosen = catalog.selected_tables(src, settings.tables)
         catalog.refuse_unkeyed(chosen)
@@ -175,6 +161,7 @@ def _source_checks(report: CheckReport, settings: Settings, src: Conn) -> None:
 
     for what, step in (("source wal_level", wal_level), ("replication capacity", capacity),
                        ("replication privilege", may_replicate),
+                       ("replication connection", replication_connection),
                        ("selected tables have keys", tables), ("publication", publication),
                        ("slot", slot)):
         _check_step(report, what, step)

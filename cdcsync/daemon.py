@@ -17,7 +17,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from cdcsync import __version__, alerts, leader, link_watch, prerequisites
-from cdcsync.admin import Conn, connect, connection_error
+from cdcsync.admin import Conn, connect
 from cdcsync.alerts import Alerter, Thresholds
 from cdcsync.apply.tables import ColumnRows
 from cdcsync.backfill import snapshot
@@ -32,6 +32,7 @@ from cdcsync.logs import event
 from cdcsync.metrics import Metrics
 from cdcsync.notify import Notifier, SystemdReporter
 from cdcsync.pipeline import Pipeline, Progress, open_target_pool
+from cdcsync.refusals import connection_error
 from cdcsync.target_ahead import TargetAhead, TargetState, target_state
 
 if TYPE_CHECKING:

@@ -38,6 +38,7 @@ from cdcsync.keyrange import Span
 from cdcsync.link_watch import LinkWatch
 from cdcsync.logs import event
 from cdcsync.model import CopiedRows, Lsn, Relation, TargetTable
+from cdcsync.refusals import refusal
 from cdcsync.source import catalog
 
 Conn = psycopg.Connection[TupleRow]
@@ -78,15 +79,18 @@ def take(settings: Settings, pool_conn: Conn, names: list[str], stop: threading.
     slot's consistent point; return the rows copied."""
     slot = settings.source.slot
     source_dsn = with_session_options(settings.source.dsn.get_secret_value(), "cdcsync-snapshot")
-    with link_watch.connect(source_dsn, hooks.links) as src:
-        catalog.drop_slot(src, slot)
+    # Opened before the slot is dropped: a source that refuses it (a role without REPLICATION,
+    # a pooler in the way) keeps the slot setup made, which would otherwise look lost.
     try:
         exporter = psycopg.connect(source_dsn, replication="database", autocommit=True)
     except psycopg.OperationalError as exc:
-        raise ConnectionLost(f"cannot open a replication connection: {exc}") from exc
+        raise refusal(exc, source_dsn, "source") or ConnectionLost(
+            f"cannot open a replication connection: {exc}") from exc
     pid = exporter.info.backend_pid
     try:
         with exporter:
+            with link_watch.connect(source_dsn, hooks.links) as src:
+                catalog.drop_slot(src, slot)
             start, snapshot = _export_slot(exporter, slot, settings.source.decoder)
             # Committed before any table is: a crash from here on resumes at the new slot.
             with pool_conn.cursor() as cur:

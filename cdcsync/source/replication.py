@@ -30,6 +30,7 @@ from cdcsync import libpq
 from cdcsync.dsn import application_name, with_session_options
 from cdcsync.errors import ConnectionLost, PrerequisiteError, SlotBusy
 from cdcsync.model import PG_EPOCH, ZERO_LSN, Lsn
+from cdcsync.refusals import refusal
 
 _XLOG_HEADER: Final = struct.Struct(">cQQq")  # 'w', data start, WAL end, send time
 _KEEPALIVE: Final = struct.Struct(">cQqB")  # 'k', WAL end, send time, reply requested
@@ -143,7 +144,8 @@ class ReplicationStream:
             self._conn = psycopg.connect(self._dsn, replication="database", autocommit=True,
                                          connect_timeout=10)
         except psycopg.OperationalError as exc:
-            raise ConnectionLost(f"cannot open the replication connection: {exc}") from exc
+            raise refusal(exc, self._dsn, "source") or ConnectionLost(
+                f"cannot open the replication connection: {exc}") from exc
         pgconn = self._conn.pgconn
         # Quoted names: wal2json's options contain dashes.
         opts = ", ".join(f'"{name}" \'{value}\'' for name, value in options.items())

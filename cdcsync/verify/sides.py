@@ -19,12 +19,12 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
 from cdcsync import leader, link_watch, probe
-from cdcsync.admin import connection_error
 from cdcsync.config import Settings
 from cdcsync.dsn import with_session_options
 from cdcsync.errors import VerifyError
 from cdcsync.link_watch import LinkWatch
 from cdcsync.model import Lsn
+from cdcsync.refusals import connection_error
 
 Conn = psycopg.Connection[TupleRow]
 T = TypeVar("T")

@@ -23,6 +23,7 @@ from tests.harness import cli, execute, settings_for, write_config
 pytestmark = pytest.mark.slow
 
 PASSWORD_USER = f"cdc_pw_{secrets.token_hex(3)}"
+NO_REPLICATION_USER = f"cdc_norepl_{secrets.token_hex(3)}"
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,8 @@ def pair(dbpair: DbPair) -> Iterator[DbPair]:
     execute(dbpair.target_dsn, "DROP TABLE notarget", "ALTER TABLE narrow DROP COLUMN note",
             "ALTER TABLE checked ADD CHECK (qty >= 0)",
             "CREATE TABLE unpublished (id int PRIMARY KEY)")
+    execute(dbpair.source_dsn, f"CREATE ROLE {NO_REPLICATION_USER} LOGIN",
+            f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {NO_REPLICATION_USER}")
     cluster = dbpair.source_cluster
     if cluster is None:
         yield dbpair
@@ -83,6 +86,12 @@ CASES = {
         expected=("cannot connect to the source", "password authentication failed",
                   "fix: check the user and password in the source DSN"),
         needs_cluster=True),
+    "role without REPLICATION": Case(
+        env=lambda p: {"CDCSYNC_SOURCE__DSN": make_conninfo(p.source_dsn,
+                                                            user=NO_REPLICATION_USER)},
+        expected=("must be superuser or replication role",
+                  f'fix: give the source role the REPLICATION attribute: ALTER ROLE '
+                  f'"{NO_REPLICATION_USER}" WITH REPLICATION;')),
     "unreachable host": Case(
         env=lambda p: {"CDCSYNC_TARGET__DSN": make_conninfo(p.target_dsn, port=free_port())},
         expected=("cannot connect to the target", "Connection refused",

@@ -4,6 +4,8 @@ start with the fix."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import psycopg
@@ -101,3 +103,29 @@ def test_check_names_a_transaction_pooler(pair: DbPair, tmp_path: Path) -> None:
     assert "lends its server sessions per transaction" in lines["transaction"]
     assert "FAIL" not in lines["session"]
     assert "keeps each client's session" in lines["session"]
+
+
+def test_a_source_behind_a_pooler_is_refused_and_its_slot_kept(
+        dbpair_factory: Callable[[str], AbstractContextManager[DbPair]], tmp_path: Path) -> None:
+    """A pooler cannot carry the replication protocol. The first start, which would re-create
+    the slot with a snapshot, asks for the replication connection before it drops the slot:
+    the slot `setup` made stays (it looked lost, and alerted so, while the daemon retried),
+    and the start fails with the fix instead of retrying for ever. `check` says so first."""
+    with dbpair_factory("pooled_source") as fresh:
+        pair = set_up(fresh, "CREATE TABLE t (id int PRIMARY KEY, v int)")
+        with pgbouncer(pair.source_dsn, tmp_path, pool_mode="session",
+                       ignore_options=True) as pooled:
+            settings = settings_for(pair, source={"dsn": pooled})
+            with pytest.raises(PrerequisiteError) as refused, running(settings) as runner:
+                wait_for(lambda: not runner.is_alive(), timeout=30, what="the start refused")
+            checked = cli("check", config=write_config(tmp_path / "cdcsync.toml", pair,
+                                                       source={"dsn": pooled}))
+        with psycopg.connect(pair.source_dsn) as conn:
+            kept = conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s",
+                                (pair.slot,)).fetchone()
+    assert kept == (1,), "the slot setup made is kept"
+    message = str(refused.value)
+    assert "unsupported startup parameter: replication" in message
+    assert "the replication protocol): point it at the server itself" in message
+    line = next(line for line in checked.stdout.splitlines() if "replication connection" in line)
+    assert line.startswith("FAIL") and "point it at the server itself" in line
