@@ -250,6 +250,8 @@ class Reader(threading.Thread):
         # The stream's walsender is recorded with its first checkpoint. On a quiet source that
         # is an idle advance with nothing new to confirm: without it a successor would find
         # the walsender unrecorded and wait out wal_sender_timeout if this host vanished.
+        # Not before the first keepalive, which the walsender sends once it has caught up: a
+        # backlog's first commit records it without a round trip of its own.
         self.record_owed = record_owed
         self.halt = threading.Event()
         self.error: BaseException | None = None
@@ -312,7 +314,7 @@ class Reader(threading.Thread):
         # but an idle slot retains it until confirmed. Once everything received is applied, the
         # keepalive's send position is checkpointed like a commit and then confirmed.
         now = time.monotonic()
-        if ((self.stream.sent_end > self.applied or self.record_owed)
+        if ((self.stream.sent_end > self.applied or (self.record_owed and self.stream.sent_end))
                 and not self.assembler.in_transaction
                 and self.applied >= self.assembler.last_end_lsn
                 and self.items.empty()

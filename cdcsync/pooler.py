@@ -37,8 +37,10 @@ def lends_sessions(conn: Conn, dsn: str, server_pid: int, *, unlock: int | None 
             if unlock is not None:
                 other.execute("SELECT pg_advisory_unlock(%s)", (unlock,))
             return True
-    row = conn.execute("SELECT pg_backend_pid()").fetchone()
-    return row is None or row[0] != server_pid
+        # Asked while the other's transaction holds the session it got: a pooler that lends per
+        # transaction hands conn whichever session is idle, not necessarily its own.
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        return row is None or row[0] != server_pid
 
 
 def refused() -> PrerequisiteError:

@@ -38,7 +38,9 @@ def refusal(exc: psycopg.OperationalError, dsn: str, side: str) -> PrerequisiteE
         role = sql.Identifier(str(user)).as_string(None) if user else "<user>"
         fix = (f"give the source role the REPLICATION attribute: ALTER ROLE {role} WITH "
                f"REPLICATION; (sql/source_role.sql)")
-    elif "certificate" in text or "SSL" in text:
+    elif "certificate" in text or "does not support SSL" in text:
+        # Not every error naming SSL: "SSL SYSCALL error" or "SSL connection has been closed
+        # unexpectedly" is a connection lost on the way, as a restarting server closes it.
         fix = (f"check sslmode and sslrootcert in the {side} DSN: sslrootcert must be the CA "
                "that signed the server's certificate, and the host its certificate names")
     else:
