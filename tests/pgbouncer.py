@@ -31,11 +31,12 @@ def _binary() -> str:
 
 
 @contextmanager
-def pgbouncer(server_dsn: str, workdir: Path, *, pool_mode: PoolMode,
-              ignore_options: bool) -> Iterator[str]:
+def pgbouncer(server_dsn: str, workdir: Path, *, pool_mode: PoolMode, ignore_options: bool,
+              round_robin: bool = False) -> Iterator[str]:
     """Yield ``server_dsn`` reached through a PgBouncer in ``pool_mode``. PgBouncer refuses a
     client whose start-up packet carries session settings (``options``), as cdcsync's do;
-    ``ignore_options`` drops them instead, as some deployments configure."""
+    ``ignore_options`` drops them instead, as some deployments configure. ``round_robin``
+    lends the server session idle longest, not the one used last."""
     server = {k: str(v) for k, v in conninfo_to_dict(server_dsn).items() if v is not None}
     user = server.get("user", PG_USER)
     target = " ".join(f"{k}={server[k]}" for k in ("host", "port", "dbname", "user", "password")
@@ -48,7 +49,8 @@ def pgbouncer(server_dsn: str, workdir: Path, *, pool_mode: PoolMode,
         f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
         f"auth_type = trust\nauth_file = {workdir / 'users.txt'}\npool_mode = {pool_mode}\n"
         "default_pool_size = 4\nmax_client_conn = 200\nlogfile =\npidfile =\n"
-        + ("ignore_startup_parameters = options,extra_float_digits\n" if ignore_options else ""))
+        + ("ignore_startup_parameters = options,extra_float_digits\n" if ignore_options else "")
+        + f"server_round_robin = {int(round_robin)}\n")
     # PgBouncer refuses to run as root: it reads its files, then switches to PostgreSQL's user.
     command = [_binary(), *(["-u", PG_USER] if os.geteuid() == 0 else []), str(config)]
     log = workdir / "pgbouncer.log"

@@ -105,6 +105,25 @@ def test_check_names_a_transaction_pooler(pair: DbPair, tmp_path: Path) -> None:
     assert "keeps each client's session" in lines["session"]
 
 
+def test_a_transaction_pooler_lending_another_idle_session_is_named_too(
+        pair: DbPair, tmp_path: Path) -> None:
+    """A pooler that lends the session idle longest gives the second connection another one
+    while several are idle: the lock's connection, asked again meanwhile, gets yet another."""
+    with pgbouncer(pair.target_dsn, tmp_path, pool_mode="transaction", ignore_options=True,
+                   round_robin=True) as pooled:
+        # Three transactions at once take three server sessions, idle again once committed.
+        idle = [psycopg.connect(pooled) for _ in range(3)]
+        for conn in idle:
+            conn.execute("SELECT 1")
+        for conn in idle:
+            conn.commit()
+            conn.close()
+        result = cli("check", config=write_config(tmp_path / "cdcsync.toml", pair,
+                                                  target_dsn=pooled))
+    line = next(line for line in result.stdout.splitlines() if "target sessions" in line)
+    assert line.startswith("FAIL") and "lends its server sessions per transaction" in line
+
+
 def test_a_source_behind_a_pooler_is_refused_and_its_slot_kept(
         dbpair_factory: Callable[[str], AbstractContextManager[DbPair]], tmp_path: Path) -> None:
     """A pooler cannot carry the replication protocol. The first start, which would re-create
