@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from cdcsync import checkpoint, leader, link_watch, pooler, probe
+from cdcsync import checkpoint, leader, link_watch, pooler, probe, walsenders
 from cdcsync.backfill import state
 from cdcsync.config import Settings
 from cdcsync.dsn import describe, with_session_options
@@ -296,6 +296,10 @@ def status(settings: Settings) -> dict[str, Any]:
         letters = tgt.execute("SELECT count(*) FROM cdcsync.dead_letters").fetchone()
         holder = leader.lock_holder(tgt, settings.source.slot)
         standbys = leader.waiting_standbys(tgt, settings.source.slot)
+        # A target not yet brought up to date by a `run` has no record of streams.
+        row = tgt.execute("SELECT to_regclass('cdcsync.streams') IS NOT NULL").fetchone()
+        has_streams = bool(row and row[0])
+        recorded = walsenders.recorded(tgt, settings.source.slot) if has_streams else None
     # The active process: the session holding the slot's lock ("cdcsync PID@HOST").
     result["active_process"] = holder.describe() if holder else None
     result["standbys_waiting"] = standbys
@@ -316,6 +320,11 @@ def status(settings: Settings) -> dict[str, Any]:
     if info is not None:
         result["slot_active_pid"] = info.active_pid
         result["slot_consumer"] = consumer
+        # Whether that consumer is the stream a process syncing this target recorded: false
+        # for another consumer (or a stream yet to record itself), null with none.
+        result["slot_consumer_recorded"] = (info.active_pid == recorded
+                                            if info.active_pid is not None and has_streams
+                                            else None)
         result["slot_confirmed_lsn"] = info.confirmed_flush
         result["slot_retained_wal_bytes"] = info.retained_bytes
         result["slot_wal_status"] = info.wal_status

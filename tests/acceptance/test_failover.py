@@ -93,6 +93,7 @@ def test_standby_takes_over(dbpair: DbPair, tmp_path: Path) -> None:
         consumer = status["slot_consumer"]
         assert consumer.startswith(f"'cdcsync {first.pid}@"), consumer
         assert consumer.endswith(f"(walsender PID {status['slot_active_pid']})"), consumer
+        assert status["slot_consumer_recorded"] is True
         assert status["standbys_waiting"] == 1
         assert f"cdcsync {first.pid}@" in readyz(second.port)["reason"]
         with urllib.request.urlopen(f"http://127.0.0.1:{second.port}/metrics") as response:

@@ -17,7 +17,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench.relay import Relay
-from cdcsync import daemon, pipeline
+from cdcsync import admin, daemon, pipeline
 from cdcsync import dsn as dsn_module
 from cdcsync.backfill import resync, snapshot, state
 from cdcsync.config import Settings
@@ -235,6 +235,8 @@ def test_a_consumer_of_the_slot_this_target_did_not_record_is_left_alone(
                                  for r in caplog.records),
                      runner=runner, timeout=20, what="the slot reported busy")
             assert _recorded_walsender(pair)[1] == pid, "the other consumer still streams"
+            seen = admin.status(settings)
+            assert seen["slot_active_pid"] == pid and seen["slot_consumer_recorded"] is False
         finally:
             other.close()
         wait_for(converged(pair, ["public.t"]), runner=runner, timeout=20,
