@@ -33,6 +33,11 @@ def refusal(exc: psycopg.OperationalError, dsn: str, side: str) -> PrerequisiteE
                f"Supabase's pooler), which refuses what cdcsync asks for (its session "
                f"settings, or the replication protocol): point it at the server itself (Neon: "
                f"the host without '-pooler'; Supabase: db.<project>.supabase.co, port 5432)")
+    elif "Tenant or user not found" in text:
+        # Supavisor's answer to a user without the project's ref, which its shared pooler needs.
+        fix = (f"the {side} DSN reaches Supabase's pooler (Supavisor), which cannot carry the "
+               f"replication protocol or the slot's lock: use the direct connection, "
+               f"db.<project>.supabase.co, port 5432, with the plain user name")
     elif "replication role" in text or "start WAL sender" in text:
         user = conninfo_to_dict(dsn).get("user")
         role = sql.Identifier(str(user)).as_string(None) if user else "<user>"
