@@ -94,6 +94,10 @@ def _setting(conn: Conn, name: str) -> str:
 
 
 def _source_checks(report: CheckReport, settings: Settings, src: Conn) -> None:
+    def primary() -> str:
+        catalog.refuse_standby(src)
+        return "not in recovery"
+
     def wal_level() -> str:
         level = _setting(src, "wal_level")
         if level != "logical":
@@ -159,7 +163,8 @@ def _source_checks(report: CheckReport, settings: Settings, src: Conn) -> None:
         state = f"active (pid {info.active_pid})" if info.active_pid else "inactive"
         return f"{settings.source.slot!r} exists, {state}, retains {info.retained_bytes} bytes"
 
-    for what, step in (("source wal_level", wal_level), ("replication capacity", capacity),
+    for what, step in (("source is the primary", primary),
+                       ("source wal_level", wal_level), ("replication capacity", capacity),
                        ("replication privilege", may_replicate),
                        ("replication connection", replication_connection),
                        ("selected tables have keys", tables), ("publication", publication),
@@ -217,6 +222,7 @@ def setup(settings: Settings, *, create_tables: bool) -> list[str]:
     """Idempotently prepare both sides; return what was done, one line per step."""
     done: list[str] = []
     with connect(settings.source.dsn.get_secret_value(), "source") as src:
+        catalog.refuse_standby(src)
         chosen = catalog.selected_tables(src, settings.tables)
         # Refuse before touching the publication: publishing updates of a table without a key
         # breaks UPDATE and DELETE on the source itself.

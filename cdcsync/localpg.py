@@ -290,6 +290,23 @@ def create_cluster(
     raise AssertionError("unreachable")
 
 
+def create_standby(primary: LocalCluster, base_dir: Path, name: str) -> LocalCluster:
+    """A physical standby of ``primary`` (``pg_basebackup -R``, streaming from it), started in
+    ``base_dir/name``: a read replica, as a user may point cdcsync at by mistake."""
+    root = base_dir / name
+    root.mkdir(mode=0o755)
+    _give_to_postgres(root)
+    standby = LocalCluster(name=name, root=root, port=free_port(), bin_dir=primary.bin_dir,
+                           logical=primary.logical)
+    _run([str(primary.bin_dir / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port),
+          "-U", PG_USER, "-D", str(standby.data_dir), "-R", "--no-sync", "--checkpoint=fast"],
+         f"pg_basebackup ({name})", cwd=root)
+    standby.write_conf({**_BASE_CONF, **(_LOGICAL_CONF if primary.logical else _TARGET_CONF),
+                        "unix_socket_directories": str(root), "port": str(standby.port)})
+    standby.start()
+    return standby
+
+
 @contextmanager
 def throwaway_dir(base_dir: Path | None = None) -> Iterator[Path]:
     """Yield ``base_dir`` as it is; without it, a new temporary directory the ``postgres`` user

@@ -72,6 +72,10 @@ def check_source(src: Conn, settings: Settings, *, standby: bool = False,
                 "different [source] slot")
     chosen = catalog.selected_tables(src, settings.tables)
     published = catalog.publication_tables(src, publication)
+    if published is None or info is None:
+        # A standby would refuse the setup a missing publication or slot asks for: that is the
+        # fix to give.
+        catalog.refuse_standby(src)
     if published is None:
         raise PrerequisiteError(f"publication {publication!r} does not exist on the source",
                                 fix="run `cdcsync setup` to create it")

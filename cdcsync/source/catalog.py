@@ -168,6 +168,17 @@ def end_exporter(conn: Conn, pid: int) -> bool:
     return bool(row and row[0])
 
 
+def refuse_standby(conn: Conn) -> None:
+    """The source must be the primary: ``setup`` creates the publication and the slot there, and
+    a standby (a read replica, in recovery) is read-only."""
+    row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+    if row is not None and row[0]:
+        raise PrerequisiteError(
+            "the source DSN reaches a standby (a read replica, in recovery), which is "
+            "read-only: the publication and the slot are made on the primary",
+            fix="point the source DSN at the primary server")
+
+
 def slot_info(conn: Conn, slot: str) -> SlotInfo | None:
     row = conn.execute(
         """
