@@ -145,6 +145,11 @@ def _source_checks(report: CheckReport, settings: Settings, src: Conn) -> None:
         catalog.refuse_unkeyed(chosen)
         return ", ".join(t.qualified for t in chosen)
 
+    def readable() -> str:
+        chosen = catalog.selected_tables(src, settings.tables)
+        catalog.refuse_unreadable(src, chosen)
+        return f"role {src.info.user} may read all {len(chosen)}"
+
     def publication() -> str:
         current = catalog.publication_tables(src, settings.source.publication)
         wanted = {t.qualified for t in catalog.selected_tables(src, settings.tables)}
@@ -167,7 +172,8 @@ def _source_checks(report: CheckReport, settings: Settings, src: Conn) -> None:
                        ("source wal_level", wal_level), ("replication capacity", capacity),
                        ("replication privilege", may_replicate),
                        ("replication connection", replication_connection),
-                       ("selected tables have keys", tables), ("publication", publication),
+                       ("selected tables have keys", tables),
+                       ("selected tables readable", readable), ("publication", publication),
                        ("slot", slot)):
         _check_step(report, what, step)
 

@@ -71,6 +71,7 @@ def check_source(src: Conn, settings: Settings, *, standby: bool = False,
             fix="stop the other `cdcsync run` or consumer of this slot, or configure a "
                 "different [source] slot")
     chosen = catalog.selected_tables(src, settings.tables)
+    catalog.refuse_unreadable(src, chosen)
     published = catalog.publication_tables(src, publication)
     if published is None or info is None:
         # A standby would refuse the setup a missing publication or slot asks for: that is the

@@ -20,7 +20,8 @@ Conn = psycopg.Connection[TupleRow]
 _TABLES_SQL = """
 SELECT n.nspname, c.relname, c.relreplident,
        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
-       EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)
+       EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident),
+       has_any_column_privilege(c.oid, 'SELECT')
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
   AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'cdcsync')
@@ -52,6 +53,9 @@ class SourceTable:
     replica_identity: str
     has_primary_key: bool
     has_identity_index: bool
+    # Whether this connection's role may read it, or some of its columns (a grant may leave
+    # out the columns `exclude_columns` leaves out): the snapshot, a resync and verify do.
+    readable: bool
 
     @property
     def qualified(self) -> str:
@@ -81,7 +85,8 @@ class SourceTable:
 def selected_tables(conn: Conn, patterns: tuple[str, ...]) -> list[SourceTable]:
     """The source tables the patterns select; a pattern that selects nothing is an error."""
     rows = conn.execute(_TABLES_SQL).fetchall()
-    tables = [SourceTable(str(r[0]), str(r[1]), str(r[2]), bool(r[3]), bool(r[4])) for r in rows]
+    tables = [SourceTable(str(r[0]), str(r[1]), str(r[2]), bool(r[3]), bool(r[4]), bool(r[5]))
+              for r in rows]
     chosen = [t for t in tables if selected(patterns, t.qualified)]
     for pattern in patterns:
         if not any(selected((pattern,), t.qualified) for t in chosen):
@@ -100,6 +105,18 @@ def refuse_unkeyed(tables: list[SourceTable]) -> None:
             fix="cdcsync needs a key to replicate updates and deletes; run the ALTER TABLE above "
                 "on the source (or remove the table from `tables`), then run setup again",
         )
+
+
+def refuse_unreadable(conn: Conn, tables: list[SourceTable]) -> None:
+    """Streaming needs only REPLICATION, but the snapshot, a resync and verify read the tables."""
+    unreadable = [t.identifier.as_string(conn) for t in tables if not t.readable]
+    if unreadable:
+        role = sql.Identifier(conn.info.user).as_string(conn)
+        raise PrerequisiteError(
+            f"the source role {role} may not read {', '.join(unreadable)}, which the snapshot, "
+            "a resync and verify copy",
+            fix=f"run on the source: GRANT SELECT ON {', '.join(unreadable)} TO {role}; "
+                "(sql/source_role.sql)")
 
 
 def publication_tables(conn: Conn, publication: str) -> set[str] | None:

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 PASSWORD_USER = f"cdc_pw_{secrets.token_hex(3)}"
 NO_REPLICATION_USER = f"cdc_norepl_{secrets.token_hex(3)}"
+NO_SELECT_USER = f"cdc_noread_{secrets.token_hex(3)}"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,8 @@ def pair(dbpair: DbPair) -> Iterator[DbPair]:
             "ALTER TABLE checked ADD CHECK (qty >= 0)",
             "CREATE TABLE unpublished (id int PRIMARY KEY)")
     execute(dbpair.source_dsn, f"CREATE ROLE {NO_REPLICATION_USER} LOGIN",
-            f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {NO_REPLICATION_USER}")
+            f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {NO_REPLICATION_USER}",
+            f"CREATE ROLE {NO_SELECT_USER} LOGIN REPLICATION")
     cluster = dbpair.source_cluster
     if cluster is None:
         yield dbpair
@@ -92,6 +94,15 @@ CASES = {
         expected=("must be superuser or replication role",
                   f'fix: give the source role the REPLICATION attribute: ALTER ROLE '
                   f'"{NO_REPLICATION_USER}" WITH REPLICATION;')),
+    "role that may not read a table": Case(
+        env=lambda p: {"CDCSYNC_SOURCE__DSN": make_conninfo(p.source_dsn, user=NO_SELECT_USER)},
+        expected=(f'the source role "{NO_SELECT_USER}" may not read "public"."orders"',
+                  f'fix: run on the source: GRANT SELECT ON "public"."orders" TO '
+                  f'"{NO_SELECT_USER}";')),
+    "role that may not read a table (check)": Case(
+        command="check",
+        env=lambda p: {"CDCSYNC_SOURCE__DSN": make_conninfo(p.source_dsn, user=NO_SELECT_USER)},
+        expected=("FAIL  selected tables readable:", "GRANT SELECT ON")),
     "unreachable host": Case(
         env=lambda p: {"CDCSYNC_TARGET__DSN": make_conninfo(p.target_dsn, port=free_port())},
         expected=("cannot connect to the target", "Connection refused",
