@@ -15,6 +15,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from cdcsync import checkpoint, leader, link_watch, pooler, probe, walsenders
+from cdcsync.apply.tables import described, lacking_privileges
 from cdcsync.backfill import state
 from cdcsync.config import Settings
 from cdcsync.dsn import describe, with_session_options
@@ -205,9 +206,23 @@ def _target_checks(report: CheckReport, settings: Settings, tgt: Conn, source_ds
             raise pooler.refused()
         return "through a pooler that keeps each client's session"
 
+    def writable() -> str:
+        with connect(source_dsn, "source") as src:
+            names = [settings.override_for(t.qualified).target or t.qualified
+                     for t in catalog.selected_tables(src, settings.tables)]
+        found = described(tgt, names)
+        denied = [f"{name} ({', '.join(lacking_privileges(found[name]))})"
+                  for name in names if name in found and lacking_privileges(found[name])]
+        if denied:
+            return (f"FAIL|role {tgt.info.user} lacks on the target: {'; '.join(denied)}; run "
+                    f"GRANT SELECT, INSERT, UPDATE, DELETE ON <table> TO {tgt.info.user}; "
+                    "(sql/target_role.sql)")
+        return f"role {tgt.info.user} may apply to all {len(names)}"
+
     _check_step(report, "target sessions", sessions)
     _check_step(report, "target metadata", metadata)
     _check_step(report, "target tables", tables)
+    _check_step(report, "target tables writable", writable)
 
 
 def _target_has(tgt: Conn, settings: Settings, src: Conn, table: catalog.SourceTable) -> bool:

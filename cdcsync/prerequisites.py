@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import TupleRow
 
 from cdcsync.apply import drift
-from cdcsync.apply.tables import ColumnRows, described
+from cdcsync.apply.tables import ColumnRows, described, lacking_privileges
 from cdcsync.config import Settings
 from cdcsync.errors import PrerequisiteError
 from cdcsync.source import catalog
@@ -124,4 +125,13 @@ def check_target(tgt: Conn, settings: Settings, selected: list[Selected]
         lacking = [c for c in table.columns if c[0] not in columns]
         if lacking and settings.apply.schema_changes == "halt":
             raise drift.missing_columns(table.source, table.target, lacking)
+        if denied := lacking_privileges(found[table.target]):
+            schema, _, name = table.target.partition(".")
+            quoted = sql.Identifier(schema, name).as_string(tgt)
+            role = sql.Identifier(tgt.info.user).as_string(tgt)
+            raise PrerequisiteError(
+                f"the target role {role} may not {', '.join(p.lower() for p in denied)} on "
+                f"{table.target}, which the apply does",
+                fix=f"run on the target: GRANT SELECT, INSERT, UPDATE, DELETE ON {quoted} TO "
+                    f"{role}; (sql/target_role.sql)")
     return found

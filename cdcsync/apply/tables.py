@@ -20,15 +20,18 @@ from cdcsync.model import Relation, TargetTable
 
 _TIME_TYPES = ("timestamp with time zone", "timestamp without time zone")
 
-# The table's columns, each row also carrying its primary key's columns in key order: one
-# round trip for a table (two cost the start 20 ms more with a target 10 ms away).
+# The table's columns, each row also carrying its primary key's columns in key order and the
+# privileges the apply lacks there: one round trip for a table (two cost the start 20 ms more
+# with a target 10 ms away).
 _COLUMN_ROWS = """
 SELECT c.oid, a.attname, format_type(a.atttypid, a.atttypmod), row_security_active(c.oid),
        ARRAY(SELECT k.attname::text
              FROM pg_index i
              JOIN pg_attribute k ON k.attrelid = i.indrelid AND k.attnum = ANY (i.indkey)
              WHERE i.indrelid = c.oid AND i.indisprimary
-             ORDER BY array_position(i.indkey::int2[], k.attnum))"""
+             ORDER BY array_position(i.indkey::int2[], k.attnum)),
+       ARRAY(SELECT p FROM unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) AS p
+             WHERE NOT has_table_privilege(c.oid, p))"""
 _COLUMNS_SQL = _COLUMN_ROWS + """
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -47,6 +50,12 @@ ORDER BY t.i, a.attnum
 
 # A table's rows of the query above, as :func:`resolve` reads them.
 ColumnRows = list[tuple[Any, ...]]
+
+
+def lacking_privileges(rows: ColumnRows) -> list[str]:
+    """What the apply may not do on the table these rows describe: it reads (the conflict rule),
+    inserts, updates and deletes."""
+    return [str(p) for p in rows[0][5]] if rows else []
 
 _FOREIGN_KEYS_SQL = """
 SELECT conrelid::oid, confrelid::oid FROM pg_constraint

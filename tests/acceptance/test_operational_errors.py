@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 PASSWORD_USER = f"cdc_pw_{secrets.token_hex(3)}"
 NO_REPLICATION_USER = f"cdc_norepl_{secrets.token_hex(3)}"
 NO_SELECT_USER = f"cdc_noread_{secrets.token_hex(3)}"
+READ_ONLY_USER = f"cdc_readonly_{secrets.token_hex(3)}"
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,17 @@ def pair(dbpair: DbPair) -> Iterator[DbPair]:
     execute(dbpair.source_dsn, f"CREATE ROLE {NO_REPLICATION_USER} LOGIN",
             f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {NO_REPLICATION_USER}",
             f"CREATE ROLE {NO_SELECT_USER} LOGIN REPLICATION")
+    # A target role that owns cdcsync's metadata, as sql/target_role.sql makes it, but may only
+    # read the replicated tables.
+    execute(dbpair.target_dsn, f"CREATE ROLE {READ_ONLY_USER} LOGIN",
+            f"GRANT USAGE ON SCHEMA public TO {READ_ONLY_USER}",
+            f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {READ_ONLY_USER}",
+            f"GRANT TEMPORARY ON DATABASE {dbpair.target_db} TO {READ_ONLY_USER}",
+            f"ALTER SCHEMA cdcsync OWNER TO {READ_ONLY_USER}",
+            f"ALTER VIEW cdcsync.freshness OWNER TO {READ_ONLY_USER}",
+            f"DO $$ DECLARE t text; BEGIN FOR t IN SELECT tablename FROM pg_tables "
+            f"WHERE schemaname = 'cdcsync' LOOP EXECUTE format('ALTER TABLE cdcsync.%I "
+            f"OWNER TO {READ_ONLY_USER}', t); END LOOP; END $$")
     cluster = dbpair.source_cluster
     if cluster is None:
         yield dbpair
@@ -103,6 +115,17 @@ CASES = {
         command="check",
         env=lambda p: {"CDCSYNC_SOURCE__DSN": make_conninfo(p.source_dsn, user=NO_SELECT_USER)},
         expected=("FAIL  selected tables readable:", "GRANT SELECT ON")),
+    "target role that may not write a table": Case(
+        env=lambda p: {"CDCSYNC_TARGET__DSN": make_conninfo(p.target_dsn, user=READ_ONLY_USER)},
+        expected=(f'the target role "{READ_ONLY_USER}" may not insert, update, delete on '
+                  "public.orders",
+                  f'fix: run on the target: GRANT SELECT, INSERT, UPDATE, DELETE ON '
+                  f'"public"."orders" TO "{READ_ONLY_USER}";')),
+    "target role that may not write a table (check)": Case(
+        command="check",
+        env=lambda p: {"CDCSYNC_TARGET__DSN": make_conninfo(p.target_dsn, user=READ_ONLY_USER)},
+        expected=("FAIL  target tables writable:",
+                  "public.orders (INSERT, UPDATE, DELETE)")),
     "unreachable host": Case(
         env=lambda p: {"CDCSYNC_TARGET__DSN": make_conninfo(p.target_dsn, port=free_port())},
         expected=("cannot connect to the target", "Connection refused",
