@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from cdcsync import checkpoint, leader, link_watch, pooler, probe, walsenders
-from cdcsync.apply.tables import described, lacking_privileges
+from cdcsync import checkpoint, leader, link_watch, pooler, prerequisites, probe, walsenders
+from cdcsync.apply.tables import described
 from cdcsync.backfill import state
 from cdcsync.config import Settings
 from cdcsync.dsn import describe, with_session_options
@@ -186,10 +186,14 @@ def _target_checks(report: CheckReport, settings: Settings, tgt: Conn, source_ds
             return "todo|schema cdcsync will be created by setup"
         return "schema cdcsync present"
 
+    targets: list[str] = []
+
     def tables() -> str:
         with connect(source_dsn, "source") as src:
             chosen = catalog.selected_tables(src, settings.tables)
             missing = [t for t in chosen if not _target_has(tgt, settings, src, t)]
+        targets.extend(settings.override_for(t.qualified).target or t.qualified for t in chosen
+                       if t not in missing)
         if missing:
             names = ", ".join(t.qualified for t in missing)
             return (f"FAIL|missing or incomplete on the target: {names}; "
@@ -207,17 +211,10 @@ def _target_checks(report: CheckReport, settings: Settings, tgt: Conn, source_ds
         return "through a pooler that keeps each client's session"
 
     def writable() -> str:
-        with connect(source_dsn, "source") as src:
-            names = [settings.override_for(t.qualified).target or t.qualified
-                     for t in catalog.selected_tables(src, settings.tables)]
-        found = described(tgt, names)
-        denied = [f"{name} ({', '.join(lacking_privileges(found[name]))})"
-                  for name in names if name in found and lacking_privileges(found[name])]
-        if denied:
-            return (f"FAIL|role {tgt.info.user} lacks on the target: {'; '.join(denied)}; run "
-                    f"GRANT SELECT, INSERT, UPDATE, DELETE ON <table> TO {tgt.info.user}; "
-                    "(sql/target_role.sql)")
-        return f"role {tgt.info.user} may apply to all {len(names)}"
+        found = described(tgt, targets)
+        for name in targets:
+            prerequisites.refuse_unwritable(tgt, name, found.get(name, []))
+        return f"role {tgt.info.user} may apply to all {len(targets)}"
 
     _check_step(report, "target sessions", sessions)
     _check_step(report, "target metadata", metadata)

@@ -125,13 +125,19 @@ def check_target(tgt: Conn, settings: Settings, selected: list[Selected]
         lacking = [c for c in table.columns if c[0] not in columns]
         if lacking and settings.apply.schema_changes == "halt":
             raise drift.missing_columns(table.source, table.target, lacking)
-        if denied := lacking_privileges(found[table.target]):
-            schema, _, name = table.target.partition(".")
-            quoted = sql.Identifier(schema, name).as_string(tgt)
-            role = sql.Identifier(tgt.info.user).as_string(tgt)
-            raise PrerequisiteError(
-                f"the target role {role} may not {', '.join(p.lower() for p in denied)} on "
-                f"{table.target}, which the apply does",
-                fix=f"run on the target: GRANT SELECT, INSERT, UPDATE, DELETE ON {quoted} TO "
-                    f"{role}; (sql/target_role.sql)")
+        refuse_unwritable(tgt, table.target, found[table.target])
     return found
+
+
+def refuse_unwritable(tgt: Conn, target: str, rows: ColumnRows) -> None:
+    """The apply reads (the conflict rule), inserts, updates and deletes on each target table:
+    a role lacking any of it is refused with the GRANT to run."""
+    if denied := lacking_privileges(rows):
+        schema, _, name = target.partition(".")
+        quoted = sql.Identifier(schema, name).as_string(tgt)
+        role = sql.Identifier(tgt.info.user).as_string(tgt)
+        raise PrerequisiteError(
+            f"the target role {role} may not {', '.join(p.lower() for p in denied)} on "
+            f"{target}, which the apply does",
+            fix=f"run on the target: GRANT SELECT, INSERT, UPDATE, DELETE ON {quoted} TO "
+                f"{role}; (sql/target_role.sql)")

@@ -57,6 +57,7 @@ def lacking_privileges(rows: ColumnRows) -> list[str]:
     inserts, updates and deletes."""
     return [str(p) for p in rows[0][5]] if rows else []
 
+
 _FOREIGN_KEYS_SQL = """
 SELECT conrelid::oid, confrelid::oid FROM pg_constraint
 WHERE contype = 'f' AND conrelid = ANY (%s) AND confrelid = ANY (%s) AND conrelid <> confrelid

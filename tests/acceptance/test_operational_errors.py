@@ -125,7 +125,8 @@ CASES = {
         command="check",
         env=lambda p: {"CDCSYNC_TARGET__DSN": make_conninfo(p.target_dsn, user=READ_ONLY_USER)},
         expected=("FAIL  target tables writable:",
-                  "public.orders (INSERT, UPDATE, DELETE)")),
+                  f'the target role "{READ_ONLY_USER}" may not insert, update, delete on '
+                  "public.orders")),
     "unreachable host": Case(
         env=lambda p: {"CDCSYNC_TARGET__DSN": make_conninfo(p.target_dsn, port=free_port())},
         expected=("cannot connect to the target", "Connection refused",
