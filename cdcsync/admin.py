@@ -186,14 +186,16 @@ def _target_checks(report: CheckReport, settings: Settings, tgt: Conn, source_ds
             return "todo|schema cdcsync will be created by setup"
         return "schema cdcsync present"
 
-    targets: list[str] = []
+    # Each present target table and the columns the apply writes there.
+    targets: dict[str, set[str]] = {}
 
     def tables() -> str:
         with connect(source_dsn, "source") as src:
             chosen = catalog.selected_tables(src, settings.tables)
-            missing = [t for t in chosen if not _target_has(tgt, settings, src, t)]
-        targets.extend(settings.override_for(t.qualified).target or t.qualified for t in chosen
-                       if t not in missing)
+            needed = {t: _target_needs(tgt, settings, src, t) for t in chosen}
+        missing = [t for t, columns in needed.items() if columns is None]
+        targets.update((settings.override_for(t.qualified).target or t.qualified, columns)
+                       for t, columns in needed.items() if columns is not None)
         if missing:
             names = ", ".join(t.qualified for t in missing)
             return (f"FAIL|missing or incomplete on the target: {names}; "
@@ -211,9 +213,10 @@ def _target_checks(report: CheckReport, settings: Settings, tgt: Conn, source_ds
         return "through a pooler that keeps each client's session"
 
     def writable() -> str:
-        found = described(tgt, targets)
-        for name in targets:
-            prerequisites.refuse_unwritable(tgt, name, found.get(name, []))
+        found = described(tgt, list(targets))
+        for name, columns in targets.items():
+            prerequisites.refuse_unwritable(tgt, settings, name, found.get(name, []),
+                                            columns)
         return f"role {tgt.info.user} may apply to all {len(targets)}"
 
     _check_step(report, "target sessions", sessions)
@@ -222,7 +225,10 @@ def _target_checks(report: CheckReport, settings: Settings, tgt: Conn, source_ds
     _check_step(report, "target tables writable", writable)
 
 
-def _target_has(tgt: Conn, settings: Settings, src: Conn, table: catalog.SourceTable) -> bool:
+def _target_needs(tgt: Conn, settings: Settings, src: Conn,
+                  table: catalog.SourceTable) -> set[str] | None:
+    """The columns the apply writes in ``table``'s target table; None if it lacks any of them
+    (or the table)."""
     override = settings.override_for(table.qualified)
     schema, _, name = (override.target or table.qualified).partition(".")
     query = ("SELECT array_agg(a.attname::text) FROM pg_attribute a JOIN pg_class c ON "
@@ -233,7 +239,7 @@ def _target_has(tgt: Conn, settings: Settings, src: Conn, table: catalog.SourceT
     target_cols = set(target_row[0] or []) if target_row else set()
     source_cols = set(source_row[0] or []) if source_row else set()
     needed = source_cols - set(override.exclude_columns)
-    return bool(target_cols) and needed <= target_cols
+    return needed if target_cols and needed <= target_cols else None
 
 
 def setup(settings: Settings, *, create_tables: bool) -> list[str]:

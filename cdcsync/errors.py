@@ -6,6 +6,7 @@
     ├── SchemaMismatch           source and target tables disagree in a way cdcsync will not guess
     ├── ProtocolError            the replication stream carried bytes that do not decode
     ├── ApplyError               the target rejected a change
+    │   └── CopyRefused          ... copied from the source (a snapshot's or resync's rows)
     ├── ConnectionLost           a connection dropped or could not be opened; the daemon retries
     └── VerifyError              verify could not tell whether the tables agree (exit code 2)
 
@@ -52,6 +53,10 @@ class ProtocolError(CdcsyncError):
 
 class ApplyError(CdcsyncError):
     """The target rejected a change."""
+
+
+class CopyRefused(ApplyError):
+    """The target rejected rows copied from the source: a resync that meets it has failed."""
 
 
 class ConnectionLost(CdcsyncError):

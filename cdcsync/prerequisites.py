@@ -7,6 +7,7 @@ that is missing or lacks columns while schema changes are not to be added automa
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import psycopg
@@ -14,7 +15,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from cdcsync.apply import drift
-from cdcsync.apply.tables import ColumnRows, described, lacking_privileges
+from cdcsync.apply.tables import ColumnRows, described, grant_fix, lacking_privileges
 from cdcsync.config import Settings
 from cdcsync.errors import PrerequisiteError
 from cdcsync.source import catalog
@@ -125,19 +126,23 @@ def check_target(tgt: Conn, settings: Settings, selected: list[Selected]
         lacking = [c for c in table.columns if c[0] not in columns]
         if lacking and settings.apply.schema_changes == "halt":
             raise drift.missing_columns(table.source, table.target, lacking)
-        refuse_unwritable(tgt, table.target, found[table.target])
+        refuse_unwritable(tgt, settings, table.target, found[table.target],
+                          [c[0] for c in table.columns])
     return found
 
 
-def refuse_unwritable(tgt: Conn, target: str, rows: ColumnRows) -> None:
-    """The apply reads (the conflict rule), inserts, updates and deletes on each target table:
-    a role lacking any of it is refused with the GRANT to run."""
-    if denied := lacking_privileges(rows):
-        schema, _, name = target.partition(".")
-        quoted = sql.Identifier(schema, name).as_string(tgt)
+def refuse_unwritable(tgt: Conn, settings: Settings, target: str, rows: ColumnRows,
+                      columns: Iterable[str] | None = None) -> None:
+    """The apply reads (the conflict rule), inserts, updates and deletes on each target table,
+    on the ``columns`` it writes, and truncates it as the source does unless told to ignore
+    that: a role lacking any of it is refused with the GRANT to run. Refused at the start, not
+    at the first TRUNCATE, which may come months later."""
+    truncates = settings.apply.truncate == "apply"
+    if denied := lacking_privileges(rows, columns, truncates=truncates):
         role = sql.Identifier(tgt.info.user).as_string(tgt)
+        fix = grant_fix(tgt, target, truncates=truncates)
+        if "TRUNCATE" in denied:
+            fix += ' (or set [apply] truncate = "ignore" to leave source TRUNCATEs unapplied)'
         raise PrerequisiteError(
             f"the target role {role} may not {', '.join(p.lower() for p in denied)} on "
-            f"{target}, which the apply does",
-            fix=f"run on the target: GRANT SELECT, INSERT, UPDATE, DELETE ON {quoted} TO "
-                f"{role}; (sql/target_role.sql)")
+            f"{target}, which the apply does", fix=fix)

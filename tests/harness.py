@@ -92,6 +92,20 @@ def execute(dsn: str, *statements: str) -> None:
             conn.execute(statement.encode())
 
 
+def applying_role(pair: DbPair, role: str) -> None:
+    """Create ``role`` on the target as sql/target_role.sql makes it, owning cdcsync's metadata
+    (made by a setup already), without any grant on the replicated tables: each test gives
+    those it needs."""
+    execute(pair.target_dsn, f"CREATE ROLE {role} LOGIN",
+            f"GRANT USAGE ON SCHEMA public TO {role}",
+            f"GRANT TEMPORARY ON DATABASE {pair.target_db} TO {role}",
+            f"ALTER SCHEMA cdcsync OWNER TO {role}",
+            f"ALTER VIEW cdcsync.freshness OWNER TO {role}",
+            f"DO $$ DECLARE t text; BEGIN FOR t IN SELECT tablename FROM pg_tables "
+            f"WHERE schemaname = 'cdcsync' LOOP EXECUTE format('ALTER TABLE cdcsync.%I "
+            f"OWNER TO {role}', t); END LOOP; END $$")
+
+
 def set_up(pair: DbPair, *source_ddl: str) -> DbPair:
     """A module's pair: ``source_ddl`` run on the source, then ``cdcsync setup`` of every table
     (each created on the target)."""

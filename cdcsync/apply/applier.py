@@ -30,7 +30,7 @@ from cdcsync.apply.batch_size import BatchSize
 from cdcsync.apply.merge import Merger
 from cdcsync.apply.script import Script, Staged
 from cdcsync.config import Settings
-from cdcsync.errors import ApplyError, SchemaMismatch
+from cdcsync.errors import ApplyError, CopyRefused, SchemaMismatch
 from cdcsync.keyrange import KeyOrder, Span
 from cdcsync.logs import event
 from cdcsync.model import (
@@ -258,7 +258,10 @@ class Applier:
         deleted = 0
         if refused is not None:
             with self.conn.cursor() as cur:
-                self._merger.recover(cur, [batch], refused)
+                try:
+                    self._merger.recover(cur, [batch], refused)
+                except ApplyError as exc:
+                    raise CopyRefused(exc.message, fix=exc.fix) from exc
                 if missing is not None:
                     deleted = cur.execute(missing).rowcount
         elif removed is not None:

@@ -27,6 +27,7 @@ from cdcsync import libpq
 from cdcsync.apply import script as plan
 from cdcsync.apply import sql as q
 from cdcsync.apply.script import Rendered, Script, Staged
+from cdcsync.apply.tables import grant_fix
 from cdcsync.errors import ApplyError
 from cdcsync.logs import event
 from cdcsync.model import TargetTable
@@ -154,7 +155,7 @@ class Merger:
         event(logging.INFO if isinstance(refused, _ORDER_SENSITIVE) else logging.WARNING,
               "batch_replayed_in_source_order", slot=self.slot,
               rows=sum(b.changes for b in batches), reason=str(refused).splitlines()[0])
-        self._split(cur, batches)
+        self._split(cur, batches, refused)
 
     def _upserts(self, batch: Staged, plainly: bool) -> list[sql.Composed]:
         """The statements writing the batch's full and partial rows: inserts ``plainly`` (the
@@ -257,11 +258,15 @@ class Merger:
         for batch in batches:
             cur.execute(q.drop_stage_index(batch.stage))
 
-    def _split(self, cur: Cur, batches: list[Staged]) -> None:
+    def _split(self, cur: Cur, batches: list[Staged], refused: pgerrors.Error) -> None:
         """Merge the batch in runs of consecutive changes, halving a run the target refuses
         until the refusal is pinned to single changes: k bad changes among n cost about
         2k log2(n) merges, where applying each change on its own costs n."""
         steps = self._steps(cur, batches)
+        if not steps:
+            # Refused with no change to blame (an empty chunk of a copy, merged into a table
+            # the role may not write, or whose statement trigger raises): it halts, named.
+            raise self._table_error(refused, batches, cur.connection)
         for batch in batches:
             for statement in plan.fills(batch):
                 cur.execute(statement)
@@ -312,7 +317,7 @@ class Merger:
             if isinstance(exc, psycopg.OperationalError):
                 raise
             if not (isolate and (exc.sqlstate or "").startswith(_ROW_ERROR_CLASSES)):
-                raise self._apply_error(exc, batch.table, key, lsn) from exc
+                raise self._apply_error(exc, batch.table, key, lsn, cur.connection) from exc
             cur.execute("ROLLBACK TO SAVEPOINT cdcsync_change")
             self._dead_letter(cur, batch, seq, key=key, lsn=lsn, exc=exc)
         else:
@@ -329,11 +334,28 @@ class Merger:
               error=error)
 
     def _apply_error(self, exc: pgerrors.Error, table: TargetTable, key: str,
-                     lsn: str) -> ApplyError:
+                     lsn: str, conn: Conn) -> ApplyError:
         detail = str(exc).strip().replace("\n", " ")
         return ApplyError(
             f"the target rejected a change to {table.source_name} (key {key}) committed at "
-            f"source LSN {lsn}: {detail}",
-            fix="correct the target table or the row, then run `cdcsync run` again; "
-                "it resumes from the last checkpoint",
-        )
+            f"source LSN {lsn}: {detail}", fix=_fix(exc, table, conn, "or the row"))
+
+    def _table_error(self, exc: pgerrors.Error, batches: list[Staged], conn: Conn
+                     ) -> ApplyError:
+        named = [b.table for b in batches if exc.diag.table_name == b.table.name
+                 and exc.diag.schema_name in (None, b.table.schema)]
+        blamed = named or [b.table for b in batches]
+        detail = str(exc).strip().replace("\n", " ")
+        return ApplyError(
+            f"the target refused to apply to {', '.join(t.source_name for t in blamed)}: "
+            f"{detail}", fix=_fix(exc, blamed[0], conn, ""))
+
+
+def _fix(exc: pgerrors.Error, table: TargetTable, conn: Conn, blame: str) -> str:
+    """What to do about the target refusing to apply to ``table``: the GRANT where the role
+    lacks a privilege; else correct the table (``blame``: what else may be at fault)."""
+    if isinstance(exc, pgerrors.InsufficientPrivilege):
+        first = grant_fix(conn, f"{table.schema}.{table.name}")
+    else:
+        first = f"correct the target table {blame}".rstrip()
+    return f"{first}, then run `cdcsync run` again; it resumes from the last checkpoint"

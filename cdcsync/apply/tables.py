@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import TupleRow
 
 from cdcsync.apply import drift
@@ -21,7 +22,8 @@ from cdcsync.model import Relation, TargetTable
 _TIME_TYPES = ("timestamp with time zone", "timestamp without time zone")
 
 # The table's columns, each row also carrying its primary key's columns in key order and the
-# privileges the apply lacks there: one round trip for a table (two cost the start 20 ms more
+# privileges the apply lacks on the column (DELETE and TRUNCATE: on the table), which a grant on
+# the table or on the column gives: one round trip for a table (two cost the start 20 ms more
 # with a target 10 ms away).
 _COLUMN_ROWS = """
 SELECT c.oid, a.attname, format_type(a.atttypid, a.atttypmod), row_security_active(c.oid),
@@ -30,7 +32,10 @@ SELECT c.oid, a.attname, format_type(a.atttypid, a.atttypmod), row_security_acti
              JOIN pg_attribute k ON k.attrelid = i.indrelid AND k.attnum = ANY (i.indkey)
              WHERE i.indrelid = c.oid AND i.indisprimary
              ORDER BY array_position(i.indkey::int2[], k.attnum)),
-       ARRAY(SELECT p FROM unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) AS p
+       ARRAY(SELECT p FROM unnest(ARRAY['SELECT', 'INSERT', 'UPDATE']) AS p
+             WHERE NOT has_column_privilege(c.oid, a.attnum, p)
+             UNION ALL
+             SELECT p FROM unnest(ARRAY['DELETE', 'TRUNCATE']) AS p
              WHERE NOT has_table_privilege(c.oid, p))"""
 _COLUMNS_SQL = _COLUMN_ROWS + """
 FROM pg_class c
@@ -52,10 +57,28 @@ ORDER BY t.i, a.attnum
 ColumnRows = list[tuple[Any, ...]]
 
 
-def lacking_privileges(rows: ColumnRows) -> list[str]:
-    """What the apply may not do on the table these rows describe: it reads (the conflict rule),
-    inserts, updates and deletes."""
-    return [str(p) for p in rows[0][5]] if rows else []
+_APPLIED = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE")
+
+
+def lacking_privileges(rows: ColumnRows, columns: Iterable[str] | None = None, *,
+                       truncates: bool = False) -> list[str]:
+    """What the apply may not do on the table these rows describe, on ``columns`` (those it
+    writes; all when not given): it reads (the conflict rule), inserts, updates and deletes,
+    and it ``truncates`` where the source does (`[apply] truncate = "apply"`)."""
+    wanted = None if columns is None else set(columns)
+    lacking = {str(p) for row in rows if wanted is None or row[1] in wanted for p in row[5]}
+    return [p for p in _APPLIED if p in lacking and (truncates or p != "TRUNCATE")]
+
+
+def grant_fix(conn: psycopg.Connection[TupleRow], target: str, *,
+              truncates: bool = False) -> str:
+    """The fix for a target role that may not apply to ``target`` (schema.table): the GRANT,
+    with TRUNCATE where the apply ``truncates``."""
+    schema, _, name = target.partition(".")
+    quoted = sql.Identifier(schema, name).as_string(conn)
+    role = sql.Identifier(conn.info.user).as_string(conn)
+    privileges = ", ".join(_APPLIED if truncates else _APPLIED[:-1])
+    return f"run on the target: GRANT {privileges} ON {quoted} TO {role}; (sql/target_role.sql)"
 
 
 _FOREIGN_KEYS_SQL = """

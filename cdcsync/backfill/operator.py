@@ -69,7 +69,15 @@ def resync_table(settings: Settings, table: str, where: str | None, *,
               where=where, rows=rows)
         holder = leader.lock_holder(tgt, slot)
         if holder is not None or (info is not None and info.active_pid is not None):
-            return _outcome(resync.wait_for(tgt, request_id, slot=slot), "the running daemon")
+
+            def alive() -> bool:
+                if leader.lock_holder(tgt, slot) is not None:
+                    return True
+                now = catalog.slot_info(src, slot)
+                return now is not None and now.active_pid is not None
+
+            return _outcome(resync.wait_for(tgt, request_id, slot=slot, alive=alive),
+                            "the running daemon")
     return _alone(settings, request_id)
 
 
@@ -99,10 +107,14 @@ def _alone(settings: Settings, request_id: int) -> Outcome:
 
 def _outcome(request: state.Request, performed_by: str) -> Outcome:
     if request.state == "failed":
-        raise CdcsyncError(f"resync of {request.table} failed: {request.error}",
-                           fix="correct the cause and run the resync again")
+        # A refusal the daemon halted on carries its own fix (the GRANT to run, say).
+        cause, _, fix = (request.error or "").partition(" — fix: ")
+        again = f"then `cdcsync resync {request.table}` again"
+        raise CdcsyncError(f"resync of {request.table} failed: {cause}",
+                           fix=f"{fix}; {again}" if fix else f"correct the cause, {again}")
     if request.state != "done":
-        raise CdcsyncError(f"resync of {request.table} stopped before it finished "
-                           f"(request {request.id} is {request.state})",
-                           fix="run `cdcsync run`: the daemon resumes the request")
+        raise CdcsyncError(f"resync of {request.table} stopped before it finished: the daemon "
+                           f"performing it stopped (request {request.id} is {request.state})",
+                           fix="see the daemon's log for why, then `cdcsync run`: it resumes "
+                               "the request")
     return Outcome(request.table, request.rows_copied, dry_run=False, performed_by=performed_by)

@@ -34,7 +34,7 @@ from cdcsync.backfill import source_rows, state
 from cdcsync.backfill.progress import ProgressLine
 from cdcsync.config import Settings
 from cdcsync.dsn import with_session_options
-from cdcsync.errors import CdcsyncError
+from cdcsync.errors import CdcsyncError, CopyRefused
 from cdcsync.keyrange import Key, KeyOrder, Span
 from cdcsync.link_watch import LinkWatch
 from cdcsync.logs import event
@@ -45,6 +45,10 @@ Conn = psycopg.Connection[TupleRow]
 PREFIX = "cdcsync.resync"
 _POLL_S = 1.0
 _MAX_RETRIES = 10
+# How long `cdcsync resync` waits for a daemon that stopped performing its request to come back:
+# longer than a supervisor takes to restart one (systemd/cdcsync.service: 5 s) and start it.
+GONE_S = 15.0
+_ALIVE_EVERY_S = 1.0
 
 
 class ResyncStopped(CdcsyncError):
@@ -64,6 +68,8 @@ class _Chunk:
     copied: CopiedRows | None = None
     span: Span = field(default_factory=Span)
     applied: int | None = None
+    # Why the apply loop halted on this chunk's rows.
+    refused: CopyRefused | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +122,16 @@ class Resyncer:
         if marker.get("mark") == "low":
             applier.open_window(chunk.table)
         elif marker.get("mark") == "high" and chunk.copied is not None:
-            chunk.applied = applier.apply_copied(chunk.copied, chunk.order, chunk.span,
-                                                 windowed=True,
-                                                 delete_missing=chunk.delete_missing,
-                                                 condition=chunk.condition)
+            try:
+                chunk.applied = applier.apply_copied(chunk.copied, chunk.order, chunk.span,
+                                                     windowed=True,
+                                                     delete_missing=chunk.delete_missing,
+                                                     condition=chunk.condition)
+            except CopyRefused as exc:
+                # The stream halts on it; the worker, waiting for this chunk, fails the request
+                # so that whoever waits for it hears why (and a restart does not run it again).
+                chunk.refused = exc
+                raise
 
     def _run(self) -> None:
         while not self.stop.is_set():
@@ -172,6 +184,9 @@ class Resyncer:
                     raise
                 # A condition or table the source refuses: retrying would not help.
                 self._fail(tgt, request, str(exc).strip().splitlines()[0])
+                return
+            except CopyRefused as exc:
+                self._fail(tgt, request, str(exc))
                 return
             finally:
                 line.close()
@@ -243,6 +258,8 @@ class Resyncer:
             read_s = time.monotonic() - started
             while self.position() <= high:
                 if self.stop.wait(0.05):
+                    if chunk.refused is not None:
+                        raise chunk.refused
                     raise ResyncStopped("stopping")
             event(logging.DEBUG, "resync_chunk", slot=self.slot, table=relation.qualified,
                   chunk=chunk.number, rows=rows, read_s=round(read_s, 3),
@@ -261,11 +278,15 @@ class Resyncer:
 
 
 def wait_for(conn: Conn, request_id: int, *, slot: str, stop: threading.Event | None = None,
-             timeout_s: float | None = None) -> state.Request:
-    """Follow a request until it is done or failed, showing its progress."""
+             timeout_s: float | None = None,
+             alive: Callable[[], bool] | None = None) -> state.Request:
+    """Follow a request until it is done or failed, showing its progress; or until ``alive``
+    (asked every :data:`_ALIVE_EVERY_S`) has said no for :data:`GONE_S`: the daemon performing
+    it stopped, and no supervisor brought it back."""
     line: ProgressLine | None = None
     shown = 0
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    asked = seen = time.monotonic()
     while True:
         request = state.get(conn, request_id)
         if request is None:
@@ -281,6 +302,13 @@ def wait_for(conn: Conn, request_id: int, *, slot: str, stop: threading.Event | 
             return request
         if stop is not None and stop.is_set():
             return request
-        if deadline is not None and time.monotonic() > deadline:
+        now = time.monotonic()
+        if deadline is not None and now > deadline:
             return request
+        if alive is not None and now - asked >= _ALIVE_EVERY_S:
+            asked = now
+            if alive():
+                seen = now
+            elif now - seen > GONE_S:
+                return request
         time.sleep(0.2)

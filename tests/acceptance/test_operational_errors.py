@@ -18,7 +18,7 @@ from cdcsync.model import ZERO_LSN
 from cdcsync.source import pgoutput
 from cdcsync.source.replication import ReplicationStream
 from tests.conftest import DbPair
-from tests.harness import cli, execute, settings_for, write_config
+from tests.harness import applying_role, cli, execute, settings_for, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -46,15 +46,9 @@ def pair(dbpair: DbPair) -> Iterator[DbPair]:
             f"CREATE ROLE {NO_SELECT_USER} LOGIN REPLICATION")
     # A target role that owns cdcsync's metadata, as sql/target_role.sql makes it, but may only
     # read the replicated tables.
-    execute(dbpair.target_dsn, f"CREATE ROLE {READ_ONLY_USER} LOGIN",
-            f"GRANT USAGE ON SCHEMA public TO {READ_ONLY_USER}",
-            f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {READ_ONLY_USER}",
-            f"GRANT TEMPORARY ON DATABASE {dbpair.target_db} TO {READ_ONLY_USER}",
-            f"ALTER SCHEMA cdcsync OWNER TO {READ_ONLY_USER}",
-            f"ALTER VIEW cdcsync.freshness OWNER TO {READ_ONLY_USER}",
-            f"DO $$ DECLARE t text; BEGIN FOR t IN SELECT tablename FROM pg_tables "
-            f"WHERE schemaname = 'cdcsync' LOOP EXECUTE format('ALTER TABLE cdcsync.%I "
-            f"OWNER TO {READ_ONLY_USER}', t); END LOOP; END $$")
+    applying_role(dbpair, READ_ONLY_USER)
+    execute(dbpair.target_dsn,
+            f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {READ_ONLY_USER}")
     cluster = dbpair.source_cluster
     if cluster is None:
         yield dbpair
@@ -117,15 +111,15 @@ CASES = {
         expected=("FAIL  selected tables readable:", "GRANT SELECT ON")),
     "target role that may not write a table": Case(
         env=lambda p: {"CDCSYNC_TARGET__DSN": make_conninfo(p.target_dsn, user=READ_ONLY_USER)},
-        expected=(f'the target role "{READ_ONLY_USER}" may not insert, update, delete on '
+        expected=(f'the target role "{READ_ONLY_USER}" may not insert, update, delete, truncate on '
                   "public.orders",
-                  f'fix: run on the target: GRANT SELECT, INSERT, UPDATE, DELETE ON '
+                  f'fix: run on the target: GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON '
                   f'"public"."orders" TO "{READ_ONLY_USER}";')),
     "target role that may not write a table (check)": Case(
         command="check",
         env=lambda p: {"CDCSYNC_TARGET__DSN": make_conninfo(p.target_dsn, user=READ_ONLY_USER)},
         expected=("FAIL  target tables writable:",
-                  f'the target role "{READ_ONLY_USER}" may not insert, update, delete on '
+                  f'the target role "{READ_ONLY_USER}" may not insert, update, delete, truncate on '
                   "public.orders")),
     "unreachable host": Case(
         env=lambda p: {"CDCSYNC_TARGET__DSN": make_conninfo(p.target_dsn, port=free_port())},

@@ -1,0 +1,230 @@
+"""The target refusing to apply for a reason no single row causes: privileges granted on columns
+rather than the table, a privilege revoked while cdcsync runs, a statement trigger. cdcsync
+applies what it may, and otherwise halts (or fails the resync) naming the table and the fix,
+never with a traceback or a command left waiting. The tests run in order on one database pair."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from cdcsync import admin
+from cdcsync.backfill import operator, resync
+from cdcsync.daemon import DaemonThread
+from cdcsync.errors import ApplyError, CdcsyncError
+from tests.conftest import DbPair
+from tests.harness import (
+    applying_role,
+    cli,
+    execute,
+    running,
+    settings_for,
+    start_daemon,
+    wait_for,
+    write_config,
+)
+
+ROLE = f"cdc_cols_{secrets.token_hex(3)}"
+COLUMNS = "id, qty, note"
+GRANT = f'GRANT SELECT, INSERT, UPDATE, DELETE ON "public"."items" TO "{ROLE}";'
+
+
+@pytest.fixture(scope="module")
+def pair(dbpair: DbPair) -> DbPair:
+    execute(dbpair.source_dsn, "CREATE TABLE items (id int PRIMARY KEY, qty int, note text)",
+            "INSERT INTO items SELECT g, g, 'first' FROM generate_series(1, 50) g")
+    admin.setup(settings_for(dbpair), create_tables=True)
+    applying_role(dbpair, ROLE)
+    # A column of the target's own, which the role may not touch: the apply never writes it.
+    execute(dbpair.target_dsn, "ALTER TABLE items ADD COLUMN audit text DEFAULT 'kept'",
+            f"GRANT SELECT ({COLUMNS}), INSERT ({COLUMNS}), UPDATE ({COLUMNS}) ON items "
+            f"TO {ROLE}", f"GRANT DELETE ON items TO {ROLE}")
+    return dbpair
+
+
+def test_a_role_that_may_not_truncate_is_refused_unless_truncates_are_ignored(
+        pair: DbPair, tmp_path: Path) -> None:
+    """A source TRUNCATE is applied by default: a role without TRUNCATE is refused at the start,
+    not months later at the first one, with the GRANT or the setting that does without it."""
+    config = write_config(tmp_path / "cdcsync.toml", pair, target_dsn=_as_role(pair))
+    checked = cli("check", config=config)
+    assert (f'FAIL  target tables writable: the target role "{ROLE}" may not truncate on '
+            "public.items, which the apply does — fix: run on the target: GRANT SELECT, INSERT, "
+            f'UPDATE, DELETE, TRUNCATE ON "public"."items" TO "{ROLE}"; (sql/target_role.sql) '
+            '(or set [apply] truncate = "ignore" to leave source TRUNCATEs unapplied)'
+            ) in checked.stdout, checked.stdout
+    ignoring = cli("check", config=config, env={"CDCSYNC_APPLY__TRUNCATE": "ignore"})
+    assert "ok    target tables writable" in ignoring.stdout, ignoring.stdout
+    execute(pair.target_dsn, f"GRANT TRUNCATE ON items TO {ROLE}")
+
+
+def _as_role(pair: DbPair) -> str:
+    return make_conninfo(pair.target_dsn, user=ROLE)
+
+
+def _rows(dsn: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(f"SELECT {COLUMNS} FROM items ORDER BY id".encode()).fetchall()
+
+
+def _same(pair: DbPair) -> Callable[[], bool]:
+    return lambda: _rows(pair.source_dsn) == _rows(pair.target_dsn)
+
+
+def test_grants_on_the_replicated_columns_are_enough(pair: DbPair, tmp_path: Path) -> None:
+    """A role granted SELECT, INSERT and UPDATE on each replicated column (not on the table)
+    and DELETE passes `check` and applies: the snapshot, inserts, updates, deletes."""
+    config = write_config(tmp_path / "cdcsync.toml", pair, target_dsn=_as_role(pair))
+    checked = cli("check", config=config)
+    assert f"ok    target tables writable: role {ROLE} may apply to all 1" in checked.stdout, (
+        checked.stdout + checked.stderr)
+    with running(settings_for(pair, target={"dsn": _as_role(pair)})) as runner:
+        wait_for(_same(pair), runner=runner, what="the snapshot")
+        execute(pair.source_dsn, "INSERT INTO items VALUES (51, 51, 'new')",
+                "UPDATE items SET qty = -qty WHERE id <= 10", "DELETE FROM items WHERE id > 45")
+        wait_for(_same(pair), runner=runner, what="the stream's changes")
+    with psycopg.connect(pair.target_dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*), min(audit), max(audit) FROM items").fetchone() == (
+            45, "kept", "kept")
+
+
+def test_a_privilege_revoked_while_streaming_halts_with_the_grant(pair: DbPair) -> None:
+    """INSERT revoked while the daemon streams: the change it may not apply halts it, and the
+    fix is the GRANT to run; nothing of that change's transaction reaches the target."""
+    runner = DaemonThread(settings_for(pair, target={"dsn": _as_role(pair)}))
+    runner.start()
+    try:
+        execute(pair.source_dsn, "UPDATE items SET note = 'streaming' WHERE id = 1")
+        wait_for(_same(pair), runner=runner, what="the stream")
+        execute(pair.target_dsn, f"REVOKE INSERT ({COLUMNS}) ON items FROM {ROLE}")
+        execute(pair.source_dsn, "INSERT INTO items VALUES (100, 1, 'refused')")
+        wait_for(lambda: runner.error is not None, what="the halt")
+    finally:
+        runner.close()
+        execute(pair.target_dsn, f"GRANT INSERT ({COLUMNS}) ON items TO {ROLE}")
+    message = str(runner.error)
+    assert isinstance(runner.error, ApplyError), message
+    assert message.startswith("the target rejected a change to public.items (key 100) "), message
+    assert "permission denied for table items" in message
+    assert f"fix: run on the target: {GRANT} (sql/target_role.sql), then run `cdcsync run` " \
+           "again" in message
+    assert [r[0] for r in _rows(pair.target_dsn)][-1] == 45
+
+
+def test_a_resync_the_target_refuses_fails_and_its_command_says_why(
+        pair: DbPair, tmp_path: Path) -> None:
+    """UPDATE revoked while the daemon streams, then `cdcsync resync`: the chunk's merge is
+    refused, the daemon halts, the request is failed, and the command ends at once with the
+    GRANT to run (it used to wait for the halted daemon for ever)."""
+    config = write_config(tmp_path / "cdcsync.toml", pair, target_dsn=_as_role(pair))
+    daemon = start_daemon(config, tmp_path / "daemon.log")
+    try:
+        wait_for(_same(pair), what="the row left behind by the halt")
+        execute(pair.target_dsn, f"REVOKE UPDATE ({COLUMNS}) ON items FROM {ROLE}")
+        done = cli("resync", "public.items", config=config, timeout=60)
+        assert daemon.wait(timeout=30) == 1
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        execute(pair.target_dsn, f"GRANT UPDATE ({COLUMNS}) ON items TO {ROLE}")
+    assert done.returncode == 1, done.stdout + done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("cdcsync: resync of public.items failed: the target rejected a change "
+                            "to public.items (key "), error
+    assert "permission denied for table items" in error
+    assert error.endswith(f"fix: run on the target: {GRANT} (sql/target_role.sql), then run "
+                          "`cdcsync run` again; it resumes from the last checkpoint; then "
+                          "`cdcsync resync public.items` again"), error
+    with psycopg.connect(pair.target_dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT state FROM cdcsync.resync_requests "
+                            "ORDER BY id DESC LIMIT 1").fetchone() == ("failed",)
+
+
+def test_a_resync_command_stops_waiting_for_a_daemon_that_is_gone(
+        pair: DbPair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon streaming the slot is killed before it takes the request up: the command
+    waiting for it ends once the lock and the slot have stayed free for `GONE_S`, saying what
+    resumes the request."""
+    monkeypatch.setattr(resync, "GONE_S", 2.0)
+    config = write_config(tmp_path / "cdcsync.toml", pair, target_dsn=_as_role(pair))
+    daemon = start_daemon(config, tmp_path / "daemon.log")
+    outcome: list[BaseException | object] = []
+    waiting = threading.Thread(target=lambda: outcome.append(_resync(pair)))
+    try:
+        wait_for(lambda: _slot_active(pair), what="the daemon's stream")
+        os.kill(daemon.pid, signal.SIGSTOP)
+        waiting.start()
+        wait_for(lambda: _requests(pair) == ["queued"], what="the request")
+        os.kill(daemon.pid, signal.SIGKILL)
+        daemon.wait()
+        waiting.join(timeout=30)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        execute(pair.target_dsn, "DELETE FROM cdcsync.resync_requests WHERE state = 'queued'")
+    assert not waiting.is_alive(), "the command still waits"
+    assert isinstance(outcome[0], CdcsyncError), outcome
+    assert str(outcome[0]).startswith(
+        "resync of public.items stopped before it finished: the daemon performing it stopped "
+        "(request "), outcome
+    assert str(outcome[0]).endswith("is queued) — fix: see the daemon's log for why, then "
+                                    "`cdcsync run`: it resumes the request")
+
+
+def _resync(pair: DbPair) -> BaseException | object:
+    try:
+        return operator.resync_table(settings_for(pair, target={"dsn": _as_role(pair)}),
+                                     "public.items", None, dry_run=False)
+    except CdcsyncError as exc:
+        return exc
+
+
+def _slot_active(pair: DbPair) -> bool:
+    with psycopg.connect(pair.source_dsn, autocommit=True) as conn:
+        return conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
+                            (pair.slot,)).fetchone() == (True,)
+
+
+def _requests(pair: DbPair) -> list[str]:
+    with psycopg.connect(pair.target_dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT state FROM cdcsync.resync_requests WHERE state <> 'failed' "
+                            "ORDER BY id").fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def test_a_copy_refused_with_no_row_to_blame_halts_naming_the_table(
+        dbpair_factory: Callable[[str], AbstractContextManager[DbPair]]) -> None:
+    """An empty table whose target refuses every insert statement (a statement trigger): the
+    snapshot's COPY and then its merge of no rows are refused. The halt names the table and
+    the trigger's error (it used to be an IndexError from the merge's fallback)."""
+    with dbpair_factory("refused_empty") as pair:
+        execute(pair.source_dsn, "CREATE TABLE empty (id int PRIMARY KEY, qty int)")
+        admin.setup(settings_for(pair), create_tables=True)
+        execute(pair.target_dsn,
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$BEGIN RAISE EXCEPTION 'this table takes no writes'; END$$",
+                "CREATE TRIGGER refuse BEFORE INSERT ON empty "
+                "FOR EACH STATEMENT EXECUTE FUNCTION refuse()")
+        runner = DaemonThread(settings_for(pair))
+        runner.start()
+        try:
+            wait_for(lambda: runner.error is not None, what="the halt")
+        finally:
+            runner.close()
+    message = str(runner.error)
+    assert isinstance(runner.error, ApplyError), message
+    assert message.startswith("the target refused to apply to public.empty: this table takes "
+                              "no writes"), message
+    assert message.endswith("fix: correct the target table, then run `cdcsync run` again; it "
+                            "resumes from the last checkpoint"), message
