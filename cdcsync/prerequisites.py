@@ -15,7 +15,13 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from cdcsync.apply import drift
-from cdcsync.apply.tables import ColumnRows, described, grant_fix, lacking_privileges
+from cdcsync.apply.tables import (
+    OR_IGNORE_TRUNCATES,
+    ColumnRows,
+    described,
+    grant_fix,
+    lacking_privileges,
+)
 from cdcsync.config import Settings
 from cdcsync.errors import PrerequisiteError
 from cdcsync.source import catalog
@@ -142,7 +148,7 @@ def refuse_unwritable(tgt: Conn, settings: Settings, target: str, rows: ColumnRo
         role = sql.Identifier(tgt.info.user).as_string(tgt)
         fix = grant_fix(tgt, target, truncates=truncates)
         if "TRUNCATE" in denied:
-            fix += ' (or set [apply] truncate = "ignore" to leave source TRUNCATEs unapplied)'
+            fix += OR_IGNORE_TRUNCATES
         raise PrerequisiteError(
             f"the target role {role} may not {', '.join(p.lower() for p in denied)} on "
             f"{target}, which the apply does", fix=fix)

@@ -280,10 +280,25 @@ class Applier:
         if self.settings.apply.truncate == "ignore":
             return
         with self.conn.cursor() as cur:
-            cur.execute(q.truncate(list(item.tables)))
+            try:
+                cur.execute(q.truncate(list(item.tables)))
+            except pgerrors.InsufficientPrivilege as exc:
+                raise self._truncate_refused(exc, item.tables) from exc
         for table in item.tables:
             self._applied[(table.source_name, "truncate")] += 1
             event(logging.INFO, "truncated", slot=self.slot, table=table.source_name)
+
+    def _truncate_refused(self, exc: pgerrors.Error,
+                          truncated: tuple[TargetTable, ...]) -> ApplyError:
+        """A TRUNCATE the role may not run (the start refuses a role without TRUNCATE, so it
+        was revoked since): halts, with the GRANT."""
+        denied = next((t for t in truncated if t.name == exc.diag.table_name), truncated[0])
+        fix = tables.grant_fix(self.conn, f"{denied.schema}.{denied.name}", truncates=True)
+        return ApplyError(
+            f"the target refused a source TRUNCATE of "
+            f"{', '.join(t.source_name for t in truncated)}: {str(exc).strip()}",
+            fix=f"{fix}{tables.OR_IGNORE_TRUNCATES}, then run `cdcsync run` again; it resumes "
+                "from the last checkpoint")
 
     def commit(self, *, save_checkpoint: bool = True, turn: Turn | None = None) -> Committed:
         """Merge what is pending, write the checkpoint, commit; say what was applied.

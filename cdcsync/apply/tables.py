@@ -58,6 +58,8 @@ ColumnRows = list[tuple[Any, ...]]
 
 
 _APPLIED = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE")
+# What a role without TRUNCATE may do instead of the GRANT.
+OR_IGNORE_TRUNCATES = ' (or set [apply] truncate = "ignore" to leave source TRUNCATEs unapplied)'
 
 
 def lacking_privileges(rows: ColumnRows, columns: Iterable[str] | None = None, *,

@@ -182,6 +182,32 @@ def test_a_resync_command_stops_waiting_for_a_daemon_that_is_gone(
                                     "`cdcsync run`: it resumes the request")
 
 
+def test_a_truncate_revoked_while_streaming_halts_with_the_grant(pair: DbPair) -> None:
+    """TRUNCATE revoked while the daemon streams, then a source TRUNCATE: the halt names the
+    tables and gives the GRANT, or the setting that leaves TRUNCATEs unapplied. Last on this
+    pair: the source is left empty."""
+    runner = DaemonThread(settings_for(pair, target={"dsn": _as_role(pair)}))
+    runner.start()
+    try:
+        execute(pair.source_dsn, "UPDATE items SET note = 'before the truncate' WHERE id = 2")
+        wait_for(_same(pair), runner=runner, what="the stream")
+        before = _rows(pair.target_dsn)
+        execute(pair.target_dsn, f"REVOKE TRUNCATE ON items FROM {ROLE}")
+        execute(pair.source_dsn, "TRUNCATE items")
+        wait_for(lambda: runner.error is not None, what="the halt")
+    finally:
+        runner.close()
+    message = str(runner.error)
+    assert isinstance(runner.error, ApplyError), message
+    assert message.startswith("the target refused a source TRUNCATE of public.items: permission "
+                              "denied for table items — fix: run on the target: GRANT SELECT, "
+                              f'INSERT, UPDATE, DELETE, TRUNCATE ON "public"."items" TO "{ROLE}"; '
+                              '(sql/target_role.sql) (or set [apply] truncate = "ignore" to leave '
+                              "source TRUNCATEs unapplied), then run `cdcsync run` again"), message
+    assert len(before) > 40
+    assert _rows(pair.target_dsn) == before
+
+
 def _resync(pair: DbPair) -> BaseException | object:
     try:
         return operator.resync_table(settings_for(pair, target={"dsn": _as_role(pair)}),
