@@ -19,6 +19,7 @@ from psycopg.conninfo import make_conninfo
 
 from cdcsync import admin
 from cdcsync.backfill import operator, resync
+from cdcsync.config import Settings
 from cdcsync.daemon import DaemonThread
 from cdcsync.errors import ApplyError, CdcsyncError
 from tests.conftest import DbPair
@@ -80,6 +81,20 @@ def _same(pair: DbPair) -> Callable[[], bool]:
     return lambda: _rows(pair.source_dsn) == _rows(pair.target_dsn)
 
 
+def _halt(settings: Settings, meanwhile: Callable[[DaemonThread], None] = lambda _: None) -> str:
+    """Run the daemon, do ``meanwhile`` while it runs, and return the message of the apply
+    error it halts on."""
+    runner = DaemonThread(settings)
+    runner.start()
+    try:
+        meanwhile(runner)
+        wait_for(lambda: runner.error is not None, what="the halt")
+    finally:
+        runner.close()
+    assert isinstance(runner.error, ApplyError), runner.error
+    return str(runner.error)
+
+
 def test_grants_on_the_replicated_columns_are_enough(pair: DbPair, tmp_path: Path) -> None:
     """A role granted SELECT, INSERT and UPDATE on each replicated column (not on the table)
     and DELETE passes `check` and applies: the snapshot, inserts, updates, deletes."""
@@ -100,19 +115,16 @@ def test_grants_on_the_replicated_columns_are_enough(pair: DbPair, tmp_path: Pat
 def test_a_privilege_revoked_while_streaming_halts_with_the_grant(pair: DbPair) -> None:
     """INSERT revoked while the daemon streams: the change it may not apply halts it, and the
     fix is the GRANT to run; nothing of that change's transaction reaches the target."""
-    runner = DaemonThread(settings_for(pair, target={"dsn": _as_role(pair)}))
-    runner.start()
-    try:
+    def revoke(runner: DaemonThread) -> None:
         execute(pair.source_dsn, "UPDATE items SET note = 'streaming' WHERE id = 1")
         wait_for(_same(pair), runner=runner, what="the stream")
         execute(pair.target_dsn, f"REVOKE INSERT ({COLUMNS}) ON items FROM {ROLE}")
         execute(pair.source_dsn, "INSERT INTO items VALUES (100, 1, 'refused')")
-        wait_for(lambda: runner.error is not None, what="the halt")
+
+    try:
+        message = _halt(settings_for(pair, target={"dsn": _as_role(pair)}), revoke)
     finally:
-        runner.close()
         execute(pair.target_dsn, f"GRANT INSERT ({COLUMNS}) ON items TO {ROLE}")
-    message = str(runner.error)
-    assert isinstance(runner.error, ApplyError), message
     assert message.startswith("the target rejected a change to public.items (key 100) "), message
     assert "permission denied for table items" in message
     assert f"fix: run on the target: {GRANT} (sql/target_role.sql), then run `cdcsync run` " \
@@ -186,19 +198,16 @@ def test_a_truncate_revoked_while_streaming_halts_with_the_grant(pair: DbPair) -
     """TRUNCATE revoked while the daemon streams, then a source TRUNCATE: the halt names the
     tables and gives the GRANT, or the setting that leaves TRUNCATEs unapplied. Last on this
     pair: the source is left empty."""
-    runner = DaemonThread(settings_for(pair, target={"dsn": _as_role(pair)}))
-    runner.start()
-    try:
+    before: list[tuple[object, ...]] = []
+
+    def revoke(runner: DaemonThread) -> None:
         execute(pair.source_dsn, "UPDATE items SET note = 'before the truncate' WHERE id = 2")
         wait_for(_same(pair), runner=runner, what="the stream")
-        before = _rows(pair.target_dsn)
+        before.extend(_rows(pair.target_dsn))
         execute(pair.target_dsn, f"REVOKE TRUNCATE ON items FROM {ROLE}")
         execute(pair.source_dsn, "TRUNCATE items")
-        wait_for(lambda: runner.error is not None, what="the halt")
-    finally:
-        runner.close()
-    message = str(runner.error)
-    assert isinstance(runner.error, ApplyError), message
+
+    message = _halt(settings_for(pair, target={"dsn": _as_role(pair)}), revoke)
     assert message.startswith("the target refused a source TRUNCATE of public.items: permission "
                               "denied for table items — fix: run on the target: GRANT SELECT, "
                               f'INSERT, UPDATE, DELETE, TRUNCATE ON "public"."items" TO "{ROLE}"; '
@@ -242,14 +251,7 @@ def test_a_copy_refused_with_no_row_to_blame_halts_naming_the_table(
                 "$$BEGIN RAISE EXCEPTION 'this table takes no writes'; END$$",
                 "CREATE TRIGGER refuse BEFORE INSERT ON empty "
                 "FOR EACH STATEMENT EXECUTE FUNCTION refuse()")
-        runner = DaemonThread(settings_for(pair))
-        runner.start()
-        try:
-            wait_for(lambda: runner.error is not None, what="the halt")
-        finally:
-            runner.close()
-    message = str(runner.error)
-    assert isinstance(runner.error, ApplyError), message
+        message = _halt(settings_for(pair))
     assert message.startswith("the target refused to apply to public.empty: this table takes "
                               "no writes"), message
     assert message.endswith("fix: correct the target table, then run `cdcsync run` again; it "
