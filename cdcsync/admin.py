@@ -373,7 +373,8 @@ def status(settings: Settings) -> dict[str, Any]:
 
 
 def _copies(tgt: Conn, slot: str) -> dict[str, Any]:
-    """Each table's copy state, and the resyncs still open, for `status`."""
+    """Each table's copy state, the resyncs still open and those that failed since their
+    table's last successful one, for `status`."""
     tables = {name: {"state": s.state, "rows_copied": s.rows_copied,
                      "rows_estimate": s.rows_estimate,
                      **({"reason": s.reason, "fix": s.fix} if s.state == "error" else {})}
@@ -381,7 +382,11 @@ def _copies(tgt: Conn, slot: str) -> dict[str, Any]:
     resyncs = [{"id": r.id, "table": r.table, "purpose": r.purpose, "state": r.state,
                 "where": r.where, "rows_copied": r.rows_copied, "rows_estimate": r.rows_estimate}
                for r in state.open_requests(tgt, slot)]
-    return {"tables": tables, "open_resyncs": resyncs}
+    failed = [{"id": r.id, "table": r.table, "purpose": r.purpose, "where": r.where,
+               "error": r.error,
+               "finished_at": None if r.finished_at is None else r.finished_at.isoformat()}
+              for r in state.unresolved_failures(tgt, slot)]
+    return {"tables": tables, "open_resyncs": resyncs, "failed_resyncs": failed}
 
 
 def daemon_view(listen: str) -> dict[str, Any]:

@@ -221,6 +221,10 @@ def _print_status(result: dict[str, Any]) -> None:
             for r in value:
                 print(f"{'resync ' + str(r['id']):26} {r['table']} {r['state']}, "
                       f"{r['rows_copied']:,} of ~{r['rows_estimate'] or 0:,} rows")
+        elif key == "failed_resyncs":
+            for r in value:
+                print(f"{'resync ' + str(r['id']):26} {r['table']} failed at "
+                      f"{r['finished_at']}: {r['error']}")
         else:
             print(f"{key:26} {value}")
 def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:

@@ -57,8 +57,8 @@ def restart(conn: Conn, slot: str) -> None:
     conn.execute("UPDATE cdcsync.table_state SET state = 'pending', rows_copied = 0, "
                  "reason = NULL, fix = NULL, updated_at = now() WHERE slot = %s", (slot,))
     conn.execute("UPDATE cdcsync.resync_requests SET state = 'failed', finished_at = now(), "
-                 "error = 'the slot was re-created' WHERE slot = %s "
-                 "AND state IN ('queued', 'running')", (slot,))
+                 "error = %s WHERE slot = %s AND state IN ('queued', 'running')",
+                 (VOIDED, slot))
 
 
 def register_and_load(conn: Conn, slot: str, tables: list[str], state: TableStateName
@@ -103,6 +103,9 @@ def set_state(conn: Conn, slot: str, table: str, state: TableStateName, *,
         (slot, table, state, rows_copied, rows_estimate, reason, fix, rows_copied))
 
 
+# Why a request queued or running for a slot that was re-created was failed.
+VOIDED = "the slot was re-created"
+_FAILURES_SHOWN = 20
 _REQUEST_COLUMNS = sql.SQL("id, table_name, where_sql, purpose, state, rows_estimate, "
                            "rows_copied, chunks, error, finished_at")
 
@@ -161,6 +164,18 @@ def chunk_done(conn: Conn, request_id: int, rows: int) -> None:
 def finish(conn: Conn, request_id: int, error: str | None) -> None:
     conn.execute("UPDATE cdcsync.resync_requests SET state = %s, error = %s, finished_at = now() "
                  "WHERE id = %s", ("failed" if error else "done", error, request_id))
+
+
+def unresolved_failures(conn: Conn, slot: str) -> list[Request]:
+    """The failed requests no later request of their table has done, newest first: what
+    `status` shows until a resync succeeds (voided ones aside: the new slot copies again)."""
+    rows = conn.execute(sql.SQL(
+        "SELECT {} FROM cdcsync.resync_requests f WHERE slot = %s AND state = 'failed' "
+        "AND error IS DISTINCT FROM %s AND NOT EXISTS (SELECT 1 FROM cdcsync.resync_requests d "
+        "WHERE d.slot = f.slot AND d.table_name = f.table_name AND d.state = 'done' "
+        "AND d.id > f.id) ORDER BY id DESC LIMIT %s").format(_REQUEST_COLUMNS),
+        (slot, VOIDED, _FAILURES_SHOWN)).fetchall()
+    return [_request(r) for r in rows]
 
 
 def open_requests(conn: Conn, slot: str) -> list[Request]:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+import orjson
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
@@ -157,9 +158,12 @@ def test_a_resync_the_target_refuses_fails_and_its_command_says_why(
     assert error.endswith(f"fix: run on the target: {GRANT} (sql/target_role.sql), then run "
                           "`cdcsync run` again; it resumes from the last checkpoint; then "
                           "`cdcsync resync public.items` again"), error
-    with psycopg.connect(pair.target_dsn, autocommit=True) as conn:
-        assert conn.execute("SELECT state FROM cdcsync.resync_requests "
-                            "ORDER BY id DESC LIMIT 1").fetchone() == ("failed",)
+    status = orjson.loads(cli("status", "--json", config=config).stdout)
+    assert [(r["table"], r["purpose"]) for r in status["failed_resyncs"]] == [
+        ("public.items", "resync")]
+    assert "permission denied for table items" in status["failed_resyncs"][0]["error"]
+    assert GRANT in status["failed_resyncs"][0]["error"]
+    assert status["open_resyncs"] == []
 
 
 def test_a_resync_command_stops_waiting_for_a_daemon_that_is_gone(
@@ -192,6 +196,19 @@ def test_a_resync_command_stops_waiting_for_a_daemon_that_is_gone(
         "(request "), outcome
     assert str(outcome[0]).endswith("is queued) — fix: see the daemon's log for why, then "
                                     "`cdcsync run`: it resumes the request")
+
+
+def test_a_resync_done_later_clears_the_failure_from_status(pair: DbPair, tmp_path: Path) -> None:
+    """Once the privileges are back, a resync of the table (performed by the command itself,
+    no daemon running) succeeds, and `status` no longer shows the failed one."""
+    config = write_config(tmp_path / "cdcsync.toml", pair, target_dsn=_as_role(pair))
+    before = orjson.loads(cli("status", "--json", config=config).stdout)["failed_resyncs"]
+    assert [r["table"] for r in before] == ["public.items"]
+    done = cli("resync", "public.items", config=config, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    after = orjson.loads(cli("status", "--json", config=config).stdout)
+    assert after["failed_resyncs"] == [], after["failed_resyncs"]
+    assert _same(pair)()
 
 
 def test_a_truncate_revoked_while_streaming_halts_with_the_grant(pair: DbPair) -> None:
