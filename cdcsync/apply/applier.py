@@ -23,9 +23,9 @@ from psycopg import pq, sql
 from psycopg.rows import TupleRow
 
 from cdcsync import checkpoint, roundtrip
+from cdcsync.apply import merge, tables, window
 from cdcsync.apply import script as plan
 from cdcsync.apply import sql as q
-from cdcsync.apply import tables, window
 from cdcsync.apply.batch_size import BatchSize
 from cdcsync.apply.merge import Merger
 from cdcsync.apply.script import Script, Staged
@@ -252,20 +252,29 @@ class Applier:
         missing = (window.delete_missing(batch.stage, name, table, order, span,
                                          condition=condition) if delete_missing else None)
         removed = None if missing is None else script.add(missing)
-        rowcounts, refused = self._merger.run(self.conn, script)
-        if dropped is not None:
-            batch.inserts -= rowcounts[dropped]
-        deleted = 0
-        if refused is not None:
-            with self.conn.cursor() as cur:
-                try:
+        try:
+            rowcounts, refused = self._merger.run(self.conn, script)
+            if dropped is not None:
+                batch.inserts -= rowcounts[dropped]
+            deleted = 0
+            if refused is not None:
+                with self.conn.cursor() as cur:
                     self._merger.recover(cur, [batch], refused)
-                except ApplyError as exc:
-                    raise CopyRefused(exc.message, fix=exc.fix) from exc
-                if missing is not None:
-                    deleted = cur.execute(missing).rowcount
-        elif removed is not None:
-            deleted = rowcounts[removed]
+                    if missing is not None:
+                        deleted = cur.execute(missing).rowcount
+            elif removed is not None:
+                deleted = rowcounts[removed]
+        except ApplyError as exc:
+            raise CopyRefused(exc.message, fix=exc.fix) from exc
+        except pgerrors.Error as exc:
+            # Outside the merge (the deletion of rows the source lacks, say): not a change to
+            # pin down, the copy as a whole is refused.
+            if isinstance(exc, psycopg.OperationalError):
+                raise
+            raise CopyRefused(
+                f"the target refused rows copied from the source into {table.source_name}: "
+                f"{' '.join(str(exc).split())}",
+                fix=merge.refusal_fix(exc, table, self.conn, "")) from exc
         self._busy_s += time.perf_counter() - started
         self._applied[(table.source_name, "copy")] += batch.inserts
         if deleted:

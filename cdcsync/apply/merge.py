@@ -338,7 +338,7 @@ class Merger:
         detail = str(exc).strip().replace("\n", " ")
         return ApplyError(
             f"the target rejected a change to {table.source_name} (key {key}) committed at "
-            f"source LSN {lsn}: {detail}", fix=_fix(exc, table, conn, "or the row"))
+            f"source LSN {lsn}: {detail}", fix=refusal_fix(exc, table, conn, "or the row"))
 
     def _table_error(self, exc: pgerrors.Error, batches: list[Staged], conn: Conn
                      ) -> ApplyError:
@@ -348,10 +348,10 @@ class Merger:
         detail = str(exc).strip().replace("\n", " ")
         return ApplyError(
             f"the target refused to apply to {', '.join(t.source_name for t in blamed)}: "
-            f"{detail}", fix=_fix(exc, blamed[0], conn, ""))
+            f"{detail}", fix=refusal_fix(exc, blamed[0], conn, ""))
 
 
-def _fix(exc: pgerrors.Error, table: TargetTable, conn: Conn, blame: str) -> str:
+def refusal_fix(exc: pgerrors.Error, table: TargetTable, conn: Conn, blame: str) -> str:
     """What to do about the target refusing to apply to ``table``: the GRANT where the role
     lacks a privilege; else correct the table (``blame``: what else may be at fault)."""
     if isinstance(exc, pgerrors.InsufficientPrivilege):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import subprocess
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -133,36 +134,40 @@ def test_a_privilege_revoked_while_streaming_halts_with_the_grant(pair: DbPair) 
     assert [r[0] for r in _rows(pair.target_dsn)][-1] == 45
 
 
+@pytest.mark.parametrize(("privilege", "refusal"), [
+    (f"UPDATE ({COLUMNS})", "the target rejected a change to public.items (key "),
+    ("DELETE", "the target refused rows copied from the source into public.items: "),
+], ids=["merge", "deletion"])
 def test_a_resync_the_target_refuses_fails_and_its_command_says_why(
-        pair: DbPair, tmp_path: Path) -> None:
-    """UPDATE revoked while the daemon streams, then `cdcsync resync`: the chunk's merge is
-    refused, the daemon halts, the request is failed, and the command ends at once with the
-    GRANT to run (it used to wait for the halted daemon for ever)."""
+        pair: DbPair, tmp_path: Path, privilege: str, refusal: str) -> None:
+    """UPDATE (the chunk's merge) or DELETE (of the target rows the source lacks) revoked while
+    the daemon streams, then `cdcsync resync`: the chunk is refused, the daemon halts, the
+    request is failed, and the command ends at once with the GRANT to run (it used to wait for
+    the halted daemon for ever)."""
     config = write_config(tmp_path / "cdcsync.toml", pair, target_dsn=_as_role(pair))
-    daemon = start_daemon(config, tmp_path / "daemon.log")
+    daemon = _streaming(config, tmp_path / "daemon.log")
     try:
         wait_for(_same(pair), what="the row left behind by the halt")
-        execute(pair.target_dsn, f"REVOKE UPDATE ({COLUMNS}) ON items FROM {ROLE}")
+        execute(pair.target_dsn, f"REVOKE {privilege} ON items FROM {ROLE}")
         done = cli("resync", "public.items", config=config, timeout=60)
         assert daemon.wait(timeout=30) == 1
     finally:
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
-        execute(pair.target_dsn, f"GRANT UPDATE ({COLUMNS}) ON items TO {ROLE}")
+        execute(pair.target_dsn, f"GRANT {privilege} ON items TO {ROLE}")
     assert done.returncode == 1, done.stdout + done.stderr
     error = done.stderr.strip().splitlines()[-1]
-    assert error.startswith("cdcsync: resync of public.items failed: the target rejected a change "
-                            "to public.items (key "), error
+    assert error.startswith(f"cdcsync: resync of public.items failed: {refusal}"), error
     assert "permission denied for table items" in error
     assert error.endswith(f"fix: run on the target: {GRANT} (sql/target_role.sql), then run "
                           "`cdcsync run` again; it resumes from the last checkpoint; then "
                           "`cdcsync resync public.items` again"), error
     status = orjson.loads(cli("status", "--json", config=config).stdout)
-    assert [(r["table"], r["purpose"]) for r in status["failed_resyncs"]] == [
-        ("public.items", "resync")]
-    assert "permission denied for table items" in status["failed_resyncs"][0]["error"]
-    assert GRANT in status["failed_resyncs"][0]["error"]
+    newest = status["failed_resyncs"][0]
+    assert (newest["table"], newest["purpose"]) == ("public.items", "resync")
+    assert newest["error"].startswith(refusal)
+    assert GRANT in newest["error"]
     assert status["open_resyncs"] == []
 
 
@@ -173,11 +178,10 @@ def test_a_resync_command_stops_waiting_for_a_daemon_that_is_gone(
     resumes the request."""
     monkeypatch.setattr(resync, "GONE_S", 2.0)
     config = write_config(tmp_path / "cdcsync.toml", pair, target_dsn=_as_role(pair))
-    daemon = start_daemon(config, tmp_path / "daemon.log")
+    daemon = _streaming(config, tmp_path / "daemon.log")
     outcome: list[BaseException | object] = []
     waiting = threading.Thread(target=lambda: outcome.append(_resync(pair)))
     try:
-        wait_for(lambda: _slot_active(pair), what="the daemon's stream")
         os.kill(daemon.pid, signal.SIGSTOP)
         waiting.start()
         wait_for(lambda: _requests(pair) == ["queued"], what="the request")
@@ -203,7 +207,7 @@ def test_a_resync_done_later_clears_the_failure_from_status(pair: DbPair, tmp_pa
     no daemon running) succeeds, and `status` no longer shows the failed one."""
     config = write_config(tmp_path / "cdcsync.toml", pair, target_dsn=_as_role(pair))
     before = orjson.loads(cli("status", "--json", config=config).stdout)["failed_resyncs"]
-    assert [r["table"] for r in before] == ["public.items"]
+    assert [r["table"] for r in before] == ["public.items", "public.items"]
     done = cli("resync", "public.items", config=config, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     after = orjson.loads(cli("status", "--json", config=config).stdout)
@@ -242,10 +246,16 @@ def _resync(pair: DbPair) -> BaseException | object:
         return exc
 
 
-def _slot_active(pair: DbPair) -> bool:
-    with psycopg.connect(pair.source_dsn, autocommit=True) as conn:
-        return conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
-                            (pair.slot,)).fetchone() == (True,)
+def _streaming(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`cdcsync run` started, once it streams: past its start checks, holding lock and slot."""
+    daemon = start_daemon(config, log)
+    try:
+        wait_for(lambda: b'"event":"streaming"' in log.read_bytes(), what="the daemon's stream")
+    except AssertionError:
+        daemon.kill()
+        daemon.wait()
+        raise
+    return daemon
 
 
 def _requests(pair: DbPair) -> list[str]:
