@@ -24,6 +24,7 @@ from cdcsync.link_watch import LinkWatch
 from cdcsync.model import Lsn
 from cdcsync.refusals import connection_error
 from cdcsync.source import catalog
+from cdcsync.target_ahead import no_temporary
 
 Conn = psycopg.Connection[TupleRow]
 
@@ -213,6 +214,10 @@ def _target_checks(report: CheckReport, settings: Settings, tgt: Conn, source_ds
         return "through a pooler that keeps each client's session"
 
     def writable() -> str:
+        row = tgt.execute("SELECT has_database_privilege(current_database(), 'TEMPORARY')"
+                          ).fetchone()
+        if not (row and row[0]):
+            raise no_temporary(tgt)
         found = described(tgt, list(targets))
         for name, columns in targets.items():
             prerequisites.refuse_unwritable(tgt, settings, name, found.get(name, []),

@@ -37,9 +37,15 @@ from cdcsync.errors import PrerequisiteError
 Conn = psycopg.Connection[TupleRow]
 
 _NO_SCHEMA = "cdcsync: the target has no cdcsync schema"
-_REFUSE_WITHOUT_SCHEMA = f"""
+_NO_TEMPORARY = "cdcsync: the target role may not create temporary tables"
+# The apply stages every batch in temporary tables: a role without TEMPORARY on the database (a
+# hardened one revokes it from PUBLIC) would pass every other check, then halt at its first.
+_REFUSE_UNREADY = f"""
 DO $$ BEGIN
     IF to_regclass('cdcsync.checkpoint') IS NULL THEN RAISE EXCEPTION '{_NO_SCHEMA}'; END IF;
+    IF NOT has_database_privilege(current_database(), 'TEMPORARY') THEN
+        RAISE EXCEPTION '{_NO_TEMPORARY}';
+    END IF;
 END $$;
 """
 
@@ -62,7 +68,7 @@ def target_state(tgt: Conn, slot: str) -> TargetState:
     the schema is refused, not given one: that is `cdcsync setup`'s to do."""
     query = sql.Composed([
         sql.SQL("SELECT EXISTS ({});").format(leader.holder_query(slot)),
-        sql.SQL(_REFUSE_WITHOUT_SCHEMA),
+        sql.SQL(_REFUSE_UNREADY),
         sql.SQL("SELECT pg_advisory_xact_lock({});").format(leader.METADATA_LOCK_KEY),
         sql.SQL(checkpoint.metadata_sql()),
         sql.SQL(";"),
@@ -73,6 +79,8 @@ def target_state(tgt: Conn, slot: str) -> TargetState:
     try:
         cur = tgt.execute(query)
     except psycopg.errors.RaiseException as exc:
+        if exc.diag.message_primary == _NO_TEMPORARY:
+            raise no_temporary(tgt) from None
         if exc.diag.message_primary != _NO_SCHEMA:
             raise
         raise PrerequisiteError("the target has no cdcsync schema",
@@ -86,6 +94,18 @@ def target_state(tgt: Conn, slot: str) -> TargetState:
     holder, *_, recorded, states = answers
     return TargetState(standby=bool(holder and holder[0][0]), states=state.from_rows(states),
                        recorded_walsender=walsenders.from_rows(recorded))
+
+
+def no_temporary(tgt: Conn) -> PrerequisiteError:
+    """The refusal of a target role that may not create the temporary tables the apply stages
+    its batches in."""
+    role = sql.Identifier(tgt.info.user).as_string(tgt)
+    database = sql.Identifier(tgt.info.dbname).as_string(tgt)
+    return PrerequisiteError(
+        f"the target role {role} may not create temporary tables in database {database}, "
+        "where the apply stages each batch",
+        fix=f"run on the target: GRANT TEMPORARY ON DATABASE {database} TO {role}; "
+            "(sql/target_role.sql)")
 
 
 # What the checks may take: the connection, and the target's answer or its refusal.

@@ -97,6 +97,27 @@ def _halt(settings: Settings, meanwhile: Callable[[DaemonThread], None] = lambda
     return str(runner.error)
 
 
+def test_a_role_that_may_not_create_temporary_tables_is_refused(
+        pair: DbPair, tmp_path: Path) -> None:
+    """TEMPORARY revoked from PUBLIC on the target database (as hardened setups do) and not
+    granted to the role: the apply could stage no batch. `check` and the start of `run` say so,
+    with the GRANT; `run` used to start and halt at its first batch."""
+    config = write_config(tmp_path / "cdcsync.toml", pair, target_dsn=_as_role(pair))
+    database = pair.target_db
+    execute(pair.target_dsn, f"REVOKE TEMPORARY ON DATABASE {database} FROM PUBLIC, {ROLE}")
+    try:
+        checked = cli("check", config=config)
+        started = cli("run", config=config, timeout=30)
+    finally:
+        execute(pair.target_dsn, f"GRANT TEMPORARY ON DATABASE {database} TO PUBLIC, {ROLE}")
+    refusal = (f'the target role "{ROLE}" may not create temporary tables in database '
+               f'"{database}", where the apply stages each batch — fix: run on the target: '
+               f'GRANT TEMPORARY ON DATABASE "{database}" TO "{ROLE}"; (sql/target_role.sql)')
+    assert f"FAIL  target tables writable: {refusal}" in checked.stdout, checked.stdout
+    assert started.returncode == 1, started.stdout + started.stderr
+    assert started.stderr.strip().splitlines()[-1] == f"cdcsync: {refusal}", started.stderr
+
+
 def test_grants_on_the_replicated_columns_are_enough(pair: DbPair, tmp_path: Path) -> None:
     """A role granted SELECT, INSERT and UPDATE on each replicated column (not on the table)
     and DELETE passes `check` and applies: the snapshot, inserts, updates, deletes."""
