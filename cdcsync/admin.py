@@ -24,7 +24,7 @@ from cdcsync.link_watch import LinkWatch
 from cdcsync.model import Lsn
 from cdcsync.refusals import connection_error
 from cdcsync.source import catalog
-from cdcsync.target_ahead import no_temporary
+from cdcsync.target_ahead import no_temporary, unowned_metadata
 
 Conn = psycopg.Connection[TupleRow]
 
@@ -185,7 +185,9 @@ def _target_checks(report: CheckReport, settings: Settings, tgt: Conn, source_ds
         row = tgt.execute("SELECT to_regclass('cdcsync.checkpoint') IS NOT NULL").fetchone()
         if not row or not row[0]:
             return "todo|schema cdcsync will be created by setup"
-        return "schema cdcsync present"
+        if refused := unowned_metadata(tgt):
+            raise refused
+        return f"schema cdcsync present, role {tgt.info.user} may bring it up to date"
 
     # Each present target table and the columns the apply writes there.
     targets: dict[str, set[str]] = {}
@@ -267,6 +269,8 @@ def setup(settings: Settings, *, create_tables: bool) -> list[str]:
         definitions = [(t, catalog.table_definition(src, t)) for t in chosen] if create_tables \
             else []
     with connect(settings.target.dsn.get_secret_value(), "target") as tgt:
+        if refused := unowned_metadata(tgt):
+            raise refused
         checkpoint.install_metadata(tgt)
         done.append("target schema cdcsync ready")
         initial = settings.snapshot.mode == "initial"

@@ -38,15 +38,35 @@ Conn = psycopg.Connection[TupleRow]
 
 _NO_SCHEMA = "cdcsync: the target has no cdcsync schema"
 _NO_TEMPORARY = "cdcsync: the target role may not create temporary tables"
+_NOT_OWNER = "cdcsync: the target role may not maintain the cdcsync schema"
 # The apply stages every batch in temporary tables: a role without TEMPORARY on the database (a
 # hardened one revokes it from PUBLIC) would pass every other check, then halt at its first.
-_REFUSE_UNREADY = f"""
+# The metadata is brought up to date at every start, which takes CREATE on the schema and
+# owning its tables and view: a `setup` run as another role leaves them that role's.
+_REFUSE_UNREADY = sql.SQL("""
 DO $$ BEGIN
-    IF to_regclass('cdcsync.checkpoint') IS NULL THEN RAISE EXCEPTION '{_NO_SCHEMA}'; END IF;
+    IF to_regclass('cdcsync.checkpoint') IS NULL THEN RAISE EXCEPTION {no_schema}; END IF;
     IF NOT has_database_privilege(current_database(), 'TEMPORARY') THEN
-        RAISE EXCEPTION '{_NO_TEMPORARY}';
+        RAISE EXCEPTION {no_temporary};
+    END IF;
+    IF NOT has_schema_privilege('cdcsync', 'CREATE') OR EXISTS (
+            SELECT 1 FROM pg_class WHERE relnamespace = 'cdcsync'::regnamespace
+            AND relkind IN ('r', 'v') AND NOT pg_has_role(relowner, 'USAGE')) THEN
+        RAISE EXCEPTION {not_owner};
     END IF;
 END $$;
+""").format(no_schema=sql.Literal(_NO_SCHEMA), no_temporary=sql.Literal(_NO_TEMPORARY),
+            not_owner=sql.Literal(_NOT_OWNER))
+# What of the cdcsync schema the role may not maintain: (kind, name, owner).
+_UNOWNED_SQL = """
+SELECT 'SCHEMA', nspname::text, pg_get_userbyid(nspowner)::text FROM pg_namespace
+WHERE nspname = 'cdcsync' AND NOT has_schema_privilege(oid, 'CREATE')
+UNION ALL
+SELECT CASE relkind WHEN 'v' THEN 'VIEW' ELSE 'TABLE' END, relname::text,
+       pg_get_userbyid(relowner)::text
+FROM pg_class WHERE relnamespace = to_regnamespace('cdcsync') AND relkind IN ('r', 'v')
+AND NOT pg_has_role(relowner, 'USAGE')
+ORDER BY 1, 2
 """
 
 
@@ -68,7 +88,7 @@ def target_state(tgt: Conn, slot: str) -> TargetState:
     the schema is refused, not given one: that is `cdcsync setup`'s to do."""
     query = sql.Composed([
         sql.SQL("SELECT EXISTS ({});").format(leader.holder_query(slot)),
-        sql.SQL(_REFUSE_UNREADY),
+        _REFUSE_UNREADY,
         sql.SQL("SELECT pg_advisory_xact_lock({});").format(leader.METADATA_LOCK_KEY),
         sql.SQL(checkpoint.metadata_sql()),
         sql.SQL(";"),
@@ -81,6 +101,8 @@ def target_state(tgt: Conn, slot: str) -> TargetState:
     except psycopg.errors.RaiseException as exc:
         if exc.diag.message_primary == _NO_TEMPORARY:
             raise no_temporary(tgt) from None
+        if exc.diag.message_primary == _NOT_OWNER and (refused := unowned_metadata(tgt)):
+            raise refused from None
         if exc.diag.message_primary != _NO_SCHEMA:
             raise
         raise PrerequisiteError("the target has no cdcsync schema",
@@ -106,6 +128,26 @@ def no_temporary(tgt: Conn) -> PrerequisiteError:
         "where the apply stages each batch",
         fix=f"run on the target: GRANT TEMPORARY ON DATABASE {database} TO {role}; "
             "(sql/target_role.sql)")
+
+
+def unowned_metadata(tgt: Conn) -> PrerequisiteError | None:
+    """The refusal of a target role that may not bring the cdcsync schema up to date (its
+    objects belong to the role `setup` ran as), with the statements that hand them over; None
+    when it may."""
+    unowned = tgt.execute(_UNOWNED_SQL).fetchall()
+    if not unowned:
+        return None
+    role = sql.Identifier(tgt.info.user).as_string(tgt)
+    owners = sorted({sql.Identifier(str(owner)).as_string(tgt) for _, _, owner in unowned})
+    names = [sql.Identifier(str(name)) if kind == "SCHEMA"
+             else sql.Identifier("cdcsync", str(name)) for kind, name, _ in unowned]
+    statements = " ".join(f"ALTER {kind} {name.as_string(tgt)} OWNER TO {role};"
+                          for (kind, _, _), name in zip(unowned, names, strict=True))
+    return PrerequisiteError(
+        f"the target role {role} may not bring cdcsync's metadata schema up to date, as every "
+        f"start does: {len(unowned)} of its objects belong to {', '.join(owners)} (`cdcsync "
+        "setup` ran as another role)",
+        fix=f"run on the target as {' or '.join(owners)}: {statements}")
 
 
 # What the checks may take: the connection, and the target's answer or its refusal.

@@ -118,6 +118,42 @@ def test_a_role_that_may_not_create_temporary_tables_is_refused(
     assert started.stderr.strip().splitlines()[-1] == f"cdcsync: {refusal}", started.stderr
 
 
+def test_a_role_that_does_not_own_the_metadata_is_refused_with_the_statements_to_run(
+        pair: DbPair, tmp_path: Path) -> None:
+    """`setup` ran as one role (here the metadata belongs to ROLE) and `run` uses another,
+    granted everything but the metadata's ownership: every start brings the metadata up to
+    date, which it may not. `check`, `setup` and `run` refuse with the ALTER ... OWNER
+    statements; run as given, they let `check` pass (it used to pass before them, and `run`
+    ended with `the database refused: permission denied for schema cdcsync`)."""
+    other = f"cdc_other_{secrets.token_hex(3)}"
+    execute(pair.target_dsn, f"CREATE ROLE {other} LOGIN",
+            f"GRANT USAGE ON SCHEMA public, cdcsync TO {other}",
+            f"GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON items TO {other}",
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA cdcsync TO {other}")
+    config = write_config(tmp_path / "cdcsync.toml", pair,
+                          target_dsn=make_conninfo(pair.target_dsn, user=other))
+    checked, set_up, started = (cli("check", config=config), cli("setup", config=config),
+                                cli("run", config=config, timeout=30))
+    refusal = (f'the target role "{other}" may not bring cdcsync\'s metadata schema up to date, '
+               f'as every start does: 8 of its objects belong to "{ROLE}" (`cdcsync setup` ran as '
+               f'another role) — fix: run on the target as "{ROLE}": ALTER SCHEMA "cdcsync" '
+               f'OWNER TO "{other}"; ALTER TABLE "cdcsync"."checkpoint" OWNER TO "{other}"; ')
+    assert f"FAIL  target metadata: {refusal}" in checked.stdout, checked.stdout
+    for refused in (set_up, started):
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert refused.stderr.strip().splitlines()[-1].startswith(f"cdcsync: {refusal}"), (
+            refused.stderr)
+    statements = started.stderr.strip().splitlines()[-1].split(f'as "{ROLE}": ')[1]
+    assert f'ALTER VIEW "cdcsync"."freshness" OWNER TO "{other}";' in statements
+    execute(pair.target_dsn, statements)
+    try:
+        passed = cli("check", config=config)
+        assert f"ok    target metadata: schema cdcsync present, role {other} may bring it up to " \
+               "date" in passed.stdout, passed.stdout
+    finally:
+        execute(pair.target_dsn, statements.replace(f'"{other}"', f'"{ROLE}"'))
+
+
 def test_grants_on_the_replicated_columns_are_enough(pair: DbPair, tmp_path: Path) -> None:
     """A role granted SELECT, INSERT and UPDATE on each replicated column (not on the table)
     and DELETE passes `check` and applies: the snapshot, inserts, updates, deletes."""
