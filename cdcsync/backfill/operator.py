@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import psycopg
 from psycopg.rows import TupleRow
 
-from cdcsync import leader
+from cdcsync import leader, prerequisites
 from cdcsync.admin import connect
 from cdcsync.apply import tables
+from cdcsync.apply.tables import described
 from cdcsync.backfill import resync, source_rows, state
 from cdcsync.config import Settings
 from cdcsync.config_file import TABLE_NAME_RE
@@ -49,8 +50,12 @@ def resync_table(settings: Settings, table: str, where: str | None, *,
     with connect(settings.source.dsn.get_secret_value(), "source") as src, \
             connect(settings.target.dsn.get_secret_value(), "target") as tgt:
         relation = source_rows.relation_of(src, table)
-        order = source_rows.key_order(src, tgt, relation,
-                                      tables.resolve(tgt, settings, relation))
+        target = tables.resolve(tgt, settings, relation)
+        # Refused here rather than by the daemon, which would halt on the chunk (and fail it).
+        name = f"{target.schema}.{target.name}"
+        prerequisites.refuse_unwritable(tgt, settings, name, described(tgt, [name]).get(name, []),
+                                        target.columns)
+        order = source_rows.key_order(src, tgt, relation, target)
         try:
             with src.transaction():
                 src.execute("SET TRANSACTION READ ONLY")

@@ -191,40 +191,67 @@ def test_a_privilege_revoked_while_streaming_halts_with_the_grant(pair: DbPair) 
     assert [r[0] for r in _rows(pair.target_dsn)][-1] == 45
 
 
-@pytest.mark.parametrize(("privilege", "refusal"), [
-    (f"UPDATE ({COLUMNS})", "the target rejected a change to public.items (key "),
-    ("DELETE", "the target refused rows copied from the source into public.items: "),
-], ids=["merge", "deletion"])
-def test_a_resync_the_target_refuses_fails_and_its_command_says_why(
-        pair: DbPair, tmp_path: Path, privilege: str, refusal: str) -> None:
-    """UPDATE (the chunk's merge) or DELETE (of the target rows the source lacks) revoked while
-    the daemon streams, then `cdcsync resync`: the chunk is refused, the daemon halts, the
-    request is failed, and the command ends at once with the GRANT to run (it used to wait for
-    the halted daemon for ever)."""
+def test_a_resync_the_target_role_may_not_apply_is_refused_before_it_is_queued(
+        pair: DbPair, tmp_path: Path) -> None:
+    """UPDATE revoked while the daemon streams: `cdcsync resync` refuses with the GRANT before
+    queueing, and the daemon streams on (it would halt on the chunk)."""
     config = write_config(tmp_path / "cdcsync.toml", pair, target_dsn=_as_role(pair))
     daemon = _streaming(config, tmp_path / "daemon.log")
     try:
-        wait_for(_same(pair), what="the row left behind by the halt")
-        execute(pair.target_dsn, f"REVOKE {privilege} ON items FROM {ROLE}")
+        execute(pair.target_dsn, f"REVOKE UPDATE ({COLUMNS}) ON items FROM {ROLE}")
+        refused = cli("resync", "public.items", config=config)
+        assert daemon.poll() is None, "the daemon stopped"
+    finally:
+        execute(pair.target_dsn, f"GRANT UPDATE ({COLUMNS}) ON items TO {ROLE}")
+        daemon.terminate()
+        assert daemon.wait(timeout=30) == 0
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f'cdcsync: the target role "{ROLE}" may not update on public.items, which the apply '
+        f'does — fix: run on the target: GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON '
+        f'"public"."items" TO "{ROLE}"; (sql/target_role.sql)'), refused.stderr
+    assert _requests(pair) == []
+
+
+@pytest.mark.parametrize(("operation", "refusal", "fix"), [
+    ("UPDATE", "the target rejected a change to public.items (key ",
+     "correct the target table or the row"),
+    ("DELETE", "the target refused rows copied from the source into public.items: ",
+     "correct the target table"),
+], ids=["merge", "deletion"])
+def test_a_resync_the_target_refuses_fails_and_its_command_says_why(
+        pair: DbPair, tmp_path: Path, operation: str, refusal: str, fix: str) -> None:
+    """A statement trigger that raises on UPDATE (the chunk's merge) or DELETE (of the target
+    rows the source lacks), then `cdcsync resync`: the chunk is refused, the daemon halts, the
+    request is failed, and the command ends at once with the error and its fix (it used to wait
+    for the halted daemon for ever)."""
+    config = write_config(tmp_path / "cdcsync.toml", pair, target_dsn=_as_role(pair))
+    trigger = f"refuse_{operation.lower()}"
+    daemon = _streaming(config, tmp_path / "daemon.log")
+    try:
+        execute(pair.target_dsn,
+                f"CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS "
+                f"$$BEGIN RAISE EXCEPTION 'items takes no {operation}'; END$$",
+                f"CREATE TRIGGER {trigger} BEFORE {operation} ON items "
+                f"FOR EACH STATEMENT EXECUTE FUNCTION {trigger}()")
         done = cli("resync", "public.items", config=config, timeout=60)
         assert daemon.wait(timeout=30) == 1
     finally:
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
-        execute(pair.target_dsn, f"GRANT {privilege} ON items TO {ROLE}")
+        execute(pair.target_dsn, f"DROP TRIGGER IF EXISTS {trigger} ON items",
+                f"DROP FUNCTION IF EXISTS {trigger}()")
     assert done.returncode == 1, done.stdout + done.stderr
     error = done.stderr.strip().splitlines()[-1]
     assert error.startswith(f"cdcsync: resync of public.items failed: {refusal}"), error
-    assert "permission denied for table items" in error
-    assert error.endswith(f"fix: run on the target: {GRANT} (sql/target_role.sql), then run "
-                          "`cdcsync run` again; it resumes from the last checkpoint; then "
-                          "`cdcsync resync public.items` again"), error
+    assert f"items takes no {operation}" in error
+    assert error.endswith(f"fix: {fix}, then run `cdcsync run` again; it resumes from the last "
+                          "checkpoint; then `cdcsync resync public.items` again"), error
     status = orjson.loads(cli("status", "--json", config=config).stdout)
     newest = status["failed_resyncs"][0]
     assert (newest["table"], newest["purpose"]) == ("public.items", "resync")
     assert newest["error"].startswith(refusal)
-    assert GRANT in newest["error"]
     assert status["open_resyncs"] == []
 
 
