@@ -302,12 +302,10 @@ class Applier:
         """A TRUNCATE the role may not run (the start refuses a role without TRUNCATE, so it
         was revoked since): halts, with the GRANT."""
         denied = next((t for t in truncated if t.name == exc.diag.table_name), truncated[0])
-        fix = tables.grant_fix(self.conn, f"{denied.schema}.{denied.name}", truncates=True)
         return ApplyError(
             f"the target refused a source TRUNCATE of "
             f"{', '.join(t.source_name for t in truncated)}: {str(exc).strip()}",
-            fix=f"{fix}{tables.OR_IGNORE_TRUNCATES}, then run `cdcsync run` again; it resumes "
-                "from the last checkpoint")
+            fix=merge.refusal_fix(exc, denied, self.conn, "", truncates=True))
 
     def commit(self, *, save_checkpoint: bool = True, turn: Turn | None = None) -> Committed:
         """Merge what is pending, write the checkpoint, commit; say what was applied.

@@ -27,7 +27,7 @@ from cdcsync import libpq
 from cdcsync.apply import script as plan
 from cdcsync.apply import sql as q
 from cdcsync.apply.script import Rendered, Script, Staged
-from cdcsync.apply.tables import grant_fix
+from cdcsync.apply.tables import OR_IGNORE_TRUNCATES, grant_fix
 from cdcsync.errors import ApplyError
 from cdcsync.logs import event
 from cdcsync.model import TargetTable
@@ -351,11 +351,15 @@ class Merger:
             f"{detail}", fix=refusal_fix(exc, blamed[0], conn, ""))
 
 
-def refusal_fix(exc: pgerrors.Error, table: TargetTable, conn: Conn, blame: str) -> str:
+def refusal_fix(exc: pgerrors.Error, table: TargetTable, conn: Conn, blame: str, *,
+                truncates: bool = False) -> str:
     """What to do about the target refusing to apply to ``table``: the GRANT where the role
-    lacks a privilege; else correct the table (``blame``: what else may be at fault)."""
+    lacks a privilege (with TRUNCATE, or the setting that does without it, where it refused a
+    source TRUNCATE); else correct the table (``blame``: what else may be at fault)."""
     if isinstance(exc, pgerrors.InsufficientPrivilege):
-        first = grant_fix(conn, f"{table.schema}.{table.name}")
+        first = grant_fix(conn, f"{table.schema}.{table.name}", truncates=truncates)
+        if truncates:
+            first += OR_IGNORE_TRUNCATES
     else:
         first = f"correct the target table {blame}".rstrip()
     return f"{first}, then run `cdcsync run` again; it resumes from the last checkpoint"

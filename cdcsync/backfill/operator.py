@@ -50,11 +50,11 @@ def resync_table(settings: Settings, table: str, where: str | None, *,
     with connect(settings.source.dsn.get_secret_value(), "source") as src, \
             connect(settings.target.dsn.get_secret_value(), "target") as tgt:
         relation = source_rows.relation_of(src, table)
-        target = tables.resolve(tgt, settings, relation)
+        name = tables.target_of(settings, relation)
+        catalog_rows = described(tgt, [name]).get(name, [])
+        target = tables.resolve(tgt, settings, relation, rows=catalog_rows)
         # Refused here rather than by the daemon, which would halt on the chunk (and fail it).
-        name = f"{target.schema}.{target.name}"
-        prerequisites.refuse_unwritable(tgt, settings, name, described(tgt, [name]).get(name, []),
-                                        target.columns)
+        prerequisites.refuse_unwritable(tgt, settings, name, catalog_rows, target.columns)
         order = source_rows.key_order(src, tgt, relation, target)
         try:
             with src.transaction():
